@@ -1,0 +1,540 @@
+"""Attribute explanations of re-id rankings (Specker, "A Step Towards Explainable Person
+Re-identification Rankings", section 3), as jitted kernels over whole galleries.
+
+Notation (DESIGN.md §2): ``f`` is the retrieval embedding ``[N]`` that is ranked, ``W`` the
+``[N, A]`` weights of the bias-free attribute layer, ``x = sigmoid(f @ W)`` the attribute
+probabilities ``[A]``; ``q`` a query and ``g`` a gallery image.
+
+* :func:`confident_attributes` — ``|x_a^q - 0.5| > t_a`` (section 3.1).
+* :func:`matching_scores` — eq. 3.1, ``s_a = (1 - |x_a^q - x_a^g|) / (0.5 + |x_a^q - 0.5|)``.
+* :func:`attribute_errors` — eq. 3.2, ``e_a = sum_n (f_n^q - f_n^g)^2 w_na``; with
+  ``complete=True`` the weights are replaced by ``|w_na| / sum_a |w_na|`` so that the
+  contributions sum exactly to the squared distance (DESIGN.md §2, beyond the paper).
+* :func:`explain_rankings` — ranks the gallery by squared Euclidean distance and explains the
+  top ``k`` of every query with both.
+
+All are compiled with ``jax.jit``, work under ``jax.vmap``, reject bad shapes at trace time and
+stream the gallery in chunks, so memory stays bounded (a ``Q x G x N`` tensor is never formed).
+
+Accuracy of eq. 3.2 for all pairs.  Expanding the square turns eq. 3.2 into one GEMM,
+``e = (fq^2) @ W + (fg^2) @ W - 2 (fq * W_a) @ fg^T``, but for near-duplicate pairs the three
+terms are large and cancel: the float32 rounding error is up to ``2 N u T_a`` with
+``T_a = sum_n (f_n^q{}^2 + f_n^g{}^2) |w_na|`` (u = 2^-24), while the result's own scale is
+``S_a = sum_n (f_n^q - f_n^g)^2 |w_na|``; identical pairs give noise instead of 0.  The direct
+form (difference first) has error ``<= N u S_a`` but runs at a fraction of the GEMM rate.
+``method="auto"`` (the default) computes the GEMM form for a gallery chunk and recomputes
+directly every pair whose squared distance is below ``rho * (|fq|^2 + |fg|^2)``, with ``rho``
+chosen from that bound so that the result stays within ``rtol`` (1e-3) of ``S_a``.  Ranking and
+top-k explanations always use the direct form for the returned pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+
+DEFAULT_THRESHOLD = 0.4
+# Float32 unit roundoff.
+_UNIT_ROUNDOFF = 2.0**-24
+# Extra candidates per query kept by the GEMM ranking pass and re-ranked with exact distances.
+_RERANK_MARGIN = 8
+METHODS = ("auto", "direct", "gemm")
+
+
+class RankingExplanation(NamedTuple):
+    """The top-``k`` ranking of every query with both explanations of the paper.
+
+    Attributes:
+      indices: int32 ``[Q, k]`` gallery indices, nearest first.
+      distances: ``[Q, k]`` squared Euclidean distances (computed directly, exact to rounding).
+      attributes_query: ``[Q, A]`` query attribute probabilities ``sigmoid(f_q @ W)``.
+      attributes_gallery: ``[Q, k, A]`` probabilities of the ranked gallery images.
+      selected: bool ``[Q, A]`` confidently recognised query attributes (section 3.1).
+      scores: ``[Q, k, A]`` matching scores, eq. 3.1 (raw; may exceed 1).
+      errors: ``[Q, k, A]`` attribute errors, eq. 3.2 (``complete`` mode: its decomposition).
+    """
+
+    indices: Array
+    distances: Array
+    attributes_query: Array
+    attributes_gallery: Array
+    selected: Array
+    scores: Array
+    errors: Array
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (trace time: shapes; concrete inputs: values).
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(jnp.shape(x))
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_ndim(name: str, x, ndims: tuple[int, ...], what: str) -> None:
+    if jnp.ndim(x) not in ndims:
+        raise ValueError(f"{name} must be {what}, got shape {_shape(x)}")
+
+
+def _check_threshold(threshold, num_attributes: int) -> None:
+    shape = _shape(threshold)
+    if shape not in ((), (num_attributes,)):
+        raise ValueError(
+            f"threshold must be a scalar or have shape ({num_attributes},) (one per attribute), "
+            f"got shape {shape}"
+        )
+    if _is_concrete(threshold):
+        t = np.asarray(threshold, dtype=np.float64)
+        bad = ~np.isfinite(t) | (t < 0.0) | (t >= 0.5)
+        if np.any(bad):
+            raise ValueError(
+                f"threshold must lie in [0, 0.5) (|x - 0.5| > t selects an attribute), "
+                f"got {t[bad].ravel()[:5].tolist() if t.ndim else float(t)}"
+            )
+
+
+def check_finite(**arrays) -> None:
+    """Raises ``ValueError`` naming every array that holds NaN or Inf (host-side check).
+
+    Call it on concrete inputs before the kernels, or pass ``validate=True`` to
+    :func:`attribute_errors` / :func:`explain_rankings`, which call it for you.  The kernels
+    themselves never look at values (they are traced once and compiled).
+
+    Example: ``check_finite(f_query=fq, f_gallery=fg, weights=W)``.
+    """
+    problems = []
+    for name, value in arrays.items():
+        if not _is_concrete(value):
+            continue
+        a = np.asarray(value)
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(a)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            problems.append(
+                f"{name} (shape {a.shape}) has {int(bad.sum())} non-finite values, first at "
+                f"index {first}: {a[first]}"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _check_embeddings(f_query, f_gallery, weights) -> tuple[int, int, int]:
+    """Checks ranks and sizes of ``f_query [Q, N] or [N]``, ``f_gallery [G, N]``, ``W [N, A]``."""
+    _check_ndim("f_query", f_query, (1, 2), "[N] or [Q, N]")
+    _check_ndim("f_gallery", f_gallery, (2,), "[G, N]")
+    _check_ndim("weights", weights, (2,), "[N, A]")
+    n, g = _shape(f_query)[-1], _shape(f_gallery)[0]
+    if _shape(f_gallery)[1] != n or _shape(weights)[0] != n:
+        raise ValueError(
+            "embedding sizes differ: f_query "
+            f"{_shape(f_query)}, f_gallery {_shape(f_gallery)}, weights {_shape(weights)} "
+            "(expected f_query [..., N], f_gallery [G, N], weights [N, A])"
+        )
+    if g == 0:
+        raise ValueError(f"the gallery is empty: f_gallery has shape {_shape(f_gallery)}")
+    if jnp.ndim(f_query) == 2 and _shape(f_query)[0] == 0:
+        raise ValueError(f"no queries: f_query has shape {_shape(f_query)}")
+    return n, g, _shape(weights)[1]
+
+
+def _float(x) -> Array:
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Section 3.1: confident attributes and matching scores (eq. 3.1).
+
+
+@jax.jit
+def _confident(x: Array, t: Array) -> Array:
+    return jnp.abs(x - 0.5) > t
+
+
+def confident_attributes(x_query: Array, threshold=DEFAULT_THRESHOLD) -> Array:
+    """Confidently recognised attributes (section 3.1): ``|x_a - 0.5| > t_a``.
+
+    Args:
+      x_query: ``[..., A]`` attribute probabilities.
+      threshold: scalar or ``[A]`` in ``[0, 0.5)``.  The default 0.4 selects probabilities below
+        0.1 or above 0.9 — the paper's worked example (its ``t = 0.1`` contradicts its formula).
+
+    Returns:
+      bool ``[..., A]``.
+    """
+    _check_ndim("x_query", x_query, tuple(range(1, 33)), "[..., A]")
+    _check_threshold(threshold, _shape(x_query)[-1])
+    return _confident(_float(x_query), jnp.asarray(threshold, dtype=_float(x_query).dtype))
+
+
+def _eq_3_1(xq: Array, xg: Array) -> Array:
+    """Eq. 3.1 elementwise (broadcasting)."""
+    return (1.0 - jnp.abs(xq - xg)) / (0.5 + jnp.abs(xq - 0.5))
+
+
+@jax.jit
+def _scores(xq: Array, xg: Array) -> Array:
+    return _eq_3_1(xq[..., None, :], xg)  # [..., 1, A] against [G, A]
+
+
+def matching_scores(x_query: Array, x_gallery: Array) -> Array:
+    """Matching scores of eq. 3.1: ``s_a = (1 - |x_a^q - x_a^g|) / (0.5 + |x_a^q - 0.5|)``.
+
+    Args:
+      x_query: ``[A]`` or ``[Q, A]`` query attribute probabilities.
+      x_gallery: ``[G, A]`` gallery attribute probabilities.
+
+    Returns:
+      ``[G, A]`` for one query, ``[Q, G, A]`` for ``Q``.  Raw values: ``s_a`` exceeds 1 when
+      ``x^g`` is close to an unsaturated ``x^q``; displays clip at 100 %.
+    """
+    _check_ndim("x_query", x_query, (1, 2), "[A] or [Q, A]")
+    _check_ndim("x_gallery", x_gallery, (2,), "[G, A]")
+    if _shape(x_query)[-1] != _shape(x_gallery)[-1]:
+        raise ValueError(
+            f"attribute counts differ: x_query {_shape(x_query)}, x_gallery {_shape(x_gallery)}"
+        )
+    if _shape(x_gallery)[0] == 0:
+        raise ValueError(f"the gallery is empty: x_gallery has shape {_shape(x_gallery)}")
+    return _scores(_float(x_query), _float(x_gallery))
+
+
+# --------------------------------------------------------------------------------------------
+# Section 3.2: attribute errors (eq. 3.2) for all pairs.
+
+
+def complete_weights(weights: Array) -> Array:
+    """``|w_na| / sum_a |w_na|`` ``[N, A]``: eq. 3.2 with these weights sums to the distance.
+
+    A component whose weights are all zero is shared equally among the attributes, so the
+    decomposition stays complete.
+    """
+    mag = jnp.abs(weights)
+    total = jnp.sum(mag, axis=-1, keepdims=True)
+    a = weights.shape[-1]
+    return jnp.where(total > 0, mag / jnp.where(total > 0, total, 1.0), 1.0 / a)
+
+
+def _direct_errors(fq: Array, fg: Array, w: Array) -> Array:
+    """Eq. 3.2 in its direct form for all pairs of ``fq [Q, N]``, ``fg [G, N]`` -> ``[Q, G, A]``.
+
+    The squared differences are formed per block of queries (``rows x G x N`` at a time).
+    """
+    rows = max(1, min(fq.shape[0], 2048 // max(1, fg.shape[0])))
+
+    def one(f):  # [N] -> [G, A]
+        return jnp.square(f[None, :] - fg) @ w
+
+    return jax.lax.map(one, fq, batch_size=rows)
+
+
+def _gemm_errors(fq: Array, fg: Array, w: Array) -> Array:
+    """Eq. 3.2 expanded into GEMMs ``[Q, G, A]``: fast, but cancels for near-duplicates."""
+    p = jnp.square(fq) @ w  # [Q, A]
+    r = jnp.square(fg) @ w  # [G, A]
+    c = jnp.einsum("qn,na,gn->qga", fq, w, fg)
+    return p[:, None, :] + r[None, :, :] - 2.0 * c
+
+
+def recompute_ratio(num_components: int, rtol: float = 1e-3) -> float:
+    """Pairs with ``|fq-fg|^2 < ratio * (|fq|^2 + |fg|^2)`` are recomputed in direct form.
+
+    The GEMM form's float32 error is at most ``2 N u T_a``; asking it to stay below
+    ``rtol * S_a`` with ``S_a / T_a`` estimated by the pair's ``|fq-fg|^2 / (|fq|^2+|fg|^2)``
+    gives this ratio.  The bound is worst case (typical rounding grows like ``sqrt(N) u``), which
+    leaves a wide margin for attributes whose weights do not follow the distance.
+    """
+    return min(1.0, 2.0 * num_components * _UNIT_ROUNDOFF / rtol)
+
+
+def _auto_errors(fq: Array, fg: Array, w: Array, capacity: int) -> Array:
+    """GEMM form, with near-duplicate pairs recomputed in direct form (see module docstring)."""
+    q, n = fq.shape
+    g = fg.shape[0]
+    e = _gemm_errors(fq, fg, w)
+    q2 = jnp.sum(jnp.square(fq), axis=-1)
+    g2 = jnp.sum(jnp.square(fg), axis=-1)
+    d2 = q2[:, None] + g2[None, :] - 2.0 * (fq @ fg.T)
+    risky = d2 < recompute_ratio(n) * (q2[:, None] + g2[None, :])
+    capacity = min(capacity, q * g)
+
+    def fix_pairs(e):
+        (flat,) = jnp.nonzero(risky.ravel(), size=capacity, fill_value=q * g)
+        qi, gi = flat // g, flat % g
+        diff2 = jnp.square(fq.at[qi].get(mode="clip") - fg.at[gi].get(mode="clip"))
+        return e.at[qi, gi].set(diff2 @ w, mode="drop")
+
+    count = jnp.sum(risky)
+    branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
+    return jax.lax.switch(
+        branch, [lambda e: e, fix_pairs, lambda e: _direct_errors(fq, fg, w)], e
+    )
+
+
+def _errors_block(fq: Array, fg: Array, w: Array, method: str, capacity: int) -> Array:
+    if method == "direct":
+        return _direct_errors(fq, fg, w)
+    if method == "gemm":
+        return _gemm_errors(fq, fg, w)
+    return _auto_errors(fq, fg, w, capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("complete", "method", "query_chunk", "gallery_chunk"))
+def _all_pair_errors(fq, fg, w, *, complete, method, query_chunk, gallery_chunk):
+    """``[Q, G, A]`` written block by block into one buffer (blocks at clamped offsets)."""
+    if complete:
+        w = complete_weights(w)
+    q, g, a = fq.shape[0], fg.shape[0], w.shape[1]
+    qc, gc = min(query_chunk, q), min(gallery_chunk, g)
+    nq, ng = -(-q // qc), -(-g // gc)
+    capacity = max(64, qc * gc // 256)
+    dtype = jnp.result_type(fq.dtype, fg.dtype, w.dtype)
+    out = jnp.zeros((q, g, a), dtype)
+
+    def body(i, out):
+        q0 = jnp.minimum((i // ng) * qc, q - qc)
+        g0 = jnp.minimum((i % ng) * gc, g - gc)
+        fq_b = jax.lax.dynamic_slice_in_dim(fq, q0, qc)
+        fg_b = jax.lax.dynamic_slice_in_dim(fg, g0, gc)
+        e = _errors_block(fq_b, fg_b, w, method, capacity).astype(dtype)
+        return jax.lax.dynamic_update_slice(out, e, (q0, g0, 0))
+
+    return jax.lax.fori_loop(0, nq * ng, body, out)
+
+
+def attribute_errors(
+    f_query: Array,
+    f_gallery: Array,
+    weights: Array,
+    complete: bool = False,
+    *,
+    method: str = "auto",
+    query_chunk: int = 128,
+    gallery_chunk: int = 1024,
+    validate: bool = False,
+) -> Array:
+    """Attribute errors of eq. 3.2, ``e_a = sum_n (f_n^q - f_n^g)^2 w_na``, for all pairs.
+
+    Args:
+      f_query: ``[N]`` or ``[Q, N]`` query embeddings (the tensor that is ranked).
+      f_gallery: ``[G, N]`` gallery embeddings.
+      weights: ``[N, A]`` attribute-layer weights ``W``.
+      complete: use ``|w_na| / sum_a |w_na|``: the ``A`` contributions are non-negative and sum
+        to ``|f^q - f^g|^2`` (the complete decomposition; not the paper's eq. 3.2).
+      method: ``"auto"`` (GEMM form with direct recomputation of near pairs; accurate and
+        fast), ``"direct"`` (difference first; exact, slower) or ``"gemm"`` (expanded form;
+        fastest, inaccurate for near-duplicates — for comparison only).
+      query_chunk, gallery_chunk: block sizes of the stream (memory per block is about
+        ``query_chunk * gallery_chunk * A`` values besides the output).
+      validate: check inputs for NaN/Inf first (see :func:`check_finite`).
+
+    Returns:
+      ``[G, A]`` for one query, ``[Q, G, A]`` for ``Q`` queries.
+    """
+    _check_embeddings(f_query, f_gallery, weights)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if query_chunk < 1 or gallery_chunk < 1:
+        raise ValueError(f"chunks must be >= 1, got {query_chunk=}, {gallery_chunk=}")
+    if validate:
+        check_finite(f_query=f_query, f_gallery=f_gallery, weights=weights)
+    fq = _float(f_query)
+    single = fq.ndim == 1
+    out = _all_pair_errors(
+        fq[None] if single else fq, _float(f_gallery), _float(weights),
+        complete=bool(complete), method=method,
+        query_chunk=int(query_chunk), gallery_chunk=int(gallery_chunk),
+    )
+    return out[0] if single else out
+
+
+# --------------------------------------------------------------------------------------------
+# Rankings with explanations.
+
+
+def _local_candidates(fq, fg, valid, w, *, kk, chunk, offset):
+    """Top-``kk`` of one gallery shard, re-ranked with exact distances and explained.
+
+    ``fq [Q, N]``, ``fg [Gs, N]`` (``Gs`` a multiple of ``chunk``), ``valid bool [Gs]``.
+    Returns distances ``[Q, kk]`` (``inf`` for padding), global indices ``[Q, kk]``, the
+    candidates' logits ``[Q, kk, A]`` and errors ``[Q, kk, A]`` for weights ``w``.
+    """
+    q, n = fq.shape
+    gs = fg.shape[0]
+    nc = gs // chunk
+    kc = min(kk, chunk)
+    q2 = jnp.sum(jnp.square(fq), axis=-1)
+
+    def rank_chunk(args):  # GEMM distances of one chunk, its top kc
+        c, g, v = args
+        d2 = q2[:, None] + jnp.sum(jnp.square(g), axis=-1)[None] - 2.0 * (fq @ g.T)
+        d2 = jnp.where(v[None], d2, jnp.inf)
+        neg, idx = jax.lax.top_k(-d2, kc)
+        return -neg, idx + c * chunk
+
+    d_c, i_c = jax.lax.map(
+        rank_chunk,
+        (jnp.arange(nc), fg.reshape(nc, chunk, n), valid.reshape(nc, chunk)),
+    )  # [nc, Q, kc]
+    d_c = jnp.moveaxis(d_c, 0, 1).reshape(q, nc * kc)
+    i_c = jnp.moveaxis(i_c, 0, 1).reshape(q, nc * kc)
+    k_loc = min(kk, nc * kc)
+    neg, pos = jax.lax.top_k(-d_c, k_loc)
+    cand = jnp.take_along_axis(i_c, pos, axis=1)  # local indices [Q, k_loc]
+    cand_valid = jnp.isfinite(-neg)
+
+    def explain_query(args):  # exact distances, logits and errors of one query's candidates
+        f, idx, ok = args
+        g = fg[idx]  # [k_loc, N]
+        diff2 = jnp.square(f[None, :] - g)
+        d = jnp.where(ok, jnp.sum(diff2, axis=-1), jnp.inf)
+        return d, g @ w[0], diff2 @ w[1]
+
+    d, logits, errors = jax.lax.map(explain_query, (fq, cand, cand_valid), batch_size=64)
+    return d, cand + offset, logits, errors
+
+
+def _merge_top_k(k, d, idx, *rest):
+    """The ``k`` nearest candidates per row, ties broken by the lower gallery index."""
+    pos = jnp.lexsort((idx, d), axis=-1)[:, :k]
+    take = lambda x: jnp.take_along_axis(x, pos[..., None] if x.ndim == 3 else pos, axis=1)
+    return (take(d), take(idx), *(take(x) for x in rest))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "complete", "chunk", "mesh"))
+def _explain(fq, fg, w, threshold, *, k, complete, chunk, mesh):
+    g, n = fg.shape
+    kk = min(k + _RERANK_MARGIN, g)
+    devices = 1 if mesh is None else mesh.size
+    chunk = min(chunk, -(-g // devices))
+    gp = -(-g // (devices * chunk)) * devices * chunk
+    fg_p = jnp.pad(fg, ((0, gp - g), (0, 0)))
+    valid = jnp.arange(gp) < g
+    # Both weight sets travel together: [0] the attribute layer, [1] the weights of eq. 3.2.
+    w2 = jnp.stack([w, complete_weights(w) if complete else w])
+    local = functools.partial(_local_candidates, kk=kk, chunk=chunk)
+    if mesh is None:
+        d, idx, logits, errors = local(fq, fg_p, valid, w2, offset=0)
+    else:
+        axis = mesh.axis_names[0]
+        shard = gp // devices
+
+        def per_device(fq, fg_s, valid_s, w2):
+            offset = jax.lax.axis_index(axis) * shard
+            return local(fq, fg_s, valid_s, w2, offset=offset)
+
+        spec_k = P(None, axis)
+        d, idx, logits, errors = jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(), P(axis), P(axis), P()),
+            out_specs=(spec_k, spec_k, spec_k, spec_k),
+            check_vma=False,
+        )(fq, fg_p, valid, w2)
+    d, idx, logits, errors = _merge_top_k(k, d, idx, logits, errors)
+    xq = jax.nn.sigmoid(fq @ w)
+    xg = jax.nn.sigmoid(logits)
+    return RankingExplanation(
+        indices=idx.astype(jnp.int32),
+        distances=d,
+        attributes_query=xq,
+        attributes_gallery=xg,
+        selected=jnp.abs(xq - 0.5) > threshold,
+        scores=_eq_3_1(xq[:, None, :], xg),
+        errors=errors,
+    )
+
+
+def default_mesh() -> Mesh | None:
+    """A 1-D mesh ``('gallery',)`` over all devices, or ``None`` with a single device."""
+    devices = jax.devices()
+    return Mesh(np.array(devices), ("gallery",)) if len(devices) > 1 else None
+
+
+def explain_rankings(
+    f_query: Array,
+    f_gallery: Array,
+    weights: Array,
+    *,
+    k: int = 10,
+    threshold=DEFAULT_THRESHOLD,
+    complete: bool = False,
+    gallery_chunk: int = 1024,
+    mesh: Mesh | None | str = "auto",
+    validate: bool = False,
+) -> RankingExplanation:
+    """Ranks the gallery for every query and explains the top ``k`` (paper section 3).
+
+    The gallery is ranked by squared Euclidean distance ``|f^q - f^g|^2``, streamed in chunks of
+    ``gallery_chunk`` (GEMM distances, then the best ``k + 8`` candidates per query re-ranked
+    with directly computed, exact distances).  With several devices the gallery is sharded
+    over them (``jax.sharding``) and the per-device candidates merged.
+
+    Args:
+      f_query: ``[Q, N]`` (or ``[N]``) query embeddings.
+      f_gallery: ``[G, N]`` gallery embeddings.
+      weights: ``[N, A]`` attribute-layer weights ``W`` (``x = sigmoid(f @ W)``).
+      k: ranks to explain, ``1 <= k <= G``.
+      threshold: scalar or ``[A]`` in ``[0, 0.5)`` for :func:`confident_attributes`.
+      complete: eq. 3.2 with the complete decomposition (see :func:`attribute_errors`).
+      gallery_chunk: gallery rows per streamed block.
+      mesh: ``"auto"`` shards over all devices when there are several; ``None`` uses one
+        device; or a 1-D :class:`jax.sharding.Mesh` whose axis the gallery is split over.
+      validate: check inputs for NaN/Inf first (see :func:`check_finite`).
+
+    Returns:
+      :class:`RankingExplanation` (``[Q, ...]``; without the ``Q`` axis for a ``[N]`` query).
+    """
+    _, g, a = _check_embeddings(f_query, f_gallery, weights)
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= g:
+        raise ValueError(f"k must be an integer in [1, G={g}] (f_gallery {_shape(f_gallery)}), "
+                         f"got {k!r}")
+    _check_threshold(threshold, a)
+    if gallery_chunk < 1:
+        raise ValueError(f"gallery_chunk must be >= 1, got {gallery_chunk}")
+    if validate:
+        check_finite(f_query=f_query, f_gallery=f_gallery, weights=weights)
+    if isinstance(mesh, str):
+        if mesh != "auto":
+            raise ValueError(f"mesh must be 'auto', None or a jax.sharding.Mesh, got {mesh!r}")
+        mesh = default_mesh()
+    if mesh is not None and len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must be 1-D, got axes {mesh.axis_names}")
+    fq = _float(f_query)
+    single = fq.ndim == 1
+    fg = _float(f_gallery)
+    out = _explain(
+        fq[None] if single else fq, fg, _float(weights),
+        jnp.asarray(threshold, dtype=fq.dtype),
+        k=int(k), complete=bool(complete), chunk=int(gallery_chunk), mesh=mesh,
+    )
+    return jax.tree.map(lambda x: x[0], out) if single else out
+
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "METHODS",
+    "RankingExplanation",
+    "attribute_errors",
+    "check_finite",
+    "complete_weights",
+    "confident_attributes",
+    "default_mesh",
+    "explain_rankings",
+    "matching_scores",
+    "recompute_ratio",
+]

@@ -1,0 +1,240 @@
+r"""Benchmarks the explanation kernels and re-id metrics at Market-1501 size.
+
+Measures, in one run, as ratios to their floors (issue 2):
+
+* top-``k`` ``explain_rankings`` for all queries x the whole gallery vs the bare distance GEMM;
+* all-pairs ``attribute_errors`` (methods ``auto``, ``direct``, ``gemm``) vs a GEMM with the same
+  FLOPs (``Q*A x N @ N x G``), with pairs/s, peak memory, and the accuracy of each method against
+  a float64 reference on a block that holds identical and near-duplicate pairs;
+* ``rank_metrics`` vs a plain per-query numpy loop (same numbers).
+
+Each timing runs in a fresh subprocess so its peak resident memory can be reported.
+
+    python tools/bench_explain.py                       # Market size (3,368 x 19,732 x 2,048 x 30)
+    python tools/bench_explain.py --num_query=256 --num_gallery=4096   # quick
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_query", 3368, "Queries (Market-1501: 3,368).")
+flags.DEFINE_integer("num_gallery", 19732, "Gallery images (Market-1501: 19,732).")
+flags.DEFINE_integer("dim", 2048, "Embedding size N.")
+flags.DEFINE_integer("num_attributes", 30, "Attributes A.")
+flags.DEFINE_integer("k", 10, "Ranks explained per query.")
+flags.DEFINE_integer("pairs_queries", 256,
+                     "Queries whose all-pairs errors are timed (x the whole gallery); the "
+                     "Market-size output would be 8 GB.")
+flags.DEFINE_integer("repeats", 2, "Timed repetitions after one warm-up; the best is reported.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_bool("rank_metrics", True, "Also benchmark reid_jax.evaluation.rank_metrics.")
+flags.DEFINE_string("measure", "", "Internal: run one measurement and print it as JSON.")
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _data(num_query):
+    rng = np.random.default_rng(FLAGS.seed)
+    fq = _unit(rng, num_query, FLAGS.dim)
+    fg = _unit(rng, FLAGS.num_gallery, FLAGS.dim)
+    w = (rng.standard_normal((FLAGS.dim, FLAGS.num_attributes)) * 0.02).astype(np.float32)
+    return fq, fg, w
+
+
+def _best_time(fn, repeats):
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best, first
+
+
+def _measure(name: str) -> dict:
+    """One timing, in this (fresh) process."""
+    import jax
+    import jax.numpy as jnp
+
+    from reid_jax import explain
+
+    q_all = FLAGS.num_query if name in ("distance_gemm", "explain") else FLAGS.pairs_queries
+    fq, fg, w = (jnp.asarray(x) for x in _data(q_all))
+    if name == "distance_gemm":
+        f = jax.jit(lambda a, b: jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None]
+                    - 2.0 * a @ b.T)
+        run = lambda: f(fq, fg)
+    elif name == "explain":
+        run = lambda: explain.explain_rankings(fq, fg, w, k=FLAGS.k)
+    elif name == "attribute_gemm":
+        lhs = jnp.asarray(np.random.default_rng(1).standard_normal(
+            (q_all * FLAGS.num_attributes, FLAGS.dim), dtype=np.float32))
+        f = jax.jit(lambda a, b: a @ b.T)
+        run = lambda: f(lhs, fg)
+    elif name.startswith("errors_"):
+        method = name.removeprefix("errors_")
+        run = lambda: explain.attribute_errors(fq, fg, w, method=method)
+    else:
+        raise ValueError(f"unknown measurement {name!r}")
+    best, first = _best_time(run, FLAGS.repeats)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"name": name, "seconds": best, "first_call_seconds": first, "peak_rss_mib": peak_mib,
+            "num_query": q_all}
+
+
+def _run_child(name: str) -> dict:
+    argv = [sys.executable, __file__, f"--measure={name}"] + [
+        f"--{k}={getattr(FLAGS, k)}" for k in
+        ("num_query", "num_gallery", "dim", "num_attributes", "k", "pairs_queries", "repeats",
+         "seed")
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement {name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _accuracy() -> dict:
+    """Worst error of each method relative to sum_n (fq-fg)^2 |w| on pairs incl. near-duplicates."""
+    from reid_jax import explain
+
+    rng = np.random.default_rng(FLAGS.seed + 1)
+    n, a = FLAGS.dim, FLAGS.num_attributes
+    fq = _unit(rng, 32, n)
+    fg = _unit(rng, 512, n)
+    fg[:8] = fq[:8]  # identical pairs
+    for j, s in enumerate((1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 3e-2)):
+        fg[8 + j] = fq[8 + j] + s * rng.standard_normal(n).astype(np.float32) / np.sqrt(n)
+    fg[16:24] = fq[16:24] + 0.05 * _unit(rng, 8, n)  # near, but not duplicates
+    w = (rng.standard_normal((n, a)) * 0.02).astype(np.float32)
+    fq64, fg64, w64 = (x.astype(np.float64) for x in (fq, fg, w))
+    ref = np.stack([((f[None] - fg64) ** 2) @ w64 for f in fq64])
+    scale = np.stack([((f[None] - fg64) ** 2) @ np.abs(w64) for f in fq64])
+    near = np.zeros(ref.shape[:2], bool)
+    near[np.arange(24), np.arange(24)] = True
+    out = {}
+    for method in explain.METHODS:
+        got = np.asarray(explain.attribute_errors(fq, fg, w, method=method), np.float64)
+        rel = np.abs(got - ref) / np.maximum(scale, 1e-300)
+        rel[(scale == 0) & (got == ref)] = 0.0
+        rel[(scale == 0) & (got != ref)] = np.inf
+        out[method] = {"all_pairs": float(rel.max()), "near_pairs": float(rel[near].max())}
+    top = explain.explain_rankings(fq, fg, w, k=FLAGS.k)
+    idx = np.asarray(top.indices)
+    rows = np.arange(len(fq))[:, None]
+    rel = np.abs(np.asarray(top.errors, np.float64) - ref[rows, idx]) / np.maximum(
+        scale[rows, idx], 1e-300)
+    rel[scale[rows, idx] == 0] = np.where(np.asarray(top.errors)[scale[rows, idx] == 0] == 0,
+                                          0, np.inf)
+    out["explain_rankings"] = {"all_pairs": float(rel.max()), "near_pairs": float(rel.max())}
+    return out
+
+
+def _rank_metrics_bench() -> dict:
+    from reid_jax import evaluation
+
+    rng = np.random.default_rng(FLAGS.seed)
+    q, g = FLAGS.num_query, FLAGS.num_gallery
+    ids = np.arange(1, 751)
+    qp = rng.choice(ids, q).astype(np.int32)
+    gp = np.concatenate([rng.choice(ids, g - g // 7 - g // 5), np.zeros(g // 7, int),
+                         np.full(g // 5, -1)]).astype(np.int32)
+    qc = rng.integers(1, 7, q).astype(np.int32)
+    gc = rng.integers(1, 7, g).astype(np.int32)
+    dist = rng.uniform(size=(q, g)).astype(np.float32)
+    dist[qp[:, None] == gp[None]] *= 0.3  # matches rank early, as with a trained model
+    args = (dist, qp, gp, qc, gc)
+    t0 = time.perf_counter()
+    fast = evaluation.rank_metrics(*args)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loop = evaluation.rank_metrics_loop(*args)
+    t_loop = time.perf_counter() - t0
+    diff = max(abs(fast["mAP"] - loop["mAP"]), abs(fast["mINP"] - loop["mINP"]),
+               float(np.abs(np.asarray(fast["cmc"]) - np.asarray(loop["cmc"])).max()))
+    return {"vectorised_s": t_fast, "loop_s": t_loop, "max_abs_diff": diff, "mAP": fast["mAP"]}
+
+
+def main(argv):
+    del argv
+    if FLAGS.measure:
+        print(json.dumps(_measure(FLAGS.measure)))
+        return
+    import jax
+
+    from reid_jax import explain
+
+    q, g, n, a, qs = (FLAGS.num_query, FLAGS.num_gallery, FLAGS.dim, FLAGS.num_attributes,
+                      FLAGS.pairs_queries)
+    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
+          f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(f"sizes: Q={q} G={g} N={n} A={a} k={FLAGS.k}; all-pairs on {qs} queries x {g}; "
+          f"recompute ratio {explain.recompute_ratio(n):.3f}")
+    names = ["distance_gemm", "explain", "attribute_gemm", "errors_auto", "errors_direct",
+             "errors_gemm"]
+    res = {}
+    for name in names:
+        res[name] = _run_child(name)
+        print(f"  measured {name}: {res[name]['seconds']:.3f} s", flush=True)
+    acc = _accuracy()
+
+    rows = []
+    dg = res["distance_gemm"]["seconds"]
+    ag = res["attribute_gemm"]["seconds"]
+    flops_d = 2 * q * g * n
+    flops_a = 2 * qs * a * n * g
+    rows.append(("distance GEMM (floor)", dg, 1.0, f"{flops_d / dg / 1e9:.0f} GFLOP/s",
+                 res["distance_gemm"]["peak_rss_mib"], "-"))
+    e = res["explain"]["seconds"]
+    rows.append((f"explain_rankings top-{FLAGS.k}", e, e / dg, f"{q * g / e / 1e6:.1f} Mpairs/s",
+                 res["explain"]["peak_rss_mib"], f"{acc['explain_rankings']['all_pairs']:.1e}"))
+    rows.append(("attribute GEMM, same FLOPs (floor)", ag, 1.0,
+                 f"{flops_a / ag / 1e9:.0f} GFLOP/s", res["attribute_gemm"]["peak_rss_mib"], "-"))
+    for m in explain.METHODS:
+        t = res[f"errors_{m}"]["seconds"]
+        rows.append((f"attribute_errors method={m}", t, t / ag, f"{qs * g / t / 1e6:.2f} Mpairs/s",
+                     res[f"errors_{m}"]["peak_rss_mib"],
+                     f"{acc[m]['all_pairs']:.1e} (near {acc[m]['near_pairs']:.1e})"))
+    print()
+    print("| kernel | seconds | ratio to floor | rate | peak RSS MiB | max rel. error |")
+    print("|---|---|---|---|---|---|")
+    for name, t, r, rate, mem, err in rows:
+        print(f"| {name} | {t:.3f} | {r:.2f}x | {rate} | {mem:.0f} | {err} |")
+    print()
+    auto_ratio = res["errors_auto"]["seconds"] / ag
+    auto_met = auto_ratio <= 1.5 and acc["auto"]["all_pairs"] <= 1e-3
+    print(f"goals: explain_rankings <= 1.5x distance GEMM: {e / dg:.2f}x "
+          f"({'met' if e / dg <= 1.5 else 'NOT met'}); attribute_errors(auto) <= 1.5x GEMM and "
+          f"error <= 1e-3: {auto_ratio:.2f}x, {acc['auto']['all_pairs']:.1e} "
+          f"({'met' if auto_met else 'NOT met'})")
+    if FLAGS.rank_metrics:
+        rm = _rank_metrics_bench()
+        speed = rm["loop_s"] / rm["vectorised_s"]
+        print()
+        print("| rank_metrics (Market size) | seconds |")
+        print("|---|---|")
+        print(f"| vectorised `rank_metrics` | {rm['vectorised_s']:.3f} |")
+        print(f"| per-query numpy loop | {rm['loop_s']:.3f} |")
+        print(f"speed-up {speed:.1f}x (goal >= 10x: {'met' if speed >= 10 else 'NOT met'}); "
+              f"max |difference| {rm['max_abs_diff']:.1e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
