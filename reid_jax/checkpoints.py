@@ -1,0 +1,273 @@
+"""Orbax checkpoint helpers shared by training, conversion and the tools.
+
+A *checkpoint directory* is an orbax ``CheckpointManager`` directory: one subfolder per step
+(``DIR/<step>/``), each written atomically by orbax (a step folder exists only once complete).
+Every step holds these items (``ocp.args.Composite``):
+
+- ``"model"`` (``MODEL_ITEM``): the ``nnx.State`` of the AGW model, i.e. ``nnx.state(model)``:
+  params, BatchNorm statistics and the frozen BNNeck bias (standard orbax pytree);
+- ``"attribute_head"`` (``ATTRIBUTE_HEAD_ITEM``, optional): ``nnx.state(attribute_head)``;
+- ``"meta"`` (``META_ITEM``): JSON with at least ``num_classes`` (int) and ``config`` (the config
+  dict the model was built from); conversion adds ``converted_from``; ``save_checkpoint`` adds
+  ``attribute_head: {embedding_dim, num_attributes}`` when a head is saved.
+
+Training adds its own items (optimizer state, ...) to the same steps; it can open the manager with
+``open_manager`` (which knows the handlers of the items above) and name more items.
+
+Typical use::
+
+    save_checkpoint(d, 0, model_state=nnx.state(model), meta={"num_classes": 751,
+                                                              "config": config.to_dict()})
+    model, meta = restore_model(d, config)        # latest step, eval() not yet applied
+    head = restore_attribute_head(d)              # ValueError if the step has no head
+
+``restore_model`` also serves ``config.init_from``: restore the converted ImageNet checkpoint and
+copy its backbone with ``nnx.update(new_model.backbone, nnx.state(restored.backbone))``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from reid_jax.models.agw import AGW, model_kwargs
+from reid_jax.models.attribute_head import AttributeHead
+
+MODEL_ITEM = "model"
+ATTRIBUTE_HEAD_ITEM = "attribute_head"
+META_ITEM = "meta"
+
+
+def item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """Orbax handlers of the items this module writes (extend the dict with your own items)."""
+    return {
+        MODEL_ITEM: ocp.StandardCheckpointHandler(),
+        ATTRIBUTE_HEAD_ITEM: ocp.StandardCheckpointHandler(),
+        META_ITEM: ocp.JsonCheckpointHandler(),
+    }
+
+
+def open_manager(
+    directory: str | os.PathLike,
+    *,
+    read_only: bool = False,
+    max_to_keep: int | None = None,
+    extra_item_handlers: dict[str, ocp.CheckpointHandler] | None = None,
+) -> ocp.CheckpointManager:
+    """A ``CheckpointManager`` on ``directory`` with this layout's item handlers.
+
+    ``read_only=True`` never creates or deletes anything (the directory must exist).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if read_only:
+        _check_directory(directory)
+    handlers = {**item_handlers(), **(extra_item_handlers or {})}
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _check_directory(directory: str) -> None:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+
+
+def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
+    """A JSON round-trip copy of ``meta``; ConfigDicts become plain dicts."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+    converted = {}
+    for key, value in meta.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            value = json.loads(value.to_json_best_effort())
+        try:
+            converted[key] = json.loads(json.dumps(value))
+        except TypeError as e:
+            raise ValueError(f"meta field {key!r} is not JSON-serialisable: {e}") from None
+    return converted
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    *,
+    model_state: nnx.State | nnx.Module,
+    attribute_head_state: nnx.State | nnx.Module | None = None,
+    meta: dict[str, Any],
+) -> str:
+    """Writes ``model`` (+ ``attribute_head``) and ``meta`` as step ``step`` of ``directory``.
+
+    Args:
+      directory: checkpoint directory (created if missing).
+      step: step number; it must not exist yet.
+      model_state: ``nnx.state(model)`` of an ``AGW`` (a module is accepted and its state taken).
+      attribute_head_state: optional ``nnx.state(head)`` of an ``AttributeHead``.
+      meta: JSON-serialisable dict with ``num_classes`` (int) and ``config`` (dict/ConfigDict).
+
+    Returns:
+      The step folder's path. Blocks until the write is complete.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    meta = _json_safe(meta)
+    if not isinstance(meta.get("num_classes"), int) or meta["num_classes"] < 1:
+        raise ValueError(
+            f"meta['num_classes'] must be a positive int, got {meta.get('num_classes')!r} "
+            f"(saving to {directory})"
+        )
+    if isinstance(model_state, nnx.Module):
+        model_state = nnx.state(model_state)
+    if isinstance(attribute_head_state, nnx.Module):
+        attribute_head_state = nnx.state(attribute_head_state)
+    items = {MODEL_ITEM: ocp.args.StandardSave(model_state)}
+    if attribute_head_state is not None:
+        if "kernel" not in attribute_head_state:
+            raise ValueError("attribute_head_state has no 'kernel': not an AttributeHead state")
+        n, a = attribute_head_state["kernel"][...].shape
+        meta["attribute_head"] = {"embedding_dim": int(n), "num_attributes": int(a)}
+        items[ATTRIBUTE_HEAD_ITEM] = ocp.args.StandardSave(attribute_head_state)
+    items[META_ITEM] = ocp.args.JsonSave(meta)
+    manager = open_manager(directory)
+    try:
+        if step in manager.all_steps():
+            raise ValueError(f"step {step} already exists in checkpoint directory {directory}")
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return os.path.join(directory, str(step))
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest complete step in ``directory``; None if it is missing or has no checkpoint."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        return None
+    manager = open_manager(directory, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def _resolve_step(manager: ocp.CheckpointManager, directory: str, step: int | None) -> int:
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"checkpoint directory {directory} holds no checkpoint")
+    if step is None:
+        return manager.latest_step()
+    if step not in steps:
+        raise FileNotFoundError(
+            f"checkpoint directory {directory} has no step {step} (steps: {sorted(steps)})")
+    return step
+
+
+def _items_at(manager: ocp.CheckpointManager, step: int) -> set[str]:
+    return {k for k, v in manager.item_metadata(step).items() if v is not None}
+
+
+def restore_meta(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The ``meta`` JSON of ``step`` (default: latest) of ``directory``."""
+    directory = os.path.abspath(os.fspath(directory))
+    manager = open_manager(directory, read_only=True)
+    try:
+        step = _resolve_step(manager, directory, step)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{META_ITEM: ocp.args.JsonRestore()}))
+        return dict(restored[META_ITEM])
+    finally:
+        manager.close()
+
+
+def has_attribute_head(directory: str | os.PathLike, step: int | None = None) -> bool:
+    """Whether ``step`` (default: latest) of ``directory`` holds an attribute head."""
+    directory = os.path.abspath(os.fspath(directory))
+    manager = open_manager(directory, read_only=True)
+    try:
+        step = _resolve_step(manager, directory, step)
+        return ATTRIBUTE_HEAD_ITEM in _items_at(manager, step)
+    finally:
+        manager.close()
+
+
+def restore_model(
+    directory: str | os.PathLike,
+    config: ml_collections.ConfigDict | None,
+    step: int | None = None,
+) -> tuple[AGW, dict[str, Any]]:
+    """Restores the AGW model of ``step`` (default: latest) of ``directory``.
+
+    The model is built abstractly from ``config.model`` (``config=None``: the config stored in
+    ``meta``) and ``meta['num_classes']``, then filled from the checkpoint. It is returned in train
+    mode, as constructed: call ``model.eval()`` for inference.
+
+    Returns:
+      ``(model, meta)``.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    manager = open_manager(directory, read_only=True)
+    try:
+        step = _resolve_step(manager, directory, step)
+        meta = dict(manager.restore(step, args=ocp.args.Composite(
+            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
+        if config is None:
+            if "config" not in meta:
+                raise ValueError(f"{directory} step {step}: meta has no 'config'; pass config")
+            config = ml_collections.ConfigDict(meta["config"])
+        num_classes = meta.get("num_classes")
+        if not isinstance(num_classes, int):
+            raise ValueError(f"{directory} step {step}: meta has no int 'num_classes'")
+        abstract = nnx.eval_shape(lambda: AGW.from_config(config, num_classes, nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                **{MODEL_ITEM: ocp.args.StandardRestore(abstract_state)}))
+        except (ValueError, KeyError, TypeError) as e:
+            saved = meta.get("config", {}).get("model") if isinstance(
+                meta.get("config"), dict) else None
+            raise ValueError(
+                f"cannot restore the model of {directory} step {step} into the model built from "
+                f"config.model={model_kwargs(config)} (checkpoint's config.model: {saved}): {e}"
+            ) from e
+        model = nnx.merge(graphdef, restored[MODEL_ITEM])
+        return model, meta
+    finally:
+        manager.close()
+
+
+def restore_attribute_head(
+    directory: str | os.PathLike, step: int | None = None
+) -> AttributeHead:
+    """Restores the ``AttributeHead`` of ``step`` (default: latest) of ``directory``.
+
+    Raises:
+      ValueError: the step has no attribute head (train one with tools/train_attributes.py).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    manager = open_manager(directory, read_only=True)
+    try:
+        step = _resolve_step(manager, directory, step)
+        if ATTRIBUTE_HEAD_ITEM not in _items_at(manager, step):
+            raise ValueError(
+                f"checkpoint {directory} step {step} has no attribute head "
+                f"(items: {sorted(_items_at(manager, step))}); train one with "
+                "tools/train_attributes.py"
+            )
+        meta = dict(manager.restore(step, args=ocp.args.Composite(
+            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
+        dims = meta.get("attribute_head")
+        if not isinstance(dims, dict):
+            raise ValueError(f"{directory} step {step}: meta has no 'attribute_head' dims")
+        abstract = nnx.eval_shape(lambda: AttributeHead(
+            dims["embedding_dim"], dims["num_attributes"], rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{ATTRIBUTE_HEAD_ITEM: ocp.args.StandardRestore(abstract_state)}))
+        return nnx.merge(graphdef, restored[ATTRIBUTE_HEAD_ITEM])
+    finally:
+        manager.close()
+

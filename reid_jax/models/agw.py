@@ -1,0 +1,203 @@
+"""AGW (Ye et al., "Deep Learning for Person Re-identification: A Survey and Outlook").
+
+``AGW = ResNet-50 (last stride 1, non-local) -> GeM -> BNNeck -> identity classifier`` as the
+ReID-Survey reference implementation has it (DESIGN.md section 3)::
+
+    feature_map = backbone(images)                 # [B, h, w, D]
+    pre_bn      = GeM_p(feature_map)               # [B, D]   triplet / center losses
+    post_bn     = BNNeck(pre_bn)                   # [B, D]   the retrieval embedding
+    logits      = post_bn @ classifier             # [B, ids] label-smoothing CE
+
+Train mode (``model.train()``, the default after construction) normalises with batch statistics
+and updates the running averages (``nnx.BatchStat``); eval mode (``model.eval()``) uses the
+running statistics (``nnx.view(model, use_running_average=True)`` gives an eval-mode view without
+changing ``model``). The model is a plain NNX module: ``graphdef, params, rest =
+nnx.split(model, nnx.Param, ...)`` and a jitted pure step that merges inside work, and all
+mutable state is in the split states. Inside ``jax.grad`` merge with ``copy=True``
+(``nnx.merge(graphdef, params, rest, copy=True)``) so train-mode BatchNorm may write its running
+averages, and return ``nnx.state(model, nnx.Not(nnx.Param))`` as the new ``rest``
+(tests/test_models.py has the pattern).
+
+Variable types in ``nnx.state(model)``:
+
+- ``nnx.Param``: everything trained (conv/linear kernels, BN scales and biases, GeM ``p``);
+- ``nnx.BatchStat``: BatchNorm running means and variances;
+- ``FrozenParam``: BNNeck's bias, a weight that is *never trained* (the reference sets
+  ``bottleneck.bias.requires_grad_(False)``; it stays 0 unless a checkpoint sets it). Optimisers
+  must take ``wrt=nnx.Param`` (and weight decay only those), which leaves it out.
+
+Precision: ``dtype='bfloat16'`` runs the backbone in bfloat16 with float32 parameters; GeM,
+BNNeck and the classifier always compute in float32, so ``pre_bn``, ``post_bn`` and ``logits``
+are float32 (``feature_map`` is in the compute dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from reid_jax.models.resnet import ResNet
+
+GEM_EPS = 1e-6
+
+DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class FrozenParam(nnx.Variable):
+    """A weight that is loaded and saved with the model but never trained (not an ``nnx.Param``)."""
+
+
+class AGWOutputs(NamedTuple):
+    """Named outputs of ``AGW.__call__`` (``D`` = feature dim, 2048 for ResNet-50)."""
+
+    feature_map: jax.Array  # [B, h, w, D] last backbone map (compute dtype)
+    pre_bn: jax.Array  # [B, D] GeM feature (triplet / center losses)
+    post_bn: jax.Array  # [B, D] BNNeck output (retrieval embedding before L2 normalisation)
+    logits: jax.Array  # [B, num_classes] identity logits
+
+
+def gem_pool(x: jax.Array, p: jax.Array, eps: float = GEM_EPS) -> jax.Array:
+    """Generalised mean pooling ``(mean_hw clamp(x, eps)^p)^(1/p)``.
+
+    Args:
+      x: ``[B, H, W, C]`` feature map.
+      p: scalar or ``[1]`` exponent.
+      eps: lower clamp (the reference's 1e-6).
+
+    Returns:
+      ``[B, C]``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"gem_pool expects [B, H, W, C], got {x.shape}")
+    p = jnp.reshape(p, ())
+    pooled = jnp.mean(jnp.power(jnp.maximum(x, eps), p), axis=(1, 2))
+    return jnp.power(pooled, 1.0 / p)
+
+
+class GeM(nnx.Module):
+    """GeM pooling with a learnable exponent ``p`` (``nnx.Param`` of shape ``[1]``, init 3)."""
+
+    def __init__(self, p: float = 3.0, eps: float = GEM_EPS):
+        if p <= 0:
+            raise ValueError(f"GeM p must be > 0, got {p}")
+        self.p = nnx.Param(jnp.full((1,), p, jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, H, W, C] -> [B, C]`` in float32."""
+        return gem_pool(x.astype(jnp.float32), self.p[...], self.eps)
+
+
+class BNNeck(nnx.Module):
+    """``BatchNorm1d(D)`` whose bias is frozen: ``y = BN_scale_only(x) + bias``.
+
+    ``bn`` is an ``nnx.BatchNorm`` without a bias (its scale is trained, stats are
+    ``nnx.BatchStat``); ``bias`` is a ``FrozenParam`` (zeros at init), so gradients and optimisers
+    over ``nnx.Param`` never see it, yet a reference checkpoint's ``bottleneck.bias`` round-trips.
+    """
+
+    def __init__(self, features: int, *, rngs: nnx.Rngs):
+        self.bn = nnx.BatchNorm(
+            features, momentum=0.9, epsilon=1e-5, use_bias=False, use_fast_variance=False,
+            dtype=jnp.float32, rngs=rngs,
+        )
+        self.bias = FrozenParam(jnp.zeros((features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, D] -> [B, D]``."""
+        return self.bn(x) + self.bias[...]
+
+
+class AGW(nnx.Module):
+    """AGW re-id model: ``images [B, H, W, 3] (normalised, NHWC) -> AGWOutputs``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        width: int = 64,
+        blocks: tuple[int, ...] = (3, 4, 6, 3),
+        last_stride: int = 1,
+        non_local: tuple[int, ...] = (0, 2, 3, 0),
+        nl_inter_channels_reference: bool = True,
+        stem_relu: bool = False,
+        gem_p: float = 3.0,
+        dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if dtype not in DTYPES:
+            raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.num_classes = num_classes
+        self.backbone = ResNet(
+            width=width, blocks=blocks, last_stride=last_stride, non_local=non_local,
+            nl_inter_channels_reference=nl_inter_channels_reference, stem_relu=stem_relu,
+            dtype=DTYPES[dtype], rngs=rngs,
+        )
+        self.feature_dim = self.backbone.feature_dim
+        self.gem = GeM(gem_p)
+        self.bnneck = BNNeck(self.feature_dim, rngs=rngs)
+        # Reference ``weights_init_classifier``: N(0, 0.001^2), no bias.
+        self.classifier = nnx.Linear(
+            self.feature_dim, num_classes, use_bias=False,
+            kernel_init=nnx.initializers.normal(0.001), rngs=rngs,
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: ml_collections.ConfigDict, num_classes: int, rngs: nnx.Rngs
+    ) -> AGW:
+        """AGW from ``config.model`` (``default_model_config`` fields; missing ones: default)."""
+        return cls(num_classes, **model_kwargs(config), rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> AGWOutputs:
+        """``images [B, H, W, 3] -> AGWOutputs`` (shapes in ``AGWOutputs``)."""
+        feature_map = self.backbone(images)
+        pre_bn = self.gem(feature_map)
+        post_bn = self.bnneck(pre_bn)
+        logits = self.classifier(post_bn)
+        return AGWOutputs(feature_map=feature_map, pre_bn=pre_bn, post_bn=post_bn, logits=logits)
+
+
+def retrieval_embedding(outputs: AGWOutputs, normalize: bool = True) -> jax.Array:
+    """The embedding AGW ranks (and ``reid_jax.explain`` explains): ``post_bn``, L2-normalised.
+
+    Returns ``[B, D]`` float32; with ``normalize=False`` the raw ``post_bn``.
+    """
+    f = outputs.post_bn.astype(jnp.float32)
+    if not normalize:
+        return f
+    norm = jnp.linalg.norm(f, axis=-1, keepdims=True)
+    return f / jnp.maximum(norm, 1e-12)  # as torch.nn.functional.normalize
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """The ``config.model`` fields ``AGW.from_config`` reads, with the reference's values."""
+    return ml_collections.ConfigDict({
+        "width": 64,
+        "blocks": (3, 4, 6, 3),
+        "last_stride": 1,
+        "non_local": (0, 2, 3, 0),
+        "nl_inter_channels_reference": True,
+        "stem_relu": False,
+        "gem_p": 3.0,
+        "dtype": "float32",
+    })
+
+
+def model_kwargs(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
+    """``AGW`` keyword arguments from ``config.model`` (defaults for missing fields)."""
+    model_cfg = config.get("model") if hasattr(config, "get") else None
+    if model_cfg is None:
+        raise ValueError("config has no 'model' section (expected config.model.width, ...)")
+    defaults = default_model_config()
+    kwargs = {}
+    for name in defaults:
+        value = model_cfg.get(name, defaults[name])
+        kwargs[name] = tuple(value) if isinstance(defaults[name], tuple) else value
+    return kwargs
