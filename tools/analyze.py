@@ -1,0 +1,148 @@
+r"""The paper's analysis of the embedding (Table 4.1, Figure 4.1), see ``reid_jax.analysis``.
+
+From arrays (W of the attribute layer, gallery features written by tools/extract_features.py):
+
+  python tools/analyze.py --weights=W.npy --features=gallery.npz \
+      --attribute_file=DATA/market_attribute.mat --output_dir=/tmp/analysis
+
+From a checkpoint with an attribute head (features of the gallery of --data_root computed here
+unless --features is given; ratios from DATA_ROOT/market_attribute.mat):
+
+  python tools/analyze.py --checkpoint=WORKDIR/checkpoints --data_root=DATA \
+      --output_dir=/tmp/analysis --components=12,873
+
+Writes table_4_1.md, table_4_1.csv, table_4_1.png and component_<n>.png (for --components, or
+the --num_selective most selective components) into --output_dir and prints the table.
+Positive ratios are per identity of the training split of --attribute_file; without one, per
+identity of the features file's 'attributes' (stated in the table caption), else left out.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from reid_jax import analysis
+from reid_jax.data.attributes import ATTRIBUTE_NAMES, load_market_attributes, positive_ratios
+from reid_jax.data.synthetic import ATTRIBUTE_FILE
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write into.", required=True)
+_WEIGHTS = flags.DEFINE_string("weights", None, "W [N, A] of the attribute layer (.npy).")
+_FEATURES = flags.DEFINE_string(
+    "features", None, ".npz with 'paths' [G], 'features' [G, N], optional 'attributes' [G, A].")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Checkpoint directory with an attribute head (W; and the model for "
+    "gallery features when --features is not given).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config of the checkpoint's model (default: the one stored in it).")
+_DATA_ROOT = flags.DEFINE_string(
+    "data_root", None, "Market-1501-layout root: gallery images, market_attribute.mat.")
+_ATTRIBUTE_FILE = flags.DEFINE_string(
+    "attribute_file", None, "market_attribute.mat for the positive ratios (default: "
+    "DATA_ROOT/market_attribute.mat when it exists).")
+_COMPONENTS = flags.DEFINE_list(
+    "components", None, "Embedding components to draw (e.g. 12,873); default: the "
+    "--num_selective most selective ones.")
+_NUM_SELECTIVE = flags.DEFINE_integer("num_selective", 4, "Most selective components to draw.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 10, "Images per row of a component figure.")
+_TOP1 = flags.DEFINE_enum("top1", "signed", list(analysis.TOP1_RULES),
+                          "signed: the paper's highest weight; abs: largest |weight|.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size for gallery features.")
+
+
+def _checkpoint_weights(checkpoint: str) -> np.ndarray:
+    from reid_jax.checkpoints import restore_attribute_head
+
+    return np.asarray(restore_attribute_head(checkpoint).kernel[...])
+
+
+def _checkpoint_gallery_features(checkpoint: str, config, data_root: str,
+                                 batch_size: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The retrieval embedding ([G, N], what is ranked and explained) of every gallery image."""
+    import jax
+    from flax import nnx
+
+    from reid_jax.checkpoints import restore_model
+    from reid_jax.data.loader import LoaderConfig, eval_batches
+    from reid_jax.data.market1501 import load_market1501
+    from reid_jax.models.agw import retrieval_embedding
+
+    model, meta = restore_model(checkpoint, config)
+    model.eval()
+    cfg = config if config is not None else meta.get("config", {})
+    loader_cfg = cfg.get("loader") if hasattr(cfg, "get") else None
+    loader_cfg = LoaderConfig.from_dict(loader_cfg) if loader_cfg else LoaderConfig()
+    paths = load_market1501(data_root).gallery.paths
+
+    @nnx.jit
+    def embed(m, images):
+        return retrieval_embedding(m(images))
+
+    rows = []
+    with eval_batches(paths, batch_size, config=loader_cfg) as batches:
+        for k, batch in enumerate(batches):
+            f = np.asarray(jax.device_get(embed(model, batch["image"])))
+            rows.append(f[batch["mask"]])
+            if k % 20 == 0:
+                logging.info("gallery features: batch %d (%d images)", k, len(paths))
+    return np.concatenate(rows), paths
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if (_WEIGHTS.value is None) == (_CHECKPOINT.value is None):
+        raise app.UsageError("give exactly one of --weights=W.npy or --checkpoint=DIR")
+    weights = (np.load(_WEIGHTS.value, allow_pickle=False) if _WEIGHTS.value
+               else _checkpoint_weights(_CHECKPOINT.value))
+    names = ATTRIBUTE_NAMES
+    analysis.check_weights(weights, names)
+
+    features = paths = labels = None
+    if _FEATURES.value:
+        loaded = analysis.load_features_npz(_FEATURES.value, _DATA_ROOT.value)
+        features, paths, labels = loaded
+    elif _CHECKPOINT.value and _DATA_ROOT.value:
+        features, paths = _checkpoint_gallery_features(
+            _CHECKPOINT.value, _CONFIG.value, _DATA_ROOT.value, _BATCH_SIZE.value)
+
+    attribute_file = _ATTRIBUTE_FILE.value
+    if attribute_file is None and _DATA_ROOT.value:
+        default = os.path.join(_DATA_ROOT.value, ATTRIBUTE_FILE)
+        attribute_file = default if os.path.isfile(default) else None
+    ratios, source = None, ""
+    if attribute_file:
+        train = load_market_attributes(attribute_file).train_labels
+        ratios = positive_ratios(train)
+        source = (f"training split, per identity: {train.shape[0]} identities of "
+                  f"{os.path.basename(attribute_file)}")
+    elif labels is not None:
+        ratios, num_ids = analysis.identity_positive_ratios(
+            labels, analysis.pids_from_paths(paths))
+        source = (f"NOT the training split: per identity of the features file's labels, "
+                  f"{num_ids} identities")
+    else:
+        logging.warning("no --attribute_file and no attributes in --features: Table 4.1 "
+                        "without positive ratios")
+
+    components = None
+    if _COMPONENTS.value:
+        try:
+            components = [int(c) for c in _COMPONENTS.value]
+        except ValueError as e:
+            raise app.UsageError(f"--components must be integers, got {_COMPONENTS.value}") from e
+    summary = analysis.write_analysis(
+        weights, names, _OUTPUT_DIR.value, positive_ratio_percent=ratios, ratio_source=source,
+        features=features, image_paths=paths, components=components,
+        num_selective=_NUM_SELECTIVE.value, num_images=_NUM_IMAGES.value, by=_TOP1.value)
+    print(summary["markdown"])
+    for n, s in zip(summary["components"], summary["selectivity"], strict=True):
+        print(f"component {n}: selectivity max|w|/sum|w| = {s:.3f}")
+    print("wrote:\n  " + "\n  ".join(summary["files"]))
+
+
+if __name__ == "__main__":
+    app.run(main)
