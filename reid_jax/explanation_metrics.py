@@ -1,0 +1,845 @@
+"""Explanation quality measured (DESIGN.md §5): counterfactual hit rate, AUROC of matching scores
+and the attribute-consistency metrics of AMD.
+
+The paper (Specker) evaluates its explanations qualitatively.  This module measures them:
+
+* :func:`counterfactual_hit_rate` — a gallery image re-rendered with one attribute changed; is
+  the attribute whose eq. 3.2 contribution rises most (``e_a^cf - e_a^orig``) the changed one?
+* :func:`matching_score_auroc` — do the matching scores of eq. 3.1 separate query/gallery pairs
+  whose ground-truth labels agree from pairs whose labels differ (rank-based AUROC)?
+  :class:`AurocAccumulator` is its streamed (histogram) form for all pairs of a large gallery.
+* :func:`amd_metrics` / :class:`AmdAccumulator` — Ex-Precision and Ex-mAP of AMD (Chen et al.,
+  "Explainable person re-identification with attribute-guided metric distillation", ICCV 2021),
+  streamed over all query x gallery pairs by :func:`streamed_amd_over_gallery` and over the
+  pairs a user looks at (the top-``k`` ranks) by :func:`amd_over_top_k`.
+
+AMD metrics.  For a pair ``(q, g)`` let ``D`` be the attributes whose ground-truth labels differ,
+``k = |D|``, and ``S`` the attributes that agree.  An explanation gives every attribute a
+*separation* score ("this attribute separates them"): eq. 3.2's ``e_a`` (``mode="paper"``), its
+complete decomposition (``mode="complete"``) or ``1 - s_a`` with eq. 3.1's matching score
+(``mode="scores"``).  Ranking attributes by separation, descending:
+
+* ``Ex-Precision_d = |top-k ∩ D| / k`` and ``Ex-mAP_d`` = average precision of the ranking
+  against ``D`` (``AP = (1/k) sum_{a in D} precision at a's rank``), both averaged over the pairs
+  with ``k > 0`` (AMD's ``explain_eval``);
+* the same variants ``_s`` rank ascending against ``S`` (top-``|S|`` of the ascending ranking).
+  They are averaged over the pairs with ``0 < |S| < A``.  Deviation from AMD: when all
+  attributes agree (``k = 0``) every ranking scores 1, and AMD's code then subtracts attributes
+  whose share ``sep_a / sum_b sep_b`` exceeds ``2 / A``; a share is undefined for the signed
+  ``e_a`` of eq. 3.2 and for ``1 - s_a`` (both can be negative), so we leave such pairs out.
+* Per attribute (AMD's ``diff_i``/``same_i``, plus AP): ``precision_d[a]`` is the fraction of
+  the pairs with ``a in D`` in which ``a`` is ranked within the top ``k``, and ``ap_d[a]`` the
+  mean precision at ``a``'s rank over those pairs (``a``'s contribution to ``Ex-mAP_d``: the
+  pair AP is the mean of these over ``D``).  ``_s`` alike with ``S`` and the ascending ranking.
+
+Ties.  Every ranked quantity here is the **expectation over a uniformly random order of tied
+scores** (McSherry & Najork, ECIR 2008), computed in closed form — deterministic, independent of
+attribute order, and equal to the plain definition when there are no ties.  An explanation that
+gives all attributes the same score (e.g. ``e = 0`` for identical embeddings) therefore scores
+exactly chance level.  For an item of a tie group of ``t`` items, ``r`` of them relevant, with
+``T`` items (``R`` relevant) ranked strictly before the group:
+
+* ``P(item within the top m) = clip(m - T, 0, t) / t``;
+* ``E[precision at the rank of a relevant item] =
+  (1/t) sum_{i=1..t} (R + 1 + (i-1)(r-1)/(t-1)) / (T + i)``
+  ``= ((R+1) dH + (r-1)/(t-1) (t - (T+1) dH)) / t`` with ``dH = H_{T+t} - H_T`` (harmonic
+  numbers; the second term is 0 for ``t = 1``).
+
+Ties are judged on the values as the kernels see them (float32 unless ``jax_enable_x64``).
+The ``chance`` entries are the same metrics for a ranking that ties all attributes (a random
+ranking), from the histogram of ``k``.
+
+All functions return plain JSON-ready dicts (``None`` where a value is undefined, e.g. an
+attribute that never differs).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+
+from reid_jax import explain
+from reid_jax.data.attributes import ATTRIBUTE_NAMES
+
+Array = jax.Array
+
+# How an explanation's "this attribute separates q and g" score is formed.
+MODES = ("paper", "complete", "scores")
+# Matching scores of eq. 3.1 lie in [0, 2]: numerator in [0, 1], denominator in [0.5, 1].
+SCORE_RANGE = (0.0, 2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks and small helpers.
+
+
+def _names(num_attributes: int, names: Sequence[str] | None) -> tuple[str, ...]:
+    if names is None:
+        if num_attributes == len(ATTRIBUTE_NAMES):
+            return ATTRIBUTE_NAMES
+        return tuple(f"attribute_{i}" for i in range(num_attributes))
+    names = tuple(str(n) for n in names)
+    if len(names) != num_attributes or len(set(names)) != len(names):
+        raise ValueError(f"names must be {num_attributes} unique attribute names, got {names}")
+    return names
+
+
+def _as_2d(name: str, x: Any, num_attributes: int | None = None) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2 or (num_attributes is not None and a.shape[1] != num_attributes):
+        want = f"[P, {num_attributes}]" if num_attributes is not None else "[P, A]"
+        raise ValueError(f"{name} must have shape {want}, got shape {a.shape}")
+    return a
+
+
+def _finite(name: str, a: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} (shape {a.shape}) has {int(bad.sum())} non-finite values, "
+                         f"first at index {first}")
+    return a
+
+
+def _binary(name: str, x: Any, shape: tuple[int, ...]) -> np.ndarray:
+    a = np.asarray(x)
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got shape {a.shape}")
+    if a.dtype != bool:
+        if not np.issubdtype(a.dtype, np.number) or not np.isin(a, (0, 1)).all():
+            raise ValueError(f"{name} must be boolean or 0/1, got values outside {{0, 1}} "
+                             f"(dtype {a.dtype})")
+        a = a.astype(bool)
+    return a
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num) / float(den) if den > 0 else None
+
+
+def _mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def harmonic_numbers(n: int) -> np.ndarray:
+    """float64 ``[n + 1]``: ``H_0 = 0, H_m = sum_{i<=m} 1/i``."""
+    return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n + 1))])
+
+
+def _falling_ratio(u: np.ndarray, c: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """``prod_{i<j} (u - i) / (u + c - i)``: the probability that the first ``j`` items of a
+    random order of ``u`` misses and ``c >= 1`` hits are all misses (0 when ``j > u``)."""
+    out = np.ones(np.shape(u), np.float64)
+    for i in range(int(np.max(j, initial=0))):
+        step = i < j
+        out = np.where(step, out * np.maximum(u - i, 0) / np.maximum(u + c - i, 1), out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# (1) Counterfactual hit rate.
+
+
+def counterfactual_hit_rate(
+    errors_original: Any,
+    errors_counterfactual: Any,
+    changed_attribute: Any,
+    changed_labels: Any | None = None,
+    *,
+    top: Sequence[int] = (1, 3),
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """How often the attribute whose error contribution rises most is the changed attribute.
+
+    Every row is a pair (query, gallery image) and its counterfactual (the same gallery image
+    re-rendered with ``changed_attribute`` changed).  The rise ``e_cf - e_orig`` ranks the
+    attributes, descending.  Attributes come in groups: changing ``upred`` to ``upblue`` flips
+    both labels, ``age1 -> age3`` flips two.  A **hit at m** is: one of the attributes whose
+    label changed (``changed_labels``; by default only ``changed_attribute``) is among the top
+    ``m`` of that ranking.  Ties are broken uniformly at random, in expectation (see the module
+    docstring), so the rates are exact expectations.
+
+    Args:
+      errors_original: ``[P, A]`` attribute errors (eq. 3.2, either mode) of query vs original.
+      errors_counterfactual: ``[P, A]`` the same for query vs counterfactual image.
+      changed_attribute: int ``[P]``, the attribute that was asked to change.
+      changed_labels: optional bool ``[P, A]``, all attributes whose label changed
+        (``labels_cf != labels_orig``); must include ``changed_attribute``.
+      top: the ``m`` of the hit rates reported (``top1``, ``top3`` by default).
+      names: attribute names (default ``ATTRIBUTE_NAMES`` for ``A = 30``).
+
+    Returns:
+      ``{"num_pairs", "top{m}", "mean_rank", "chance": {"top{m}", "mean_rank"},
+      "per_attribute": {name: {"count", "top{m}", "mean_rank"}}}`` where ``mean_rank`` is the
+      expected 1-based rank of the highest-ranked changed attribute; per attribute by
+      ``changed_attribute`` (``None`` for attributes never changed).
+    """
+    e0 = _finite("errors_original", _as_2d("errors_original", errors_original))
+    p, a = e0.shape
+    e1 = _finite("errors_counterfactual",
+                 _as_2d("errors_counterfactual", errors_counterfactual, a))
+    if e1.shape != e0.shape:
+        raise ValueError(f"errors_counterfactual has shape {e1.shape}, errors_original "
+                         f"{e0.shape}: they must match")
+    if p == 0:
+        raise ValueError("no pairs: errors_original has shape (0, A)")
+    names = _names(a, names)
+    changed = np.asarray(changed_attribute)
+    if changed.shape != (p,) or not np.issubdtype(changed.dtype, np.integer):
+        raise ValueError(f"changed_attribute must be int [{p}], got {changed.dtype}"
+                         f"{list(changed.shape)}")
+    if changed.min() < 0 or changed.max() >= a:
+        raise ValueError(f"changed_attribute must lie in [0, {a}), got values "
+                         f"{changed.min()}..{changed.max()}")
+    one_hot = np.zeros((p, a), bool)
+    one_hot[np.arange(p), changed] = True
+    if changed_labels is None:
+        in_set = one_hot
+    else:
+        in_set = _binary("changed_labels", changed_labels, (p, a))
+        missing = ~in_set[np.arange(p), changed]
+        if missing.any():
+            i = int(np.flatnonzero(missing)[0])
+            raise ValueError(f"changed_labels must include changed_attribute; row {i} changes "
+                             f"{names[changed[i]]!r} but its changed_labels are "
+                             f"{[names[j] for j in np.flatnonzero(in_set[i])]}")
+    top = tuple(int(m) for m in top)
+    if not top or min(top) < 1:
+        raise ValueError(f"top must be positive ranks, got {top}")
+
+    rise = e1.astype(np.float64) - e0.astype(np.float64)
+    best = np.max(np.where(in_set, rise, -np.inf), axis=1, keepdims=True)
+    above = np.sum(~in_set & (rise > best), axis=1)
+    u = np.sum(~in_set & (rise == best), axis=1)  # other attributes tied with the best changed
+    c = np.sum(in_set & (rise == best), axis=1)  # changed attributes at the best value (>= 1)
+    n_set = in_set.sum(axis=1)
+
+    def hit(m: int, above, u, c) -> np.ndarray:
+        j = np.maximum(m - above, 0)
+        return np.where(j > 0, 1.0 - _falling_ratio(u, c, j), 0.0)
+
+    rank = above + 1.0 + u / (c + 1.0)
+    hits = {m: hit(m, above, u, c) for m in top}
+    zeros = np.zeros(p, np.int64)
+    chance_hits = {m: hit(m, zeros, a - n_set, n_set) for m in top}
+    chance_rank = 1.0 + (a - n_set) / (n_set + 1.0)
+
+    per_attribute: dict[str, Any] = {}
+    for j, name in enumerate(names):
+        rows = changed == j
+        n = int(rows.sum())
+        entry: dict[str, Any] = {"count": n}
+        for m in top:
+            entry[f"top{m}"] = float(hits[m][rows].mean()) if n else None
+        entry["mean_rank"] = float(rank[rows].mean()) if n else None
+        per_attribute[name] = entry
+    return {
+        "num_pairs": int(p),
+        **{f"top{m}": float(hits[m].mean()) for m in top},
+        "mean_rank": float(rank.mean()),
+        "chance": {**{f"top{m}": float(chance_hits[m].mean()) for m in top},
+                   "mean_rank": float(chance_rank.mean())},
+        "per_attribute": per_attribute,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# (2) AUROC of matching scores for ground-truth agreement.
+
+
+def auroc(scores: Any, positive: Any) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``positive`` (rank-based, Mann-Whitney U).
+
+    ``AUROC = (sum of the positives' ranks - n+ (n+ + 1) / 2) / (n+ n-)`` with average ranks
+    for ties (``scipy.stats.rankdata``), i.e. ``P(s+ > s-) + P(s+ = s-) / 2``.
+
+    Args:
+      scores: float ``[n]``; higher means "more likely positive".
+      positive: bool ``[n]``.
+
+    Returns:
+      The AUROC, or ``None`` when either class is empty.
+    """
+    s = _finite("scores", np.asarray(scores, dtype=np.float64).ravel())
+    pos = _binary("positive", np.asarray(positive).ravel(), s.shape)
+    n_pos = int(pos.sum())
+    n_neg = s.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = scipy.stats.rankdata(s)  # average ranks for ties
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * float(n_neg)))
+
+
+def matching_score_auroc(
+    scores: Any,
+    agree: Any,
+    selected: Any | None = None,
+    *,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """AUROC of eq. 3.1 matching scores for ground-truth agreement of query and gallery labels.
+
+    Positives are the entries whose query and gallery labels agree; a good matching score is
+    high exactly there.  Overall AUROC pools all selected entries of all attributes; per
+    attribute it uses that attribute's selected entries.
+
+    Args:
+      scores: ``[P, A]`` matching scores ``s_a`` of pairs.
+      agree: bool ``[P, A]``, ``labels_q == labels_g``.
+      selected: optional bool ``[P, A]`` (e.g. the query's confident attributes, section 3.1);
+        default all entries.
+      names: attribute names (default ``ATTRIBUTE_NAMES`` for ``A = 30``).
+
+    Returns:
+      ``{"auroc", "num_positive", "num_negative", "per_attribute": {name: {"auroc",
+      "num_positive", "num_negative"}}}``; ``auroc`` is ``None`` where a class is empty.
+    """
+    s = _finite("scores", _as_2d("scores", scores))
+    p, a = s.shape
+    names = _names(a, names)
+    agree = _binary("agree", agree, (p, a))
+    sel = np.ones((p, a), bool) if selected is None else _binary("selected", selected, (p, a))
+    per_attribute = {}
+    for j, name in enumerate(names):
+        m = sel[:, j]
+        per_attribute[name] = {"auroc": auroc(s[m, j], agree[m, j]),
+                               "num_positive": int(agree[m, j].sum()),
+                               "num_negative": int((~agree[m, j]).sum())}
+    return {"auroc": auroc(s[sel], agree[sel]),
+            "num_positive": int(agree[sel].sum()),
+            "num_negative": int((~agree[sel]).sum()),
+            "per_attribute": per_attribute}
+
+
+def _auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[float | None, float | None]:
+    """AUROC and its largest binning error from ``[bins]`` counts (same bin = tie)."""
+    n_pos, n_neg = float(pos.sum()), float(neg.sum())
+    if n_pos == 0 or n_neg == 0:
+        return None, None
+    neg_below = np.cumsum(neg) - neg
+    u = float(np.sum(pos * (neg_below + 0.5 * neg)))
+    # Pairs within one bin count 1/2; their true value lies in [0, 1].
+    bound = 0.5 * float(np.sum(pos * neg)) / (n_pos * n_neg)
+    return u / (n_pos * n_neg), bound
+
+
+@functools.partial(jax.jit, static_argnames=("bins",))
+def _histograms(scores, agree, selected, lo, hi, *, bins):
+    a = scores.shape[-1]
+    s = scores.reshape(-1, a)
+    idx = jnp.clip(jnp.floor((s - lo) / (hi - lo) * bins), 0, bins - 1).astype(jnp.int32)
+    idx = idx + bins * jnp.arange(a, dtype=jnp.int32)[None, :]
+    sel = selected.reshape(-1, a)
+    ag = agree.reshape(-1, a)
+    size = a * bins
+    pos = jax.ops.segment_sum((sel & ag).astype(jnp.int32).ravel(), idx.ravel(), size)
+    neg = jax.ops.segment_sum((sel & ~ag).astype(jnp.int32).ravel(), idx.ravel(), size)
+    bad = jnp.sum(sel & ~jnp.isfinite(s))
+    return pos.reshape(a, bins), neg.reshape(a, bins), bad
+
+
+class AurocAccumulator:
+    """Streamed :func:`matching_score_auroc` over many pairs, with bounded memory.
+
+    Scores are counted in ``bins`` equal bins over ``value_range`` (values outside are clipped
+    into the end bins) per attribute and class; entries in one bin count as ties.  ``result()``
+    reports, next to each AUROC, ``max_binning_error``: the most the binned AUROC can differ
+    from the exact one (half the fraction of positive/negative pairs that share a bin).  The
+    result is exact when all scores of a bin are equal.
+    """
+
+    def __init__(self, num_attributes: int, *, bins: int = 4096,
+                 value_range: tuple[float, float] = SCORE_RANGE,
+                 names: Sequence[str] | None = None):
+        if num_attributes < 1 or bins < 1:
+            raise ValueError(f"num_attributes and bins must be >= 1, got {num_attributes}, {bins}")
+        lo, hi = (float(v) for v in value_range)
+        if not hi > lo:
+            raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {value_range}")
+        self.num_attributes, self.bins, self.value_range = num_attributes, bins, (lo, hi)
+        self.names = _names(num_attributes, names)
+        self._pos = np.zeros((num_attributes, bins), np.int64)
+        self._neg = np.zeros((num_attributes, bins), np.int64)
+
+    def update(self, scores: Any, agree: Any, selected: Any | None = None) -> AurocAccumulator:
+        """Adds ``[..., A]`` scores, bool agreement and (optional) bool selection."""
+        a = self.num_attributes
+        if jnp.ndim(scores) < 1 or jnp.shape(scores)[-1] != a:
+            raise ValueError(f"scores must have shape [..., {a}], got {jnp.shape(scores)}")
+        for name, x in (("agree", agree), ("selected", selected)):
+            if x is not None and jnp.shape(x) != jnp.shape(scores):
+                raise ValueError(f"{name} must have the shape of scores {jnp.shape(scores)}, "
+                                 f"got {jnp.shape(x)}")
+        sel = jnp.ones(jnp.shape(scores), bool) if selected is None else jnp.asarray(selected,
+                                                                                    bool)
+        lo, hi = self.value_range
+        pos, neg, bad = _histograms(jnp.asarray(scores), jnp.asarray(agree, bool), sel,
+                                    lo, hi, bins=self.bins)
+        if int(bad):
+            raise ValueError(f"scores hold {int(bad)} non-finite selected values")
+        self._pos += np.asarray(pos, np.int64)
+        self._neg += np.asarray(neg, np.int64)
+        return self
+
+    def result(self) -> dict[str, Any]:
+        """Like :func:`matching_score_auroc`, plus ``max_binning_error`` per AUROC."""
+        def entry(pos, neg):
+            value, bound = _auroc_from_histograms(pos, neg)
+            return {"auroc": value, "max_binning_error": bound,
+                    "num_positive": int(pos.sum()), "num_negative": int(neg.sum())}
+
+        out = entry(self._pos.sum(0), self._neg.sum(0))
+        out["per_attribute"] = {n: entry(self._pos[j], self._neg[j])
+                                for j, n in enumerate(self.names)}
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# (3) AMD's Ex-Precision and Ex-mAP, tie-aware, streamed.
+
+_SUM_KEYS = ("num_pairs", "num_pairs_d", "num_pairs_s", "precision_d", "ap_d", "precision_s",
+             "ap_s", "hist_k", "count_d", "top_d", "rank_precision_d", "count_s", "top_s",
+             "rank_precision_s", "non_finite")
+
+
+def _tie_stats(sep: Array, rel: Array) -> tuple[Array, Array, Array, Array]:
+    """Per item: strictly-before count ``T``, tie-group size ``t`` (with itself) and the
+    relevant items among them (``R``, ``r``), for a descending ranking of ``sep [B, A]``."""
+    before = sep[:, None, :] > sep[:, :, None]  # [B, a, b]: b ranks strictly before a
+    tied = sep[:, None, :] == sep[:, :, None]
+    rel_b = rel[:, None, :]
+    count = lambda m: jnp.sum(m, axis=-1, dtype=jnp.int32)
+    return count(before), count(tied), count(before & rel_b), count(tied & rel_b)
+
+
+def _expected_terms(T, t, R, r, m, harmonic):
+    """``P(item in top m)`` and ``E[precision at its rank]`` (relevant item), tie-aware."""
+    dtype = harmonic.dtype
+    T, t, R, r = (x.astype(dtype) for x in (T, t, R, r))
+    in_top = jnp.clip(m[:, None].astype(dtype) - T, 0.0, t) / t
+    dh = harmonic[(T + t).astype(jnp.int32)] - harmonic[T.astype(jnp.int32)]
+    coef = jnp.where(t > 1, (r - 1.0) / jnp.maximum(t - 1.0, 1.0), 0.0)
+    rank_precision = ((R + 1.0) * dh + coef * (t - (T + 1.0) * dh)) / t
+    return in_top, rank_precision
+
+
+def _block_sums(sep: Array, diff: Array, valid: Array) -> dict[str, Array]:
+    """AMD sums of one block of pairs: ``sep [B, A]``, ``diff bool [B, A]``, ``valid [B]``."""
+    b, a = sep.shape
+    dtype = sep.dtype if jnp.issubdtype(sep.dtype, jnp.floating) else jnp.float32
+    harmonic = jnp.asarray(harmonic_numbers(a), dtype)
+    finite = jnp.all(jnp.isfinite(sep), axis=-1)
+    non_finite = jnp.sum(valid & ~finite, dtype=jnp.int32)
+    valid = valid & finite
+    sep = jnp.where(valid[:, None], sep, 0.0).astype(dtype)
+    diff = diff & valid[:, None]
+    k = jnp.sum(diff, axis=-1, dtype=jnp.int32)
+    pair_d = valid & (k > 0)
+    pair_s = valid & (k > 0) & (k < a)
+
+    T, t, R, r = _tie_stats(sep, diff)
+    in_top_d, rp_d = _expected_terms(T, t, R, r, k, harmonic)
+    # The ascending ranking against the agreeing attributes, from the same counts.
+    same = ~diff
+    k_s = a - k
+    T_s = a - T - t
+    r_s = t - r
+    R_s = k_s[:, None] - (T - R) - r_s
+    in_top_s, rp_s = _expected_terms(T_s, t, R_s, r_s, k_s, harmonic)
+
+    def pair_mean(values, rel, kk, pairs):  # sum over pairs of (1/k) sum_{a rel} values
+        per_pair = jnp.sum(jnp.where(rel, values, 0.0), axis=-1) / jnp.maximum(kk, 1)
+        return jnp.sum(jnp.where(pairs, per_pair, 0.0))
+
+    def per_attr(values, rel, pairs):
+        return jnp.sum(jnp.where(rel & pairs[:, None], values, 0.0), axis=0)
+
+    rel_d = diff & pair_d[:, None]
+    rel_s = same & pair_s[:, None]
+    return {
+        "num_pairs": jnp.sum(valid, dtype=jnp.int32),
+        "num_pairs_d": jnp.sum(pair_d, dtype=jnp.int32),
+        "num_pairs_s": jnp.sum(pair_s, dtype=jnp.int32),
+        "precision_d": pair_mean(in_top_d, diff, k, pair_d),
+        "ap_d": pair_mean(rp_d, diff, k, pair_d),
+        "precision_s": pair_mean(in_top_s, same, k_s, pair_s),
+        "ap_s": pair_mean(rp_s, same, k_s, pair_s),
+        "hist_k": jnp.zeros(a + 1, jnp.int32).at[k].add(valid.astype(jnp.int32)),
+        "count_d": jnp.sum(rel_d, axis=0, dtype=jnp.int32),
+        "top_d": per_attr(in_top_d, diff, pair_d),
+        "rank_precision_d": per_attr(rp_d, diff, pair_d),
+        "count_s": jnp.sum(rel_s, axis=0, dtype=jnp.int32),
+        "top_s": per_attr(in_top_s, same, pair_s),
+        "rank_precision_s": per_attr(rp_s, same, pair_s),
+        "non_finite": non_finite,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _amd_sums(sep: Array, diff: Array, valid: Array, *, block: int) -> dict[str, Array]:
+    """:func:`_block_sums` over ``[P, A]`` pairs, ``block`` pairs at a time (bounded memory:
+    the tie counts form ``block x A x A`` booleans)."""
+    p, a = sep.shape
+    block = max(1, min(block, p))
+    nb = -(-p // block)
+    pad = nb * block - p
+    sep = jnp.pad(sep, ((0, pad), (0, 0)))
+    diff = jnp.pad(diff, ((0, pad), (0, 0)))
+    valid = jnp.pad(valid, (0, pad))
+    blocks = (sep.reshape(nb, block, a), diff.reshape(nb, block, a), valid.reshape(nb, block))
+
+    def step(carry, xs):
+        sums = _block_sums(*xs)
+        return jax.tree.map(jnp.add, carry, sums), None
+
+    init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                        jax.eval_shape(_block_sums, *(x[0] for x in blocks)))
+    total, _ = jax.lax.scan(step, init, blocks)
+    return total
+
+
+def chance_average_precision(num_relevant: int | np.ndarray, num_attributes: int) -> np.ndarray:
+    """Expected AP of a uniformly random ranking of ``A`` items with ``k`` relevant:
+    ``(1/A) (H_A + (k-1)/(A-1) (A - H_A))`` (all items tied; 0 for ``k = 0``)."""
+    a = int(num_attributes)
+    k = np.asarray(num_relevant, np.float64)
+    h = harmonic_numbers(a)[a]
+    coef = (k - 1.0) / (a - 1.0) if a > 1 else np.zeros_like(k)
+    return np.where(k > 0, (h + coef * (a - h)) / a, 0.0)
+
+
+class AmdAccumulator:
+    """Streams AMD's Ex-Precision / Ex-mAP (``_d`` and ``_s``, overall and per attribute) over
+    any number of pairs; memory is that of one ``update`` (see the module docstring for the
+    definitions and the tie rule).
+
+    Example::
+
+        acc = AmdAccumulator(30)
+        for sep, lq, lg in chunks:          # [P, 30] each, rows are pairs
+            acc.update(sep, lq, lg)
+        metrics = acc.result()
+    """
+
+    def __init__(self, num_attributes: int, *, names: Sequence[str] | None = None,
+                 block: int = 4096):
+        if num_attributes < 1:
+            raise ValueError(f"num_attributes must be >= 1, got {num_attributes}")
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        self.num_attributes = int(num_attributes)
+        self.names = _names(self.num_attributes, names)
+        self.block = int(block)
+        a = self.num_attributes
+        self._sums: dict[str, np.ndarray] = {
+            key: np.zeros(a + 1 if key == "hist_k" else (a,), np.float64)
+            if key in ("hist_k", "count_d", "top_d", "rank_precision_d", "count_s", "top_s",
+                       "rank_precision_s") else np.zeros((), np.float64)
+            for key in _SUM_KEYS}
+
+    def _add(self, sums: dict[str, Array]) -> None:
+        host = jax.device_get(sums)
+        if int(host["non_finite"]):
+            raise ValueError(f"separation holds non-finite values in {int(host['non_finite'])} "
+                             "valid pairs")
+        for key in _SUM_KEYS:
+            self._sums[key] = self._sums[key] + np.asarray(host[key], np.float64)
+
+    def update_differ(self, separation: Any, differ: Any, valid: Any | None = None
+                      ) -> AmdAccumulator:
+        """Adds pairs given the differing-label mask directly.
+
+        Args:
+          separation: ``[P, A]`` "this attribute separates q and g" scores (e.g. ``e_a``).
+          differ: bool ``[P, A]``, ground-truth labels of q and g differ.
+          valid: optional bool ``[P]``; pairs outside it are ignored (e.g. no labels).
+        """
+        a = self.num_attributes
+        if jnp.ndim(separation) != 2 or jnp.shape(separation)[1] != a:
+            raise ValueError(f"separation must have shape [P, {a}], got "
+                             f"{jnp.shape(separation)}")
+        p = jnp.shape(separation)[0]
+        if jnp.shape(differ) != (p, a):
+            raise ValueError(f"differ must have shape ({p}, {a}), got {jnp.shape(differ)}")
+        if valid is not None and jnp.shape(valid) != (p,):
+            raise ValueError(f"valid must have shape ({p},), got {jnp.shape(valid)}")
+        if p == 0:
+            return self
+        sep = jnp.asarray(separation)
+        if not jnp.issubdtype(sep.dtype, jnp.floating):
+            sep = sep.astype(jnp.float32)
+        ok = jnp.ones((p,), bool) if valid is None else jnp.asarray(valid, bool)
+        self._add(_amd_sums(sep, jnp.asarray(differ, bool), ok, block=self.block))
+        return self
+
+    def update(self, separation: Any, labels_query: Any, labels_gallery: Any,
+               valid: Any | None = None) -> AmdAccumulator:
+        """Adds pairs: row ``i`` of ``separation [P, A]`` explains the pair of
+        ``labels_query[i]`` and ``labels_gallery[i]`` (both ``[P, A]`` in {0, 1});
+        ``valid`` optional bool ``[P]``."""
+        if jnp.ndim(separation) != 2 or jnp.shape(separation)[1] != self.num_attributes:
+            raise ValueError(f"separation must have shape [P, {self.num_attributes}], got "
+                             f"{jnp.shape(separation)}")
+        shape = (jnp.shape(separation)[0], self.num_attributes)
+        lq = _binary("labels_query", labels_query, shape)
+        lg = _binary("labels_gallery", labels_gallery, shape)
+        return self.update_differ(separation, lq != lg, valid)
+
+    def result(self) -> dict[str, Any]:
+        """The metrics so far (``None`` where undefined: no pairs of that kind)."""
+        s, a = self._sums, self.num_attributes
+        n_d, n_s = float(s["num_pairs_d"]), float(s["num_pairs_s"])
+        hist = s["hist_k"]
+        ks = np.arange(a + 1, dtype=np.float64)
+        d_pairs = ks > 0
+        s_pairs = (ks > 0) & (ks < a)
+        chance = {
+            "ex_precision_d": _ratio(np.sum(hist[d_pairs] * ks[d_pairs] / a), n_d),
+            "ex_map_d": _ratio(np.sum(hist[d_pairs] * chance_average_precision(ks[d_pairs], a)),
+                               n_d),
+            "ex_precision_s": _ratio(np.sum(hist[s_pairs] * (a - ks[s_pairs]) / a), n_s),
+            "ex_map_s": _ratio(np.sum(hist[s_pairs] *
+                                      chance_average_precision(a - ks[s_pairs], a)), n_s),
+        }
+        per_attribute = {}
+        for j, name in enumerate(self.names):
+            cd, cs = float(s["count_d"][j]), float(s["count_s"][j])
+            per_attribute[name] = {
+                "count_d": int(cd),
+                "precision_d": _ratio(s["top_d"][j], cd),
+                "ap_d": _ratio(s["rank_precision_d"][j], cd),
+                "count_s": int(cs),
+                "precision_s": _ratio(s["top_s"][j], cs),
+                "ap_s": _ratio(s["rank_precision_s"][j], cs),
+            }
+        return {
+            "num_pairs": int(s["num_pairs"]),
+            "num_pairs_d": int(n_d),
+            "num_pairs_s": int(n_s),
+            "ex_precision_d": _ratio(s["precision_d"], n_d),
+            "ex_map_d": _ratio(s["ap_d"], n_d),
+            "ex_precision_s": _ratio(s["precision_s"], n_s),
+            "ex_map_s": _ratio(s["ap_s"], n_s),
+            "chance": chance,
+            "differing_histogram": [int(x) for x in hist],
+            "per_attribute": per_attribute,
+        }
+
+
+def amd_metrics(separation: Any, labels_query: Any, labels_gallery: Any,
+                valid: Any | None = None, *, names: Sequence[str] | None = None,
+                block: int = 4096) -> dict[str, Any]:
+    """AMD's Ex-Precision_d/_s and Ex-mAP_d/_s for a batch of pairs (one-shot
+    :class:`AmdAccumulator`).
+
+    Args:
+      separation: ``[P, A]`` the explanation's "this attribute separates q and g" score per
+        pair (eq. 3.2: ``e_a``; eq. 3.1: ``1 - s_a``); higher = more responsible.
+      labels_query, labels_gallery: ``[P, A]`` ground-truth labels in {0, 1} of each pair.
+      valid: optional bool ``[P]`` of pairs to use.
+      names: attribute names (default ``ATTRIBUTE_NAMES`` for ``A = 30``).
+      block: pairs per step of the kernel (memory ``block * A * A`` booleans).
+
+    Returns:
+      See :meth:`AmdAccumulator.result`.
+    """
+    sep = _as_2d("separation", separation)
+    acc = AmdAccumulator(sep.shape[1], names=names, block=block)
+    return acc.update(sep, labels_query, labels_gallery, valid).result()
+
+
+# --------------------------------------------------------------------------------------------
+# Whole galleries: all pairs, streamed; and the top-k ranks a user looks at.
+
+
+def _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery, valid_query,
+                  valid_gallery) -> tuple[np.ndarray, ...]:
+    q, g = jnp.shape(f_query)[0], jnp.shape(f_gallery)[0]
+    if jnp.ndim(f_query) != 2 or jnp.ndim(f_gallery) != 2 or jnp.ndim(weights) != 2:
+        raise ValueError(f"expected f_query [Q, N], f_gallery [G, N], weights [N, A]; got "
+                         f"{jnp.shape(f_query)}, {jnp.shape(f_gallery)}, {jnp.shape(weights)}")
+    a = jnp.shape(weights)[1]
+    lq = _binary("labels_query", labels_query, (q, a))
+    lg = _binary("labels_gallery", labels_gallery, (g, a))
+    vq = np.ones(q, bool) if valid_query is None else _binary("valid_query", valid_query, (q,))
+    vg = (np.ones(g, bool) if valid_gallery is None
+          else _binary("valid_gallery", valid_gallery, (g,)))
+    return lq, lg, vq, vg
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _chunk_sums(sep, lq, lg, vq, vg, *, block):
+    """All pairs of a query chunk: ``sep [q, G, A]``, labels ``[q, A]``/``[G, A]``."""
+    q, g, a = sep.shape
+    diff = lq[:, None, :] != lg[None, :, :]
+    valid = vq[:, None] & vg[None, :]
+    return _amd_sums(sep.reshape(q * g, a), diff.reshape(q * g, a), valid.reshape(q * g),
+                     block=block)
+
+
+def streamed_amd_over_gallery(
+    f_query: Any,
+    f_gallery: Any,
+    weights: Any,
+    labels_query: Any,
+    labels_gallery: Any,
+    mode: str = "paper",
+    *,
+    valid_query: Any | None = None,
+    valid_gallery: Any | None = None,
+    threshold: Any = explain.DEFAULT_THRESHOLD,
+    query_chunk: int = 32,
+    gallery_chunk: int = 1024,
+    block: int = 4096,
+    names: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """AMD metrics of one explanation over **all** query x gallery pairs, streamed.
+
+    Queries are processed ``query_chunk`` at a time: the separation scores of the chunk
+    (``[query_chunk, G, A]``, on the device) come from :func:`reid_jax.explain.attribute_errors`
+    (``mode="paper"``: eq. 3.2; ``"complete"``: its complete decomposition) or
+    :func:`reid_jax.explain.matching_scores` (``"scores"``: ``1 - s_a``, eq. 3.1) and are
+    reduced to sums on the device; only the sums travel to the host.  Memory is bounded by the
+    chunk (AMD's reference code needs all ``Q x G x A`` at once).
+
+    Args:
+      f_query: ``[Q, N]`` query embeddings (the ranked tensor).
+      f_gallery: ``[G, N]`` gallery embeddings.
+      weights: ``[N, A]`` attribute-layer weights ``W``.
+      labels_query, labels_gallery: ``[Q, A]`` / ``[G, A]`` ground-truth labels in {0, 1}.
+      mode: ``"paper"``, ``"complete"`` or ``"scores"``.
+      valid_query, valid_gallery: optional bool masks of images with labels (pairs with an
+        invalid side are ignored, e.g. distractors and junk).
+      threshold: for ``mode="scores"``, the confident-attribute threshold of the query
+        (section 3.1) that selects the entries of the streamed matching-score AUROC.
+      query_chunk, gallery_chunk: stream sizes (``gallery_chunk`` is passed to
+        ``attribute_errors``).
+      block: pairs per step of the AMD kernel.
+      names: attribute names.
+      progress: optional ``progress(queries_done, Q)`` callback.
+
+    Returns:
+      :meth:`AmdAccumulator.result` plus ``"mode"``; for ``mode="scores"`` also ``"auroc"``,
+      the :class:`AurocAccumulator` result for the selected entries of all pairs.
+    """
+    mode = _mode(mode)
+    lq, lg, vq, vg = _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery,
+                                   valid_query, valid_gallery)
+    q, a = lq.shape
+    if q == 0:
+        raise ValueError(f"no queries: f_query has shape {jnp.shape(f_query)}")
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    explain.check_finite(f_query=f_query, f_gallery=f_gallery, weights=weights)
+    fq = jnp.asarray(f_query, jnp.float32)
+    fg = jnp.asarray(f_gallery, jnp.float32)
+    w = jnp.asarray(weights, jnp.float32)
+    acc = AmdAccumulator(a, names=names, block=block)
+    auroc_acc = AurocAccumulator(a, names=names) if mode == "scores" else None
+    if mode == "scores":
+        x_gallery = jax.nn.sigmoid(fg @ w)
+    qc = min(int(query_chunk), q)
+    lg_d, vg_d = jnp.asarray(lg), jnp.asarray(vg)
+    for start in range(0, q, qc):
+        stop = min(start + qc, q)
+        pad = qc - (stop - start)  # the last chunk is padded to keep one compiled shape
+        fq_c = jnp.pad(fq[start:stop], ((0, pad), (0, 0)))
+        lq_c = jnp.asarray(np.pad(lq[start:stop], ((0, pad), (0, 0))))
+        vq_c = jnp.asarray(np.pad(vq[start:stop], (0, pad)))
+        if mode == "scores":
+            x_query = jax.nn.sigmoid(fq_c @ w)
+            scores = explain.matching_scores(x_query, x_gallery)  # [qc, G, A]
+            sep = 1.0 - scores
+            selected = explain.confident_attributes(x_query, threshold)
+            pair_ok = vq_c[:, None] & vg_d[None, :]
+            auroc_acc.update(scores, lq_c[:, None, :] == lg_d[None, :, :],
+                             selected[:, None, :] & pair_ok[:, :, None])
+        else:
+            sep = explain.attribute_errors(fq_c, fg, w, complete=(mode == "complete"),
+                                           gallery_chunk=gallery_chunk)
+        acc._add(_chunk_sums(sep, lq_c, lg_d, vq_c, vg_d, block=acc.block))
+        if progress is not None:
+            progress(stop, q)
+    out = {"mode": mode, **acc.result()}
+    if auroc_acc is not None:
+        out["auroc"] = auroc_acc.result()
+    return out
+
+
+def amd_over_top_k(
+    f_query: Any,
+    f_gallery: Any,
+    weights: Any,
+    labels_query: Any,
+    labels_gallery: Any,
+    mode: str = "paper",
+    *,
+    k: int = 10,
+    valid_query: Any | None = None,
+    valid_gallery: Any | None = None,
+    threshold: Any = explain.DEFAULT_THRESHOLD,
+    gallery_chunk: int = 1024,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """AMD metrics of one explanation over the top-``k`` ranks of every query (the pairs a user
+    looks at), from :func:`reid_jax.explain.explain_rankings`.
+
+    The ranking is the plain one of ``explain_rankings`` (squared Euclidean distance over the
+    whole gallery); pairs whose query or gallery image is not valid are ignored, not replaced.
+    Same-identity pairs have no differing attribute and so count only in ``num_pairs``.
+
+    Args: as :func:`streamed_amd_over_gallery`, plus ``k`` (ranks per query).
+
+    Returns:
+      :meth:`AmdAccumulator.result` plus ``"mode"`` and ``"k"``; for ``mode="scores"`` also
+      ``"auroc"``: :func:`matching_score_auroc` (exact) over the selected entries of these pairs.
+    """
+    mode = _mode(mode)
+    lq, lg, vq, vg = _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery,
+                                   valid_query, valid_gallery)
+    q, a = lq.shape
+    ex = explain.explain_rankings(f_query, f_gallery, weights, k=k, threshold=threshold,
+                                  complete=(mode == "complete"), gallery_chunk=gallery_chunk,
+                                  validate=True)
+    idx = np.asarray(ex.indices)  # [Q, k]
+    kk = idx.shape[1]
+    scores = np.asarray(ex.scores).reshape(q * kk, a)
+    sep = 1.0 - scores if mode == "scores" else np.asarray(ex.errors).reshape(q * kk, a)
+    pair_lq = np.repeat(lq, kk, axis=0)
+    pair_lg = lg[idx.ravel()]
+    valid = np.repeat(vq, kk) & vg[idx.ravel()]
+    acc = AmdAccumulator(a, names=names)
+    out = {"mode": mode, "k": int(kk),
+           **acc.update(sep, pair_lq, pair_lg, valid).result()}
+    if mode == "scores":
+        selected = np.repeat(np.asarray(ex.selected), kk, axis=0) & valid[:, None]
+        out["auroc"] = matching_score_auroc(scores, pair_lq == pair_lg, selected, names=names)
+    return out
+
+
+__all__ = [
+    "MODES",
+    "SCORE_RANGE",
+    "AmdAccumulator",
+    "AurocAccumulator",
+    "amd_metrics",
+    "amd_over_top_k",
+    "auroc",
+    "chance_average_precision",
+    "counterfactual_hit_rate",
+    "harmonic_numbers",
+    "matching_score_auroc",
+    "streamed_amd_over_gallery",
+]
