@@ -1,0 +1,779 @@
+"""Batch explanation runs: ranked galleries explained for many queries (``tools/explain.py``).
+
+For the chosen queries of a Market-1501-layout data root this module
+
+1. ranks the whole gallery (squared Euclidean distance of the retrieval embeddings, the
+   Market-1501 protocol of ``reid_jax.evaluation``: gallery images with the query's pid *and*
+   camera are left out, junk is not in the gallery, distractors stay) and computes every
+   query's AP, INP and first-match rank, streamed in query chunks (bounded memory);
+2. orders the queries (``query``: file-name order; ``worst_ap``: lowest AP first, the order in
+   which a user triages failures; queries without a valid match last);
+3. explains the top ``k`` of every query with the jitted kernels of ``reid_jax.explain``
+   (section 3 of the paper: confident query attributes, matching scores of eq. 3.1, attribute
+   errors of eq. 3.2 or their complete decomposition), again in query chunks;
+4. writes ``explanations.jsonl`` (one record per query, see :func:`make_record`),
+   ``summary.json`` and the HTML report ``report/`` (``reid_jax.report``).
+
+All three outputs are written into a staging folder inside ``output_dir`` and moved into place
+only when everything is complete, so an interrupted run leaves the previous outputs (or none),
+never half-written ones.  Embeddings computed from a checkpoint are cached in
+``output_dir/embeddings`` (``reid_jax.inference``), so a second run skips the network.
+
+AP consistency: the AP pass ranks with float32 GEMM distances (``|q|^2 + |g|^2 - 2 q.g``,
+highest matmul precision) exactly as ``reid_jax.evaluation.rank_metrics`` would rank a distance
+matrix; the explained top ``k`` comes from the kernels, which re-rank their candidates with
+directly computed distances.  The two orders can differ only between near-tied images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import IO, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from reid_jax import explain
+from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
+from reid_jax.data.market1501 import (
+    IMAGE_EXTENSIONS,
+    SPLIT_FOLDERS,
+    Market1501,
+    Split,
+    load_market1501,
+)
+
+MODES = ("paper", "complete")
+ORDERS = ("query", "worst_ap")
+JSONL_NAME = "explanations.jsonl"
+SUMMARY_NAME = "summary.json"
+REPORT_NAME = "report"
+METRICS_NAME = "explanation_metrics.json"
+EMBEDDINGS_NAME = "embeddings"
+CMC_RANKS = 50
+DEFAULT_ERROR_RANKS = (1, 3, 10)
+MODE_EQUATIONS = {
+    "paper": "eq. 3.2: e_a = sum_n (f_n^q - f_n^g)^2 w_na (signed; does not sum to the distance)",
+    "complete": "complete decomposition: e_a = sum_n (f_n^q - f_n^g)^2 |w_na| / sum_b |w_nb| "
+                "(non-negative; sums to the squared distance)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Options.
+
+
+def parse_threshold(text: str) -> float | np.ndarray:
+    """``--threshold`` text: one number, or one per attribute (``NUM_ATTRIBUTES``) comma-separated.
+
+    Raises:
+      ValueError: not numbers, or a count other than 1 or ``NUM_ATTRIBUTES``.
+    """
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--threshold must be a number or {NUM_ATTRIBUTES} comma-separated "
+                         f"numbers, got {text!r}") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != NUM_ATTRIBUTES:
+        raise ValueError(f"--threshold has {len(values)} values; give one, or one per attribute "
+                         f"({NUM_ATTRIBUTES}: {', '.join(ATTRIBUTE_NAMES)})")
+    return np.asarray(values, np.float64)
+
+
+def check_threshold(threshold: Any) -> float | np.ndarray:
+    """The threshold as the kernels will see it, validated by them (range ``[0, 0.5)``).
+
+    Runs :func:`reid_jax.explain.confident_attributes` on one dummy query, so the kernels' own
+    error (a ``ValueError`` naming the range) is raised before any heavy work.
+    """
+    t = np.asarray(threshold, np.float64)
+    if t.ndim == 0:
+        t = float(t)
+    explain.confident_attributes(np.full((NUM_ATTRIBUTES,), 0.5, np.float32), np.float32(t)
+                                 if isinstance(t, float) else t.astype(np.float32))
+    return t
+
+
+def _check_options(k: int, mode: str, order: str, error_ranks: Sequence[int] | None,
+                   report_queries: int | None, query_chunk: int) -> tuple[int, ...]:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if error_ranks is None:
+        error_ranks = [r for r in DEFAULT_ERROR_RANKS if r <= k]
+    ranks = tuple(int(r) for r in error_ranks)
+    bad = [r for r in ranks if not 1 <= r <= k]
+    if bad:
+        raise ValueError(f"error_ranks must lie in [1, k={k}], got {bad}")
+    if report_queries is not None and report_queries < 0:
+        raise ValueError(f"report_queries must be >= 0 (or None for all), got {report_queries}")
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    return tuple(sorted(set(ranks)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and query selection.
+
+
+def load_data(data_root: str | os.PathLike) -> Market1501:
+    """Scans ``data_root``; a clear ``ValueError`` when it holds no query images."""
+    root = os.path.abspath(os.fspath(data_root))
+    query_dir = os.path.join(root, SPLIT_FOLDERS["query"])
+    has_query = os.path.isdir(query_dir) and any(
+        not e.startswith(".") and os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS
+        for e in os.listdir(query_dir))
+    if not has_query:
+        raise ValueError(
+            f"data root {root} has no query images: expected Market-1501 image files like "
+            f"'0002_c1s1_000451_03.jpg' in {query_dir} (nothing to explain)")
+    try:
+        return load_market1501(root)
+    except ValueError as e:
+        if f"split {'query'!r}" in str(e):
+            raise ValueError(f"data root {root} has no usable query images: {e}") from e
+        raise
+
+
+def select_queries(split: Split, queries: str | int | Sequence[str]) -> np.ndarray:
+    """Indices into ``split`` of the queries to explain.
+
+    Args:
+      split: the query split.
+      queries: ``"all"``; an int ``N`` (the first ``N`` in file-name order; more than there are
+        means all); or file names (base names or paths) of query images.
+
+    Returns:
+      int64 ``[Q']`` indices in the given order (``"all"``/``N``: ascending).
+
+    Raises:
+      ValueError: unknown or repeated file names, ``N < 1``, an empty list.
+    """
+    n = len(split)
+    if isinstance(queries, str):
+        if queries != "all":
+            raise ValueError(f"queries must be 'all', a count or a list of file names, "
+                             f"got {queries!r}")
+        return np.arange(n)
+    if isinstance(queries, (int, np.integer)) and not isinstance(queries, bool):
+        if queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {queries}")
+        if queries > n:
+            logging.warning("num_queries=%d but %s has %d queries: explaining all", queries,
+                            split.folder, n)
+        return np.arange(min(int(queries), n))
+    names = [os.path.basename(str(q)) for q in queries]
+    if not names:
+        raise ValueError("query_files is empty: give at least one query file name")
+    position = {os.path.basename(p): i for i, p in enumerate(split.paths)}
+    missing = [q for q in names if q not in position]
+    if missing:
+        raise ValueError(f"{len(missing)} query files not found in {split.folder}: "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    repeated = sorted({q for q in names if names.count(q) > 1})
+    if repeated:
+        raise ValueError(f"query files given more than once: {repeated[:5]}")
+    return np.asarray([position[q] for q in names], np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking metrics per query (AP for the worst-AP order, CMC / mAP / mINP for the summary).
+
+
+class QueryMetrics(NamedTuple):
+    """Per-query Market-1501 metrics (``reid_jax.evaluation`` protocol), ``[Q]`` each.
+
+    ap: float64 AP, NaN for a query without a valid match.  inp: float64 INP, NaN likewise.
+    first_rank: int64 1-based rank of the first match in the filtered gallery, 0 if none.
+    num_matches: int64 valid matches in the gallery.
+    """
+
+    ap: np.ndarray
+    inp: np.ndarray
+    first_rank: np.ndarray
+    num_matches: np.ndarray
+
+
+def per_query_metrics(distances: Any, query_pids: Any, gallery_pids: Any, query_cams: Any,
+                      gallery_cams: Any) -> QueryMetrics:
+    """AP, INP, first-match rank of every row of ``distances [C, G]`` (host, NumPy).
+
+    Same protocol and tie rule as ``reid_jax.evaluation.rank_metrics`` (stable order: ties by
+    gallery index; same pid and camera removed; pid -1 junk removed): its ``mAP`` / ``mINP`` are
+    the means of ``ap`` / ``inp`` over the valid rows.
+    """
+    d = np.asarray(distances)
+    qp, qc = np.asarray(query_pids), np.asarray(query_cams)
+    gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
+    if d.ndim != 2 or d.shape != (qp.size, gp.size) or qc.size != qp.size or gc.size != gp.size:
+        raise ValueError(f"distances [C, G] {d.shape} do not match query pids/cams "
+                         f"{qp.shape}/{qc.shape} and gallery pids/cams {gp.shape}/{gc.shape}")
+    order = np.argsort(d, axis=1, kind="stable")
+    pids, cams = gp[order], gc[order]
+    same = pids == qp[:, None]
+    removed = (same & (cams == qc[:, None])) | (pids == -1)
+    match = same & ~removed
+    rank = np.cumsum(~removed, axis=1)  # 1-based rank of each kept image in the filtered list
+    hits = np.cumsum(match, axis=1)
+    num = match.sum(axis=1)
+    valid = num > 0
+    precision = np.where(match, hits / np.maximum(rank, 1), 0.0).sum(axis=1)
+    first = np.take_along_axis(rank, np.argmax(match, axis=1)[:, None], axis=1)[:, 0]
+    last_pos = match.shape[1] - 1 - np.argmax(match[:, ::-1], axis=1)
+    last = np.take_along_axis(rank, last_pos[:, None], axis=1)[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(valid, precision / np.maximum(num, 1), np.nan)
+        inp = np.where(valid, num / np.maximum(last, 1), np.nan)
+    return QueryMetrics(ap=ap.astype(np.float64), inp=inp.astype(np.float64),
+                        first_rank=np.where(valid, first, 0).astype(np.int64),
+                        num_matches=num.astype(np.int64))
+
+
+def summarize(metrics: QueryMetrics, max_rank: int = CMC_RANKS) -> dict[str, Any]:
+    """``{"mAP", "mINP", "cmc" [max_rank], "num_valid_queries", "num_queries", "ap_histogram"}``.
+
+    Means over the valid queries, equal to ``reid_jax.evaluation.rank_metrics`` on the same
+    distances; ``ap_histogram`` = ``{"edges": [21], "counts": [20]}`` of their APs in [0, 1].
+
+    Raises:
+      ValueError: no query has a valid match.
+    """
+    valid = metrics.num_matches > 0
+    if not valid.any():
+        raise ValueError(f"no valid query: none of the {valid.size} queries has a matching "
+                         "gallery image once same-pid same-camera images are removed")
+    first = metrics.first_rank[valid]
+    cmc = (first[None, :] <= np.arange(1, max_rank + 1)[:, None]).mean(axis=1)
+    counts, edges = np.histogram(metrics.ap[valid], bins=20, range=(0.0, 1.0))
+    return {"mAP": float(metrics.ap[valid].mean()), "mINP": float(metrics.inp[valid].mean()),
+            "cmc": cmc.tolist(), "num_valid_queries": int(valid.sum()),
+            "num_queries": int(valid.size),
+            "ap_histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
+
+
+@jax.jit
+def _squared_distances(fq: jax.Array, fg: jax.Array) -> jax.Array:
+    """``|q|^2 + |g|^2 - 2 q.g`` ``[C, G]`` (float32, highest matmul precision, clamped >= 0)."""
+    q2 = jnp.sum(jnp.square(fq), axis=-1)
+    g2 = jnp.sum(jnp.square(fg), axis=-1)
+    qg = jnp.matmul(fq, fg.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(q2[:, None] + g2[None, :] - 2.0 * qg, 0.0)
+
+
+def _padded_chunks(x: np.ndarray, chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(start, stop, rows)`` with ``rows`` padded to ``chunk`` rows (one compiled shape)."""
+    for start in range(0, x.shape[0], chunk):
+        stop = min(start + chunk, x.shape[0])
+        rows = x[start:stop]
+        if stop - start < chunk and x.shape[0] > chunk:
+            rows = np.concatenate([rows, np.repeat(rows[:1], chunk - (stop - start), axis=0)])
+        yield start, stop, rows
+
+
+def ranking_metrics(f_query: np.ndarray, f_gallery: Any, query_pids: np.ndarray,
+                    query_cams: np.ndarray, gallery_pids: np.ndarray, gallery_cams: np.ndarray,
+                    *, chunk: int = 128, progress: ProgressBar | None = None) -> QueryMetrics:
+    """:func:`per_query_metrics` of ``f_query [Q, N]`` against ``f_gallery [G, N]``, streamed.
+
+    Memory: a few ``[chunk, G]`` arrays at a time.
+    """
+    fg = jnp.asarray(f_gallery, jnp.float32)
+    parts = []
+    for start, stop, rows in _padded_chunks(np.asarray(f_query, np.float32), chunk):
+        d = np.asarray(_squared_distances(jnp.asarray(rows), fg))[: stop - start]
+        parts.append(per_query_metrics(d, query_pids[start:stop], gallery_pids,
+                                       query_cams[start:stop], gallery_cams))
+        if progress is not None:
+            progress.update(stop - start)
+    return QueryMetrics(*(np.concatenate(x) for x in zip(*parts, strict=True)))
+
+
+def query_order(metrics: QueryMetrics, order: str) -> np.ndarray:
+    """Positions ``[Q]``: as given (``query``) or lowest AP first (``worst_ap``).
+
+    ``worst_ap``: ties keep the given order; queries without a valid match (AP undefined) last.
+    """
+    q = metrics.ap.size
+    if order == "query":
+        return np.arange(q)
+    if order == "worst_ap":
+        key = np.where(np.isnan(metrics.ap), np.inf, metrics.ap)
+        return np.argsort(key, kind="stable")
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Explanations of the top k, in query chunks.
+
+
+def removed_counts(query_pids: np.ndarray, query_cams: np.ndarray, gallery_pids: np.ndarray,
+                   gallery_cams: np.ndarray) -> np.ndarray:
+    """``[Q]`` gallery images each query's protocol removes (same pid and camera, or junk)."""
+    key = lambda p, c: np.asarray(p, np.int64) * 1000 + np.asarray(c, np.int64)
+    gallery_keys, counts = np.unique(key(gallery_pids, gallery_cams), return_counts=True)
+    pos = np.searchsorted(gallery_keys, key(query_pids, query_cams))
+    pos = np.minimum(pos, gallery_keys.size - 1)
+    same = gallery_keys[pos] == key(query_pids, query_cams)
+    return np.where(same, counts[pos], 0) + int(np.sum(np.asarray(gallery_pids) == -1))
+
+
+class QueryExplanation(NamedTuple):
+    """The explained top ``k`` of one query after the protocol's removals (``k' <= k`` ranks).
+
+    gallery: int64 ``[k']`` gallery indices.  distances: float32 ``[k']``.
+    attributes_query: float32 ``[A]``.  selected: bool ``[A]``.
+    attributes_gallery, scores, errors: float32 ``[k', A]`` (kernel outputs, unchanged).
+    """
+
+    gallery: np.ndarray
+    distances: np.ndarray
+    attributes_query: np.ndarray
+    selected: np.ndarray
+    attributes_gallery: np.ndarray
+    scores: np.ndarray
+    errors: np.ndarray
+
+
+def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
+                    query_pids: np.ndarray, query_cams: np.ndarray, gallery_pids: np.ndarray,
+                    gallery_cams: np.ndarray, *, k: int, threshold: Any, complete: bool,
+                    chunk: int = 256, progress: ProgressBar | None = None
+                    ) -> Iterator[QueryExplanation]:
+    """Yields the explained top ``k`` of every query of ``f_query [Q, N]``, in order.
+
+    Each chunk of queries goes through :func:`reid_jax.explain.explain_rankings` with enough
+    candidates (``k`` plus the most removals of any query) that the top ``k`` survive the
+    protocol's removal of same-pid same-camera images.
+    """
+    g = int(np.shape(f_gallery)[0])
+    fetch = int(min(g, k + int(removed_counts(query_pids, query_cams, gallery_pids,
+                                              gallery_cams).max(initial=0))))
+    fg = jnp.asarray(f_gallery, jnp.float32)
+    w = jnp.asarray(weights, jnp.float32)
+    t = jnp.asarray(threshold, jnp.float32)
+    for start, stop, rows in _padded_chunks(np.asarray(f_query, np.float32), chunk):
+        out = explain.explain_rankings(jnp.asarray(rows), fg, w, k=fetch, threshold=t,
+                                       complete=complete)
+        n = stop - start
+        out = type(out)(*(np.asarray(x)[:n] for x in out))
+        for i in range(n):
+            qi = start + i
+            idx = out.indices[i].astype(np.int64)
+            keep = ~((gallery_pids[idx] == query_pids[qi]) & (gallery_cams[idx] == query_cams[qi])
+                     | (gallery_pids[idx] == -1))
+            pos = np.flatnonzero(keep)[:k]
+            yield QueryExplanation(
+                gallery=idx[pos], distances=out.distances[i][pos],
+                attributes_query=out.attributes_query[i], selected=out.selected[i],
+                attributes_gallery=out.attributes_gallery[i][pos], scores=out.scores[i][pos],
+                errors=out.errors[i][pos])
+        if progress is not None:
+            progress.update(stop - start)
+
+
+def _optional(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def make_record(position: int, query: int, queries: Split, gallery: Split,
+                explanation: QueryExplanation, metrics: tuple[float, float, int, int],
+                mode: str) -> dict[str, Any]:
+    """One JSONL record (plain JSON types; float32 values exactly as the kernels returned them).
+
+    Keys: ``position`` (0-based place in this run's order), ``query`` {``index`` (in the query
+    split), ``file``, ``pid``, ``camera``}, ``ap``, ``inp``, ``first_match_rank`` (``None``
+    without a valid match), ``num_matches``, ``gallery`` {``index``, ``file``, ``pid``,
+    ``camera``, ``distance`` (squared Euclidean), ``true_match``: lists of ``k'`` ranks},
+    ``query_probabilities`` [A] (``sigmoid(f_q @ W)``, order of ``ATTRIBUTE_NAMES``),
+    ``selected_attributes`` [S] of {``attribute``, ``display`` (``!name`` when absent),
+    ``index``, ``probability``}, ``gallery_probabilities`` [k' x S], ``matching_scores``
+    [k' x S] (eq. 3.1, raw: may exceed 1), ``error_mode`` (``paper`` / ``complete``),
+    ``errors`` [k' x A] (eq. 3.2 or the complete decomposition; order of ``ATTRIBUTE_NAMES``).
+    """
+    ex = explanation
+    ap, inp, first, num = metrics
+    sel = np.flatnonzero(ex.selected)
+    xq = ex.attributes_query
+    gal = ex.gallery
+    qpid = int(queries.pids[query])
+    return {
+        "position": int(position),
+        "query": {"index": int(query), "file": os.path.basename(queries.paths[query]),
+                  "pid": qpid, "camera": int(queries.cameras[query])},
+        "ap": _optional(ap),
+        "inp": _optional(inp),
+        "first_match_rank": int(first) if num > 0 else None,
+        "num_matches": int(num),
+        "gallery": {
+            "index": gal.tolist(),
+            "file": [os.path.basename(gallery.paths[g]) for g in gal],
+            "pid": gallery.pids[gal].tolist(),
+            "camera": gallery.cameras[gal].tolist(),
+            "distance": ex.distances.tolist(),
+            "true_match": (gallery.pids[gal] == qpid).tolist(),
+        },
+        "query_probabilities": xq.tolist(),
+        "selected_attributes": [
+            {"attribute": ATTRIBUTE_NAMES[a], "display": display_name(ATTRIBUTE_NAMES[a],
+                                                                      bool(xq[a] > 0.5)),
+             "index": int(a), "probability": float(xq[a])} for a in sel],
+        "gallery_probabilities": ex.attributes_gallery[:, sel].tolist(),
+        "matching_scores": ex.scores[:, sel].tolist(),
+        "error_mode": mode,
+        "errors": ex.errors.tolist(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress.
+
+
+class ProgressBar:
+    """A stderr progress bar with rate and ETA (``\\r``-updated on a terminal, else a line now
+    and then)."""
+
+    def __init__(self, total: int, label: str, *, unit: str = "queries",
+                 stream: IO[str] | None = None, enabled: bool = True, min_interval: float = 0.2):
+        self.total, self.label, self.unit = int(total), label, unit
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.min_interval = min_interval if self.tty else 10.0
+        self.done = 0
+        self.start = time.monotonic()
+        self.last = -math.inf
+
+    def text(self) -> str:
+        """``label  done/total  pct |bar| rate unit/s  ETA h:mm:ss``."""
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        frac = self.done / self.total if self.total else 1.0
+        width = 24
+        filled = int(round(frac * width))
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else math.inf
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--"
+        return (f"{self.label:<8} {self.done}/{self.total} {100 * frac:5.1f}% "
+                f"|{'#' * filled}{'.' * (width - filled)}| {rate:.1f} {self.unit}/s "
+                f"ETA {eta_text}")
+
+    def update(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + int(n))
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= self.min_interval or self.done == self.total):
+            self.last = now
+            self.stream.write(("\r" if self.tty else "") + self.text()
+                              + ("" if self.tty else "\n"))
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: precomputed embeddings or a checkpoint.
+
+
+def _check_embeddings(name: str, x: Any, rows: int, folder: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2 or a.shape[0] != rows or a.shape[1] < 1:
+        raise ValueError(f"{name} must have shape [{rows}, N] (one row per image of {folder}, "
+                         f"in file-name order), got {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{name} must be floating point, got dtype {a.dtype}")
+    return a.astype(np.float32, copy=False)
+
+
+def _check_weights(weights: Any, n: int) -> np.ndarray:
+    w = np.asarray(weights)
+    if w.shape != (n, NUM_ATTRIBUTES):
+        raise ValueError(f"attribute weights W must have shape [N={n}, A={NUM_ATTRIBUTES}] "
+                         f"(embedding size x attributes), got {w.shape}")
+    return w.astype(np.float32, copy=False)
+
+
+def checkpoint_weights(checkpoint: str | os.PathLike) -> np.ndarray:
+    """``W [N, A]`` of the checkpoint's attribute head (a clear error when it has none)."""
+    from reid_jax.checkpoints import restore_attribute_head
+
+    try:
+        head = restore_attribute_head(checkpoint)
+    except ValueError as e:
+        if "no attribute head" in str(e):
+            raise ValueError(f"cannot explain rankings: {e}. Run tools/train_attributes.py on "
+                             "this checkpoint first.") from e
+        raise
+    return np.asarray(head.kernel[...], np.float32)
+
+
+def checkpoint_embeddings(checkpoint: str | os.PathLike, config: Any, data: Market1501,
+                          cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Query ``[Q, N]`` and gallery ``[G, N]`` embeddings of ``data`` by the checkpoint's model.
+
+    ``reid_jax.inference.load_split_embeddings`` with ``cache_dir``: computed once, then read
+    back (the cache is keyed by the model's weights, config, image settings and files).
+    """
+    from reid_jax import inference
+
+    out = inference.load_split_embeddings(checkpoint, config, data.root, ("query", "gallery"),
+                                          cache_dir)
+    arrays = []
+    for name in ("query", "gallery"):
+        if tuple(out[name].paths) != tuple(data.split(name).paths):
+            raise ValueError(f"embeddings of split {name!r} list other images than "
+                             f"{data.split(name).folder} (did the data root change?)")
+        arrays.append(np.asarray(out[name].features, np.float32))
+    return arrays[0], arrays[1]
+
+
+def _load_metrics_json(explanation_metrics: Any, output_dir: str) -> tuple[dict | None,
+                                                                            str | None]:
+    if isinstance(explanation_metrics, dict):
+        return explanation_metrics, None
+    path = explanation_metrics or os.path.join(output_dir, METRICS_NAME)
+    if explanation_metrics is None and not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the explanation metrics {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"explanation metrics {path} must hold a JSON object, "
+                         f"got {type(data).__name__}")
+    return data, os.path.abspath(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic outputs.
+
+
+@contextlib.contextmanager
+def _staging(output_dir: str) -> Iterator[str]:
+    """A temporary folder inside ``output_dir``; removed whatever happens."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=".explain-staging-", dir=output_dir)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(staging: str, output_dir: str, names: Sequence[str]) -> None:
+    """Moves ``names`` from ``staging`` into ``output_dir`` with renames (a folder replaces the
+    old one by two renames: the old one moves into ``staging`` and is deleted with it)."""
+    for name in names:
+        src, dst = os.path.join(staging, name), os.path.join(output_dir, name)
+        if os.path.isdir(src):
+            if os.path.lexists(dst):
+                os.replace(dst, os.path.join(staging, f".old-{name}"))
+            os.replace(src, dst)
+        else:
+            os.replace(src, dst)
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What :func:`run` wrote: absolute paths and the summary it wrote to ``summary.json``."""
+
+    output_dir: str
+    jsonl: str
+    summary_json: str
+    report_index: str
+    summary: dict[str, Any]
+
+
+def run(
+    *,
+    data_root: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    config: Any = None,
+    query_embeddings: Any = None,
+    gallery_embeddings: Any = None,
+    weights: Any = None,
+    queries: str | int | Sequence[str] = "all",
+    k: int = 10,
+    threshold: Any = explain.DEFAULT_THRESHOLD,
+    mode: str = "paper",
+    order: str = "query",
+    error_ranks: Sequence[int] | None = None,
+    report_queries: int | None = 50,
+    explanation_metrics: str | dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    query_chunk: int = 256,
+    progress: bool = True,
+) -> RunResult:
+    """Explains the rankings of many queries; writes JSONL, ``summary.json`` and the report.
+
+    Inputs come either from ``checkpoint`` (with an attribute head; its model embeds the
+    images of ``data_root``, cached in ``output_dir/embeddings``) or from precomputed
+    ``query_embeddings [Q, N]`` and ``gallery_embeddings [G, N]`` (all images of the query and
+    gallery split, file-name order as ``load_market1501`` lists them) with ``weights [N, A]``.
+
+    Args:
+      data_root: Market-1501-layout folder (``query/``, ``bounding_box_test/``, ...).
+      output_dir: where ``explanations.jsonl``, ``summary.json`` and ``report/`` go.
+      checkpoint, config: checkpoint directory and its config (``None``: the stored one).
+      query_embeddings, gallery_embeddings, weights: the precomputed alternative.
+      queries: ``"all"``, a count (first ``N``) or query file names.
+      k: explained ranks per query.
+      threshold: scalar or ``[A]`` in ``[0, 0.5)`` for the confident query attributes.
+      mode: ``"paper"`` (eq. 3.2) or ``"complete"`` (the complete decomposition).
+      order: ``"query"`` or ``"worst_ap"`` (lowest AP first), for the JSONL and the report.
+      error_ranks: ranks (1-based, ``<= k``) whose error composition the report draws
+        (``None``: those of ``DEFAULT_ERROR_RANKS`` up to ``k``).
+      report_queries: queries drawn in the report (the first in ``order``; ``None``: all).
+      explanation_metrics: a dict or JSON path shown on the summary page (default:
+        ``output_dir/explanation_metrics.json`` when it exists).
+      cache_dir: embedding cache of the checkpoint path (default ``output_dir/embeddings``;
+        ``CHECKPOINT/embedding_cache`` shares the cache of the other tools).
+      query_chunk: queries per kernel call (memory bound).
+      progress: draw progress bars on stderr.
+
+    Returns:
+      :class:`RunResult`.
+
+    Raises:
+      ValueError: a threshold outside ``[0, 0.5)``, a checkpoint without attribute head, a
+        data root without queries, unknown query files, shapes that do not fit.
+    """
+    from reid_jax import report
+
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    data_root = os.path.abspath(os.fspath(data_root))
+    ranks = _check_options(k, mode, order, error_ranks, report_queries, query_chunk)
+    threshold = check_threshold(threshold)
+    use_checkpoint = checkpoint is not None
+    given = [x is not None for x in (query_embeddings, gallery_embeddings, weights)]
+    if use_checkpoint == any(given) or (not use_checkpoint and not all(given)):
+        raise ValueError("give either checkpoint (with an attribute head) or all of "
+                         "query_embeddings, gallery_embeddings and weights")
+    if use_checkpoint:
+        weights = checkpoint_weights(checkpoint)
+    data = load_data(data_root)
+    selected = select_queries(data.query, queries)
+    metrics_json, metrics_path = _load_metrics_json(explanation_metrics, output_dir)
+    if use_checkpoint:
+        query_embeddings, gallery_embeddings = checkpoint_embeddings(
+            checkpoint, config, data,
+            os.fspath(cache_dir) if cache_dir else os.path.join(output_dir, EMBEDDINGS_NAME))
+    fq_all = _check_embeddings("query_embeddings", query_embeddings, len(data.query),
+                               data.query.folder)
+    fg = _check_embeddings("gallery_embeddings", gallery_embeddings, len(data.gallery),
+                           data.gallery.folder)
+    if fg.shape[1] != fq_all.shape[1]:
+        raise ValueError(f"query embeddings {fq_all.shape} and gallery embeddings {fg.shape} "
+                         "differ in size N")
+    w = _check_weights(weights, fg.shape[1])
+    if k > len(data.gallery):
+        raise ValueError(f"k={k} exceeds the gallery size {len(data.gallery)}")
+
+    fq = fq_all[selected]
+    qp, qc = data.query.pids[selected], data.query.cameras[selected]
+    gp, gc = data.gallery.pids, data.gallery.cameras
+    fg_device = jnp.asarray(fg)
+
+    bar = ProgressBar(len(selected), "rank", enabled=progress)
+    metrics = ranking_metrics(fq, fg_device, qp, qc, gp, gc, progress=bar)
+    bar.close()
+    summary_metrics = summarize(metrics)
+    ordering = query_order(metrics, order)
+    num_report = len(ordering) if report_queries is None else min(report_queries,
+                                                                   len(ordering))
+    summary = {
+        "data_root": data_root,
+        "checkpoint": None if checkpoint is None else os.path.abspath(os.fspath(checkpoint)),
+        "num_queries": int(len(selected)),
+        "num_query_images": len(data.query),
+        "num_gallery_images": len(data.gallery),
+        "num_gallery_identities": data.gallery.num_ids,
+        "num_distractors": data.gallery.num_distractors,
+        "junk_left_out": data.gallery.junk_left_out,
+        "embedding_dim": int(fg.shape[1]),
+        "k": int(k),
+        "threshold": threshold if isinstance(threshold, float) else threshold.tolist(),
+        "mode": mode,
+        "mode_equation": MODE_EQUATIONS[mode],
+        "order": order,
+        "error_ranks": list(ranks),
+        "num_report_queries": int(num_report),
+        "attribute_names": list(ATTRIBUTE_NAMES),
+        **summary_metrics,
+        "explanation_metrics": metrics_json,
+        "explanation_metrics_file": metrics_path,
+        "display_rules": report.DISPLAY_RULES,
+        "jsonl": JSONL_NAME,
+    }
+
+    with _staging(output_dir) as staging:
+        report_records = []
+        bar = ProgressBar(len(selected), "explain", enabled=progress)
+        explanations = explain_queries(
+            fq[ordering], fg_device, w, qp[ordering], qc[ordering], gp, gc, k=k,
+            threshold=threshold, complete=mode == "complete", chunk=query_chunk, progress=bar)
+        with open(os.path.join(staging, JSONL_NAME), "w", encoding="utf-8") as f:
+            for position, (pos, ex) in enumerate(zip(ordering, explanations, strict=True)):
+                record = make_record(
+                    position, int(selected[pos]), data.query, data.gallery, ex,
+                    (metrics.ap[pos], metrics.inp[pos], metrics.first_rank[pos],
+                     metrics.num_matches[pos]), mode)
+                f.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
+                if position < num_report:
+                    report_records.append(record)
+        bar.close()
+        _write_json(os.path.join(staging, SUMMARY_NAME), summary)
+        report.write_report(os.path.join(staging, REPORT_NAME), summary, report_records,
+                            data_root=data_root, progress=progress)
+        _publish(staging, output_dir, (JSONL_NAME, SUMMARY_NAME, REPORT_NAME))
+    logging.info("explained %d queries: %s, report %s", len(selected),
+                 os.path.join(output_dir, JSONL_NAME),
+                 os.path.join(output_dir, REPORT_NAME, "index.html"))
+    return RunResult(
+        output_dir=output_dir, jsonl=os.path.join(output_dir, JSONL_NAME),
+        summary_json=os.path.join(output_dir, SUMMARY_NAME),
+        report_index=os.path.join(output_dir, REPORT_NAME, "index.html"), summary=summary)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of an ``explanations.jsonl``."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+__all__ = [
+    "CMC_RANKS", "DEFAULT_ERROR_RANKS", "JSONL_NAME", "METRICS_NAME", "MODES", "MODE_EQUATIONS",
+    "ORDERS", "REPORT_NAME", "SUMMARY_NAME", "ProgressBar", "QueryExplanation", "QueryMetrics",
+    "RunResult", "check_threshold", "checkpoint_embeddings", "checkpoint_weights",
+    "explain_queries", "load_data", "make_record", "parse_threshold", "per_query_metrics",
+    "query_order", "ranking_metrics", "read_jsonl", "removed_counts", "run", "select_queries",
+    "summarize",
+]
