@@ -1,0 +1,469 @@
+"""The paper's attribute classifier, trained on the frozen re-id embedding (section 3, 4.1).
+
+The re-id model stays frozen: only the ``N x A`` bias-free layer ``x = sigmoid(f @ W)`` is
+trained (``reid_jax.models.attribute_head.AttributeHead``), on ``f``, the retrieval embedding
+that is ranked and explained (post-BN, L2-normalised; DESIGN.md section 2). The embeddings of
+the training images are computed once with the model in eval mode (``reid_jax.inference``,
+cached on disk) and the head is trained on those arrays, inside ``jax.lax.stop_gradient``: no
+gradient can reach the re-id weights, and :func:`train_attributes` checks that the model's state
+is bitwise the same after training (SHA-256 of every array) before it saves anything.
+
+Training (:func:`train_attribute_head`): optax Adam(W) on the weighted binary cross entropy of
+``reid_jax.losses.weighted_bce`` (Li et al. / Jia et al. weighting, ``exp(1 - r_a)`` on
+positives and ``exp(r_a)`` on negatives), with ``r_a`` the positive ratio of attribute ``a``
+over the **labelled training images** (per image, the unit the loss averages over; a
+fraction). Mini-batches of a per-epoch permutation; an epoch is one jitted ``lax.scan`` over
+fixed-shape batches (the last one padded and masked), so the whole run compiles once.
+
+Labels are per identity (``market_attribute.mat``) and joined to images by pid
+(``reid_jax.data.attributes.labels_for_pids``). Evaluation (:func:`evaluate_attribute_head`)
+uses the test identities: the query and gallery images with pid > 0 that have labels
+(distractors and junk have none), with ``reid_jax.evaluation.attribute_metrics`` (mA, instance
+accuracy / precision / recall / F1, and per attribute).
+
+Saving (:func:`save_with_attribute_head`): a new step ``latest + 1`` in the same orbax
+checkpoint directory holding the unchanged ``model`` item, the ``attribute_head`` item, the
+source step's ``meta`` plus an ``attribute_head_training`` record, and a copy of every other item
+of the source step (e.g. the ``train_state`` of ``reid_jax.train_lib``, so a later
+``tools/train.py`` run in the same workdir can still resume). ``restore_attribute_head(dir)``
+then finds the head at the latest step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from reid_jax import checkpoints, evaluation, inference, losses
+from reid_jax.data import attributes as attributes_lib
+from reid_jax.models.attribute_head import AttributeHead
+
+ATTRIBUTE_FILE = "market_attribute.mat"
+METRICS_FILE = "attribute_metrics.json"
+TEST_SPLITS = ("query", "gallery")
+_KNOWN_ITEMS = (checkpoints.MODEL_ITEM, checkpoints.ATTRIBUTE_HEAD_ITEM, checkpoints.META_ITEM)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadTrainConfig:
+    """How the attribute head is trained.
+
+    Attributes:
+      epochs: passes over the training embeddings.
+      learning_rate: Adam step size (constant).
+      batch_size: embeddings per step (the last batch of an epoch is padded and masked).
+      weight_decay: AdamW's decoupled weight decay (0: plain Adam).
+      seed: head initialisation and the per-epoch shuffles.
+    """
+
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"HeadTrainConfig.epochs must be >= 1, got {self.epochs}")
+        if not self.learning_rate > 0:
+            raise ValueError(
+                f"HeadTrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise ValueError(f"HeadTrainConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.weight_decay < 0:
+            raise ValueError(
+                f"HeadTrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _head_loss(params: nnx.State, graphdef: nnx.GraphDef, features: jax.Array,
+               labels: jax.Array, mask: jax.Array, ratios: jax.Array) -> jax.Array:
+    """Weighted BCE of the head on ``features [B, N]`` (frozen), ``labels [B, A]``, ``mask [B]``."""
+    head = nnx.merge(graphdef, params)
+    logits = head(jax.lax.stop_gradient(features)).logits
+    return losses.weighted_bce(logits, labels, ratios, mask)
+
+
+def _check_training_arrays(features: Any, labels: Any,
+                           positive_ratios: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    f = np.asarray(features)
+    y = np.asarray(labels)
+    r = np.asarray(positive_ratios, np.float64)
+    if f.ndim != 2 or f.shape[0] == 0:
+        raise ValueError(f"features must be [n, N] with n > 0, got shape {f.shape}")
+    if y.ndim != 2 or y.shape[0] != f.shape[0]:
+        raise ValueError(f"labels must be [n, A] with n = {f.shape[0]} (one row per embedding), "
+                         f"got shape {y.shape}")
+    if r.shape != (y.shape[1],):
+        raise ValueError(f"positive_ratios must be [A] = ({y.shape[1]},), got shape {r.shape}")
+    if not np.all((r >= 0) & (r <= 1)):
+        raise ValueError(f"positive_ratios must be fractions in [0, 1], got range "
+                         f"[{r.min():g}, {r.max():g}] (percentages? divide by 100)")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be binary (0/1)")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN or inf")
+    return f.astype(np.float32), y.astype(np.float32), r.astype(np.float32)
+
+
+def head_loss(head: AttributeHead, features: Any, labels: Any, positive_ratios: Any) -> float:
+    """The training loss (weighted BCE, mean over all entries) of ``head`` on whole arrays.
+
+    Args:
+      features: [n, N] embeddings; labels: [n, A] in {0, 1}; positive_ratios: [A] fractions.
+    """
+    f, y, r = _check_training_arrays(features, labels, positive_ratios)
+    graphdef, params = nnx.split(head)
+    return float(_head_loss(params, graphdef, jnp.asarray(f), jnp.asarray(y),
+                            jnp.ones(f.shape[0], jnp.float32), jnp.asarray(r)))
+
+
+def _epoch_batches(rng: np.random.Generator, n: int, batch_size: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A shuffled epoch as ``index int32 [S, B]`` and ``mask bool [S, B]`` (padding: index 0)."""
+    steps = math.ceil(n / batch_size)
+    order = np.zeros(steps * batch_size, np.int32)
+    mask = np.zeros(steps * batch_size, bool)
+    order[:n] = rng.permutation(n)
+    mask[:n] = True
+    return order.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+def train_attribute_head(
+    features: Any,
+    labels: Any,
+    positive_ratios: Any,
+    config: HeadTrainConfig = HeadTrainConfig(),
+) -> tuple[AttributeHead, dict[str, Any]]:
+    """Trains a bias-free ``AttributeHead`` on fixed embeddings (the paper's section 4.1).
+
+    Args:
+      features: [n, N] retrieval embeddings of the training images (never changed; they enter
+        the loss through ``jax.lax.stop_gradient``).
+      labels: [n, A] in {0, 1}, the images' attribute labels.
+      positive_ratios: [A] positive ratios as fractions (the weighting of ``weighted_bce``).
+      config: epochs, learning rate, batch size, weight decay, seed.
+
+    Returns:
+      ``(head, history)``: the trained head (kernel [N, A]) and ``{"epoch_loss": [epochs]
+      mean batch loss per epoch, "initial_loss", "final_loss" (full-data loss before and after),
+      "steps", "seconds"}``.
+    """
+    f, y, r = _check_training_arrays(features, labels, positive_ratios)
+    n, dim = f.shape
+    head = AttributeHead(dim, y.shape[1], rngs=nnx.Rngs(config.seed))
+    graphdef, params = nnx.split(head)
+    tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    opt_state = tx.init(params)
+    f_dev, y_dev, r_dev = jnp.asarray(f), jnp.asarray(y), jnp.asarray(r)
+
+    def epoch(params, opt_state, order, mask):
+        def step(carry, batch):
+            params, opt_state = carry
+            index, valid = batch
+            loss, grads = jax.value_and_grad(_head_loss)(
+                params, graphdef, f_dev[index], y_dev[index], valid.astype(jnp.float32), r_dev)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), batch_losses = jax.lax.scan(step, (params, opt_state),
+                                                         (order, mask))
+        return params, opt_state, batch_losses
+
+    epoch = jax.jit(epoch, donate_argnums=(0, 1))
+    initial = head_loss(head, f, y, r)
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xA77]))
+    start = time.perf_counter()
+    epoch_loss = []
+    steps = 0
+    for e in range(config.epochs):
+        order, mask = _epoch_batches(rng, n, config.batch_size)
+        params, opt_state, batch_losses = epoch(params, opt_state, jnp.asarray(order),
+                                                jnp.asarray(mask))
+        value = float(jnp.mean(batch_losses))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"attribute head: non-finite loss {value} in epoch {e + 1}")
+        epoch_loss.append(value)
+        steps += order.shape[0]
+        logging.log_every_n_seconds(logging.INFO, "attribute head epoch %d/%d: loss %.5f", 5,
+                                    e + 1, config.epochs, value)
+    seconds = time.perf_counter() - start
+    head = nnx.merge(graphdef, params)
+    final = head_loss(head, f, y, r)
+    logging.info("attribute head: %d epochs, %d steps in %.2f s; loss %.5f -> %.5f",
+                 config.epochs, steps, seconds, initial, final)
+    return head, {"epoch_loss": epoch_loss, "initial_loss": initial, "final_loss": final,
+                  "steps": steps, "seconds": seconds}
+
+
+# ------------------------------------------------------------------------------ labels
+
+
+def split_labels(attrs: attributes_lib.MarketAttributes,
+                 splits: Sequence[inference.SplitEmbeddings]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features and attribute labels of the labelled images (pid > 0) of ``splits``, stacked.
+
+    Returns:
+      ``(features float32 [m, N], labels uint8 [m, A], pids int32 [m])`` over the images whose
+      pid has labels (train images use the train labels, query/gallery the test labels).
+    """
+    feats, labels, pids = [], [], []
+    for s in splits:
+        split_labels_, has_label = attributes_lib.labels_for_pids(attrs, s.pids, s.split)
+        keep = has_label & (s.pids > 0)
+        feats.append(s.features[keep])
+        labels.append(split_labels_[keep])
+        pids.append(s.pids[keep])
+    features = np.concatenate(feats, axis=0)
+    if features.shape[0] == 0:
+        names = ", ".join(s.split for s in splits)
+        raise ValueError(f"no image of split(s) {names} has attribute labels (are the pids in "
+                         "market_attribute.mat?)")
+    return features, np.concatenate(labels, axis=0), np.concatenate(pids, axis=0)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def _nan_to_none(values: Sequence[float]) -> list[float | None]:
+    return [None if not math.isfinite(float(v)) else float(v) for v in values]
+
+
+def evaluate_attribute_head(
+    head: AttributeHead,
+    attrs: attributes_lib.MarketAttributes,
+    splits: Sequence[inference.SplitEmbeddings],
+    names: Sequence[str] = attributes_lib.ATTRIBUTE_NAMES,
+) -> dict[str, Any]:
+    """Attribute metrics of ``head`` on the labelled images of ``splits`` (query + gallery).
+
+    Returns:
+      JSON-ready dict: ``mA``, ``accuracy``, ``precision``, ``recall``, ``f1`` (instance-based,
+      ``reid_jax.evaluation.attribute_metrics``), ``num_images``, ``num_identities``, the
+      ``splits`` used and ``per_attribute``: ``{name: {accuracy (balanced, the mA term),
+      precision, recall, f1, positive_ratio (percent of these images)}}`` (undefined values are
+      None).
+    """
+    features, labels, pids = split_labels(attrs, splits)
+    if len(names) != labels.shape[1]:
+        raise ValueError(f"{len(names)} attribute names for {labels.shape[1]} label columns")
+    probabilities = inference.attribute_probabilities(head, features)
+    m = evaluation.attribute_metrics(probabilities, labels)
+    ratio = 100.0 * labels.astype(np.float64).mean(axis=0)
+    per_attribute = {}
+    columns = zip(names, _nan_to_none(m["accuracy_per_attribute"]),
+                  _nan_to_none(m["precision_per_attribute"]),
+                  _nan_to_none(m["recall_per_attribute"]), _nan_to_none(m["f1_per_attribute"]),
+                  ratio.tolist(), strict=True)
+    for name, acc, prec, rec, f1, pos in columns:
+        per_attribute[name] = {"accuracy": acc, "precision": prec, "recall": rec, "f1": f1,
+                               "positive_ratio": pos}
+    return {
+        "mA": float(m["mA"]), "accuracy": float(m["accuracy"]),
+        "precision": float(m["precision"]), "recall": float(m["recall"]), "f1": float(m["f1"]),
+        "num_images": int(features.shape[0]), "num_identities": int(np.unique(pids).size),
+        "splits": [s.split for s in splits],
+        "num_attributes_without_positives": int(m["num_attributes_without_positives"]),
+        "per_attribute": per_attribute,
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "    -" if value is None else f"{100.0 * value:5.1f}"
+
+
+def format_attribute_table(metrics: Mapping[str, Any]) -> str:
+    """A plain-text table of :func:`evaluate_attribute_head`'s result (values in percent)."""
+    lines = [f"{'attribute':<12}{'pos %':>7}{'acc':>7}{'prec':>7}{'recall':>7}{'F1':>7}"]
+    for name, row in metrics["per_attribute"].items():
+        lines.append(f"{name:<12}{row['positive_ratio']:>7.1f}  {_pct(row['accuracy'])}  "
+                     f"{_pct(row['precision'])}  {_pct(row['recall'])}  {_pct(row['f1'])}")
+    lines.append("-" * len(lines[0]))
+    lines.append(f"mA {_pct(metrics['mA'])}   instance-based: accuracy {_pct(metrics['accuracy'])}"
+                 f"  precision {_pct(metrics['precision'])}  recall {_pct(metrics['recall'])}"
+                 f"  F1 {_pct(metrics['f1'])}")
+    lines.append(f"({metrics['num_images']} images of {metrics['num_identities']} identities, "
+                 f"splits {'+'.join(metrics['splits'])}; acc = balanced accuracy, the mA term)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Mapping[str, Any]) -> str:
+    """Writes ``payload`` as indented JSON via a temporary file and ``os.replace``."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_with_attribute_head(
+    checkpoint_dir: str | os.PathLike,
+    source_step: int,
+    model_state: nnx.State,
+    head: AttributeHead,
+    extra_meta: Mapping[str, Any],
+) -> int:
+    """Writes step ``latest + 1``: ``source_step``'s items with ``model_state`` and the head.
+
+    Every item of ``source_step`` other than model, attribute head and meta (e.g. the training
+    state) is copied as it is stored, so training can still resume from the new step. The
+    ``meta`` is ``source_step``'s plus ``extra_meta`` (and ``attribute_head`` dims).
+
+    Returns:
+      The new step number.
+    """
+    directory = os.path.abspath(os.fspath(checkpoint_dir))
+    meta = checkpoints.restore_meta(directory, source_step)
+    meta.update(dict(extra_meta))
+    reader = checkpoints.open_manager(directory, read_only=True)
+    try:
+        stored = set(reader.item_metadata(source_step).keys())
+        latest = reader.latest_step()
+    finally:
+        reader.close()
+    extra_items = sorted(stored - set(_KNOWN_ITEMS))
+    handlers = {name: ocp.StandardCheckpointHandler() for name in extra_items}
+    manager = checkpoints.open_manager(directory, extra_item_handlers=handlers)
+    try:
+        copied = {}
+        if extra_items:
+            restored = manager.restore(source_step, args=ocp.args.Composite(
+                **{name: ocp.args.StandardRestore() for name in extra_items}))
+            copied = {name: ocp.args.StandardSave(restored[name]) for name in extra_items}
+        new_step = int(latest) + 1
+        head_state = nnx.state(head)
+        n, a = head_state["kernel"][...].shape
+        meta["attribute_head"] = {"embedding_dim": int(n), "num_attributes": int(a)}
+        meta = json.loads(json.dumps(meta, allow_nan=False))
+        manager.save(new_step, args=ocp.args.Composite(**{
+            checkpoints.MODEL_ITEM: ocp.args.StandardSave(model_state),
+            checkpoints.ATTRIBUTE_HEAD_ITEM: ocp.args.StandardSave(head_state),
+            checkpoints.META_ITEM: ocp.args.JsonSave(meta),
+            **copied,
+        }), force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    logging.info("saved step %d of %s: model of step %d + attribute head%s", new_step, directory,
+                 source_step, f" + {extra_items}" if extra_items else "")
+    return new_step
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def train_attributes(
+    checkpoint_dir: str | os.PathLike,
+    config: ml_collections.ConfigDict | None,
+    data_root: str | os.PathLike,
+    *,
+    attributes_file: str | os.PathLike | None = None,
+    train_config: HeadTrainConfig = HeadTrainConfig(),
+    cache_dir: str | os.PathLike | None = "default",
+    metrics_path: str | os.PathLike | None = None,
+    step: int | None = None,
+    embed_batch_size: int | None = None,
+    save: bool = True,
+) -> dict[str, Any]:
+    """Trains, evaluates and saves the attribute head of a trained re-id checkpoint.
+
+    Args:
+      checkpoint_dir: orbax checkpoint directory of the re-id model (``WORKDIR/checkpoints``).
+      config: the model's config; None: the one stored in the checkpoint.
+      data_root: Market-1501-layout folder (train / query / gallery images).
+      attributes_file: ``market_attribute.mat``; default ``DATA_ROOT/market_attribute.mat``.
+      train_config: head training settings.
+      cache_dir: embedding cache folder; ``"default"``: ``CHECKPOINT_DIR/embedding_cache``;
+        None: no cache.
+      metrics_path: where ``attribute_metrics.json`` goes; default
+        ``CHECKPOINT_DIR/attribute_metrics.json``.
+      step: the checkpoint step of the re-id model (default: latest).
+      embed_batch_size: batch size of the embedding pass (default ``config.data.eval_batch_size``).
+      save: write the new checkpoint step (False: only metrics).
+
+    Returns:
+      The metrics written to ``metrics_path``: ``test`` (see :func:`evaluate_attribute_head`),
+      ``training`` (history, settings, positive ratios), ``checkpoint`` (source and new step).
+
+    Raises:
+      RuntimeError: the re-id model's state changed (it must not).
+    """
+    directory = os.path.abspath(os.fspath(checkpoint_dir))
+    data_root = os.path.abspath(os.fspath(data_root))
+    attributes_file = os.fspath(attributes_file) if attributes_file else os.path.join(
+        data_root, ATTRIBUTE_FILE)
+    attrs = attributes_lib.load_market_attributes(attributes_file)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    source_step = checkpoints.latest_step(directory) if step is None else int(step)
+    if source_step is None:
+        raise FileNotFoundError(f"checkpoint directory {directory} holds no checkpoint")
+    model, meta = checkpoints.restore_model(directory, config, source_step)
+    if config is None:
+        config = ml_collections.ConfigDict(meta.get("config", {}))
+    fingerprint_before = inference.model_fingerprint(model)
+    if cache_dir == "default":
+        cache_dir = inference.default_cache_dir(directory)
+    embeddings = inference.split_embeddings(
+        model, config, data_root, ("train", *TEST_SPLITS), cache_dir, batch_size=embed_batch_size)
+
+    train_features, train_labels, train_pids = split_labels(attrs, [embeddings["train"]])
+    ratios = attributes_lib.positive_ratios(train_labels) / 100.0  # per labelled train image
+    head, history = train_attribute_head(train_features, train_labels, ratios, train_config)
+    test = evaluate_attribute_head(head, attrs, [embeddings[s] for s in TEST_SPLITS])
+    print(format_attribute_table(test))
+
+    if inference.model_fingerprint(model) != fingerprint_before:
+        raise RuntimeError("the re-id model's state changed while training the attribute head")
+    training = {
+        "config": dataclasses.asdict(train_config),
+        "num_images": int(train_features.shape[0]),
+        "num_identities": int(np.unique(train_pids).size),
+        "positive_ratio_per_image": dict(zip(attributes_lib.ATTRIBUTE_NAMES,
+                                             (100.0 * ratios).tolist(), strict=True)),
+        **history,
+    }
+    new_step = None
+    if save:
+        new_step = save_with_attribute_head(directory, source_step, nnx.state(model), head, {
+            "attribute_head_training": {
+                "source_step": source_step, "attributes_file": os.path.abspath(attributes_file),
+                "config": dataclasses.asdict(train_config), "test_mA": test["mA"],
+                "model_fingerprint": fingerprint_before}})
+    result = {"test": test, "training": training,
+              "checkpoint": {"directory": directory, "source_step": source_step,
+                             "saved_step": new_step}}
+    metrics_path = metrics_path or os.path.join(directory, METRICS_FILE)
+    write_json_atomic(metrics_path, result)
+    logging.info("attribute metrics written to %s", metrics_path)
+    return result

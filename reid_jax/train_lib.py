@@ -1,0 +1,681 @@
+"""AGW training: one jitted pure ``train_step`` on an explicit state, data parallel, resumable.
+
+``train_and_evaluate(config, workdir)`` is the whole run (``tools/train.py`` calls it):
+
+1. reads the Market-1501-shaped folder ``config.data.root``;
+2. builds AGW from ``config.model`` (``config.init_from``: the backbone from a converted
+   ImageNet / AGW checkpoint), the :class:`~reid_jax.train_state.TrainState` and the learning
+   rate schedule of the AGW recipe over the sampler's exact epochs (``reid_jax.schedules``);
+3. restores the latest checkpoint of ``workdir/checkpoints`` if there is one;
+4. runs :func:`train_step` on P x K batches from ``reid_jax.data.loader.train_batches``, started
+   at the restored step, logging losses, learning rate, images/s and ETA (absl logging and
+   TensorBoard scalars in ``workdir``), saving checkpoints every
+   ``config.checkpoint_every_steps`` steps (the last ``config.keep_checkpoints`` are kept) and
+   evaluating every ``config.eval_every_epochs`` epochs;
+5. evaluates on query / gallery at the end and writes ``workdir/metrics.json``.
+
+Resuming is exact: the state holds every array a step reads and writes, the learning rate is a
+function of the step, and batch ``s`` is a pure function of ``(data, config, seed, s)``, so a
+run killed after a checkpoint and restarted ends with the same weights as an uninterrupted run.
+
+The loss (DESIGN.md section 3)::
+
+    out   = AGW(images)                                   # train mode: batch statistics
+    loss  = CE_ls(out.logits, y; eps=0.1)                 # identity loss on the BNNeck output
+          + WRT(out.pre_bn, y)                            # weighted regularised triplet
+          + 5e-4 * Center(out.pre_bn, y, centers)         # centers: own SGD, lr 0.5
+
+Data parallelism: a ``jax.sharding.Mesh`` over all devices with one axis ``"data"``; the batch
+is sharded along it, the state is replicated, and ``jit`` inserts the collectives. BatchNorm
+statistics and the triplet loss are computed over the *global* batch (as on one device), so the
+result does not depend on the number of devices beyond float rounding. The global batch
+``P * K`` must be divisible by the number of devices.
+
+Multi-host (e.g. 2 hosts x 8 GPUs): start the same command on every host with
+``--jax_distributed``, so that ``tools/train.py`` calls ``jax.distributed.initialize()`` before
+anything else. On SLURM, Open MPI, Cloud TPU and Kubernetes it finds its peers by itself;
+elsewhere name them::
+
+    # on host i of N (host0 runs process 0)
+    python tools/train.py --jax_distributed --coordinator_address=host0:1234 \
+        --num_processes=N --process_id=i --config=configs/agw_market1501.py \
+        --workdir=/shared/run1 --config.data.root=/data/Market-1501-v15.09.15
+
+The mesh then spans every device of every host. Each host runs the same deterministic loader
+and feeds its own contiguous slice of every global batch
+(``jax.make_array_from_process_local_data``); ``workdir`` must be a folder all hosts see (orbax
+writes one checkpoint together); process 0 writes logs, TensorBoard and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from reid_jax import checkpoints, evaluation, losses, schedules
+from reid_jax.data import loader as loader_lib
+from reid_jax.data.market1501 import Market1501, load_market1501
+from reid_jax.data.sampler import RandomIdentitySampler
+from reid_jax.models.agw import AGW, retrieval_embedding
+from reid_jax.train_state import TrainState, create_train_state
+
+TRAIN_STATE_ITEM = "train_state"
+CHECKPOINT_SUBDIR = "checkpoints"
+METRICS_FILE = "metrics.json"
+DATA_AXIS = "data"
+# config.data fields that are not loader settings.
+_NON_LOADER_DATA_FIELDS = ("root", "eval_batch_size")
+# Ranks reported as scalars (CMC).
+_REPORTED_RANKS = (1, 5, 10)
+
+Batch = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices of all hosts)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("create_mesh: no devices")
+    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """Every device holds the whole array (the train state)."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """Axis 0 split over ``"data"`` (batches), the rest replicated."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+
+
+def _check_divisible(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> None:
+    n = mesh.devices.size
+    if batch_size % n:
+        raise ValueError(f"{what} = {batch_size} must be divisible by the {n} devices of the "
+                         "mesh (data parallelism splits every batch evenly)")
+
+
+def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Places a host batch (the same global batch on every host) on the mesh, split on axis 0.
+
+    With several processes each passes only its contiguous slice of rows, so the global array
+    is the host batch itself.
+    """
+    nproc, pid = jax.process_count(), jax.process_index()
+    local = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if nproc > 1:
+            rows = value.shape[0] // nproc
+            value = value[pid * rows:(pid + 1) * rows]
+        local[key] = value
+    return loader_lib.to_device(local, batch_sharded(mesh))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One AGW update (the loss in the module docstring); pure, jit it.
+
+    Args:
+      state: the current state.
+      batch: ``{"image": float32 [B, H, W, 3] (normalised NHWC), "label": int32 [B]}`` with
+        train labels in ``[0, C)``; other keys are ignored.
+
+    Returns:
+      ``(new_state, metrics)``; metrics are float32 scalars: ``loss`` (total), ``ce``,
+      ``triplet``, ``center`` (unweighted), ``accuracy`` (classifier top-1 on the batch),
+      ``triplet_ordering`` (anchors with closest negative beyond furthest positive) and ``lr``
+      (the rate this update used).
+    """
+    images, labels = batch["image"], batch["label"]
+    cfg = state.loss
+
+    def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[Any, ...]]:
+        # copy=True: fresh variables at this trace level, so the forward pass may update the
+        # BatchNorm statistics in place (the state's own variables belong to the outer trace).
+        model = nnx.merge(state.graphdef, params, state.non_trainable, copy=True)
+        out = model(images)
+        ce = losses.cross_entropy_label_smooth(out.logits, labels, cfg.label_smoothing)
+        triplet, triplet_aux = losses.weighted_regularized_triplet_with_aux(
+            out.pre_bn, labels, cfg.triplet_normalize)
+        center = losses.center_loss(out.pre_bn, labels, state.centers)
+        total = ce + triplet + cfg.center_loss_weight * center
+        _, _, non_trainable = nnx.split(model, nnx.Param, ...)
+        terms = {"ce": ce, "triplet": triplet, "center": center,
+                 "triplet_ordering": triplet_aux["ordering_accuracy"]}
+        return total, (non_trainable, out.pre_bn, out.logits, terms)
+
+    (total, (non_trainable, pre_bn, logits, terms)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    centers, center_opt_state = losses.update_centers(
+        state.centers, state.center_opt_state, pre_bn, labels, optimizer=state.center_tx)
+    metrics = {
+        "loss": total,
+        **terms,
+        "accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)),
+        "lr": jnp.asarray(state.lr_schedule(state.step), jnp.float32),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, non_trainable=non_trainable, opt_state=opt_state,
+        centers=centers, center_opt_state=center_opt_state)
+    return new_state, metrics
+
+
+def embed_step(graphdef: nnx.GraphDef, model_state: nnx.State, images: jax.Array) -> jax.Array:
+    """Eval-mode retrieval embeddings: ``[B, H, W, 3] -> float32 [B, D]``, L2-normalised post-BN.
+
+    ``graphdef, model_state = nnx.split(model)`` (or a ``TrainState``'s ``graphdef`` and
+    ``model_state()``); BatchNorm uses its running statistics and nothing is updated.
+    """
+    model = nnx.merge(graphdef, model_state, copy=True)
+    model.eval()
+    return retrieval_embedding(model(images))
+
+
+def jit_train_step(mesh: jax.sharding.Mesh):
+    """``train_step`` jitted for ``mesh``: state replicated, batch sharded along ``"data"``."""
+    rep, data = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep))
+
+
+def jit_embed_step(mesh: jax.sharding.Mesh):
+    """``embed_step`` jitted for ``mesh`` (``graphdef`` static); embeddings come back
+    replicated, so every host can read them."""
+    rep, data = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(embed_step, static_argnums=0, in_shardings=(rep, data), out_shardings=rep)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _split_model(model: AGW | TrainState) -> tuple[nnx.GraphDef, nnx.State]:
+    if isinstance(model, TrainState):
+        return model.graphdef, model.model_state()
+    if isinstance(model, AGW):
+        return nnx.split(model)
+    raise ValueError(f"expected an AGW model or a TrainState, got {type(model).__name__}")
+
+
+def compute_embeddings(
+    model: AGW | TrainState,
+    items: Sequence[Any],
+    loader_config: loader_lib.LoaderConfig,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+    embed_fn: Any = None,
+) -> np.ndarray:
+    """float32 [N, D] eval-mode retrieval embeddings of ``items`` (paths or images), in order.
+
+    Args:
+      model: an ``AGW`` (e.g. from ``checkpoints.restore_model``) or a training state.
+      items: images as ``reid_jax.data.loader.eval_batches`` takes them.
+      loader_config: resize / normalisation (``loader_config(config)``).
+      mesh: devices to run on; ``batch_size`` must be divisible by their number.
+      batch_size: images per step (the last batch is padded).
+      embed_fn: a ``jit_embed_step(mesh)`` to reuse (compiled once per shape).
+    """
+    _check_divisible(batch_size, mesh, "config.data.eval_batch_size")
+    graphdef, model_state = _split_model(model)
+    model_state = jax.device_put(model_state, replicated(mesh))
+    embed_fn = embed_fn or jit_embed_step(mesh)
+    chunks = []
+    with loader_lib.eval_batches(items, batch_size, config=loader_config) as batches:
+        for batch in batches:
+            images = shard_batch({"image": batch["image"]}, mesh)["image"]
+            emb = np.asarray(jax.device_get(embed_fn(graphdef, model_state, images)))
+            chunks.append(emb[batch["mask"]])
+    return np.concatenate(chunks, axis=0)
+
+
+def squared_euclidean(query: np.ndarray, gallery: np.ndarray,
+                      chunk: int = 1024) -> np.ndarray:
+    """float32 [Q, G] ``|q - g|^2`` as ``|q|^2 + |g|^2 - 2 q.g`` (clipped at 0), query chunks."""
+    query = np.asarray(query, np.float32)
+    gallery = np.asarray(gallery, np.float32)
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"squared_euclidean: expected [Q, D] and [G, D], got {query.shape} "
+                         f"and {gallery.shape}")
+    gg = np.sum(gallery * gallery, axis=1)
+    out = np.empty((query.shape[0], gallery.shape[0]), np.float32)
+    for lo in range(0, query.shape[0], chunk):
+        q = query[lo:lo + chunk]
+        d = np.sum(q * q, axis=1)[:, None] + gg[None, :] - 2.0 * (q @ gallery.T)
+        out[lo:lo + chunk] = np.maximum(d, 0.0)
+    return out
+
+
+def evaluate(
+    model: AGW | TrainState,
+    data: Market1501,
+    loader_config: loader_lib.LoaderConfig,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+    embed_fn: Any = None,
+) -> dict[str, Any]:
+    """Market-1501 re-id metrics of ``model`` on ``data.query`` vs ``data.gallery``.
+
+    Embeddings are the L2-normalised post-BN features, distances squared Euclidean
+    (DESIGN.md section 3); metrics from ``reid_jax.evaluation.rank_metrics``.
+
+    Returns:
+      ``{"mAP", "mINP", "rank1", "rank5", "rank10", "cmc" (list of 50), "num_valid_queries"}``.
+    """
+    embed_fn = embed_fn or jit_embed_step(mesh)
+    query = compute_embeddings(model, data.query.paths, loader_config, mesh, batch_size, embed_fn)
+    gallery = compute_embeddings(model, data.gallery.paths, loader_config, mesh, batch_size,
+                                 embed_fn)
+    result = evaluation.rank_metrics(
+        squared_euclidean(query, gallery), data.query.pids, data.gallery.pids,
+        data.query.cameras, data.gallery.cameras, max_rank=50)
+    cmc = [float(v) for v in result["cmc"]]
+    out = {"mAP": float(result["mAP"]), "mINP": float(result["mINP"])}
+    out.update({f"rank{r}": cmc[r - 1] for r in _REPORTED_RANKS})
+    out.update({"cmc": cmc, "num_valid_queries": int(result["num_valid_queries"])})
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def open_checkpoint_manager(workdir: str, keep: int | None) -> ocp.CheckpointManager:
+    """The run's manager on ``workdir/checkpoints`` (layout of ``reid_jax.checkpoints``)."""
+    return checkpoints.open_manager(
+        os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=keep,
+        extra_item_handlers={TRAIN_STATE_ITEM: ocp.StandardCheckpointHandler()})
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def save_train_checkpoint(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    epoch: int,
+) -> int:
+    """Saves ``state`` as step ``state.step`` (async; ``manager.wait_until_finished()``).
+
+    Items: ``model`` (``nnx.State``, readable by ``reid_jax.checkpoints.restore_model``),
+    ``train_state`` (step, optimizer and center states, rng) and ``meta`` (``num_classes``,
+    ``config``, ``step``, ``epoch``).
+    """
+    step = int(jax.device_get(state.step))
+    meta = {"num_classes": int(num_classes), "config": _config_json(config), "step": step,
+            "epoch": int(epoch)}
+    manager.save(step, args=ocp.args.Composite(**{
+        checkpoints.MODEL_ITEM: ocp.args.StandardSave(state.model_state()),
+        TRAIN_STATE_ITEM: ocp.args.StandardSave(state.optimizer_items()),
+        checkpoints.META_ITEM: ocp.args.JsonSave(meta),
+    }), force=True)
+    return step
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_train_checkpoint(
+    manager: ocp.CheckpointManager, state: TrainState, step: int
+) -> TrainState:
+    """``state`` with every array replaced by step ``step`` of ``manager`` (same shardings)."""
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            checkpoints.MODEL_ITEM: ocp.args.StandardRestore(_abstract(state.model_state())),
+            TRAIN_STATE_ITEM: ocp.args.StandardRestore(_abstract(state.optimizer_items())),
+        }))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"cannot resume from checkpoint step {step} in {manager.directory}: it does not "
+            f"match the model/optimizer built from this config ({e}). Use a new --workdir or "
+            "the config the run was started with."
+        ) from e
+    state = state.with_model_state(restored[checkpoints.MODEL_ITEM])
+    return state.with_optimizer_items(restored[TRAIN_STATE_ITEM])
+
+
+def init_backbone_from(model: AGW, config: ml_collections.ConfigDict) -> None:
+    """Copies the backbone (ResNet + non-local blocks) of ``config.init_from`` into ``model``.
+
+    ``config.init_from`` is a checkpoint directory written by ``tools/convert_torch.py``
+    (torchvision's ImageNet ResNet-50, or a reference AGW model); GeM, BNNeck and classifier
+    keep their initial values. Its architecture must match ``config.model``.
+    """
+    restored, meta = checkpoints.restore_model(config.init_from, config)
+    nnx.update(model.backbone, nnx.state(restored.backbone))
+    logging.info("initialised the backbone from %s (%s)", config.init_from,
+                 meta.get("converted_from", "checkpoint"))
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+    """Writes JSON to ``path`` via a temporary file and ``os.replace`` (never half written)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _DropOrbaxInfo(logging_std.Filter):
+    """Passes every record but INFO and below from orbax's modules."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno > logging_std.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logging() -> None:
+    """Hides orbax's INFO lines (a dozen per checkpoint) from absl logging; warnings stay."""
+    absl_logger = logging.get_absl_logger()
+    if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropOrbaxInfo())
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    """Raises ``FloatingPointError`` naming ``step`` and the loss terms if one is not finite."""
+    terms = ("loss", "ce", "triplet", "center")
+    if all(math.isfinite(metrics[k]) for k in terms if k in metrics):
+        return
+    values = ", ".join(f"{k}={metrics[k]!r}" for k in terms if k in metrics)
+    raise FloatingPointError(
+        f"non-finite loss at step {step}: {values} (lr={metrics.get('lr')!r}); stopping. "
+        "Lower config.optim.learning_rate or check the data; the last checkpoint is intact.")
+
+
+class _Scalars:
+    """TensorBoard scalars in ``workdir`` (process 0 only; a no-op elsewhere)."""
+
+    def __init__(self, workdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=workdir)
+
+    def write(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(f"{prefix}/{key}", value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def loader_config(config: ml_collections.ConfigDict) -> loader_lib.LoaderConfig:
+    """``LoaderConfig`` from ``config.data`` (every field but ``root`` / ``eval_batch_size``)."""
+    fields = {k: v for k, v in config.data.items() if k not in _NON_LOADER_DATA_FIELDS}
+    try:
+        return loader_lib.LoaderConfig.from_dict(fields)
+    except ValueError as e:
+        raise ValueError(f"config.data: {e}") from e
+
+
+def _num_train_steps(config: ml_collections.ConfigDict, ends: np.ndarray) -> int:
+    full = int(ends[-1])
+    requested = int(config.get("num_train_steps", -1))
+    if requested <= 0:
+        return full
+    return min(requested, full)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains AGW as ``config`` says, resuming from ``workdir``; returns the final metrics.
+
+    Args:
+      config: see ``configs/agw_market1501.py`` for every field.
+      workdir: run folder: ``checkpoints/``, TensorBoard events, ``metrics.json``.
+
+    Returns:
+      The contents written to ``workdir/metrics.json``.
+
+    Raises:
+      FloatingPointError: a loss term became NaN or infinite (the step is named).
+      ValueError / FileNotFoundError: a config field or the data is wrong (named).
+    """
+    workdir = os.path.abspath(workdir)
+    if not config.data.root:
+        raise ValueError("config.data.root is empty: pass --config.data.root=/path/to/"
+                         "Market-1501 (a real or tools/make_synthetic.py folder)")
+    os.makedirs(workdir, exist_ok=True)
+    mesh = create_mesh()
+    loader_cfg = loader_config(config)
+    _check_divisible(loader_cfg.batch_size, mesh, "config.data.p * config.data.k")
+    logging.info("devices: %d x %s on %d process(es); global batch %d (P=%d x K=%d)",
+                 mesh.devices.size, jax.devices()[0].platform, jax.process_count(),
+                 loader_cfg.batch_size, loader_cfg.p, loader_cfg.k)
+
+    _check_divisible(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
+
+    data = load_market1501(config.data.root)
+    num_classes = data.num_train_ids
+    # The loader's own sampler (same labels, P, K, seed): its exact epoch lengths.
+    sampler = RandomIdentitySampler(data.train.labels, loader_cfg.p, loader_cfg.k,
+                                    seed=config.seed)
+    ends = schedules.epoch_ends(sampler, config.num_epochs)
+    total_steps = _num_train_steps(config, ends)
+    schedule = schedules.lr_schedule(
+        config.optim.learning_rate, ends, warmup_epochs=config.optim.warmup_epochs,
+        warmup_factor=config.optim.warmup_factor, milestones=tuple(config.optim.milestones),
+        gamma=config.optim.gamma)
+    logging.info("%d epochs = %d steps (%.1f per epoch); training %d steps", config.num_epochs,
+                 int(ends[-1]), ends[-1] / config.num_epochs, total_steps)
+
+    model = AGW.from_config(config, num_classes, nnx.Rngs(config.seed))
+    if config.init_from:
+        init_backbone_from(model, config)
+    state = create_train_state(model, config, schedule)
+    del model
+    state = jax.device_put(state, replicated(mesh))
+
+    manager = open_checkpoint_manager(workdir, config.keep_checkpoints)
+    scalars = _Scalars(workdir)
+    try:
+        latest = manager.latest_step()
+        if latest is not None:
+            state = restore_train_checkpoint(manager, state, latest)
+            logging.info("resumed from %s step %d", manager.directory, latest)
+        start = int(jax.device_get(state.step))
+        if start > total_steps:
+            raise ValueError(
+                f"{manager.directory} holds step {start}, past this run's {total_steps} steps "
+                "(config.num_epochs / config.num_train_steps); use a new --workdir")
+        result = _train_loop(config, workdir, mesh, state, data, loader_cfg, ends, start,
+                             total_steps, manager, scalars, num_classes)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+        scalars.close()
+    return result
+
+
+def _epoch_of(step: int, ends: np.ndarray) -> int:
+    """0-based epoch of global step ``step``."""
+    return int(np.searchsorted(ends, step, side="right"))
+
+
+class _ProgressLog:
+    """Host side of the training metrics: finiteness check, averages, images/s, ETA, scalars.
+
+    Metrics of step ``s`` are fetched while step ``s + 1`` runs (:meth:`push` takes the newest,
+    processes the previous), so the device never waits for the host; :meth:`flush` processes
+    the pending one (before a checkpoint, an evaluation and at the end).
+    """
+
+    def __init__(self, scalars: _Scalars, ends: np.ndarray, total_steps: int, batch_size: int,
+                 log_every: int):
+        self._scalars, self._ends = scalars, ends
+        self._total, self._batch, self._every = total_steps, batch_size, max(log_every, 1)
+        self._pending: tuple[int, Metrics] | None = None
+        self._window: list[dict[str, float]] = []
+        self._t0: float | None = None
+        self._timed_steps = 0
+        self.images_per_second: float | None = None
+        self.last: dict[str, float] = {}
+
+    def start_timing(self) -> None:
+        """Starts the images/s clock (after the first, compiling, step)."""
+        self._t0, self._timed_steps = time.perf_counter(), 0
+
+    def push(self, done: int, metrics: Metrics) -> None:
+        self.flush()
+        self._pending = (done, metrics)
+        if self._t0 is not None:
+            self._timed_steps += 1
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        done, metrics = self._pending
+        self._pending = None
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(done, host)
+        self._window.append(host)
+        if done % self._every == 0 or done == self._total:
+            self._log(done)
+
+    def _log(self, done: int) -> None:
+        now = time.perf_counter()
+        if self._t0 is not None and self._timed_steps > 0:
+            self.images_per_second = self._timed_steps * self._batch / (now - self._t0)
+            self._t0, self._timed_steps = now, 0
+        mean = {k: float(np.mean([m[k] for m in self._window])) for k in self._window[0]}
+        self._window = []
+        ips = self.images_per_second
+        eta = "?" if not ips else _format_seconds((self._total - done) * self._batch / ips)
+        logging.info(
+            "step %d/%d epoch %d | loss %.4f (ce %.4f triplet %.4f center %.3f) acc %.3f | "
+            "lr %.3g | %s img/s | ETA %s", done, self._total, _epoch_of(done - 1, self._ends) + 1,
+            mean["loss"], mean["ce"], mean["triplet"], mean["center"], mean["accuracy"],
+            mean["lr"], "?" if ips is None else f"{ips:.1f}", eta)
+        extra = {} if ips is None else {"images_per_second": ips}
+        self._scalars.write(done, "train", {**mean, **extra})
+        self.last = mean
+
+
+def _train_loop(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+    data: Market1501,
+    loader_cfg: loader_lib.LoaderConfig,
+    ends: np.ndarray,
+    start: int,
+    total_steps: int,
+    manager: ocp.CheckpointManager,
+    scalars: _Scalars,
+    num_classes: int,
+) -> dict[str, Any]:
+    step_fn = jit_train_step(mesh)
+    embed_fn = jit_embed_step(mesh)
+    epoch_end_steps = {int(e): i for i, e in enumerate(ends)}  # step count -> finished epoch
+    eval_every = int(config.eval_every_epochs)
+    ckpt_every = int(config.checkpoint_every_steps)
+    progress = _ProgressLog(scalars, ends, total_steps, loader_cfg.batch_size,
+                            int(config.log_every_steps))
+    run_start = time.perf_counter()
+
+    def run_eval(step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        metrics = evaluate(state, data, loader_cfg, mesh, config.data.eval_batch_size, embed_fn)
+        logging.info("eval at step %d (epoch %d): mAP %.4f rank-1 %.4f rank-5 %.4f mINP %.4f "
+                     "(%d queries, %.1fs)", step, _epoch_of(step - 1, ends) + 1, metrics["mAP"],
+                     metrics["rank1"], metrics["rank5"], metrics["mINP"],
+                     metrics["num_valid_queries"], time.perf_counter() - t0)
+        scalars.write(step, "eval", {k: v for k, v in metrics.items() if k != "cmc"})
+        return metrics
+
+    if start < total_steps:
+        with loader_lib.train_batches(data.train.paths, data.train.labels, config=loader_cfg,
+                                      seed=config.seed, start_step=start,
+                                      stop_step=total_steps) as batches:
+            for step, host_batch in zip(range(start, total_steps), batches, strict=True):
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, shard_batch(
+                    {"image": host_batch["image"], "label": host_batch["label"]}, mesh))
+                done = step + 1
+                if step == start:
+                    jax.block_until_ready(metrics)
+                    logging.info("first step (with compilation) took %.1fs",
+                                 time.perf_counter() - t0)
+                progress.push(done, metrics)
+                if step == start:
+                    progress.start_timing()
+                if (ckpt_every > 0 and done % ckpt_every == 0 and done < total_steps
+                        and done not in manager.all_steps()):
+                    progress.flush()  # never checkpoint a non-finite state
+                    save_train_checkpoint(manager, state, config, num_classes,
+                                          _epoch_of(step, ends))
+                if (eval_every > 0 and done in epoch_end_steps and done < total_steps
+                        and (epoch_end_steps[done] + 1) % eval_every == 0):
+                    progress.flush()
+                    run_eval(done)
+        progress.flush()
+    # (A later step may exist without training: tools/train_attributes.py adds one holding the
+    # same model and train state plus the attribute head.)
+    if total_steps not in manager.all_steps():
+        save_train_checkpoint(manager, state, config, num_classes,
+                              _epoch_of(total_steps - 1, ends))
+    final = run_eval(total_steps)
+    epoch = float(np.interp(total_steps, np.concatenate([[0], ends]), np.arange(len(ends) + 1)))
+    result = {
+        "step": total_steps,
+        "epoch": round(epoch, 3),
+        "num_classes": num_classes,
+        **final,
+        "train": progress.last,
+        "train_images_per_second": progress.images_per_second,
+        "train_seconds_this_run": round(time.perf_counter() - run_start, 2),
+    }
+    if jax.process_index() == 0:
+        _write_json_atomic(os.path.join(workdir, METRICS_FILE), result)
+    return result

@@ -1,0 +1,463 @@
+"""Tests of reid_jax.explanation_eval and tools/evaluate_explanations.py on a tiny synthetic set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reid_jax import explain
+from reid_jax import explanation_eval as ee
+from reid_jax import explanation_metrics as em
+from reid_jax.data import synthetic
+from reid_jax.data.attributes import ATTRIBUTE_NAMES, labels_for_pids, load_market_attributes
+from reid_jax.data.market1501 import load_market1501
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+A = len(ATTRIBUTE_NAMES)
+DATA = synthetic.DatasetConfig(num_train_ids=2, num_test_ids=4, images_per_id=6,
+                               num_distractors=2, num_junk=1, seed=3, supersample=1)
+CONFIG = {"model": {"width": 8, "blocks": (1, 1, 1, 1), "non_local": (0, 0, 0, 0)},
+          "data": {"height": 32, "width": 16, "num_workers": 0, "eval_batch_size": 16}}
+K = 3
+NUM_CF = 40
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: a tiny synthetic data root and random-init checkpoints with and without a head.
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("evx") / "synthetic")
+    synthetic.generate_dataset(root, DATA)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints_dir(tmp_path_factory):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from reid_jax.checkpoints import save_checkpoint
+    from reid_jax.models.agw import AGW
+    from reid_jax.models.attribute_head import AttributeHead
+
+    root = tmp_path_factory.mktemp("ckpt")
+    model = AGW(7, **CONFIG["model"], rngs=nnx.Rngs(0))
+    head = AttributeHead(model.feature_dim, rngs=nnx.Rngs(1))
+    # Large weights, so that some query attributes are confident (|x - 0.5| > 0.4).
+    head.kernel[...] = jnp.asarray(head.kernel[...]) * 40.0
+    meta = {"num_classes": 7, "config": CONFIG}
+    save_checkpoint(root / "with_head", 0, model_state=model, attribute_head_state=head,
+                    meta=meta)
+    save_checkpoint(root / "no_head", 0, model_state=model, meta=meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(dataset, checkpoints_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    result = ee.evaluate(checkpoint=checkpoints_dir / "with_head", data_root=dataset,
+                         output_dir=out, k=K, num_counterfactuals=NUM_CF)
+    return result
+
+
+def _embeddings(out_dir):
+    with np.load(os.path.join(out_dir, "embeddings", "query.npz")) as z:
+        fq = z["features"]
+    with np.load(os.path.join(out_dir, "embeddings", "gallery.npz")) as z:
+        fg = z["features"]
+    return fq, fg
+
+
+def _weights(checkpoint):
+    from reid_jax.checkpoints import restore_attribute_head
+
+    return np.asarray(restore_attribute_head(checkpoint).kernel[...], np.float32)
+
+
+def _labels(root):
+    data = load_market1501(root)
+    attrs = load_market_attributes(os.path.join(root, "market_attribute.mat"))
+    lq, vq = labels_for_pids(attrs, data.query.pids, "query")
+    lg, vg = labels_for_pids(attrs, data.gallery.pids, "gallery")
+    return data, lq, vq, lg, vg
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs.
+
+
+def test_ranked_pairs_match_a_float64_reference():
+    rng = np.random.default_rng(0)
+    q, g, n, k = 7, 30, 5, 4
+    fq, fg = rng.normal(size=(q, n)), rng.normal(size=(g, n))
+    qp, qc = rng.integers(1, 4, q), rng.integers(1, 4, q)
+    gp, gc = rng.integers(-1, 4, g), rng.integers(1, 4, g)
+    pairs = ee.ranked_pairs(fq, fg, qp, qc, gp, gc, k, query_chunk=3)
+    expected = set()
+    for i in range(q):
+        d = np.sum((fq[i] - fg) ** 2, axis=1)
+        allowed = (gp > 0) & ~((gp == qp[i]) & (gc == qc[i]))
+        ranked = [j for j in np.argsort(d) if allowed[j]][:k]
+        matches = np.flatnonzero((gp == qp[i]) & (gc != qc[i]))
+        expected |= {(i, int(j)) for j in (*ranked, *matches)}
+    got = list(zip(pairs.query.tolist(), pairs.gallery.tolist(), strict=True))
+    assert got == sorted(expected)
+    np.testing.assert_array_equal(pairs.true_match, gp[pairs.gallery] == qp[pairs.query])
+    assert (gp[pairs.gallery] > 0).all()
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        ee.ranked_pairs(fq, fg, qp, qc, gp, gc, 0)
+    with pytest.raises(ValueError, match="gallery_pids/gallery_cams must have shape"):
+        ee.ranked_pairs(fq, fg, qp, qc, gp[:-1], gc, k)
+
+
+# --------------------------------------------------------------------------------------------
+# Counterfactual images.
+
+
+def test_planned_value():
+    labels = np.zeros(A, np.uint8)
+    labels[ATTRIBUTE_NAMES.index("upred")] = 1
+    labels[ATTRIBUTE_NAMES.index("age2")] = 1
+    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("backpack")) == (True, None)
+    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("upred")) == (False, 1)
+    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("upblue")) == (True, 1)
+    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("age2")) == (False, 1)
+    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("age4")) == (True, 1)
+
+
+def _gallery(dataset):
+    data = load_market1501(dataset)
+    files = [os.path.basename(p) for p in data.gallery.paths]
+    return data, files, np.flatnonzero(data.gallery.pids > 0)
+
+
+def test_make_counterfactuals(dataset):
+    data, files, persons = _gallery(dataset)
+    made = ee.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
+    assert len(made.accepted) == NUM_CF
+    counts = np.bincount([cf.attribute for cf in made.accepted], minlength=A)
+    # Round-robin: every attribute whose candidates did not run out gets its share.
+    exhausted = made.tried == made.candidates
+    assert (counts[~exhausted] >= counts.max() - 1).all() and (~exhausted).any()
+    assert (made.tried >= counts + made.rejected).all() and made.rejected.sum() >= 0
+    seen = set()
+    for cf in made.accepted[:12]:
+        name = ATTRIBUTE_NAMES[cf.attribute]
+        assert (cf.gallery_index, cf.attribute) not in seen
+        seen.add((cf.gallery_index, cf.attribute))
+        person, _, _ = synthetic.image_record(dataset, files[cf.gallery_index])
+        np.testing.assert_array_equal(cf.labels_before, synthetic.person_labels(person))
+        np.testing.assert_array_equal(
+            cf.labels_after,
+            synthetic.person_labels(synthetic.change_attribute(person, name, cf.value)))
+        assert cf.changed_labels[cf.attribute] and 1 <= cf.changed_labels.sum() <= 2
+        assert cf.changed_pixels >= ee.DEFAULT_MIN_CHANGED_PIXELS
+        # The stored JPEG is what render_counterfactual gives for that change.
+        np.testing.assert_array_equal(
+            synthetic.decode_jpeg(cf.jpeg),
+            synthetic.render_counterfactual(dataset, files[cf.gallery_index], name, cf.value))
+    again = ee.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
+    assert [(c.gallery_index, c.attribute) for c in again.accepted] == [
+        (c.gallery_index, c.attribute) for c in made.accepted]
+
+
+def test_invisible_changes_are_rejected(dataset):
+    _, files, persons = _gallery(dataset)
+    made = ee.make_counterfactuals(dataset, files, persons[:2], 5, min_changed_pixels=10**6)
+    assert made.accepted == []
+    np.testing.assert_array_equal(made.rejected, made.tried)
+    assert made.tried.sum() == made.candidates.sum() > 0  # every candidate was tried once
+    with pytest.raises(ValueError, match="num_counterfactuals must be >= 0"):
+        ee.make_counterfactuals(dataset, files, persons, -1)
+    with pytest.raises(ValueError, match="pixel_tolerance"):
+        ee.make_counterfactuals(dataset, files, persons, 1, pixel_tolerance=300)
+    data = load_market1501(dataset)
+    distractor = [i for i, p in enumerate(data.gallery.pids)
+                  if p == 0 and synthetic.image_record(dataset, files[i])[0] is None]
+    if distractor:
+        with pytest.raises(ValueError, match="shows no person"):
+            ee.make_counterfactuals(dataset, files, distractor, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Separations and the metrics against the library and float64 references.
+
+
+def _random_inputs(seed=0, p=40, n=16):
+    rng = np.random.default_rng(seed)
+    fq = rng.normal(size=(p, n)).astype(np.float32)
+    fg = rng.normal(size=(p, n)).astype(np.float32)
+    w = (rng.normal(size=(n, A)) * 0.5).astype(np.float32)
+    return fq, fg, w
+
+
+def test_pair_separations_match_float64_reference():
+    fq, fg, w = _random_inputs()
+    q64, g64, w64 = (x.astype(np.float64) for x in (fq, fg, w))
+    diff2 = (q64 - g64) ** 2
+    complete = np.abs(w64) / np.abs(w64).sum(axis=1, keepdims=True)
+    xq, xg = 1 / (1 + np.exp(-q64 @ w64)), 1 / (1 + np.exp(-g64 @ w64))
+    scores = (1 - np.abs(xq - xg)) / (0.5 + np.abs(xq - 0.5))
+    ref = {"paper": diff2 @ w64, "complete": diff2 @ complete, "scores": 1 - scores}
+    for mode, expected in ref.items():
+        got = ee.pair_separations(fq, fg, w, mode, chunk=16)
+        assert got.shape == (40, A) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(ee.pair_separations(fq, fg, w, "complete").sum(1),
+                               diff2.sum(1), rtol=1e-5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ee.pair_separations(fq, fg, w, "gemm")
+    with pytest.raises(ValueError, match=r"f_gallery \[P, N\]"):
+        ee.pair_separations(fq, fg[:3], w, "paper")
+
+
+def test_counterfactual_metrics_equal_the_library():
+    rng = np.random.default_rng(1)
+    q, g, n, c = 6, 9, 16, 12
+    fq = rng.normal(size=(q, n)).astype(np.float32)
+    fg = rng.normal(size=(g, n)).astype(np.float32)
+    fc = rng.normal(size=(c, n)).astype(np.float32)
+    w = rng.normal(size=(n, A)).astype(np.float32)
+    lq = rng.integers(0, 2, (q, A)).astype(np.uint8)
+    cfs = []
+    for i in range(c):
+        before = rng.integers(0, 2, A).astype(np.uint8)
+        a = int(rng.integers(A))
+        after = before.copy()
+        after[a] ^= 1
+        if i % 3 == 0:  # a colour-like change flips a second label
+            after[(a + 1) % A] ^= 1
+        cfs.append(ee.Counterfactual(gallery_index=i % g, attribute=a, value=None,
+                                     labels_before=before, labels_after=after,
+                                     changed_pixels=100, jpeg=b""))
+    pq = np.repeat(np.arange(q), g)
+    pg = np.tile(np.arange(g), q)
+    pairs = ee.CandidatePairs(pq, pg, (pq + pg) % 4 == 0)
+    valid = np.ones(q, bool)
+    valid[2] = False
+    out = ee.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid)
+
+    rows = [(qi, ci) for ci, cf in enumerate(cfs) for qi in range(q)
+            if valid[qi] and cf.gallery_index in pg[pq == qi]]
+    rq = np.asarray([r[0] for r in rows])
+    rc = np.asarray([r[1] for r in rows])
+    attr = np.asarray([cfs[i].attribute for i in rc])
+    changed = np.stack([cfs[i].changed_labels for i in rc])
+    away = np.asarray([lq[qi, cfs[ci].attribute] == cfs[ci].labels_before[cfs[ci].attribute]
+                       for qi, ci in rows])
+    assert out["num_pairs"] == len(rows) and out["num_away_pairs"] == int(away.sum())
+    assert 0 < away.sum() < len(rows)  # both directions occur
+    gal = np.asarray([cfs[i].gallery_index for i in rc])
+    for mode in ee.MODES:
+        s0 = ee.pair_separations(fq[rq], fg[gal], w, mode)
+        s1 = ee.pair_separations(fq[rq], fc[rc], w, mode)
+        near = np.where(away[:, None], s0, s1)
+        far = np.where(away[:, None], s1, s0)
+        ref = em.counterfactual_hit_rate(near, far, attr, changed)
+        assert out[mode]["top1"] == ref["top1"] and out[mode]["top3"] == ref["top3"]
+        assert out[mode]["mean_rank"] == ref["mean_rank"]
+        assert out["per_attribute"][f"{mode}_top1"] == [
+            ref["per_attribute"][nm]["top1"] for nm in ATTRIBUTE_NAMES]
+        sub = em.counterfactual_hit_rate(near[~away], far[~away], attr[~away],
+                                         changed[~away], top=(1,))
+        assert out["subsets"]["towards"][f"{mode}_top1"] == sub["top1"]
+    assert out["chance"] == ref["chance"]
+    assert len(out["per_attribute"]["pairs"]) == A
+    with pytest.raises(ValueError, match="f_counterfactual must have shape"):
+        ee.counterfactual_metrics(fq, fg, fc[:-1], w, cfs, pairs, lq)
+
+
+def test_label_metrics_equal_the_library():
+    rng = np.random.default_rng(2)
+    fq = rng.normal(size=(5, 16)).astype(np.float32)
+    fg = rng.normal(size=(11, 16)).astype(np.float32)
+    w = (3 * rng.normal(size=(16, A))).astype(np.float32)
+    lq, lg = rng.integers(0, 2, (5, A)), rng.integers(0, 2, (11, A))
+    vg = np.ones(11, bool)
+    vg[[0, 4]] = False
+    auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3)
+    assert set(auroc) == {"all_pairs", "top4", "per_attribute"}
+    assert set(amd) == {"all_pairs", "top4", "per_attribute"}
+    for mode in ee.MODES:
+        full = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
+                                            threshold=0.3)
+        top = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3)
+        for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
+            assert amd["all_pairs"][mode][key] == full[key]
+            assert amd["top4"][mode][key] == top[key]
+            assert amd["all_pairs"]["chance"][key] == full["chance"][key]
+        assert amd["per_attribute"][f"top4_{mode}_ap_d"] == [
+            top["per_attribute"][nm]["ap_d"] for nm in ATTRIBUTE_NAMES]
+        if mode == "scores":
+            assert auroc["all_pairs"]["confident"]["auroc"] == full["auroc"]["auroc"]
+            assert auroc["top4"]["confident"]["auroc"] == top["auroc"]["auroc"]
+    assert amd["all_pairs"]["num_pairs"] == 5 * 9
+    every = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg,
+                              threshold=0.0)["auroc"]
+    assert auroc["top4"]["all_attributes"]["auroc"] == every["auroc"]
+    assert every["num_positive"] + every["num_negative"] == 5 * 4 * A - A * int(
+        (~vg[np.asarray(explain.explain_rankings(fq, fg, w, k=4).indices)]).sum())
+    assert all(len(v) == A for v in auroc["per_attribute"].values())
+
+
+# --------------------------------------------------------------------------------------------
+# The whole run.
+
+
+def _walk(prefix, value, out):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _walk(f"{prefix}/{k}", v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
+    m = run.metrics
+    assert set(m) == {"format", "attribute_names", "settings", "data", "counterfactual",
+                      "auroc", "amd"}
+    assert m["format"] == ee.FORMAT and m["attribute_names"] == list(ATTRIBUTE_NAMES)
+    with open(run.json_path) as f:
+        assert json.load(f) == m
+    with open(run.markdown_path) as f:
+        assert f.read() == run.table == ee.markdown_table(m)
+    out_dir = os.path.dirname(run.json_path)
+    assert sorted(os.listdir(out_dir)) == ["embeddings", "explanation_metrics.json",
+                                           "explanation_metrics.md"]
+    flat = _walk("", m, {})
+    for path, value in flat.items():  # readable by reid_jax.report: numbers or [A] arrays
+        assert value is None or isinstance(value, (int, float, str, list)), path
+        if isinstance(value, list) and path not in ("/attribute_names",):
+            assert len(value) == A and all(v is None or isinstance(v, (int, float))
+                                           for v in value), path
+    cf = m["counterfactual"]
+    assert cf["num_counterfactuals"] == NUM_CF and m["data"]["synthetic"] is True
+    assert sum(cf["per_attribute"]["counterfactuals"]) == NUM_CF
+    assert sum(cf["per_attribute"]["pairs"]) == cf["num_pairs"] > NUM_CF
+    for mode in ee.MODES:
+        assert 0 <= cf[mode]["top1"] <= cf[mode]["top3"] <= 1
+        assert set(m["amd"]["all_pairs"][mode]) == {"ex_precision_d", "ex_map_d",
+                                                    "ex_precision_s", "ex_map_s"}
+    assert 0 < cf["chance"]["top1"] < cf["chance"]["top3"] < 1
+    table = run.table.splitlines()
+    assert table[0].startswith("| metric | n | eq. 3.2 (paper) | complete decomposition")
+    assert sum(line.startswith("| ") for line in table) == 1 + 2 + 4 + 8
+
+
+def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
+    """The file's numbers recomputed from the cached embeddings with the library functions."""
+    from reid_jax import checkpoints, inference
+
+    m = run.metrics
+    out_dir = os.path.dirname(run.json_path)
+    fq, fg = _embeddings(out_dir)
+    w = _weights(checkpoints_dir / "with_head")
+    data, lq, vq, lg, vg = _labels(dataset)
+    full = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "complete", valid_query=vq,
+                                        valid_gallery=vg)
+    assert m["amd"]["all_pairs"]["complete"]["ex_map_d"] == full["ex_map_d"]
+    assert m["amd"]["all_pairs"]["num_pairs"] == int(vq.sum() * vg.sum())
+    top = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=K, valid_query=vq, valid_gallery=vg)
+    assert m["amd"][f"top{K}"]["scores"]["ex_precision_s"] == top["ex_precision_s"]
+    assert m["auroc"][f"top{K}"]["confident"]["auroc"] == top["auroc"]["auroc"]
+
+    # The counterfactual part: same pairs, same images, same embeddings.
+    files = [os.path.basename(p) for p in data.gallery.paths]
+    pairs = ee.ranked_pairs(fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
+                            data.gallery.cameras, K)
+    made = ee.make_counterfactuals(dataset, files, np.unique(pairs.gallery), NUM_CF)
+    model, _ = checkpoints.restore_model(checkpoints_dir / "with_head", None)
+    kw = dict(height=CONFIG["data"]["height"], width=CONFIG["data"]["width"],
+              batch_size=CONFIG["data"]["eval_batch_size"],
+              loader_config=inference.eval_loader_config(CONFIG))
+    f_cf = inference.embed_images(model, [cf.jpeg for cf in made.accepted], **kw)
+    ref = ee.counterfactual_metrics(fq, fg, f_cf, w, made.accepted, pairs, lq, vq)
+    for key in (*ee.MODES, "chance", "subsets", "num_pairs", "num_away_pairs"):
+        assert m["counterfactual"][key] == ref[key], key
+    for key, values in ref["per_attribute"].items():
+        assert m["counterfactual"]["per_attribute"][key] == values, key
+
+    # A re-render without a change embeds exactly as the dataset file it replaces.
+    g = int(made.accepted[0].gallery_index)
+    same = synthetic.render_counterfactual(dataset, files[g], None, jpeg=False)
+    quality = synthetic.load_meta(dataset)["config"]["jpeg_quality"]
+    f_same = inference.embed_images(model, [synthetic.encode_jpeg(same, quality)], **kw)
+    np.testing.assert_allclose(f_same[0], fg[g], atol=1e-6)
+
+
+def test_real_market_root_skips_counterfactuals(run, dataset, checkpoints_dir, tmp_path):
+    real = tmp_path / "market"
+    shutil.copytree(dataset, real, ignore=shutil.ignore_patterns(synthetic.META_FILE))
+    out = ee.evaluate(checkpoint=checkpoints_dir / "with_head", data_root=real,
+                      output_dir=tmp_path / "out", k=K, num_counterfactuals=NUM_CF)
+    cf = out.metrics["counterfactual"]
+    assert set(cf) == {"skipped"} and "not a synthetic data root" in cf["skipped"]
+    assert out.metrics["data"]["synthetic"] is False
+    # The label metrics are those of the synthetic run: same images, same model.
+    assert out.metrics["amd"] == run.metrics["amd"]
+    assert out.metrics["auroc"] == run.metrics["auroc"]
+    assert "counterfactual hit rate | — | skipped" in out.table
+    assert "Counterfactuals skipped:" in out.table
+
+
+def test_errors(dataset, checkpoints_dir, tmp_path):
+    ok = dict(checkpoint=checkpoints_dir / "with_head", data_root=dataset,
+              output_dir=tmp_path / "o", num_counterfactuals=0)
+    with pytest.raises(ValueError, match="no attribute head.*Run tools/train_attributes.py"):
+        ee.evaluate(**{**ok, "checkpoint": checkpoints_dir / "no_head"})
+    with pytest.raises(FileNotFoundError, match="data root .*nowhere does not exist"):
+        ee.evaluate(**{**ok, "data_root": tmp_path / "nowhere"})
+    with pytest.raises(ValueError, match="no data root"):
+        ee.evaluate(**{**ok, "data_root": None})
+    with pytest.raises(FileNotFoundError, match="no attribute labels.*--attributes_file"):
+        ee.evaluate(**ok, attributes_file=tmp_path / "missing.mat")
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0, 0.5\)"):
+        ee.evaluate(**ok, threshold=0.5)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        ee.evaluate(**ok, k=0)
+    with pytest.raises(ValueError, match="exceeds the"):
+        ee.evaluate(**ok, k=10**6)
+    with pytest.raises(ValueError, match="num_counterfactuals must be >= 0"):
+        ee.evaluate(**{**ok, "num_counterfactuals": -1})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no query images"):
+        ee.evaluate(**{**ok, "data_root": tmp_path / "empty"})
+    assert not os.path.exists(tmp_path / "o" / ee.JSON_NAME)  # nothing written on failure
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "evaluate_explanations.py"), *args],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_cli(dataset, checkpoints_dir, tmp_path):
+    out = tmp_path / "cli"
+    res = _tool(f"--checkpoint={checkpoints_dir / 'with_head'}", f"--data_root={dataset}",
+                f"--output_dir={out}", "--num_counterfactuals=12", "--k=2", "--threshold=0.3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| counterfactual hit rate, top-1 |" in res.stdout
+    assert f"metrics: {out / ee.JSON_NAME}" in res.stdout
+    with open(out / ee.JSON_NAME) as f:
+        m = json.load(f)
+    assert m["settings"]["k"] == 2 and m["settings"]["threshold"] == 0.3
+    assert m["counterfactual"]["num_counterfactuals"] == 12
+
+    res = _tool(f"--checkpoint={checkpoints_dir / 'no_head'}", f"--data_root={dataset}",
+                f"--output_dir={tmp_path / 'o2'}", "--num_counterfactuals=0")
+    assert res.returncode != 0
+    assert "no attribute head" in res.stderr and "tools/train_attributes.py" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -1,0 +1,49 @@
+r"""Trains AGW: flags -> ``reid_jax.train_lib.train_and_evaluate(config, workdir)``.
+
+  python tools/train.py --config=configs/agw_market1501.py --workdir=/tmp/agw \
+      --config.data.root=/data/Market-1501-v15.09.15 --config.init_from=/ckpt/resnet50
+
+Any config field can be overridden (``--config.num_epochs=5``, ``--config.data.p=8``). Running
+the same command again resumes from the latest checkpoint in ``workdir/checkpoints``. Multi-host:
+add ``--jax_distributed`` on every host (see ``reid_jax/train_lib.py``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from reid_jax import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, TensorBoard, metrics).")
+_JAX_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS "
+    "or auto-detected on SLURM / Open MPI / Cloud TPU / Kubernetes).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _JAX_DISTRIBUTED.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    train_lib.quiet_orbax_logging()
+    logging.info("config:\n%s", _CONFIG.value)
+    result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "cmc"}, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,81 @@
+r"""Trains the paper's attribute head on the frozen embedding of a trained AGW checkpoint.
+
+  python tools/train_attributes.py --checkpoint=WORKDIR/checkpoints \
+      [--config=configs/agw_market1501.py] [--data_root=DATA] \
+      [--attributes_file=DATA/market_attribute.mat] [--epochs=30 --lr=1e-3 --batch_size=64]
+
+Computes the retrieval embeddings (post-BN, L2-normalised) of the train, query and gallery
+images once (cached in CHECKPOINT/embedding_cache), trains the N x 30 bias-free layer with Adam
+on the weighted BCE (the re-id weights are never changed), prints mA / accuracy / precision /
+recall / F1 overall and per attribute on the test identities (query + gallery images with
+labels), writes them to CHECKPOINT/attribute_metrics.json and saves a new checkpoint step with
+the unchanged model and the head (``reid_jax.checkpoints.restore_attribute_head`` reads it).
+``reid_jax.attribute_training`` has the details.
+
+--config defaults to the config stored in the checkpoint; --data_root to its config.data.root.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from reid_jax import attribute_training, inference
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory of the re-id "
+                                  "model (e.g. WORKDIR/checkpoints).", required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The model's config file (default: the config stored in the checkpoint).")
+_DATA_ROOT = flags.DEFINE_string(
+    "data_root", None, "Market-1501-layout folder (default: the config's data.root).")
+_ATTRIBUTES_FILE = flags.DEFINE_string(
+    "attributes_file", None, "market_attribute.mat (default: DATA_ROOT/market_attribute.mat).")
+_EPOCHS = flags.DEFINE_integer("epochs", attribute_training.HeadTrainConfig.epochs,
+                               "Passes over the training embeddings.")
+_LR = flags.DEFINE_float("lr", attribute_training.HeadTrainConfig.learning_rate,
+                         "Adam learning rate.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", attribute_training.HeadTrainConfig.batch_size,
+                                   "Embeddings per training step.")
+_WEIGHT_DECAY = flags.DEFINE_float(
+    "weight_decay", attribute_training.HeadTrainConfig.weight_decay,
+    "AdamW decoupled weight decay (0: Adam).")
+_SEED = flags.DEFINE_integer("seed", attribute_training.HeadTrainConfig.seed,
+                             "Head initialisation and shuffling seed.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of the re-id model (default: latest).")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", None, "Embedding cache folder (default: CHECKPOINT/embedding_cache; "
+    "'' disables the cache).")
+_METRICS_FILE = flags.DEFINE_string(
+    "metrics_file", None, "Output JSON (default: CHECKPOINT/attribute_metrics.json).")
+_EMBED_BATCH_SIZE = flags.DEFINE_integer(
+    "embed_batch_size", None, "Batch size of the embedding pass (default: "
+    "config.data.eval_batch_size).")
+_NO_SAVE = flags.DEFINE_bool("no_save", False, "Only report metrics; do not save the head.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    try:
+        data_root = inference.resolve_data_root(_DATA_ROOT.value, config, _CHECKPOINT.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    train_config = attribute_training.HeadTrainConfig(
+        epochs=_EPOCHS.value, learning_rate=_LR.value, batch_size=_BATCH_SIZE.value,
+        weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value)
+    cache_dir = "default" if _CACHE_DIR.value is None else (_CACHE_DIR.value or None)
+    result = attribute_training.train_attributes(
+        _CHECKPOINT.value, config, data_root, attributes_file=_ATTRIBUTES_FILE.value,
+        train_config=train_config, cache_dir=cache_dir, metrics_path=_METRICS_FILE.value,
+        step=_STEP.value, embed_batch_size=_EMBED_BATCH_SIZE.value, save=not _NO_SAVE.value)
+    training = result["training"]
+    print(f"training: {training['num_images']} images, loss {training['initial_loss']:.4f} -> "
+          f"{training['final_loss']:.4f} in {training['seconds']:.2f} s")
+    saved = result["checkpoint"]["saved_step"]
+    if saved is not None:
+        print(f"saved the attribute head as step {saved} of {result['checkpoint']['directory']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
