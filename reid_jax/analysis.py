@@ -26,17 +26,16 @@ import csv
 import io
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.stats
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from reid_jax import atomic_io
 from reid_jax.data.market1501 import parse_filename
 
 TOP1_RULES = ("signed", "abs")
@@ -308,38 +307,6 @@ def table_csv(rows: Sequence[Table41Row]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes.
-
-
-def _atomic_write(path: str | os.PathLike, write: Any, mode: str = "w") -> str:
-    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it to ``path``."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> str:
-    """Writes ``text`` (UTF-8) to ``path`` atomically; returns the absolute path."""
-    return _atomic_write(path, lambda f: f.write(text))
-
-
-def save_figure_atomic(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
-    """Saves a matplotlib ``Figure`` as PNG atomically; returns the absolute path."""
-    FigureCanvasAgg(fig)
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), mode="wb")
-
-
-# ---------------------------------------------------------------------------------------------
 # Table 4.1 chart.
 
 
@@ -378,7 +345,7 @@ def table_figure(rows: Sequence[Table41Row], out_png: str | os.PathLike, *, by: 
         title += (f"\nPearson r = {correlation.pearson_r:.2f}, Spearman rho = "
                   f"{correlation.spearman_rho:.2f} (#Top1 vs positive ratio)")
     fig.suptitle(title, fontsize=11)
-    return save_figure_atomic(fig, out_png)
+    return atomic_io.save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +499,7 @@ def component_figure(values: Any, image_paths: Sequence[str], component_weights:
     name = "component" if component is None else f"component {component}"
     fig.suptitle(f"{name}: {v.size} gallery images sorted by its value (highest first)",
                  fontsize=11)
-    return save_figure_atomic(fig, out_png)
+    return atomic_io.save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,8 +549,8 @@ def write_analysis(weights: Any, names: Sequence[str], output_dir: str | os.Path
     markdown = table_markdown(rows, num_components=w.shape[0], by=by, ratio_source=ratio_source,
                               correlation=corr)
     out = os.fspath(output_dir)
-    files = [write_text_atomic(os.path.join(out, "table_4_1.md"), markdown),
-             write_text_atomic(os.path.join(out, "table_4_1.csv"), table_csv(rows)),
+    files = [atomic_io.write_text(os.path.join(out, "table_4_1.md"), markdown),
+             atomic_io.write_text(os.path.join(out, "table_4_1.csv"), table_csv(rows)),
              table_figure(rows, os.path.join(out, "table_4_1.png"), by=by, correlation=corr)]
     drawn: list[int] = []
     if features is not None:

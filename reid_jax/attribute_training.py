@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,7 +48,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from reid_jax import checkpoints, evaluation, inference, losses
+from reid_jax import atomic_io, checkpoints, evaluation, inference, losses
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.models.attribute_head import AttributeHead
 
@@ -308,24 +307,6 @@ def format_attribute_table(metrics: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------ saving
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Mapping[str, Any]) -> str:
-    """Writes ``payload`` as indented JSON via a temporary file and ``os.replace``."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_with_attribute_head(
     checkpoint_dir: str | os.PathLike,
     source_step: int,
@@ -423,11 +404,7 @@ def train_attributes(
     attributes_file = os.fspath(attributes_file) if attributes_file else os.path.join(
         data_root, ATTRIBUTE_FILE)
     attrs = attributes_lib.load_market_attributes(attributes_file)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    source_step = checkpoints.latest_step(directory) if step is None else int(step)
-    if source_step is None:
-        raise FileNotFoundError(f"checkpoint directory {directory} holds no checkpoint")
+    source_step = checkpoints.resolve_step(directory, step)
     model, meta = checkpoints.restore_model(directory, config, source_step)
     if config is None:
         config = ml_collections.ConfigDict(meta.get("config", {}))
@@ -464,6 +441,6 @@ def train_attributes(
               "checkpoint": {"directory": directory, "source_step": source_step,
                              "saved_step": new_step}}
     metrics_path = metrics_path or os.path.join(directory, METRICS_FILE)
-    write_json_atomic(metrics_path, result)
+    atomic_io.write_json(metrics_path, result)
     logging.info("attribute metrics written to %s", metrics_path)
     return result

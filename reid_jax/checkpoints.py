@@ -166,6 +166,20 @@ def _resolve_step(manager: ocp.CheckpointManager, directory: str, step: int | No
     return step
 
 
+def resolve_step(directory: str | os.PathLike, step: int | None = None) -> int:
+    """``step`` when ``directory`` holds it; None: the latest step of ``directory``.
+
+    Raises:
+      FileNotFoundError: ``directory`` does not exist, holds no checkpoint or not ``step``.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    manager = open_manager(directory, read_only=True)
+    try:
+        return _resolve_step(manager, directory, None if step is None else int(step))
+    finally:
+        manager.close()
+
+
 def _items_at(manager: ocp.CheckpointManager, step: int) -> set[str]:
     return {k for k, v in manager.item_metadata(step).items() if v is not None}
 

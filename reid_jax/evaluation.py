@@ -19,7 +19,9 @@ Ranking (DESIGN.md §3, Market-1501 protocol as in ReID-Survey / torchreid ``eva
 
 ``rank_metrics`` is vectorised over query chunks (bounded memory) and is the one to use;
 ``rank_metrics_loop`` is the plain per-query loop written like torchreid's, kept as the
-reference for tests and the benchmark baseline.
+reference for tests and the benchmark baseline. ``retrieval_metrics`` ranks embeddings by
+squared Euclidean distance and reports mAP, mINP, rank-1/5/10 and the CMC as training's
+``metrics.json`` and ``tools/evaluate.py`` write them.
 
 Attributes (Li et al., "A richly annotated dataset for pedestrian attribute recognition",
 2016, the PETA/RAP protocol): see ``attribute_metrics``.
@@ -33,6 +35,8 @@ import numpy as np
 
 JUNK_PID = -1
 DISTRACTOR_PID = 0
+CMC_LENGTH = 50  # entries of the CMC curve that retrieval_metrics reports
+REPORTED_RANKS = (1, 5, 10)  # CMC ranks retrieval_metrics reports as rank1, rank5, rank10
 
 
 def _check_ids(name: str, values: Any, length: int, expected: str) -> np.ndarray:
@@ -297,6 +301,50 @@ def rank_metrics(
         raise _no_valid_query_error(num_q, num_g)
     cmc_sum = np.cumsum(first_hits[:max_rank]).astype(np.float64)
     return _summary(cmc_sum, ap_sum, inp_sum, num_valid)
+
+
+def squared_euclidean(query: np.ndarray, gallery: np.ndarray,
+                      chunk: int = 1024) -> np.ndarray:
+    """float32 [Q, G] ``|q - g|^2`` as ``|q|^2 + |g|^2 - 2 q.g`` (clipped at 0), query chunks."""
+    query = np.asarray(query, np.float32)
+    gallery = np.asarray(gallery, np.float32)
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"squared_euclidean: expected [Q, D] and [G, D], got {query.shape} "
+                         f"and {gallery.shape}")
+    gg = np.sum(gallery * gallery, axis=1)
+    out = np.empty((query.shape[0], gallery.shape[0]), np.float32)
+    for lo in range(0, query.shape[0], chunk):
+        q = query[lo:lo + chunk]
+        d = np.sum(q * q, axis=1)[:, None] + gg[None, :] - 2.0 * (q @ gallery.T)
+        out[lo:lo + chunk] = np.maximum(d, 0.0)
+    return out
+
+
+def retrieval_metrics(
+    query_features: Any,
+    gallery_features: Any,
+    query_pids: Any,
+    gallery_pids: Any,
+    query_cams: Any,
+    gallery_cams: Any,
+) -> dict[str, Any]:
+    """Market-1501 re-id metrics of embeddings ranked by squared Euclidean distance.
+
+    Args:
+      query_features: [Q, D]; gallery_features: [G, D] (the retrieval embedding).
+      query_pids, query_cams: [Q]; gallery_pids, gallery_cams: [G] (as :func:`rank_metrics`).
+
+    Returns:
+      ``{"mAP", "mINP", "rank1", "rank5", "rank10", "cmc" (list of 50), "num_valid_queries"}``
+      as plain Python numbers (JSON-ready), from :func:`rank_metrics` with ``max_rank=50``.
+    """
+    result = rank_metrics(squared_euclidean(query_features, gallery_features), query_pids,
+                          gallery_pids, query_cams, gallery_cams, max_rank=CMC_LENGTH)
+    cmc = [float(v) for v in result["cmc"]]
+    out: dict[str, Any] = {"mAP": float(result["mAP"]), "mINP": float(result["mINP"])}
+    out.update({f"rank{r}": cmc[r - 1] for r in REPORTED_RANKS})
+    out.update({"cmc": cmc, "num_valid_queries": int(result["num_valid_queries"])})
+    return out
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from reid_jax import explain
+from reid_jax import atomic_io, explain
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
 from reid_jax.data.market1501 import (
     IMAGE_EXTENSIONS,
@@ -590,12 +590,6 @@ def _publish(staging: str, output_dir: str, names: Sequence[str]) -> None:
             os.replace(src, dst)
 
 
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, allow_nan=False)
-        f.write("\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # The run.
 
@@ -750,7 +744,7 @@ def run(
                 if position < num_report:
                     report_records.append(record)
         bar.close()
-        _write_json(os.path.join(staging, SUMMARY_NAME), summary)
+        atomic_io.write_json(os.path.join(staging, SUMMARY_NAME), summary, indent=1)
         report.write_report(os.path.join(staging, REPORT_NAME), summary, report_records,
                             data_root=data_root, progress=progress)
         _publish(staging, output_dir, (JSONL_NAME, SUMMARY_NAME, REPORT_NAME))

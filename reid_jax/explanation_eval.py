@@ -55,7 +55,6 @@ import collections
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -66,7 +65,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from reid_jax import explain, explain_run
+from reid_jax import atomic_io, explain, explain_run
 from reid_jax import explanation_metrics as em
 from reid_jax.data import synthetic
 from reid_jax.data.attributes import (
@@ -573,43 +572,79 @@ def _pct(x: Any) -> str:
     return "—" if x is None else f"{100.0 * float(x):.1f}"
 
 
-def markdown_table(metrics: dict[str, Any]) -> str:
-    """The README table of :func:`evaluate`'s metrics (values in %), with a legend."""
+class TableRow(NamedTuple):
+    """One row of :func:`summary_table`.
+
+    Attributes:
+      metric: what the row measures, e.g. ``counterfactual hit rate, top-1``.
+      n: pairs (AUROC: query-attribute entries); ``None`` when the part was skipped.
+      values: one fraction in ``[0, 1]`` per mode of ``MODES`` (``None``: does not apply).
+      chance: the chance level (``None``: none).
+      skipped: why the part was not measured (``""``: it was).
+    """
+
+    metric: str
+    n: int | None
+    values: tuple[float | None, ...]
+    chance: float | None
+    skipped: str = ""
+
+
+class SummaryTable(NamedTuple):
+    """The table of :func:`markdown_table` as data (``reid_jax.report`` renders it in HTML).
+
+    Attributes:
+      columns: the header: ``metric``, ``n``, one title per mode of ``MODES``, ``chance``.
+      rows: :class:`TableRow` s, in the order printed.
+      legend: sentences explaining the table.
+    """
+
+    columns: tuple[str, ...]
+    rows: tuple[TableRow, ...]
+    legend: tuple[str, ...]
+
+
+def summary_table(metrics: dict[str, Any]) -> SummaryTable:
+    """The rows of the README table of :func:`evaluate`'s ``metrics`` (the JSON layout).
+
+    Rows: counterfactual hit rate top-1 / top-3; matching-score AUROC over all pairs and the
+    top ``k``, for confident and all attributes (eq. 3.1 only); AMD Ex-Precision / Ex-mAP
+    ``_d`` / ``_s`` over all pairs and the top ``k``.  Raises ``KeyError`` when ``metrics``
+    lacks one of these entries.
+    """
     k = metrics["settings"]["k"]
     top = f"top{k}"
-    head = ["metric", "n"] + [MODE_TITLES[m] for m in MODES] + ["chance"]
-    rows: list[list[str]] = []
+    columns = ("metric", "n", *(MODE_TITLES[m] for m in MODES), "chance")
+    rows: list[TableRow] = []
     cf = metrics["counterfactual"]
     if "skipped" in cf:
-        rows.append(["counterfactual hit rate", "—", "skipped", "", "", ""])
+        rows.append(TableRow("counterfactual hit rate", None, (None,) * len(MODES), None,
+                             skipped=str(cf["skipped"])))
     else:
         for m in HIT_RANKS:
-            rows.append([f"counterfactual hit rate, top-{m}", str(cf["num_pairs"])]
-                        + [_pct(cf[mode][f"top{m}"]) for mode in MODES]
-                        + [_pct(cf["chance"][f"top{m}"])])
+            rows.append(TableRow(f"counterfactual hit rate, top-{m}", int(cf["num_pairs"]),
+                                 tuple(cf[mode][f"top{m}"] for mode in MODES),
+                                 cf["chance"][f"top{m}"]))
     for scope, scope_name in (("all_pairs", "all pairs"), (top, f"top-{k}")):
         for which, which_name in (("confident", "confident attributes"),
                                   ("all_attributes", "all attributes")):
             a = metrics["auroc"][scope][which]
-            rows.append([f"matching-score AUROC, {scope_name}, {which_name}",
-                         str(a["num_positive"] + a["num_negative"]), "—", "—", _pct(a["auroc"]),
-                         "50.0"])
+            rows.append(TableRow(f"matching-score AUROC, {scope_name}, {which_name}",
+                                 int(a["num_positive"] + a["num_negative"]),
+                                 tuple(a["auroc"] if mode == "scores" else None
+                                       for mode in MODES), 0.5))
     for scope, scope_name in (("all_pairs", "all pairs"), (top, f"top-{k}")):
         amd = metrics["amd"][scope]
         for key, title in (("ex_precision_d", "Ex-Precision_d"), ("ex_map_d", "Ex-mAP_d"),
                            ("ex_precision_s", "Ex-Precision_s"), ("ex_map_s", "Ex-mAP_s")):
             n = amd["num_pairs_d"] if key.endswith("_d") else amd["num_pairs_s"]
-            rows.append([f"AMD {title}, {scope_name}", str(n)]
-                        + [_pct(amd[mode][key]) for mode in MODES] + [_pct(amd["chance"][key])])
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "|".join([":---", "---:"] + ["---:"] * (len(head) - 2)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    s = metrics["settings"]
-    threshold = s["threshold"]
+            rows.append(TableRow(f"AMD {title}, {scope_name}", int(n),
+                                 tuple(amd[mode][key] for mode in MODES),
+                                 amd["chance"][key]))
+    threshold = metrics["settings"]["threshold"]
     t_text = (f"{threshold:g}" if isinstance(threshold, (int, float))
               else "per attribute")
     legend = [
-        "",
         f"Values in %. n: pairs (AUROC: query-attribute entries). Top-{k}: the {k} best-ranked "
         f"gallery images of every query. Confident attributes: |x - 0.5| > {t_text}.",
     ]
@@ -621,20 +656,22 @@ def markdown_table(metrics: dict[str, Any]) -> str:
             f"({cf['num_rejected_invisible']} barely visible changes rejected), each paired "
             f"with the queries that rank it in their top {k} or match it; a hit: a changed "
             "attribute rises most (top-1) or among the 3 largest rises (top-3).")
-    return "\n".join(lines + legend) + "\n"
+    return SummaryTable(columns, tuple(rows), tuple(legend))
 
 
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def markdown_table(metrics: dict[str, Any]) -> str:
+    """The README table of :func:`evaluate`'s metrics (values in %), with a legend."""
+    table = summary_table(metrics)
+    lines = ["| " + " | ".join(table.columns) + " |",
+             "|" + "|".join([":---", "---:"] + ["---:"] * (len(table.columns) - 2)) + "|"]
+    for row in table.rows:
+        if row.skipped:
+            cells = [row.metric, "—", "skipped"] + [""] * len(MODES)
+        else:
+            cells = ([row.metric, str(row.n)] + [_pct(v) for v in row.values]
+                     + [_pct(row.chance)])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", *table.legend]) + "\n"
 
 
 def write_outputs(metrics: dict[str, Any], output_dir: str | os.PathLike) -> tuple[str, str]:
@@ -644,9 +681,9 @@ def write_outputs(metrics: dict[str, Any], output_dir: str | os.PathLike) -> tup
     os.makedirs(output_dir, exist_ok=True)
     json_path = os.path.join(output_dir, JSON_NAME)
     md_path = os.path.join(output_dir, MARKDOWN_NAME)
-    text = json.dumps(metrics, indent=1, allow_nan=False) + "\n"
-    _atomic_write(md_path, markdown_table(metrics))
-    _atomic_write(json_path, text)
+    text = json.dumps(metrics, indent=1, allow_nan=False) + "\n"  # fails before any write
+    atomic_io.write_text(md_path, markdown_table(metrics))
+    atomic_io.write_text(json_path, text)
     return json_path, md_path
 
 
@@ -785,8 +822,7 @@ def evaluate(
     else:
         if embed_fn is None:
             loader_config = inference.eval_loader_config(config)
-            batch = int(config.get("data", {}).get("eval_batch_size",
-                                                   inference.DEFAULT_BATCH_SIZE))
+            batch = inference.eval_batch_size(config)
 
             def embed_fn(items: list[bytes]) -> np.ndarray:
                 return inference.embed_images(
@@ -888,6 +924,8 @@ __all__ = [
     "Counterfactual",
     "CounterfactualSet",
     "EvaluationResult",
+    "SummaryTable",
+    "TableRow",
     "counterfactual_metrics",
     "evaluate",
     "label_metrics",
@@ -896,5 +934,6 @@ __all__ = [
     "pair_separations",
     "planned_value",
     "ranked_pairs",
+    "summary_table",
     "write_outputs",
 ]

@@ -1,4 +1,4 @@
-"""Inference: retrieval embeddings of images, cached per split, for the tools.
+"""Inference: retrieval embeddings of images, cached per split, for training and the tools.
 
 The embedding returned here is **the** retrieval embedding of DESIGN.md section 2: AGW's
 post-BNNeck feature, L2-normalised (``reid_jax.models.agw.retrieval_embedding``). It is the
@@ -11,14 +11,18 @@ tensor that is ranked (squared Euclidean distance), fed to the attribute head
   any size are resized to the model's input (``reid_jax.data.augment.eval_transform``: resize +
   ImageNet normalisation, as the reference's test transform). Eval mode means BatchNorm uses
   running statistics, so rows never interact and padding cannot change a feature. Progress
-  (images/s, ETA) is logged every ``log_every_seconds``.
+  (images/s, ETA) is logged every ``log_every_seconds``. This is the only jitted eval
+  forward: training's periodic evaluation (``reid_jax.train_lib.evaluate``, data parallel
+  over its mesh), the tools and the counterfactual embedding of
+  ``reid_jax.explanation_eval`` all go through it.
 * :func:`cached_embeddings`: an ``.npz`` cache (``paths`` + ``features``) keyed by a JSON
   description of how the features were computed; reused when it matches, else recomputed and
   atomically replaced.
 * :func:`load_split_embeddings` / :func:`split_embeddings`: the embeddings of Market-1501
   splits (``query``, ``gallery``, ``train``) of a checkpoint, with pids and cameras, cached. This
-  is the entry point of ``tools/evaluate.py``, ``tools/train_attributes.py`` and
-  ``tools/explain.py``; its signature and :class:`SplitEmbeddings` are kept stable.
+  is the entry point of ``tools/evaluate.py``, ``tools/train_attributes.py``,
+  ``tools/explain.py`` and ``tools/analyze.py``; its signature and :class:`SplitEmbeddings`
+  are kept stable.
 
 The cache key is a fingerprint of the model's weights (SHA-256 over every array of
 ``nnx.state(model)``), ``config.model``, the eval image settings, the output names and the list of
@@ -30,10 +34,10 @@ a re-generated dataset with the same file names does not.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -45,7 +49,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from reid_jax import checkpoints
+from reid_jax import atomic_io, checkpoints
 from reid_jax.data import augment
 from reid_jax.data import loader as loader_lib
 from reid_jax.data.market1501 import IMAGE_EXTENSIONS, SPLIT_FOLDERS, load_market1501
@@ -99,8 +103,7 @@ def eval_loader_config(
     fields take the AGW defaults (256 x 128, bilinear, ImageNet mean/std). ``num_workers``
     defaults to ``config.data.num_workers`` or the loader's default.
     """
-    data = config.get("data") if config is not None and hasattr(config, "get") else None
-    data = data if data is not None else {}
+    data = _data_section(config)
     kwargs = {}
     for name in _EVAL_IMAGE_FIELDS:
         if name in data and data[name] is not None:
@@ -113,6 +116,17 @@ def eval_loader_config(
     if num_workers is None:
         num_workers = int(data.get("num_workers", loader_lib.LoaderConfig.num_workers))
     return loader_lib.LoaderConfig(num_workers=num_workers, augment=aug)
+
+
+def _data_section(config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> Mapping:
+    """``config.data`` (``{}`` when ``config`` or the section is missing)."""
+    data = config.get("data") if config is not None and hasattr(config, "get") else None
+    return data if data is not None else {}
+
+
+def eval_batch_size(config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> int:
+    """``config.data.eval_batch_size``, or ``DEFAULT_BATCH_SIZE`` when it is not set."""
+    return int(_data_section(config).get("eval_batch_size", DEFAULT_BATCH_SIZE))
 
 
 def eval_image_settings(loader_config: loader_lib.LoaderConfig) -> dict[str, Any]:
@@ -149,6 +163,13 @@ def _forward(
 # One jit per process: graphdef and the output names are static, so every call with the same
 # model structure and batch shape reuses the compiled forward.
 _forward_jit = jax.jit(_forward, static_argnames=("graphdef", "outputs"))
+
+
+@functools.lru_cache(maxsize=8)
+def _forward_on_mesh(mesh: jax.sharding.Mesh) -> Callable[..., dict[str, jax.Array]]:
+    """:func:`_forward` jitted for ``mesh``: outputs replicated, so every host can read them."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(_forward, static_argnames=("graphdef", "outputs"), out_shardings=replicated)
 
 
 def _eval_state(model: AGW) -> tuple[nnx.GraphDef, nnx.State]:
@@ -208,8 +229,10 @@ def extract(
       height, width: the model's input size.
       batch_size: rows per forward; the last batch is padded to it (one compile).
       mesh: optional ``jax.sharding.Mesh``; batches are split along its first axis (the batch
-        size must be divisible by that axis' size) and the weights replicated. Default: the
-        default device.
+        size must be divisible by that axis' size), the weights and outputs replicated. A mesh
+        over several processes works when every process calls this with the same items (each
+        feeds its slice of every batch, ``reid_jax.data.loader.global_to_device``). Default:
+        the default device.
       outputs: names among ``OUTPUTS``: ``"features"`` (post-BN, L2-normalised: the retrieval
         embedding), ``"post_bn"``, ``"pre_bn"``, ``"attributes"`` (needs ``attribute_head``).
       attribute_head: the ``AttributeHead`` for ``"attributes"``.
@@ -255,6 +278,7 @@ def extract(
 
     graphdef, state = _eval_state(model)
     image_sharding = None
+    forward = _forward_jit
     if mesh is not None:
         axis = mesh.axis_names[0]
         shards = mesh.shape[axis]
@@ -266,6 +290,7 @@ def extract(
         state = jax.device_put(state, replicated)
         if head_kernel is not None:
             head_kernel = jax.device_put(head_kernel, replicated)
+        forward = _forward_on_mesh(mesh)
 
     n = len(items)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
@@ -282,8 +307,8 @@ def extract(
         for batch in batches:
             images = batch["image"]
             if image_sharding is not None:
-                images = jax.device_put(images, image_sharding)
-            result = _forward_jit(graphdef, state, head_kernel, images, outputs=outputs)
+                images = loader_lib.global_to_device({"image": images}, image_sharding)["image"]
+            result = forward(graphdef, state, head_kernel, images, outputs=outputs)
             # Keep one batch in flight: fetch the previous one while this one runs.
             if pending is not None:
                 done += collect(*pending)
@@ -366,22 +391,6 @@ def _key_json(key_info: Mapping[str, Any]) -> str:
         raise ValueError(f"cached_embeddings: key_info must be JSON-serialisable: {e}") from None
 
 
-def save_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """``np.savez`` into a temporary file beside ``path``, then ``os.replace`` (atomic)."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _read_cache(path: str, key: str, paths: np.ndarray) -> dict[str, np.ndarray] | None:
     """The cached arrays when ``path`` holds ``key`` and ``paths``; None otherwise."""
     if not os.path.isfile(path):
@@ -454,7 +463,7 @@ def cached_embeddings(
                              f"expected {paths.shape[0]} rows (one per path)")
     result = {"paths": paths, **computed}
     if path is not None:
-        save_npz_atomic(path, {**result, "key": np.asarray(key, dtype=np.str_)})
+        atomic_io.save_npz(path, {**result, "key": np.asarray(key, dtype=np.str_)})
         logging.info("embeddings of %d images cached in %s", paths.shape[0], path)
     return result
 
@@ -465,6 +474,15 @@ def cached_embeddings(
 def default_cache_dir(checkpoint_dir: str | os.PathLike) -> str:
     """``CHECKPOINT_DIR/embedding_cache`` (orbax ignores non-step folders)."""
     return os.path.join(os.path.abspath(os.fspath(checkpoint_dir)), CACHE_SUBDIR)
+
+
+def cache_dir_option(cache_dir: str | os.PathLike | None,
+                     checkpoint_dir: str | os.PathLike) -> str | None:
+    """A tool's ``--cache_dir``: None (not given): ``default_cache_dir(checkpoint_dir)``;
+    ``""``: None (no cache); else the folder itself."""
+    if cache_dir is None:
+        return default_cache_dir(checkpoint_dir)
+    return os.fspath(cache_dir) or None
 
 
 def split_embeddings(
@@ -501,8 +519,7 @@ def split_embeddings(
     loader_config = eval_loader_config(config, num_workers=num_workers)
     height, width = loader_config.augment.height, loader_config.augment.width
     if batch_size is None:
-        data_cfg = config.get("data") if config is not None and hasattr(config, "get") else None
-        batch_size = int((data_cfg or {}).get("eval_batch_size", DEFAULT_BATCH_SIZE))
+        batch_size = eval_batch_size(config)
     fingerprint = None
     model_config = model_kwargs(config) if config is not None and "model" in config else None
     out = {}

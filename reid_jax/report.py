@@ -23,6 +23,7 @@ All text from data (file names, JSON values) is HTML-escaped.  Records are the d
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ PIE_SLICES = 7  # Largest contributions drawn as slices; the rest is one "other"
 LISTED_NEGATIVES = 8
 MIN_SLICE_SHARE = 0.03
 FIGURE_SIZE = (5.6, 2.5)  # inches of an error composition figure (560 x 250 px)
+METRICS_COPY = "explanation_metrics.json"  # the metrics shown, copied into the report
 
 DISPLAY_RULES: dict[str, str] = {
     "matching_scores": (
@@ -123,6 +125,15 @@ nav.pages a,nav.pages span{margin-right:10px}
 .badge{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;
  background:#eef2f9;margin-left:6px}
 .badge.bad{background:#fbe3e3}
+table.metrics td,table.metrics th{padding:4px 12px}
+table.metrics th{vertical-align:bottom}
+table.metrics tr.group td{border-top:2px solid #c9ced8}
+table.metrics td.best{font-weight:700}
+table.metrics td.chance{color:#5b6474}
+table.metrics td.skipped{color:#5b6474;font-style:italic}
+details.more{margin-top:10px;font-size:13px}
+details.more summary{cursor:pointer;color:#2b63c6}
+details.more h3{font-size:13px;margin:12px 0 4px}
 """
 
 
@@ -454,6 +465,143 @@ def _metrics_tables(metrics: dict[str, Any], names: Sequence[str]) -> str:
     return "\n".join(parts)
 
 
+def _percent_cell(value: Any, css: str = "") -> str:
+    """A ``<td>`` holding a fraction in percent with one decimal (``–`` for none / NaN)."""
+    cls = f"num {css}".strip()
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"<td class=\"{cls}\">–</td>"
+    return f"<td class=\"{cls}\">{100.0 * float(value):.1f}</td>"
+
+
+def _per_attribute_table(title: str, columns: dict[str, Any], names: Sequence[str]) -> str:
+    """Rows = attributes; columns = the ``[A]`` lists of ``columns`` (counts as integers,
+    fractions in %)."""
+    columns = {k: v for k, v in columns.items()
+               if isinstance(v, list) and len(v) == len(names)}
+    if not columns:
+        return ""
+    head = "".join(f"<th class=\"num\">{_e(k).replace('_', '_<wbr>')}</th>" for k in columns)
+    rows = []
+    for a, name in enumerate(names):
+        cells = []
+        for values in columns.values():
+            v = values[a]
+            if isinstance(v, int) and not isinstance(v, bool):
+                cells.append(f"<td class=\"num\">{v}</td>")
+            elif isinstance(v, float) or v is None:
+                cells.append(_percent_cell(v))
+            else:
+                cells.append(f"<td>{_e(v)}</td>")
+        rows.append(f"<tr><td>{_e(name)}</td>{''.join(cells)}</tr>")
+    counts = any(isinstance(v, int) and not isinstance(v, bool)
+                 for values in columns.values() for v in values)
+    title += " (counts; rates in %)" if counts else " (in %)"
+    return (f"<h3>{_e(title)}</h3><div class=\"scroll\"><table class=\"list\"><tr>"
+            f"<th>attribute</th>{head}</tr>{''.join(rows)}</table></div>")
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return os.path.normpath(os.path.abspath(str(a))) == os.path.normpath(os.path.abspath(str(b)))
+
+
+def _explanation_quality_html(metrics: dict[str, Any], summary: dict[str, Any],
+                              names: Sequence[str]) -> str:
+    """The table of ``tools/evaluate_explanations.py`` (``explanation_eval.summary_table``) for
+    a JSON of its layout, the details collapsed; other JSON as generic tables."""
+    from reid_jax import explanation_eval
+
+    try:
+        if metrics.get("format") != explanation_eval.FORMAT:
+            raise ValueError(f"format {metrics.get('format')!r}, not "
+                             f"{explanation_eval.FORMAT!r}")
+        table = explanation_eval.summary_table(metrics)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        reason = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
+        return (f"<p class=\"note\">Not the layout of tools/evaluate_explanations.py "
+                f"({_e(reason)}); all entries listed.</p>\n" + _metrics_tables(metrics, names))
+
+    out = []
+    settings = metrics.get("settings", {})
+    data = metrics.get("data", {})
+    facts = []
+    if settings.get("checkpoint"):
+        warn = ("" if not summary.get("checkpoint") or _same_path(settings["checkpoint"],
+                                                                  summary["checkpoint"])
+                else "<span class=\"badge bad\">not this run's checkpoint</span>")
+        facts.append(f"checkpoint {_e(settings['checkpoint'])}{warn}")
+    if settings.get("data_root"):
+        warn = ("" if not summary.get("data_root") or _same_path(settings["data_root"],
+                                                                 summary["data_root"])
+                else "<span class=\"badge bad\">not this run's data root</span>")
+        facts.append(f"data root {_e(settings['data_root'])}{warn}")
+    if data:
+        facts.append(
+            f"{_e(data.get('num_queries', '?'))} queries "
+            f"({_e(data.get('num_labelled_queries', '?'))} labelled), "
+            f"{_e(data.get('num_gallery', '?'))} gallery images "
+            f"({_e(data.get('num_labelled_gallery', '?'))} labelled)"
+            + (", synthetic" if data.get("synthetic") else ""))
+    if facts:
+        out.append("<p class=\"note\">Measured on " + " · ".join(facts) + ".</p>")
+
+    head = "".join(("<th class=\"num\">" if i else "<th>") + f"{_e(c)}</th>"
+                   for i, c in enumerate(table.columns))
+    rows = []
+    family = None
+    for row in table.rows:
+        # Groups: counterfactuals; AUROC over all pairs, over the top k; AMD likewise.
+        row_family = (row.metric.split()[0], "all pairs" in row.metric)
+        group = " class=\"group\"" if family is not None and row_family != family else ""
+        family = row_family
+        if row.skipped:
+            rows.append(f"<tr{group}><td>{_e(row.metric)}</td><td class=\"num\">–</td>"
+                        f"<td class=\"skipped\" colspan=\"{len(row.values) + 1}\">skipped: "
+                        f"{_e(row.skipped)}</td></tr>")
+            continue
+        present = [v for v in row.values if v is not None]
+        best = max(present) if len(present) > 1 else None
+        cells = "".join(_percent_cell(v, "best" if best is not None and v == best else "")
+                        for v in row.values)
+        rows.append(f"<tr{group}><td>{_e(row.metric)}</td><td class=\"num\">{_e(row.n)}</td>"
+                    f"{cells}{_percent_cell(row.chance, 'chance')}</tr>")
+    out.append(f"<div class=\"scroll\"><table class=\"list metrics\"><tr>{head}</tr>"
+               + "".join(rows) + "</table></div>")
+    out.append("<p class=\"note\">" + " ".join(_e(s) for s in table.legend)
+               + " Bold: the best of the explanations in a row (higher is better).</p>")
+
+    details = []
+    cf = metrics.get("counterfactual", {})
+    subsets = cf.get("subsets") if isinstance(cf, dict) else None
+    if isinstance(subsets, dict) and subsets:
+        keys = list(dict.fromkeys(key for s in subsets.values() if isinstance(s, dict)
+                                  for key in s))
+        head = "".join(f"<th class=\"num\">{_e(k).replace('_', '_<wbr>')}</th>" for k in keys)
+        body = []
+        for name, s in subsets.items():
+            s = s if isinstance(s, dict) else {}
+            cells = "".join(
+                f"<td class=\"num\">{_e(s.get(k))}</td>"
+                if isinstance(s.get(k), int) and not isinstance(s.get(k), bool)
+                else _percent_cell(s.get(k)) for k in keys)
+            body.append(f"<tr><td>{_e(name)}</td>{cells}</tr>")
+        details.append("<h3>counterfactual hit rate by pair subset (values in %)</h3>"
+                       f"<div class=\"scroll\"><table class=\"list\"><tr><th>pairs</th>"
+                       f"{head}</tr>{''.join(body)}</table></div>")
+    for family, title in (("counterfactual", "counterfactual hit rate per changed attribute"),
+                          ("auroc", "matching-score AUROC per query attribute"),
+                          ("amd", "AMD per attribute: pairs where it differs, precision "
+                                  "and AP of each explanation")):
+        part = metrics.get(family)
+        per_attribute = part.get("per_attribute") if isinstance(part, dict) else None
+        if isinstance(per_attribute, dict):
+            details.append(_per_attribute_table(title, per_attribute, names))
+    details = [d for d in details if d]
+    if details:
+        out.append("<details class=\"more\"><summary>details: pair subsets and per-attribute "
+                   "values</summary>" + "".join(details) + "</details>")
+    return "\n".join(out)
+
+
 def _index_html(summary: dict[str, Any], records: Sequence[dict], pages: int,
                 metrics_png: str | None) -> str:
     cmc = summary["cmc"]
@@ -509,8 +657,10 @@ def _index_html(summary: dict[str, Any], records: Sequence[dict], pages: int,
         src = summary.get("explanation_metrics_file")
         out.append("<p class=\"muted\">Measured explanations (DESIGN.md §5: counterfactual hit "
                    "rate, AUROC of matching scores, AMD Ex-Precision / Ex-mAP)"
-                   + (f", from {_e(src)}" if src else "") + ".</p>")
-        out.append(_metrics_tables(metrics, summary.get("attribute_names", ATTRIBUTE_NAMES)))
+                   + (f", from {_e(src)}" if src else "") + ". All values: <a href=\""
+                   f"{METRICS_COPY}\">{METRICS_COPY}</a> (a copy in this folder).</p>")
+        out.append(_explanation_quality_html(metrics, summary,
+                                             summary.get("attribute_names", ATTRIBUTE_NAMES)))
     else:
         out.append("<p class=\"muted\">No explanation_metrics.json was given for this run "
                    "(tools/evaluate_explanations.py writes one).</p>")
@@ -623,6 +773,10 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
         metrics_png = "fig/metrics.png"
         _save(metrics_figure(summary["cmc"], summary["ap_histogram"]),
               os.path.join(report_dir, metrics_png))
+    if summary.get("explanation_metrics"):
+        with open(os.path.join(report_dir, METRICS_COPY), "w", encoding="utf-8") as f:
+            json.dump(summary["explanation_metrics"], f, indent=1)
+            f.write("\n")
     index = os.path.join(report_dir, "index.html")
     with open(index, "w", encoding="utf-8") as f:
         f.write(_index_html(summary, records, pages, metrics_png))

@@ -53,7 +53,6 @@ import json
 import logging as logging_std
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -67,11 +66,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from reid_jax import checkpoints, evaluation, losses, schedules
+from reid_jax import atomic_io, checkpoints, evaluation, inference, losses, schedules
 from reid_jax.data import loader as loader_lib
 from reid_jax.data.market1501 import Market1501, load_market1501
 from reid_jax.data.sampler import RandomIdentitySampler
-from reid_jax.models.agw import AGW, retrieval_embedding
+from reid_jax.models.agw import AGW
 from reid_jax.train_state import TrainState, create_train_state
 
 TRAIN_STATE_ITEM = "train_state"
@@ -80,8 +79,6 @@ METRICS_FILE = "metrics.json"
 DATA_AXIS = "data"
 # config.data fields that are not loader settings.
 _NON_LOADER_DATA_FIELDS = ("root", "eval_batch_size")
-# Ranks reported as scalars (CMC).
-_REPORTED_RANKS = (1, 5, 10)
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -119,17 +116,9 @@ def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Places a host batch (the same global batch on every host) on the mesh, split on axis 0.
 
     With several processes each passes only its contiguous slice of rows, so the global array
-    is the host batch itself.
+    is the host batch itself (``reid_jax.data.loader.global_to_device``).
     """
-    nproc, pid = jax.process_count(), jax.process_index()
-    local = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if nproc > 1:
-            rows = value.shape[0] // nproc
-            value = value[pid * rows:(pid + 1) * rows]
-        local[key] = value
-    return loader_lib.to_device(local, batch_sharded(mesh))
+    return loader_lib.global_to_device(batch, batch_sharded(mesh))
 
 
 # ----------------------------------------------------------------------------- steps
@@ -185,87 +174,13 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     return new_state, metrics
 
 
-def embed_step(graphdef: nnx.GraphDef, model_state: nnx.State, images: jax.Array) -> jax.Array:
-    """Eval-mode retrieval embeddings: ``[B, H, W, 3] -> float32 [B, D]``, L2-normalised post-BN.
-
-    ``graphdef, model_state = nnx.split(model)`` (or a ``TrainState``'s ``graphdef`` and
-    ``model_state()``); BatchNorm uses its running statistics and nothing is updated.
-    """
-    model = nnx.merge(graphdef, model_state, copy=True)
-    model.eval()
-    return retrieval_embedding(model(images))
-
-
 def jit_train_step(mesh: jax.sharding.Mesh):
     """``train_step`` jitted for ``mesh``: state replicated, batch sharded along ``"data"``."""
     rep, data = replicated(mesh), batch_sharded(mesh)
     return jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep))
 
 
-def jit_embed_step(mesh: jax.sharding.Mesh):
-    """``embed_step`` jitted for ``mesh`` (``graphdef`` static); embeddings come back
-    replicated, so every host can read them."""
-    rep, data = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(embed_step, static_argnums=0, in_shardings=(rep, data), out_shardings=rep)
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-
-def _split_model(model: AGW | TrainState) -> tuple[nnx.GraphDef, nnx.State]:
-    if isinstance(model, TrainState):
-        return model.graphdef, model.model_state()
-    if isinstance(model, AGW):
-        return nnx.split(model)
-    raise ValueError(f"expected an AGW model or a TrainState, got {type(model).__name__}")
-
-
-def compute_embeddings(
-    model: AGW | TrainState,
-    items: Sequence[Any],
-    loader_config: loader_lib.LoaderConfig,
-    mesh: jax.sharding.Mesh,
-    batch_size: int,
-    embed_fn: Any = None,
-) -> np.ndarray:
-    """float32 [N, D] eval-mode retrieval embeddings of ``items`` (paths or images), in order.
-
-    Args:
-      model: an ``AGW`` (e.g. from ``checkpoints.restore_model``) or a training state.
-      items: images as ``reid_jax.data.loader.eval_batches`` takes them.
-      loader_config: resize / normalisation (``loader_config(config)``).
-      mesh: devices to run on; ``batch_size`` must be divisible by their number.
-      batch_size: images per step (the last batch is padded).
-      embed_fn: a ``jit_embed_step(mesh)`` to reuse (compiled once per shape).
-    """
-    _check_divisible(batch_size, mesh, "config.data.eval_batch_size")
-    graphdef, model_state = _split_model(model)
-    model_state = jax.device_put(model_state, replicated(mesh))
-    embed_fn = embed_fn or jit_embed_step(mesh)
-    chunks = []
-    with loader_lib.eval_batches(items, batch_size, config=loader_config) as batches:
-        for batch in batches:
-            images = shard_batch({"image": batch["image"]}, mesh)["image"]
-            emb = np.asarray(jax.device_get(embed_fn(graphdef, model_state, images)))
-            chunks.append(emb[batch["mask"]])
-    return np.concatenate(chunks, axis=0)
-
-
-def squared_euclidean(query: np.ndarray, gallery: np.ndarray,
-                      chunk: int = 1024) -> np.ndarray:
-    """float32 [Q, G] ``|q - g|^2`` as ``|q|^2 + |g|^2 - 2 q.g`` (clipped at 0), query chunks."""
-    query = np.asarray(query, np.float32)
-    gallery = np.asarray(gallery, np.float32)
-    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"squared_euclidean: expected [Q, D] and [G, D], got {query.shape} "
-                         f"and {gallery.shape}")
-    gg = np.sum(gallery * gallery, axis=1)
-    out = np.empty((query.shape[0], gallery.shape[0]), np.float32)
-    for lo in range(0, query.shape[0], chunk):
-        q = query[lo:lo + chunk]
-        d = np.sum(q * q, axis=1)[:, None] + gg[None, :] - 2.0 * (q @ gallery.T)
-        out[lo:lo + chunk] = np.maximum(d, 0.0)
-    return out
 
 
 def evaluate(
@@ -274,28 +189,36 @@ def evaluate(
     loader_config: loader_lib.LoaderConfig,
     mesh: jax.sharding.Mesh,
     batch_size: int,
-    embed_fn: Any = None,
 ) -> dict[str, Any]:
     """Market-1501 re-id metrics of ``model`` on ``data.query`` vs ``data.gallery``.
 
-    Embeddings are the L2-normalised post-BN features, distances squared Euclidean
-    (DESIGN.md section 3); metrics from ``reid_jax.evaluation.rank_metrics``.
+    Embeddings are the L2-normalised post-BN features of ``reid_jax.inference.extract`` (eval
+    mode, batches of ``batch_size`` split over ``mesh``), distances squared Euclidean
+    (DESIGN.md section 3); metrics from ``reid_jax.evaluation.retrieval_metrics``.
+
+    Args:
+      model: an ``AGW`` (e.g. from ``checkpoints.restore_model``) or a training state.
+      data: the dataset (its query and gallery splits are embedded).
+      loader_config: resize / normalisation (``loader_config(config)``).
+      mesh: devices to run on; ``batch_size`` must be divisible by their number.
+      batch_size: images per step (the last batch is padded).
 
     Returns:
       ``{"mAP", "mINP", "rank1", "rank5", "rank10", "cmc" (list of 50), "num_valid_queries"}``.
     """
-    embed_fn = embed_fn or jit_embed_step(mesh)
-    query = compute_embeddings(model, data.query.paths, loader_config, mesh, batch_size, embed_fn)
-    gallery = compute_embeddings(model, data.gallery.paths, loader_config, mesh, batch_size,
-                                 embed_fn)
-    result = evaluation.rank_metrics(
-        squared_euclidean(query, gallery), data.query.pids, data.gallery.pids,
-        data.query.cameras, data.gallery.cameras, max_rank=50)
-    cmc = [float(v) for v in result["cmc"]]
-    out = {"mAP": float(result["mAP"]), "mINP": float(result["mINP"])}
-    out.update({f"rank{r}": cmc[r - 1] for r in _REPORTED_RANKS})
-    out.update({"cmc": cmc, "num_valid_queries": int(result["num_valid_queries"])})
-    return out
+    _check_divisible(batch_size, mesh, "config.data.eval_batch_size")
+    if isinstance(model, TrainState):
+        model = model.model()
+    elif not isinstance(model, AGW):
+        raise ValueError(f"expected an AGW model or a TrainState, got {type(model).__name__}")
+    aug = loader_config.augment
+    features = [
+        inference.extract(model, split.paths, height=aug.height, width=aug.width,
+                          batch_size=batch_size, mesh=mesh, loader_config=loader_config,
+                          description=f"eval {name} embeddings")[inference.FEATURES]
+        for name, split in (("query", data.query), ("gallery", data.gallery))]
+    return evaluation.retrieval_metrics(*features, data.query.pids, data.gallery.pids,
+                                        data.query.cameras, data.gallery.cameras)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -374,22 +297,6 @@ def init_backbone_from(model: AGW, config: ml_collections.ConfigDict) -> None:
 
 
 # ----------------------------------------------------------------------------- logging
-
-
-def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    """Writes JSON to ``path`` via a temporary file and ``os.replace`` (never half written)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class _DropOrbaxInfo(logging_std.Filter):
@@ -616,7 +523,6 @@ def _train_loop(
     num_classes: int,
 ) -> dict[str, Any]:
     step_fn = jit_train_step(mesh)
-    embed_fn = jit_embed_step(mesh)
     epoch_end_steps = {int(e): i for i, e in enumerate(ends)}  # step count -> finished epoch
     eval_every = int(config.eval_every_epochs)
     ckpt_every = int(config.checkpoint_every_steps)
@@ -626,7 +532,7 @@ def _train_loop(
 
     def run_eval(step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        metrics = evaluate(state, data, loader_cfg, mesh, config.data.eval_batch_size, embed_fn)
+        metrics = evaluate(state, data, loader_cfg, mesh, config.data.eval_batch_size)
         logging.info("eval at step %d (epoch %d): mAP %.4f rank-1 %.4f rank-5 %.4f mINP %.4f "
                      "(%d queries, %.1fs)", step, _epoch_of(step - 1, ends) + 1, metrics["mAP"],
                      metrics["rank1"], metrics["rank5"], metrics["mINP"],
@@ -677,5 +583,6 @@ def _train_loop(
         "train_seconds_this_run": round(time.perf_counter() - run_start, 2),
     }
     if jax.process_index() == 0:
-        _write_json_atomic(os.path.join(workdir, METRICS_FILE), result)
+        atomic_io.write_json(os.path.join(workdir, METRICS_FILE), result, sort_keys=True,
+                             allow_nan=True)
     return result

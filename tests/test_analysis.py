@@ -263,19 +263,6 @@ def test_component_figure_writes_a_png(tmp_path):
     assert not os.path.exists(tmp_path / "x.png")
 
 
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
-    path = tmp_path / "table_4_1.md"
-    analysis.write_text_atomic(path, "old\n")
-
-    def fail(f):
-        f.write("half")
-        raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError):
-        analysis._atomic_write(path, fail)
-    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["table_4_1.md"]
-
-
 def test_write_analysis(tmp_path):
     rng = np.random.default_rng(2)
     paths = _write_images(tmp_path / "g", [1, 2, 3, 4, 5, 6])

@@ -189,16 +189,6 @@ def test_evaluate_attribute_head_matches_attribute_metrics(tmp_path):
     assert "backpack" in table and "age4" in table and "mA" in table
 
 
-def test_write_json_atomic(tmp_path):
-    path = at.write_json_atomic(tmp_path / "sub" / "m.json", {"a": 1.5})
-    assert json.load(open(path)) == {"a": 1.5}
-    assert os.listdir(tmp_path / "sub") == ["m.json"]
-    with pytest.raises(ValueError):
-        at.write_json_atomic(tmp_path / "sub" / "m.json", {"a": float("nan")})
-    assert os.listdir(tmp_path / "sub") == ["m.json"]  # no temporary file left, old file kept
-    assert json.load(open(path)) == {"a": 1.5}
-
-
 # ------------------------------------------------------------------------------ end to end
 
 

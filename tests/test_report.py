@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_jax import explain, explain_run, report
+from reid_jax import explain, explain_run, explanation_eval, report
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import Split
 
@@ -209,3 +210,177 @@ def test_write_report_errors(tmp_path):
     os.remove(tmp_path / "data" / "bounding_box_test" / "g0.jpg")
     with pytest.raises(FileNotFoundError, match="image not found: .*g0.jpg"):
         report.write_report(tmp_path / "r2", _summary(), records, data_root=tmp_path / "data")
+
+
+# ---------------------------------------------------------------------------------------------
+# The explanation-quality table (the layout of tools/evaluate_explanations.py).
+
+MODES = ("paper", "complete", "scores")
+AMD_KEYS = ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s")
+
+
+def _eval_metrics(k: int = 3, skipped: str | None = None, seed: int = 0) -> dict:
+    """``explanation_metrics.json`` of ``explanation_eval.evaluate``'s layout, random values."""
+    rng = np.random.default_rng(seed)
+    rate = lambda: float(rng.uniform(0.01, 0.99))
+    top = f"top{k}"
+    if skipped is None:
+        counterfactual = {
+            "num_counterfactuals": 60, "num_rejected_invisible": 7, "num_pairs": 123,
+            **{m: {"top1": rate(), "top3": rate(), "mean_rank": 5.0}
+               for m in (*MODES, "chance")},
+            "subsets": {"true_match": {"num_pairs": 50, "paper_top1": 0.25, "chance_top1": 0.125},
+                        "<odd>": {"num_pairs": 73, "paper_top1": 0.5, "chance_top1": 0.0625}},
+            "per_attribute": {"counterfactuals": [2] * A,
+                              "paper_top1": [0.5] * (A - 1) + [0.375]},
+        }
+    else:
+        counterfactual = {"skipped": skipped}
+    auroc = {scope: {which: {"auroc": rate(), "num_positive": int(rng.integers(1, 999)),
+                             "num_negative": int(rng.integers(1, 999)),
+                             "max_binning_error": 0.01}
+                     for which in ("confident", "all_attributes")}
+             for scope in ("all_pairs", top)}
+    auroc["per_attribute"] = {"all_pairs_confident": [None] + [0.625] * (A - 1)}
+    amd = {scope: {"num_pairs": 500, "num_pairs_d": int(rng.integers(1, 499)),
+                   "num_pairs_s": int(rng.integers(1, 499)),
+                   **{m: {key: rate() for key in AMD_KEYS} for m in (*MODES, "chance")}}
+           for scope in ("all_pairs", top)}
+    amd["per_attribute"] = {"all_pairs_differ_count": list(range(A))}
+    return {"format": explanation_eval.FORMAT, "attribute_names": list(ATTRIBUTE_NAMES),
+            "settings": {"checkpoint": "/ckpt/<b>", "data_root": "/data/<root>", "k": k,
+                         "threshold": 0.3},
+            "data": {"synthetic": True, "num_queries": 3, "num_gallery": 8,
+                     "num_labelled_queries": 3, "num_labelled_gallery": 7},
+            "counterfactual": counterfactual, "auroc": auroc, "amd": amd}
+
+
+def _reference_rows(m: dict) -> list[list[str]]:
+    """The table of the JSON, written out here: metric, n, paper, complete, scores, chance."""
+    k = m["settings"]["k"]
+    pct = lambda v: "–" if v is None else f"{100.0 * v:.1f}"
+    rows = []
+    cf = m["counterfactual"]
+    if "skipped" not in cf:
+        for t in (1, 3):
+            rows.append([f"counterfactual hit rate, top-{t}", str(cf["num_pairs"])]
+                        + [pct(cf[mode][f"top{t}"]) for mode in (*MODES, "chance")])
+    for scope, name in (("all_pairs", "all pairs"), (f"top{k}", f"top-{k}")):
+        for which, wname in (("confident", "confident attributes"),
+                             ("all_attributes", "all attributes")):
+            a = m["auroc"][scope][which]
+            rows.append([f"matching-score AUROC, {name}, {wname}",
+                         str(a["num_positive"] + a["num_negative"]), "–", "–", pct(a["auroc"]),
+                         "50.0"])
+    for scope, name in (("all_pairs", "all pairs"), (f"top{k}", f"top-{k}")):
+        d = m["amd"][scope]
+        for key, title in zip(AMD_KEYS, ("Ex-Precision_d", "Ex-mAP_d", "Ex-Precision_s",
+                                         "Ex-mAP_s"), strict=True):
+            n = d["num_pairs_d"] if key.endswith("_d") else d["num_pairs_s"]
+            rows.append([f"AMD {title}, {name}", str(n)]
+                        + [pct(d[mode][key]) for mode in (*MODES, "chance")])
+    return rows
+
+
+def _html_table(index: str, css: str) -> list[list[str]]:
+    table = index.split(f'<table class="{css}">')[1].split("</table>")[0]
+    return [[re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table)]
+
+
+def test_summary_table_rows_are_the_json_values():
+    m = _eval_metrics(k=4)
+    table = explanation_eval.summary_table(m)
+    assert table.columns == ("metric", "n", "eq. 3.2 (paper)", "complete decomposition",
+                             "eq. 3.1 (1 - s)", "chance")
+    shown = [[r.metric, str(r.n)] + ["–" if v is None else f"{100.0 * v:.1f}"
+                                     for v in (*r.values, r.chance)] for r in table.rows]
+    assert shown == _reference_rows(m)
+    # The markdown table is built from the same rows (em dash for "does not apply").
+    md = explanation_eval.markdown_table(m).splitlines()
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:2 + len(shown)]]
+    assert body == [[c.replace("–", "—") for c in r] for r in _reference_rows(m)]
+    assert md[2 + len(shown)] == "" and "|x - 0.5| > 0.3" in md[3 + len(shown)]
+    skipped = explanation_eval.summary_table(_eval_metrics(skipped="no meta"))
+    assert skipped.rows[0].skipped == "no meta" and skipped.rows[0].n is None
+    assert "Counterfactuals skipped: no meta" in skipped.legend
+    with pytest.raises(KeyError, match="auroc"):
+        explanation_eval.summary_table({k: v for k, v in m.items() if k != "auroc"})
+
+
+def test_explanation_quality_table_details_and_json_copy(tmp_path):
+    records = _records(tmp_path / "data")
+    m = _eval_metrics(k=4)
+    out = tmp_path / "report"
+    report.write_report(out, _summary(explanation_metrics=m, checkpoint="/ckpt/<b>",
+                                      explanation_metrics_file="/x/<m>.json"),
+                        records, data_root=tmp_path / "data")
+    index = open(out / "index.html", encoding="utf-8").read()
+    rows = _html_table(index, "list metrics")
+    assert rows[0] == ["metric", "n", "eq. 3.2 (paper)", "complete decomposition",
+                       "eq. 3.1 (1 - s)", "chance"]
+    assert rows[1:] == _reference_rows(m)
+    # The best explanation of each row is bold; rows with one value (AUROC) have none.
+    table = index.split('<table class="list metrics">')[1].split("</table>")[0]
+    bold = re.findall(r'<td class="num best">([\d.]+)</td>', table)
+    expected = [max((v for v in r[2:5] if v != "–"), key=float)
+                for r in rows[1:] if sum(v != "–" for v in r[2:5]) > 1]
+    assert bold == expected and len(bold) == 2 + 8
+    # Escaped text, the run's checkpoint (no warning), the data root that is not the run's.
+    assert "/ckpt/&lt;b&gt;" in index and "not this run's checkpoint" not in index
+    assert "not this run's data root" not in index  # both /data/<root>
+    assert "from /x/&lt;m&gt;.json" in index and "/x/<m>" not in index
+    assert "/ckpt/<b>" not in index and "/data/<root>" not in index
+    # Details collapsed: subsets and per-attribute tables inside one <details>, no generic dump.
+    details = index.split('<details class="more">')[1].split("</details>")[0]
+    assert "&lt;odd&gt;" in details and ">12.5</td>" in details and ">6.2</td>" in details
+    assert details.count("<h3>") == 4 and ">37.5</td>" in details and ">62.5</td>" in details
+    assert re.search(r"<td>ATTR</td><td class=\"num\">2</td><td class=\"num\">37.5</td>"
+                     .replace("ATTR", ATTRIBUTE_NAMES[-1]), details)
+    assert f"<td>{ATTRIBUTE_NAMES[0]}</td><td class=\"num\">–</td>" in details  # auroc None
+    assert "amd / all_pairs" not in index and "settings / k" not in index
+    # The JSON shown is copied into the report and linked.
+    assert 'href="explanation_metrics.json"' in index
+    with open(out / "explanation_metrics.json", encoding="utf-8") as f:
+        assert json.load(f) == m
+
+
+def test_explanation_quality_skipped_counterfactuals_and_other_run(tmp_path):
+    records = _records(tmp_path / "data")
+    m = _eval_metrics(skipped="<script>no synthetic_meta.json</script>")
+    m["settings"]["data_root"] = "/data/elsewhere"
+    out = tmp_path / "report"
+    report.write_report(out, _summary(explanation_metrics=m, checkpoint="/other/ckpt"),
+                        records, data_root=tmp_path / "data")
+    index = open(out / "index.html", encoding="utf-8").read()
+    rows = _html_table(index, "list metrics")
+    assert rows[1] == ["counterfactual hit rate", "–",
+                       "skipped: &lt;script&gt;no synthetic_meta.json&lt;/script&gt;"]
+    assert 'colspan="4"' in index and "<script" not in index
+    assert rows[2:] == _reference_rows(m)
+    assert "not this run's checkpoint" in index and "not this run's data root" in index
+    assert "Counterfactuals skipped: &lt;script&gt;" in index
+
+
+def test_explanation_quality_falls_back_to_generic_tables(tmp_path):
+    records = _records(tmp_path / "data")
+    m = _eval_metrics()
+    del m["amd"]["all_pairs"]["num_pairs_d"]
+    out = tmp_path / "report"
+    report.write_report(out, _summary(explanation_metrics=m), records,
+                        data_root=tmp_path / "data")
+    index = open(out / "index.html", encoding="utf-8").read()
+    assert "Not the layout of tools/evaluate_explanations.py (KeyError: &#x27;num_pairs_d&#x27;)" \
+        in index
+    assert "list metrics" not in index and "amd / all_pairs / num_pairs" in index
+    out2 = tmp_path / "report2"
+    report.write_report(out2, _summary(explanation_metrics={"format": "other/2", "x": 0.5}),
+                        records, data_root=tmp_path / "data")
+    index = open(out2 / "index.html", encoding="utf-8").read()
+    assert "format &#x27;other/2&#x27;, not &#x27;reid_jax.explanation_metrics/1&#x27;" in index
+    assert "<td>x</td><td class=\"num\">0.5</td>" in index
+    # No metrics: no copy, the hint.
+    out3 = tmp_path / "report3"
+    report.write_report(out3, _summary(), records, data_root=tmp_path / "data")
+    assert not os.path.exists(out3 / "explanation_metrics.json")
+    assert "No explanation_metrics.json was given" in open(out3 / "index.html").read()

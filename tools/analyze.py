@@ -51,6 +51,9 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 10, "Images per row of a compon
 _TOP1 = flags.DEFINE_enum("top1", "signed", list(analysis.TOP1_RULES),
                           "signed: the paper's highest weight; abs: largest |weight|.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size for gallery features.")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", None, "Embedding cache folder of the gallery features (default: "
+    "CHECKPOINT/embedding_cache, shared with tools/evaluate.py; '' disables the cache).")
 
 
 def _checkpoint_weights(checkpoint: str) -> np.ndarray:
@@ -59,36 +62,15 @@ def _checkpoint_weights(checkpoint: str) -> np.ndarray:
     return np.asarray(restore_attribute_head(checkpoint).kernel[...])
 
 
-def _checkpoint_gallery_features(checkpoint: str, config, data_root: str,
-                                 batch_size: int) -> tuple[np.ndarray, tuple[str, ...]]:
+def _checkpoint_gallery_features(checkpoint: str, config, data_root: str, batch_size: int,
+                                 cache_dir: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
     """The retrieval embedding ([G, N], what is ranked and explained) of every gallery image."""
-    import jax
-    from flax import nnx
+    from reid_jax import inference
 
-    from reid_jax.checkpoints import restore_model
-    from reid_jax.data.loader import LoaderConfig, eval_batches
-    from reid_jax.data.market1501 import load_market1501
-    from reid_jax.models.agw import retrieval_embedding
-
-    model, meta = restore_model(checkpoint, config)
-    model.eval()
-    cfg = config if config is not None else meta.get("config", {})
-    loader_cfg = cfg.get("loader") if hasattr(cfg, "get") else None
-    loader_cfg = LoaderConfig.from_dict(loader_cfg) if loader_cfg else LoaderConfig()
-    paths = load_market1501(data_root).gallery.paths
-
-    @nnx.jit
-    def embed(m, images):
-        return retrieval_embedding(m(images))
-
-    rows = []
-    with eval_batches(paths, batch_size, config=loader_cfg) as batches:
-        for k, batch in enumerate(batches):
-            f = np.asarray(jax.device_get(embed(model, batch["image"])))
-            rows.append(f[batch["mask"]])
-            if k % 20 == 0:
-                logging.info("gallery features: batch %d (%d images)", k, len(paths))
-    return np.concatenate(rows), paths
+    gallery = inference.load_split_embeddings(
+        checkpoint, config, data_root, ("gallery",),
+        inference.cache_dir_option(cache_dir, checkpoint), batch_size=batch_size)["gallery"]
+    return gallery.features, gallery.paths
 
 
 def main(argv: list[str]) -> None:
@@ -107,7 +89,8 @@ def main(argv: list[str]) -> None:
         features, paths, labels = loaded
     elif _CHECKPOINT.value and _DATA_ROOT.value:
         features, paths = _checkpoint_gallery_features(
-            _CHECKPOINT.value, _CONFIG.value, _DATA_ROOT.value, _BATCH_SIZE.value)
+            _CHECKPOINT.value, _CONFIG.value, _DATA_ROOT.value, _BATCH_SIZE.value,
+            _CACHE_DIR.value)
 
     attribute_file = _ATTRIBUTE_FILE.value
     if attribute_file is None and _DATA_ROOT.value:

@@ -1,4 +1,4 @@
-r"""Measures AGW training throughput (images/s) and compile time of ``train_lib.train_step``.
+r"""Measures AGW training and feature-extraction throughput (images/s) and compile times.
 
   python tools/bench_train.py --configs=configs/agw_synthetic.py,configs/agw_market1501.py \
       --batch_size=16 --steps=3
@@ -7,9 +7,16 @@ For every config: the model of ``config.model`` at ``config.data.height x width`
 batch of ``--batch_size`` random images (default: the config's P x K) with a P x K label
 layout, the AGW loss and optimizer; ``train_step`` jitted over all devices as in training. The
 compile time is ``jit(...).lower(...).compile()``; then ``--warmup`` untimed and ``--steps``
-timed steps (each waits for its result). Data loading is not included
-(``tools/bench_pipeline.py`` measures the input pipeline). Prints a table; ``--json`` also
-writes the rows.
+timed steps (each waits for its result).
+
+Feature extraction: the eval-mode forward that ``reid_jax.inference.extract`` runs (its jitted
+``_forward``: running BatchNorm statistics, output the retrieval embedding, post-BNNeck and
+L2-normalised) on one batch of ``--eval_batch_size`` random images (default: the config's
+``data.eval_batch_size``, else 64) on the default device, compiled separately
+(``lower(...).compile()``), then ``--warmup`` untimed and ``--steps`` timed batches.
+
+Data loading is not included in either (``tools/bench_pipeline.py`` measures the input
+pipeline). Prints a table; ``--json`` also writes the rows.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from reid_jax import schedules, train_lib
+from reid_jax import inference, schedules, train_lib
 from reid_jax.models.agw import AGW
 from reid_jax.train_state import create_train_state
 
@@ -35,6 +43,8 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 0, "Global batch (a multiple of K and of the device count); 0: config P x K.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+_EVAL_BATCH_SIZE = flags.DEFINE_integer(
+    "eval_batch_size", 0, "Feature-extraction batch; 0: config.data.eval_batch_size (or 64).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 751, "Identities of the classifier.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Override config.dtype (float32 / bfloat16).")
 _JSON = flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
@@ -91,9 +101,48 @@ def bench_config(config: ml_collections.ConfigDict, batch_size: int, steps: int,
     }
 
 
+def bench_extraction(config: ml_collections.ConfigDict, batch_size: int, steps: int,
+                     warmup: int, num_classes: int) -> dict:
+    """Compile seconds and steady-state images/s of the eval-mode forward of
+    ``inference.extract`` for ``config`` (output: the retrieval embedding ``[B, D]``)."""
+    if batch_size < 1:
+        raise ValueError(f"--eval_batch_size={batch_size} must be >= 1")
+    h, w = config.data.height, config.data.width
+    model = AGW.from_config(config, num_classes, nnx.Rngs(config.seed))
+    graphdef, state = inference._eval_state(model)
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.standard_normal((batch_size, h, w, 3), np.float32))
+    t0 = time.perf_counter()
+    compiled = inference._forward_jit.lower(graphdef, state, None, images,
+                                            outputs=(inference.FEATURES,)).compile()
+    compile_s = time.perf_counter() - t0
+    out = None
+    for _ in range(warmup):
+        out = compiled(state, None, images)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = compiled(state, None, images)
+        jax.block_until_ready(out)
+    batch_s = (time.perf_counter() - t0) / max(steps, 1)
+    features = np.asarray(out[inference.FEATURES], np.float64)
+    if features.shape != (batch_size, model.feature_dim):
+        raise ValueError(f"the forward returned features of shape {features.shape}, expected "
+                         f"({batch_size}, {model.feature_dim})")
+    norms = np.linalg.norm(features, axis=1)
+    if not np.all(np.isfinite(norms)) or np.max(np.abs(norms - 1.0)) > 1e-3:
+        raise FloatingPointError(f"retrieval embeddings are not L2-normalised: norms in "
+                                 f"[{norms.min()}, {norms.max()}]")
+    return {"extract_batch": batch_size, "extract_compile_s": round(compile_s, 1),
+            "extract_batch_s": round(batch_s, 3),
+            "extract_images_per_s": round(batch_size / batch_s, 1)}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _STEPS.value < 1:
+        raise app.UsageError(f"--steps={_STEPS.value} must be >= 1")
     devices = jax.devices()
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform})")
     rows = []
@@ -102,12 +151,17 @@ def main(argv: list[str]) -> None:
         if _DTYPE.value:
             config.dtype = _DTYPE.value
         batch = _BATCH_SIZE.value or config.data.p * config.data.k
+        eval_batch = _EVAL_BATCH_SIZE.value or int(
+            config.data.get("eval_batch_size", inference.DEFAULT_BATCH_SIZE))
         row = {"config": os.path.basename(path),
-               **bench_config(config, batch, _STEPS.value, _WARMUP.value, _NUM_CLASSES.value)}
+               **bench_config(config, batch, _STEPS.value, _WARMUP.value, _NUM_CLASSES.value),
+               **bench_extraction(config, eval_batch, _STEPS.value, _WARMUP.value,
+                                  _NUM_CLASSES.value)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     header = ("config", "width", "blocks", "image", "dtype", "batch", "params_M", "compile_s",
-              "step_s", "images_per_s")
+              "step_s", "images_per_s", "extract_batch", "extract_compile_s", "extract_batch_s",
+              "extract_images_per_s")
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
     print("  ".join(h.ljust(n) for h, n in zip(header, widths, strict=True)))
     for r in rows:

@@ -23,9 +23,8 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import attribute_training, checkpoints, evaluation, inference
+from reid_jax import atomic_io, attribute_training, checkpoints, evaluation, inference
 from reid_jax.data import attributes as attributes_lib
-from reid_jax.train_lib import squared_euclidean
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
                                   required=True)
@@ -44,7 +43,7 @@ _CACHE_DIR = flags.DEFINE_string(
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Embedding batch size (default: config.data.eval_batch_size).")
 
-REPORTED_RANKS = (1, 5, 10)
+REPORTED_RANKS = evaluation.REPORTED_RANKS
 OUTPUT_FILE = "evaluation.json"
 
 
@@ -66,23 +65,14 @@ def evaluate(
       {directory, step}, "data_root"}``.
     """
     directory = os.path.abspath(checkpoint_dir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    step = checkpoints.latest_step(directory) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"checkpoint directory {directory} holds no checkpoint")
+    step = checkpoints.resolve_step(directory, step)
     if cache_dir == "default":
         cache_dir = inference.default_cache_dir(directory)
     emb = inference.load_split_embeddings(directory, config, data_root, ("query", "gallery"),
                                           cache_dir, step=step, batch_size=batch_size)
     query, gallery = emb["query"], emb["gallery"]
-    ranks = evaluation.rank_metrics(
-        squared_euclidean(query.features, gallery.features), query.pids, gallery.pids,
-        query.cameras, gallery.cameras, max_rank=50)
-    cmc = [float(v) for v in ranks["cmc"]]
-    reid = {"mAP": float(ranks["mAP"]), "mINP": float(ranks["mINP"]),
-            **{f"rank{r}": cmc[r - 1] for r in REPORTED_RANKS}, "cmc": cmc,
-            "num_valid_queries": int(ranks["num_valid_queries"]),
+    reid = {**evaluation.retrieval_metrics(query.features, gallery.features, query.pids,
+                                           gallery.pids, query.cameras, gallery.cameras),
             "num_query": len(query.paths), "num_gallery": len(gallery.paths)}
 
     attribute_result = None
@@ -120,7 +110,7 @@ def main(argv: list[str]) -> None:
         data_root = inference.resolve_data_root(_DATA_ROOT.value, config, _CHECKPOINT.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    cache_dir = "default" if _CACHE_DIR.value is None else (_CACHE_DIR.value or None)
+    cache_dir = inference.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
     result = evaluate(_CHECKPOINT.value, config, data_root,
                       attributes_file=_ATTRIBUTES_FILE.value, step=_STEP.value,
                       cache_dir=cache_dir, batch_size=_BATCH_SIZE.value)
@@ -131,7 +121,7 @@ def main(argv: list[str]) -> None:
         print("\nattributes (percent):")
         print(attribute_training.format_attribute_table(result["attributes"]))
     output = _OUTPUT.value or os.path.join(os.path.abspath(_CHECKPOINT.value), OUTPUT_FILE)
-    print(f"wrote {attribute_training.write_json_atomic(output, result)}")
+    print(f"wrote {atomic_io.write_json(output, result)}")
 
 
 if __name__ == "__main__":

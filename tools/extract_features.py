@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import checkpoints, inference
+from reid_jax import atomic_io, checkpoints, inference
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
@@ -63,8 +63,7 @@ def extract_folder(checkpoint_dir: str, config, image_dir: str, output: str, *,
         logging.info("checkpoint has no attribute head: writing features only")
     loader_config = inference.eval_loader_config(config)
     if batch_size is None:
-        data = config.get("data") or {}
-        batch_size = int(data.get("eval_batch_size", inference.DEFAULT_BATCH_SIZE))
+        batch_size = inference.eval_batch_size(config)
     outputs = [inference.FEATURES]
     if pre_bn:
         outputs.append(inference.PRE_BN)
@@ -77,7 +76,7 @@ def extract_folder(checkpoint_dir: str, config, image_dir: str, output: str, *,
     result = {"paths": np.asarray(paths, dtype=np.str_), **arrays}
     if head is not None and head.num_attributes == len(ATTRIBUTE_NAMES):
         result["attribute_names"] = np.asarray(ATTRIBUTE_NAMES, np.str_)
-    inference.save_npz_atomic(output, result)
+    atomic_io.save_npz(output, result)
     return result
 
 

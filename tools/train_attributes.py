@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
     train_config = attribute_training.HeadTrainConfig(
         epochs=_EPOCHS.value, learning_rate=_LR.value, batch_size=_BATCH_SIZE.value,
         weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value)
-    cache_dir = "default" if _CACHE_DIR.value is None else (_CACHE_DIR.value or None)
+    cache_dir = inference.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
     result = attribute_training.train_attributes(
         _CHECKPOINT.value, config, data_root, attributes_file=_ATTRIBUTES_FILE.value,
         train_config=train_config, cache_dir=cache_dir, metrics_path=_METRICS_FILE.value,

@@ -411,3 +411,31 @@ def to_device(batch: Batch, sharding: Any = None) -> dict[str, Any]:
         else:
             out[key] = jax.device_put(value, sharding)
     return out
+
+
+def global_to_device(batch: Batch, sharding: Any = None) -> dict[str, Any]:
+    """Places a global host batch, the same on every process, on the devices along axis 0.
+
+    With one process this is :func:`to_device`. With several, each passes only its contiguous
+    slice of rows (process ``i`` of ``n``: rows ``[i * B/n, (i + 1) * B/n)``), so the global
+    array is ``batch`` itself. The loaders here run the same deterministic batches on every
+    host, which is how training and evaluation feed multi-host meshes.
+
+    Args:
+      batch: dict of arrays with a common leading batch axis B (the global batch).
+      sharding: as :func:`to_device`.
+
+    Returns:
+      dict of global ``jax.Array`` with the same keys.
+    """
+    import jax
+
+    nproc, pid = jax.process_count(), jax.process_index()
+    local = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if nproc > 1:
+            rows = value.shape[0] // nproc
+            value = value[pid * rows:(pid + 1) * rows]
+        local[key] = value
+    return to_device(local, sharding)

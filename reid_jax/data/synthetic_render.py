@@ -150,8 +150,7 @@ class Person:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        return _fields_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Person:
@@ -191,8 +190,7 @@ class Camera:
             raise ValueError(f"Camera.ground {self.ground!r} not in {GROUNDS}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        return _fields_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Camera:
@@ -251,9 +249,7 @@ class Scene:
         """JSON-ready dict; the camera is stored by its index."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["camera"] = self.camera.index
-        d["occluder"] = (None if self.occluder is None else
-                         {k: list(v) if isinstance(v, tuple) else v
-                          for k, v in dataclasses.asdict(self.occluder).items()})
+        d["occluder"] = None if self.occluder is None else _fields_to_dict(self.occluder)
         return d
 
     @classmethod
@@ -267,6 +263,11 @@ class Scene:
         occ = values["occluder"]
         values["occluder"] = None if occ is None else Occluder(**_fields_from_dict(Occluder, occ))
         return cls(**values)
+
+
+def _fields_to_dict(obj: Any) -> dict[str, Any]:
+    """The fields of a flat dataclass instance, JSON-ready (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
 
 
 def _fields_from_dict(cls: type, d: dict[str, Any]) -> dict[str, Any]:
