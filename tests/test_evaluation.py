@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reid_jax import evaluation
 from reid_jax.evaluation import attribute_metrics, rank_metrics, rank_metrics_loop
 
 RANKERS = [rank_metrics, rank_metrics_loop]
@@ -344,3 +345,25 @@ def test_attribute_metrics_errors():
         attribute_metrics(p, y, threshold=1.5)
     with pytest.raises(ValueError, match=r"got shape \(2,\)"):
         attribute_metrics(p, y, threshold=[0.5, 0.5])
+
+
+def test_squared_euclidean_and_retrieval_metrics_match_references():
+    rng = np.random.default_rng(42)
+    qf = rng.standard_normal((9, 16)).astype(np.float32)
+    gf = rng.standard_normal((30, 16)).astype(np.float32)
+    gf[3] = qf[0]
+    d64 = ((qf[:, None].astype(np.float64) - gf[None]) ** 2).sum(-1)
+    d = evaluation.squared_euclidean(qf, gf, chunk=4)
+    np.testing.assert_allclose(d, d64, rtol=1e-5, atol=1e-5)
+    assert (d >= 0).all()
+    qp, gp = rng.integers(1, 4, 9), rng.integers(0, 4, 30)
+    qc, gc = rng.integers(1, 3, 9), rng.integers(1, 3, 30)
+    got = evaluation.retrieval_metrics(qf, gf, qp, gp, qc, gc)
+    want = evaluation.rank_metrics_loop(d64, qp, gp, qc, gc, max_rank=50)
+    assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-6)
+    assert got["mINP"] == pytest.approx(want["mINP"], abs=1e-6)
+    np.testing.assert_allclose(got["cmc"], want["cmc"], atol=1e-6)
+    assert got["rank1"] == pytest.approx(want["cmc"][0]) and len(got["cmc"]) == 50
+    with pytest.raises(ValueError, match=r"expected \[Q, D\] and \[G, D\], got \(9, 16\) and "
+                                         r"\(30, 15\)"):
+        evaluation.squared_euclidean(qf, gf[:, :15])
