@@ -293,11 +293,8 @@ def _errors_block(fq: Array, fg: Array, w: Array, method: str, capacity: int) ->
     return _auto_errors(fq, fg, w, capacity)
 
 
-@functools.partial(jax.jit, static_argnames=("complete", "method", "query_chunk", "gallery_chunk"))
-def _all_pair_errors(fq, fg, w, *, complete, method, query_chunk, gallery_chunk):
+def _stream_errors(fq, fg, w, *, method, query_chunk, gallery_chunk):
     """``[Q, G, A]`` written block by block into one buffer (blocks at clamped offsets)."""
-    if complete:
-        w = complete_weights(w)
     q, g, a = fq.shape[0], fg.shape[0], w.shape[1]
     qc, gc = min(query_chunk, q), min(gallery_chunk, g)
     nq, ng = -(-q // qc), -(-g // gc)
@@ -316,6 +313,26 @@ def _all_pair_errors(fq, fg, w, *, complete, method, query_chunk, gallery_chunk)
     return jax.lax.fori_loop(0, nq * ng, body, out)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("complete", "method", "query_chunk", "gallery_chunk", "mesh"))
+def _all_pair_errors(fq, fg, w, *, complete, method, query_chunk, gallery_chunk, mesh):
+    """All pairs; with a mesh, every device streams its own slice of the gallery."""
+    if complete:
+        w = complete_weights(w)
+    stream = functools.partial(_stream_errors, method=method, query_chunk=query_chunk,
+                               gallery_chunk=gallery_chunk)
+    if mesh is None:
+        return stream(fq, fg, w)
+    g = fg.shape[0]
+    axis = mesh.axis_names[0]
+    gp = -(-g // mesh.size) * mesh.size
+    out = jax.shard_map(
+        stream, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=P(None, axis, None),
+        check_vma=False,
+    )(fq, jnp.pad(fg, ((0, gp - g), (0, 0))), w)
+    return out[:, :g]
+
+
 def attribute_errors(
     f_query: Array,
     f_gallery: Array,
@@ -325,6 +342,7 @@ def attribute_errors(
     method: str = "auto",
     query_chunk: int = 128,
     gallery_chunk: int = 1024,
+    mesh: Mesh | None | str = "auto",
     validate: bool = False,
 ) -> Array:
     """Attribute errors of eq. 3.2, ``e_a = sum_n (f_n^q - f_n^g)^2 w_na``, for all pairs.
@@ -340,6 +358,8 @@ def attribute_errors(
         fastest, inaccurate for near-duplicates — for comparison only).
       query_chunk, gallery_chunk: block sizes of the stream (memory per block is about
         ``query_chunk * gallery_chunk * A`` values besides the output).
+      mesh: ``"auto"`` shards the gallery over all devices when there are several; ``None``
+        uses one device; or a 1-D :class:`jax.sharding.Mesh` (see :func:`explain_rankings`).
       validate: check inputs for NaN/Inf first (see :func:`check_finite`).
 
     Returns:
@@ -357,7 +377,7 @@ def attribute_errors(
     out = _all_pair_errors(
         fq[None] if single else fq, _float(f_gallery), _float(weights),
         complete=bool(complete), method=method,
-        query_chunk=int(query_chunk), gallery_chunk=int(gallery_chunk),
+        query_chunk=int(query_chunk), gallery_chunk=int(gallery_chunk), mesh=_resolve_mesh(mesh),
     )
     return out[0] if single else out
 
@@ -465,6 +485,16 @@ def default_mesh() -> Mesh | None:
     return Mesh(np.array(devices), ("gallery",)) if len(devices) > 1 else None
 
 
+def _resolve_mesh(mesh: Mesh | None | str) -> Mesh | None:
+    if isinstance(mesh, str):
+        if mesh != "auto":
+            raise ValueError(f"mesh must be 'auto', None or a jax.sharding.Mesh, got {mesh!r}")
+        mesh = default_mesh()
+    if mesh is not None and len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must be 1-D, got axes {mesh.axis_names}")
+    return mesh
+
+
 def explain_rankings(
     f_query: Array,
     f_gallery: Array,
@@ -508,12 +538,7 @@ def explain_rankings(
         raise ValueError(f"gallery_chunk must be >= 1, got {gallery_chunk}")
     if validate:
         check_finite(f_query=f_query, f_gallery=f_gallery, weights=weights)
-    if isinstance(mesh, str):
-        if mesh != "auto":
-            raise ValueError(f"mesh must be 'auto', None or a jax.sharding.Mesh, got {mesh!r}")
-        mesh = default_mesh()
-    if mesh is not None and len(mesh.axis_names) != 1:
-        raise ValueError(f"mesh must be 1-D, got axes {mesh.axis_names}")
+    mesh = _resolve_mesh(mesh)
     fq = _float(f_query)
     single = fq.ndim == 1
     fg = _float(f_gallery)

@@ -364,6 +364,11 @@ SHARDED_SCRIPT = textwrap.dedent(
         np.testing.assert_array_equal(one.indices, four.indices)
         for a, b in zip(one, four):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        e_one = ex.attribute_errors(fq, fg, w, complete, gallery_chunk=16, mesh=None)
+        e_four = ex.attribute_errors(fq, fg, w, complete, gallery_chunk=16)
+        assert e_four.shape == (10, 101, 5)
+        np.testing.assert_allclose(np.asarray(e_one), np.asarray(e_four), rtol=1e-6, atol=1e-7)
+        assert float(np.abs(np.asarray(e_four)[2, 7]).max()) == 0.0  # identical pair
     print("SHARDED-OK")
     """
 )
