@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Gives ``path`` the mode a plain ``open`` / ``mkdir`` would (``mkstemp`` and ``mkdtemp``
+    create private 0600 / 0700 entries, which ``os.replace`` would carry over)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def write_with(path: str | os.PathLike, write: Callable[[IO[Any]], None], *,
                binary: bool = False) -> str:
     """Calls ``write(file)`` on a temporary file beside ``path``, then renames it to ``path``.
@@ -43,6 +55,7 @@ def write_with(path: str | os.PathLike, write: Callable[[IO[Any]], None], *,
     try:
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             write(f)
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -47,6 +47,13 @@ _UNIT_ROUNDOFF = 2.0**-24
 # Extra candidates per query kept by the GEMM ranking pass and re-ranked with exact distances.
 _RERANK_MARGIN = 8
 METHODS = ("auto", "direct", "gemm")
+# Every product runs in full float32: the accuracy bound of ``recompute_ratio`` assumes it, and
+# accelerators would otherwise default to TF32 / bfloat16 passes (no cost on CPUs).
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def _dot(a: Array, b: Array) -> Array:
+    return jnp.matmul(a, b, precision=_PRECISION)
 
 
 class RankingExplanation(NamedTuple):
@@ -237,16 +244,16 @@ def _direct_errors(fq: Array, fg: Array, w: Array) -> Array:
     rows = max(1, min(fq.shape[0], 2048 // max(1, fg.shape[0])))
 
     def one(f):  # [N] -> [G, A]
-        return jnp.square(f[None, :] - fg) @ w
+        return _dot(jnp.square(f[None, :] - fg), w)
 
     return jax.lax.map(one, fq, batch_size=rows)
 
 
 def _gemm_errors(fq: Array, fg: Array, w: Array) -> Array:
     """Eq. 3.2 expanded into GEMMs ``[Q, G, A]``: fast, but cancels for near-duplicates."""
-    p = jnp.square(fq) @ w  # [Q, A]
-    r = jnp.square(fg) @ w  # [G, A]
-    c = jnp.einsum("qn,na,gn->qga", fq, w, fg)
+    p = _dot(jnp.square(fq), w)  # [Q, A]
+    r = _dot(jnp.square(fg), w)  # [G, A]
+    c = jnp.einsum("qn,na,gn->qga", fq, w, fg, precision=_PRECISION)
     return p[:, None, :] + r[None, :, :] - 2.0 * c
 
 
@@ -268,7 +275,7 @@ def _auto_errors(fq: Array, fg: Array, w: Array, capacity: int) -> Array:
     e = _gemm_errors(fq, fg, w)
     q2 = jnp.sum(jnp.square(fq), axis=-1)
     g2 = jnp.sum(jnp.square(fg), axis=-1)
-    d2 = q2[:, None] + g2[None, :] - 2.0 * (fq @ fg.T)
+    d2 = q2[:, None] + g2[None, :] - 2.0 * _dot(fq, fg.T)
     risky = d2 < recompute_ratio(n) * (q2[:, None] + g2[None, :])
     capacity = min(capacity, q * g)
 
@@ -276,7 +283,7 @@ def _auto_errors(fq: Array, fg: Array, w: Array, capacity: int) -> Array:
         (flat,) = jnp.nonzero(risky.ravel(), size=capacity, fill_value=q * g)
         qi, gi = flat // g, flat % g
         diff2 = jnp.square(fq.at[qi].get(mode="clip") - fg.at[gi].get(mode="clip"))
-        return e.at[qi, gi].set(diff2 @ w, mode="drop")
+        return e.at[qi, gi].set(_dot(diff2, w), mode="drop")
 
     count = jnp.sum(risky)
     branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
@@ -401,7 +408,7 @@ def _local_candidates(fq, fg, valid, w, *, kk, chunk, offset):
 
     def rank_chunk(args):  # GEMM distances of one chunk, its top kc
         c, g, v = args
-        d2 = q2[:, None] + jnp.sum(jnp.square(g), axis=-1)[None] - 2.0 * (fq @ g.T)
+        d2 = q2[:, None] + jnp.sum(jnp.square(g), axis=-1)[None] - 2.0 * _dot(fq, g.T)
         d2 = jnp.where(v[None], d2, jnp.inf)
         neg, idx = jax.lax.top_k(-d2, kc)
         return -neg, idx + c * chunk
@@ -422,7 +429,7 @@ def _local_candidates(fq, fg, valid, w, *, kk, chunk, offset):
         g = fg[idx]  # [k_loc, N]
         diff2 = jnp.square(f[None, :] - g)
         d = jnp.where(ok, jnp.sum(diff2, axis=-1), jnp.inf)
-        return d, g @ w[0], diff2 @ w[1]
+        return d, _dot(g, w[0]), _dot(diff2, w[1])
 
     d, logits, errors = jax.lax.map(explain_query, (fq, cand, cand_valid), batch_size=64)
     return d, cand + offset, logits, errors
@@ -466,7 +473,7 @@ def _explain(fq, fg, w, threshold, *, k, complete, chunk, mesh):
             check_vma=False,
         )(fq, fg_p, valid, w2)
     d, idx, logits, errors = _merge_top_k(k, d, idx, logits, errors)
-    xq = jax.nn.sigmoid(fq @ w)
+    xq = jax.nn.sigmoid(_dot(fq, w))
     xg = jax.nn.sigmoid(logits)
     return RankingExplanation(
         indices=idx.astype(jnp.int32),

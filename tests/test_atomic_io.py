@@ -75,3 +75,12 @@ def test_save_figure_writes_a_png_of_the_requested_size(tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size == (100, 50)
     assert os.listdir(tmp_path) == ["fig.png"]
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_private_one(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = atomic_io.write_text(tmp_path / "report.md", "hello")
+        assert os.stat(path).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -1,5 +1,7 @@
 """A synthetic dataset through the real reader, the TFDS builder and the attribute loader."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,15 @@ def test_reader_tfds_and_attributes_agree(dataset, tmp_path):
                 assert bytes(record["image"]) == f.read()
             np.testing.assert_array_equal(record["attributes"], labels[i])
             assert bool(record["has_attributes"]) == has[i]
+
+
+def test_generated_dataset_is_readable_by_others(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        root = tmp_path / "market"
+        synthetic.generate_dataset(root, synthetic.DatasetConfig(
+            num_train_ids=2, num_test_ids=2, images_per_id=4, num_distractors=1, num_junk=1))
+        assert os.stat(root).st_mode & 0o777 == 0o755
+        assert os.stat(root / "market_attribute.mat").st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

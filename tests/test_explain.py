@@ -193,6 +193,24 @@ class TestAttributeErrors:
         for i in range(3):
             np.testing.assert_array_equal(np.asarray(got)[i, i], 0.0)
 
+    @pytest.mark.parametrize("complete", [False, True])
+    def test_accuracy_at_market_embedding_size(self, complete):
+        # N = 2048 (the AGW embedding), pairs on both sides of the recompute ratio.
+        rng = np.random.default_rng(16)
+        n = 2048
+        fq, fg, w = make_data(16, q=6, g=40, n=n, a=30)
+        ratio = ex.recompute_ratio(n)
+        for j, target in enumerate((0.5 * ratio, 0.9 * ratio, 1.1 * ratio, 2 * ratio)):
+            # |fq - fg|^2 / (|fq|^2 + |fg|^2) close to ``target`` (unit vectors).
+            d = rng.standard_normal(n)
+            d -= (d @ fq[j]) * fq[j]
+            d /= np.linalg.norm(d)
+            c = 1 - target  # cosine for unit vectors
+            fg[10 + j] = c * fq[j] + np.sqrt(1 - c * c) * d
+        got = ex.attribute_errors(fq, fg, w, complete)
+        ww = ex.complete_weights(w) if complete else w
+        assert_within_scale(got, ref_errors(fq, fg, w, complete), ref_scale(fq, fg, ww))
+
     def test_gemm_form_is_what_auto_repairs(self):
         # The expanded GEMM form cancels for identical pairs of large-norm vectors; auto does not.
         fq, fg, w = make_data(4, unit=False)

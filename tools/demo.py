@@ -24,6 +24,8 @@ import time
 
 from absl import app, flags
 
+from reid_jax import atomic_io
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(REPO, "tools")
 
@@ -56,6 +58,31 @@ def _skip(step: str, why: str) -> None:
     print(f"\n=== {step}: skipped ({why})", flush=True)
 
 
+class _Record:
+    """Which steps ran with which arguments on which checkpoint step (WORKDIR/demo_steps.json).
+
+    A step is reused when its output exists and it ran with the same arguments on the same
+    checkpoint; anything else runs it again.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.done = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.done = json.load(f)
+
+    def run(self, step: str, output: str, key: dict, tool: str, *args: str) -> None:
+        key = {**key, "args": list(args)}
+        if os.path.exists(output) and self.done.get(step) == key:
+            _skip(step, f"{output} is up to date")
+            return
+        self.done.pop(step, None)
+        _run(step, tool, *args)
+        self.done[step] = key
+        atomic_io.write_json(self.path, self.done)
+
+
 def main(argv):
     del argv
     started = time.time()
@@ -80,7 +107,7 @@ def main(argv):
     _run("train AGW", "train.py", f"--config={FLAGS.config}", f"--workdir={train_dir}",
          f"--config.data.root={data}", *FLAGS.train_override)
 
-    from reid_jax import checkpoints  # after training: importing jax here is cheap enough
+    from reid_jax import checkpoints  # imported late (jax): the demo prints its first step at once
 
     if checkpoints.has_attribute_head(checkpoint):
         _skip("attribute head", "the checkpoint has one")
@@ -88,14 +115,19 @@ def main(argv):
         _run("attribute head", "train_attributes.py", f"--checkpoint={checkpoint}",
              f"--data_root={data}", f"--epochs={FLAGS.head_epochs}", f"--lr={FLAGS.head_lr}")
 
-    _run("evaluate", "evaluate.py", f"--checkpoint={checkpoint}", f"--data_root={data}",
-         f"--output={evaluation}")
-    _run("measure explanations", "evaluate_explanations.py", f"--checkpoint={checkpoint}",
-         f"--data_root={data}", f"--output_dir={explain_dir}", f"--threshold={FLAGS.threshold}")
-    _run("explain rankings", "explain.py", f"--checkpoint={checkpoint}", f"--data_root={data}",
-         f"--output_dir={explain_dir}", "--order=worst_ap", f"--threshold={FLAGS.threshold}")
-    _run("analysis", "analyze.py", f"--checkpoint={checkpoint}", f"--data_root={data}",
-         f"--output_dir={analysis_dir}")
+    record = _Record(os.path.join(work, "demo_steps.json"))
+    key = {"checkpoint_step": checkpoints.latest_step(checkpoint)}
+    record.run("evaluate", evaluation, key, "evaluate.py", f"--checkpoint={checkpoint}",
+               f"--data_root={data}", f"--output={evaluation}")
+    record.run("measure explanations", os.path.join(explain_dir, "explanation_metrics.json"), key,
+               "evaluate_explanations.py", f"--checkpoint={checkpoint}", f"--data_root={data}",
+               f"--output_dir={explain_dir}", f"--threshold={FLAGS.threshold}")
+    record.run("explain rankings", os.path.join(explain_dir, "report", "index.html"), key,
+               "explain.py", f"--checkpoint={checkpoint}", f"--data_root={data}",
+               f"--output_dir={explain_dir}", "--order=worst_ap", f"--threshold={FLAGS.threshold}")
+    record.run("analysis", os.path.join(analysis_dir, "table_4_1.md"), key, "analyze.py",
+               f"--checkpoint={checkpoint}", f"--data_root={data}",
+               f"--output_dir={analysis_dir}")
 
     with open(evaluation) as f:
         metrics = json.load(f)

@@ -42,6 +42,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from reid_jax.atomic_io import public_mode
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.data import synthetic_render as sr
 from reid_jax.data.synthetic_render import Camera, Occluder, Person, Scene, render
@@ -569,6 +570,7 @@ def generate_dataset(output_dir: str | os.PathLike, config: DatasetConfig, *,
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    public_mode(tmp, folder=True)  # mkdtemp makes it private; the dataset is for everyone
     try:
         for folder in SPLIT_FOLDERS.values():
             os.makedirs(os.path.join(tmp, folder))
