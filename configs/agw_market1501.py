@@ -8,10 +8,17 @@ Every field (DESIGN.md section 3 for the recipe):
 - ``data``: ``root`` (the folder with ``bounding_box_train/``, ``query/``,
   ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x ``k`` images per
   batch (16 x 4 = 64), ``num_workers`` / ``prefetch`` / ``backend`` of the input pipeline,
-  ``eval_batch_size``. Any ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``, ``pad``,
-  ``erase_prob``, ...) may be added here to override the reference augmentation.
+  ``eval_batch_size``; reader options of the folder (``reid_jax.inference.load_dataset``):
+  ``verify_images`` (False; True: decode every image once while reading the folder and fail on
+  one that does not) and ``skip_undecodable`` (False; with ``verify_images``: leave such images
+  out instead, logged). Any ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``,
+  ``pad``, ``erase_prob``, ...) may be added here to override the reference augmentation.
 - ``model``: ``reid_jax.models.agw.default_model_config`` (ResNet-50, last stride 1, non-local
   blocks (0, 2, 3, 0), GeM p=3, the reference's quirks); ``model.dtype`` follows ``dtype``.
+  ``model.retrieval_feature`` ("post_bn" | "pre_bn") and ``model.normalize_feature`` (True)
+  choose the retrieval embedding that is ranked, fed to the attribute head and explained
+  (default: post-BNNeck, L2-normalised, as AGW ranks; documented in
+  ``reid_jax.models.agw.retrieval_embedding``).
 - ``optim``: ``torch.optim.Adam`` as the reference uses it: ``learning_rate`` 3.5e-4, betas
   (0.9, 0.999), eps 1e-8 and ``weight_decay`` 5e-4 as a *coupled* L2 term added to the gradient
   (torch Adam's ``weight_decay``, not AdamW), on every trainable parameter including BatchNorm
@@ -54,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.prefetch = 4
     config.data.backend = "thread"
     config.data.eval_batch_size = 128
+    config.data.verify_images = False
+    config.data.skip_undecodable = False
 
     config.model = default_model_config()
     config.model.dtype = config.get_ref("dtype")

@@ -575,11 +575,20 @@ def write_analysis(weights: Any, names: Sequence[str], output_dir: str | os.Path
 
 
 class FeatureFile(NamedTuple):
-    """An ``.npz`` of ``tools/extract_features.py``: features [G, N], G image paths (resolved),
-    optional per-image attribute labels [G, A]."""
+    """An ``.npz`` of ``tools/extract_features.py`` (plus optional ground-truth labels).
+
+    Attributes:
+      features: float [G, N] retrieval embeddings.
+      paths: G image paths (resolved).
+      attribute_labels: optional {0, 1} uint8 [G, A] ground-truth labels per image (key
+        ``attribute_labels``; ``extract_features.py`` does not write it).
+      attributes: optional float [G, A] *predicted* probabilities ``sigmoid(f @ W)`` (key
+        ``attributes``, as ``extract_features.py`` writes it); never used as labels.
+    """
 
     features: np.ndarray
     paths: tuple[str, ...]
+    attribute_labels: np.ndarray | None
     attributes: np.ndarray | None
 
 
@@ -593,27 +602,42 @@ def _resolve_path(p: str, bases: Sequence[str]) -> str:
     return os.path.abspath(p)
 
 
+FEATURE_KEYS = "'paths' [G], 'features' [G, N], optional 'attribute_labels' [G, A] in {0, 1}"
+
+
 def load_features_npz(path: str | os.PathLike, data_root: str | None = None) -> FeatureFile:
-    """Reads a features ``.npz`` (keys ``paths`` [G], ``features`` [G, N], optional
-    ``attributes`` [G, A]).
+    """Reads a features ``.npz``: keys ``paths`` [G], ``features`` [G, N], optional
+    ``attribute_labels`` [G, A] (ground truth, {0, 1}) and ``attributes`` [G, A] (predicted
+    probabilities, as ``tools/extract_features.py`` writes them; other keys are ignored).
 
     Relative image paths are looked up below ``data_root``, then beside the ``.npz``, then the
     working directory.
 
     Raises:
-      FileNotFoundError: no such file. ValueError: a key is missing or shapes disagree.
+      FileNotFoundError: no such file. ValueError: not an ``.npz``, a key is missing, shapes
+      disagree or ``attribute_labels`` are not binary.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"features file not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npz ({e}); expected {FEATURE_KEYS}") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single array, not an .npz; expected {FEATURE_KEYS}")
+    with z:
         missing = [k for k in ("paths", "features") if k not in z.files]
         if missing:
             raise ValueError(f"{path}: missing keys {missing} (has {sorted(z.files)}; expected "
-                             "'paths' [G], 'features' [G, N], optional 'attributes' [G, A])")
-        raw_paths = z["paths"]
-        features = z["features"]
-        attributes = z["attributes"] if "attributes" in z.files else None
+                             f"{FEATURE_KEYS})")
+        try:
+            raw_paths = z["paths"]
+            features = z["features"]
+            labels = z["attribute_labels"] if "attribute_labels" in z.files else None
+            probabilities = z["attributes"] if "attributes" in z.files else None
+        except ValueError as e:  # e.g. object arrays, which need pickle
+            raise ValueError(f"{path}: {e}") from e
     if raw_paths.ndim != 1:
         raise ValueError(f"{path}: 'paths' must be [G], got shape {raw_paths.shape}")
     bases = [b for b in (data_root, os.path.dirname(os.path.abspath(path))) if b]
@@ -622,10 +646,20 @@ def load_features_npz(path: str | os.PathLike, data_root: str | None = None) -> 
         features = check_features(features, paths)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    if attributes is not None and (attributes.ndim != 2 or attributes.shape[0] != len(paths)):
-        raise ValueError(f"{path}: 'attributes' must be [G, A] with G = {len(paths)}, got shape "
-                         f"{attributes.shape}")
-    return FeatureFile(features, paths, attributes)
+    for key, a in (("attribute_labels", labels), ("attributes", probabilities)):
+        if a is not None and (a.ndim != 2 or a.shape[0] != len(paths)):
+            raise ValueError(f"{path}: {key!r} must be [G, A] with G = {len(paths)}, got shape "
+                             f"{a.shape}")
+    if labels is not None:
+        if not np.issubdtype(labels.dtype, np.number) and labels.dtype != bool:
+            raise ValueError(f"{path}: 'attribute_labels' must be numeric 0/1, got dtype "
+                             f"{labels.dtype}")
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"{path}: 'attribute_labels' must be ground-truth labels in "
+                             "{0, 1}, got other values (predicted probabilities belong under "
+                             "'attributes')")
+        labels = labels.astype(np.uint8)
+    return FeatureFile(features, paths, labels, probabilities)
 
 
 def pids_from_paths(paths: Sequence[str]) -> np.ndarray:

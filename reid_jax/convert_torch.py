@@ -22,6 +22,8 @@ weights_only=True)``. A pickled whole model is refused with instructions to save
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +49,10 @@ _SAVE_STATE_DICT_HINT = (
     "save the weights as a state dict instead: torch.save(model.state_dict(), path)"
 )
 
+# How torch's weights_only unpickler words a refused class / function: "Unsupported global: GLOBAL
+# torch.nn.modules.linear.Linear was not an allowed global by default" (torch 2.x).
+_DISALLOWED_GLOBAL = re.compile(r"unsupported global|not an allowed global", re.IGNORECASE)
+
 Path = tuple[Any, ...]
 KeyMap = dict[str, tuple[Path, str]]
 
@@ -60,7 +66,9 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
       ImportError: torch is not installed (``pip install 'reid_jax[torch]'``).
       FileNotFoundError: ``path`` does not exist.
-      ValueError: the file is a pickled module/object, or holds non-tensor values.
+      ValueError: the file is a pickled module/object (the weights-only unpickler refused a
+        class), cannot be read at all (e.g. truncated or corrupt: "could not read PATH: ..."
+        with torch's error as the cause), or holds non-tensor values.
     """
     try:
         import torch
@@ -74,12 +82,16 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"PyTorch checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError / RuntimeError for pickled objects
-        raise ValueError(
-            f"{path} is not a plain state dict (torch.load with weights_only=True refused it: "
-            f"{type(e).__name__}); it probably holds a pickled model, which is never unpickled "
-            f"here. {_SAVE_STATE_DICT_HINT}"
-        ) from None
+    except pickle.UnpicklingError as e:
+        if _DISALLOWED_GLOBAL.search(str(e)):
+            raise ValueError(
+                f"{path} is not a plain state dict (torch.load with weights_only=True refused a "
+                f"class it names: {_disallowed_global(e)}); it probably holds a pickled model, "
+                f"which is never unpickled here. {_SAVE_STATE_DICT_HINT}"
+            ) from e
+        raise _unreadable(path, e) from e
+    except Exception as e:  # truncated / corrupt archives: RuntimeError, EOFError, ...
+        raise _unreadable(path, e) from e
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -101,6 +113,18 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: state dict values that are not tensors: {not_tensors}; "
                          f"{_SAVE_STATE_DICT_HINT}")
     return state_dict
+
+
+def _disallowed_global(error: Exception) -> str:
+    """The ``GLOBAL a.b.C`` part of torch's weights-only refusal (else the error's type)."""
+    match = re.search(r"GLOBAL\s+(\S+)", str(error))
+    return match.group(1) if match else type(error).__name__
+
+
+def _unreadable(path: str, error: Exception) -> ValueError:
+    """``could not read PATH: Type: message`` (torch's message on one line, without colours)."""
+    message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split()) or "(no message)"
+    return ValueError(f"could not read {path}: {type(error).__name__}: {message}")
 
 
 def _strip_module_prefix(key: str) -> str:

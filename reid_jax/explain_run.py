@@ -44,15 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, explain
+from reid_jax import atomic_io, explain, inference
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
 from reid_jax.data.market1501 import (
     IMAGE_EXTENSIONS,
     SPLIT_FOLDERS,
     Market1501,
     Split,
-    load_market1501,
 )
+from reid_jax.explanation_metrics import removed_counts
 
 MODES = ("paper", "complete")
 ORDERS = ("query", "worst_ap")
@@ -133,8 +133,9 @@ def _check_options(k: int, mode: str, order: str, error_ranks: Sequence[int] | N
 # Data and query selection.
 
 
-def load_data(data_root: str | os.PathLike) -> Market1501:
-    """Scans ``data_root``; a clear ``ValueError`` when it holds no query images."""
+def load_data(data_root: str | os.PathLike, config: Any = None) -> Market1501:
+    """Scans ``data_root`` (reader options from ``config.data``, see
+    ``inference.dataset_options``); a clear ``ValueError`` when it holds no query images."""
     root = os.path.abspath(os.fspath(data_root))
     query_dir = os.path.join(root, SPLIT_FOLDERS["query"])
     has_query = os.path.isdir(query_dir) and any(
@@ -145,7 +146,7 @@ def load_data(data_root: str | os.PathLike) -> Market1501:
             f"data root {root} has no query images: expected Market-1501 image files like "
             f"'0002_c1s1_000451_03.jpg' in {query_dir} (nothing to explain)")
     try:
-        return load_market1501(root)
+        return inference.load_dataset(root, config)
     except ValueError as e:
         if f"split {'query'!r}" in str(e):
             raise ValueError(f"data root {root} has no usable query images: {e}") from e
@@ -321,17 +322,6 @@ def query_order(metrics: QueryMetrics, order: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Explanations of the top k, in query chunks.
-
-
-def removed_counts(query_pids: np.ndarray, query_cams: np.ndarray, gallery_pids: np.ndarray,
-                   gallery_cams: np.ndarray) -> np.ndarray:
-    """``[Q]`` gallery images each query's protocol removes (same pid and camera, or junk)."""
-    key = lambda p, c: np.asarray(p, np.int64) * 1000 + np.asarray(c, np.int64)
-    gallery_keys, counts = np.unique(key(gallery_pids, gallery_cams), return_counts=True)
-    pos = np.searchsorted(gallery_keys, key(query_pids, query_cams))
-    pos = np.minimum(pos, gallery_keys.size - 1)
-    same = gallery_keys[pos] == key(query_pids, query_cams)
-    return np.where(same, counts[pos], 0) + int(np.sum(np.asarray(gallery_pids) == -1))
 
 
 class QueryExplanation(NamedTuple):
@@ -673,7 +663,7 @@ def run(
                          "query_embeddings, gallery_embeddings and weights")
     if use_checkpoint:
         weights = checkpoint_weights(checkpoint)
-    data = load_data(data_root)
+    data = load_data(data_root, config)
     selected = select_queries(data.query, queries)
     metrics_json, metrics_path = _load_metrics_json(explanation_metrics, output_dir)
     if use_checkpoint:

@@ -11,7 +11,8 @@ The paper (Specker) evaluates its explanations qualitatively.  This module measu
 * :func:`amd_metrics` / :class:`AmdAccumulator` — Ex-Precision and Ex-mAP of AMD (Chen et al.,
   "Explainable person re-identification with attribute-guided metric distillation", ICCV 2021),
   streamed over all query x gallery pairs by :func:`streamed_amd_over_gallery` and over the
-  pairs a user looks at (the top-``k`` ranks) by :func:`amd_over_top_k`.
+  pairs a user looks at (the top-``k`` ranks under the Market-1501 protocol, the pairs of the
+  report of ``reid_jax.explain_run``) by :func:`amd_over_top_k`.
 
 AMD metrics.  For a pair ``(q, g)`` let ``D`` be the attributes whose ground-truth labels differ,
 ``k = |D|``, and ``S`` the attributes that agree.  An explanation gives every attribute a
@@ -688,6 +689,18 @@ def _chunk_sums(sep, lq, lg, vq, vg, *, block):
                      block=block)
 
 
+def _check_thresholds(thresholds: Sequence[Any], num_attributes: int, mode: str) -> list[Any]:
+    """``extra_thresholds`` validated (``reid_jax.explain``'s range check) before any work."""
+    thresholds = list(thresholds)
+    if thresholds and mode != "scores":
+        raise ValueError(f"extra_thresholds select entries of the matching-score AUROC: they "
+                         f"apply to mode='scores' only, got mode={mode!r}")
+    probe = np.full((num_attributes,), 0.5, np.float32)
+    for t in thresholds:
+        explain.confident_attributes(probe, np.asarray(t, np.float32))
+    return thresholds
+
+
 def streamed_amd_over_gallery(
     f_query: Any,
     f_gallery: Any,
@@ -699,6 +712,7 @@ def streamed_amd_over_gallery(
     valid_query: Any | None = None,
     valid_gallery: Any | None = None,
     threshold: Any = explain.DEFAULT_THRESHOLD,
+    extra_thresholds: Sequence[Any] = (),
     query_chunk: int = 32,
     gallery_chunk: int = 1024,
     block: int = 4096,
@@ -724,15 +738,22 @@ def streamed_amd_over_gallery(
         invalid side are ignored, e.g. distractors and junk).
       threshold: for ``mode="scores"``, the confident-attribute threshold of the query
         (section 3.1) that selects the entries of the streamed matching-score AUROC.
+      extra_thresholds: for ``mode="scores"`` only, further thresholds (scalar or ``[A]``)
+        whose matching-score AUROC is accumulated in the same pass (e.g. ``0.0``: every
+        attribute with ``x != 0.5``).
       query_chunk, gallery_chunk: stream sizes (``gallery_chunk`` is passed to
         ``attribute_errors``).
       block: pairs per step of the AMD kernel.
       names: attribute names.
-      progress: optional ``progress(queries_done, Q)`` callback.
+      progress: optional ``progress(queries_done, Q)`` callback, called after every chunk.
 
     Returns:
       :meth:`AmdAccumulator.result` plus ``"mode"``; for ``mode="scores"`` also ``"auroc"``,
-      the :class:`AurocAccumulator` result for the selected entries of all pairs.
+      the :class:`AurocAccumulator` result for the selected entries of all pairs, and
+      ``"extra_auroc"``: one such result per ``extra_thresholds`` entry, in order.
+
+    Raises:
+      ValueError: bad shapes, labels or thresholds; ``extra_thresholds`` with another mode.
     """
     mode = _mode(mode)
     lq, lg, vq, vg = _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery,
@@ -742,12 +763,14 @@ def streamed_amd_over_gallery(
         raise ValueError(f"no queries: f_query has shape {jnp.shape(f_query)}")
     if query_chunk < 1:
         raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    extra = _check_thresholds(extra_thresholds, a, mode)
     explain.check_finite(f_query=f_query, f_gallery=f_gallery, weights=weights)
     fq = jnp.asarray(f_query, jnp.float32)
     fg = jnp.asarray(f_gallery, jnp.float32)
     w = jnp.asarray(weights, jnp.float32)
     acc = AmdAccumulator(a, names=names, block=block)
-    auroc_acc = AurocAccumulator(a, names=names) if mode == "scores" else None
+    aurocs = ([AurocAccumulator(a, names=names) for _ in range(1 + len(extra))]
+              if mode == "scores" else [])
     if mode == "scores":
         x_gallery = jax.nn.sigmoid(fg @ w)
     qc = min(int(query_chunk), q)
@@ -762,10 +785,11 @@ def streamed_amd_over_gallery(
             x_query = jax.nn.sigmoid(fq_c @ w)
             scores = explain.matching_scores(x_query, x_gallery)  # [qc, G, A]
             sep = 1.0 - scores
-            selected = explain.confident_attributes(x_query, threshold)
             pair_ok = vq_c[:, None] & vg_d[None, :]
-            auroc_acc.update(scores, lq_c[:, None, :] == lg_d[None, :, :],
-                             selected[:, None, :] & pair_ok[:, :, None])
+            agree = lq_c[:, None, :] == lg_d[None, :, :]
+            for t, auroc_acc in zip([threshold, *extra], aurocs, strict=True):
+                selected = explain.confident_attributes(x_query, t)
+                auroc_acc.update(scores, agree, selected[:, None, :] & pair_ok[:, :, None])
         else:
             sep = explain.attribute_errors(fq_c, fg, w, complete=(mode == "complete"),
                                            gallery_chunk=gallery_chunk)
@@ -773,9 +797,86 @@ def streamed_amd_over_gallery(
         if progress is not None:
             progress(stop, q)
     out = {"mode": mode, **acc.result()}
-    if auroc_acc is not None:
-        out["auroc"] = auroc_acc.result()
+    if aurocs:
+        out["auroc"] = aurocs[0].result()
+        out["extra_auroc"] = [x.result() for x in aurocs[1:]]
     return out
+
+
+# The Market-1501 protocol on a ranked list (as ``reid_jax.evaluation`` and the explained top k
+# of ``reid_jax.explain_run``): gallery images with the query's pid *and* camera are removed,
+# and so is junk (pid -1); distractors (pid 0) stay.
+
+
+def _check_ids(query_pids: Any, query_cams: Any, gallery_pids: Any, gallery_cams: Any,
+               num_queries: int | None = None, num_gallery: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    qp, qc = np.asarray(query_pids), np.asarray(query_cams)
+    gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
+    q = qp.shape[0] if num_queries is None and qp.ndim == 1 else num_queries
+    g = gp.shape[0] if num_gallery is None and gp.ndim == 1 else num_gallery
+    for name, x, n in (("query_pids", qp, q), ("query_cams", qc, q),
+                       ("gallery_pids", gp, g), ("gallery_cams", gc, g)):
+        if x.shape != (n,) or not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{name} must be integer [{n}] (one per "
+                             f"{'query' if name.startswith('query') else 'gallery'} image), "
+                             f"got {x.dtype}{list(x.shape)}")
+    return (qp.astype(np.int64), qc.astype(np.int64), gp.astype(np.int64),
+            gc.astype(np.int64))
+
+
+def removed_counts(query_pids: Any, query_cams: Any, gallery_pids: Any,
+                   gallery_cams: Any) -> np.ndarray:
+    """int64 ``[Q]``: gallery images the protocol removes from each query's ranked list.
+
+    Same pid and camera as the query, plus every junk image (pid -1); for a junk query the
+    junk images of its camera count twice (an upper bound, which is all a fetch size needs).
+    The counts of ``reid_jax.explain_run.removed_counts``; a ranking of the best
+    ``k + max(removed_counts)`` images keeps at least ``k`` (or all there are) after removal.
+    """
+    qp, qc, gp, gc = _check_ids(query_pids, query_cams, gallery_pids, gallery_cams)
+    if gp.size == 0:
+        return np.zeros(qp.shape, np.int64)
+    cams = np.concatenate([qc, gc])
+    low, span = int(cams.min()), int(cams.max() - cams.min()) + 1
+    key = lambda p, c: p * span + (c - low)  # one int per (pid, camera), no collisions
+    gallery_keys, counts = np.unique(key(gp, gc), return_counts=True)
+    query_keys = key(qp, qc)
+    pos = np.minimum(np.searchsorted(gallery_keys, query_keys), gallery_keys.size - 1)
+    same = gallery_keys[pos] == query_keys
+    return (np.where(same, counts[pos], 0) + int(np.sum(gp == -1))).astype(np.int64)
+
+
+def protocol_keep(indices: Any, query_pids: Any, query_cams: Any, gallery_pids: Any,
+                  gallery_cams: Any) -> np.ndarray:
+    """bool ``[Q, K]``: which ranked gallery images ``indices [Q, K]`` the protocol keeps.
+
+    Removed: the query's pid on the query's camera, and junk (pid -1).  The mask of
+    ``reid_jax.explain_run.explain_queries``.
+    """
+    qp, qc, gp, gc = _check_ids(query_pids, query_cams, gallery_pids, gallery_cams)
+    idx = np.asarray(indices)
+    if idx.ndim != 2 or idx.shape[0] != qp.size:
+        raise ValueError(f"indices must have shape [Q={qp.size}, K], got {idx.shape}")
+    pid, cam = gp[idx], gc[idx]
+    return ~(((pid == qp[:, None]) & (cam == qc[:, None])) | (pid == -1))
+
+
+def protocol_top_k(indices: Any, query_pids: Any, query_cams: Any, gallery_pids: Any,
+                   gallery_cams: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` kept ranks of every ranked list ``indices [Q, K]`` (best first).
+
+    Returns:
+      ``(columns, ok)``: int64 ``[Q, k]`` positions into ``indices``' second axis, in rank
+      order, and bool ``[Q, k]``, False where a list keeps fewer than ``k`` images (its
+      ``columns`` there point at removed ranks and must be ignored).
+    """
+    keep = protocol_keep(indices, query_pids, query_cams, gallery_pids, gallery_cams)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= keep.shape[1]:
+        raise ValueError(f"k must be an integer in [1, K={keep.shape[1]}] (the ranks of "
+                         f"indices), got {k!r}")
+    columns = np.argsort(~keep, axis=1, kind="stable")[:, :k].astype(np.int64)
+    return columns, np.take_along_axis(keep, columns, axis=1)
 
 
 def amd_over_top_k(
@@ -786,46 +887,79 @@ def amd_over_top_k(
     labels_gallery: Any,
     mode: str = "paper",
     *,
+    query_pids: Any,
+    query_cams: Any,
+    gallery_pids: Any,
+    gallery_cams: Any,
     k: int = 10,
     valid_query: Any | None = None,
     valid_gallery: Any | None = None,
     threshold: Any = explain.DEFAULT_THRESHOLD,
+    extra_thresholds: Sequence[Any] = (),
     gallery_chunk: int = 1024,
     names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """AMD metrics of one explanation over the top-``k`` ranks of every query (the pairs a user
     looks at), from :func:`reid_jax.explain.explain_rankings`.
 
-    The ranking is the plain one of ``explain_rankings`` (squared Euclidean distance over the
-    whole gallery); pairs whose query or gallery image is not valid are ignored, not replaced.
+    The ranking is that of the report (``reid_jax.explain_run``): squared Euclidean distance
+    over the whole gallery under the Market-1501 protocol — gallery images with the query's pid
+    *and* camera and junk (pid -1) are removed (:func:`protocol_top_k`), distractors stay.  The
+    kernel is asked for ``k + max(removed_counts)`` ranks so that ``k`` remain.  Pairs whose
+    query or gallery image is not valid (e.g. a distractor without labels) are ignored, not
+    replaced; a query with fewer than ``k`` kept images contributes fewer pairs.
     Same-identity pairs have no differing attribute and so count only in ``num_pairs``.
 
-    Args: as :func:`streamed_amd_over_gallery`, plus ``k`` (ranks per query).
+    Args:
+      query_pids, query_cams: int ``[Q]``; gallery_pids, gallery_cams: int ``[G]``.
+      k: ranks per query, ``1 <= k <= G``.
+      extra_thresholds: for ``mode="scores"``, further thresholds whose AUROC is computed on
+        the same pairs (one ranking).
+      Others: as :func:`streamed_amd_over_gallery`.
 
     Returns:
       :meth:`AmdAccumulator.result` plus ``"mode"`` and ``"k"``; for ``mode="scores"`` also
-      ``"auroc"``: :func:`matching_score_auroc` (exact) over the selected entries of these pairs.
+      ``"auroc"``: :func:`matching_score_auroc` (exact) over the selected entries of these
+      pairs, and ``"extra_auroc"``: one such result per ``extra_thresholds`` entry.
     """
     mode = _mode(mode)
     lq, lg, vq, vg = _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery,
                                    valid_query, valid_gallery)
     q, a = lq.shape
-    ex = explain.explain_rankings(f_query, f_gallery, weights, k=k, threshold=threshold,
+    g = lg.shape[0]
+    qp, qc, gp, gc = _check_ids(query_pids, query_cams, gallery_pids, gallery_cams, q, g)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= g:
+        raise ValueError(f"k must be an integer in [1, G={g}] (f_gallery "
+                         f"{tuple(jnp.shape(f_gallery))}), got {k!r}")
+    extra = _check_thresholds(extra_thresholds, a, mode)
+    fetch = int(min(g, k + int(removed_counts(qp, qc, gp, gc).max(initial=0))))
+    ex = explain.explain_rankings(f_query, f_gallery, weights, k=fetch, threshold=threshold,
                                   complete=(mode == "complete"), gallery_chunk=gallery_chunk,
                                   validate=True)
-    idx = np.asarray(ex.indices)  # [Q, k]
-    kk = idx.shape[1]
-    scores = np.asarray(ex.scores).reshape(q * kk, a)
-    sep = 1.0 - scores if mode == "scores" else np.asarray(ex.errors).reshape(q * kk, a)
-    pair_lq = np.repeat(lq, kk, axis=0)
-    pair_lg = lg[idx.ravel()]
-    valid = np.repeat(vq, kk) & vg[idx.ravel()]
+    ranked = np.asarray(ex.indices)  # [Q, fetch]
+    columns, ok = protocol_top_k(ranked, qp, qc, gp, gc, int(k))
+    rows = np.arange(q)[:, None]
+    idx = ranked[rows, columns].ravel()  # [Q * k]
+    scores = np.asarray(ex.scores)[rows, columns].reshape(q * k, a)
+    sep = (1.0 - scores if mode == "scores"
+           else np.asarray(ex.errors)[rows, columns].reshape(q * k, a))
+    pair_lq = np.repeat(lq, k, axis=0)
+    pair_lg = lg[idx]
+    valid = np.repeat(vq, k) & vg[idx] & ok.ravel()
     acc = AmdAccumulator(a, names=names)
-    out = {"mode": mode, "k": int(kk),
+    out = {"mode": mode, "k": int(k),
            **acc.update(sep, pair_lq, pair_lg, valid).result()}
     if mode == "scores":
-        selected = np.repeat(np.asarray(ex.selected), kk, axis=0) & valid[:, None]
-        out["auroc"] = matching_score_auroc(scores, pair_lq == pair_lg, selected, names=names)
+        x_query = np.asarray(ex.attributes_query)
+        aurocs = []
+        for i, t in enumerate([threshold, *extra]):
+            chosen = np.asarray(ex.selected if i == 0
+                                else explain.confident_attributes(x_query, t))
+            selected = np.repeat(chosen, k, axis=0) & valid[:, None]
+            aurocs.append(matching_score_auroc(scores, pair_lq == pair_lg, selected,
+                                               names=names))
+        out["auroc"] = aurocs[0]
+        out["extra_auroc"] = aurocs[1:]
     return out
 
 
@@ -841,5 +975,8 @@ __all__ = [
     "counterfactual_hit_rate",
     "harmonic_numbers",
     "matching_score_auroc",
+    "protocol_keep",
+    "protocol_top_k",
+    "removed_counts",
     "streamed_amd_over_gallery",
 ]

@@ -1,9 +1,11 @@
 """Inference: retrieval embeddings of images, cached per split, for training and the tools.
 
-The embedding returned here is **the** retrieval embedding of DESIGN.md section 2: AGW's
-post-BNNeck feature, L2-normalised (``reid_jax.models.agw.retrieval_embedding``). It is the
-tensor that is ranked (squared Euclidean distance), fed to the attribute head
-(``x = sigmoid(f @ W)``) and explained (eq. 3.2), so every tool takes it from here.
+The embedding returned here is **the** retrieval embedding of DESIGN.md section 2: the tensor
+that ``config.model.retrieval_feature`` / ``normalize_feature`` name (default: AGW's
+post-BNNeck feature, L2-normalised; ``reid_jax.models.agw.retrieval_embedding`` documents the
+choice), applied by the model itself (``AGW.retrieval_embedding``). It is the tensor that is
+ranked (squared Euclidean distance), fed to the attribute head (``x = sigmoid(f @ W)``) and
+explained (eq. 3.2), so every tool takes it from here.
 
 * :func:`extract` / :func:`embed_images`: eval-mode forward of a model over images (paths or
   encoded bytes) in fixed-shape batches: the last batch is padded and its padded rows dropped
@@ -23,12 +25,15 @@ tensor that is ranked (squared Euclidean distance), fed to the attribute head
   is the entry point of ``tools/evaluate.py``, ``tools/train_attributes.py``,
   ``tools/explain.py`` and ``tools/analyze.py``; its signature and :class:`SplitEmbeddings`
   are kept stable.
+* :func:`load_dataset`: ``load_market1501`` with the reader options of ``config.data``
+  (``verify_images``, ``skip_undecodable``); training and the tools read the data through it.
 
 The cache key is a fingerprint of the model's weights (SHA-256 over every array of
-``nnx.state(model)``), ``config.model``, the eval image settings, the output names and the list of
-image files with their sizes and modification times. A checkpoint step that only adds an
-attribute head (``tools/train_attributes.py``) has the same weights and reuses the embeddings;
-a re-generated dataset with the same file names does not.
+``nnx.state(model)``), ``config.model``, the model's retrieval feature settings, the eval image
+settings, the output names and the list of image files with their sizes and modification
+times. A checkpoint step that only adds an attribute head (``tools/train_attributes.py``) has
+the same weights and reuses the embeddings; a re-generated dataset with the same file names
+does not.
 """
 
 from __future__ import annotations
@@ -52,12 +57,17 @@ from flax import nnx
 from reid_jax import atomic_io, checkpoints
 from reid_jax.data import augment
 from reid_jax.data import loader as loader_lib
-from reid_jax.data.market1501 import IMAGE_EXTENSIONS, SPLIT_FOLDERS, load_market1501
-from reid_jax.models.agw import AGW, model_kwargs, retrieval_embedding
+from reid_jax.data.market1501 import (
+    IMAGE_EXTENSIONS,
+    SPLIT_FOLDERS,
+    Market1501,
+    load_market1501,
+)
+from reid_jax.models.agw import AGW, model_kwargs
 from reid_jax.models.attribute_head import AttributeHead
 
 # Output names of :func:`extract`.
-FEATURES = "features"  # [n, D] post-BN, L2-normalised: the retrieval embedding (DESIGN.md §2)
+FEATURES = "features"  # [n, D] the retrieval embedding (DESIGN.md §2; default post-BN, L2-normed)
 POST_BN = "post_bn"  # [n, D] post-BN before normalisation
 PRE_BN = "pre_bn"  # [n, D] GeM feature before BNNeck
 ATTRIBUTES = "attributes"  # [n, A] attribute probabilities sigmoid(features @ W)
@@ -75,8 +85,8 @@ class SplitEmbeddings(NamedTuple):
     Attributes:
       split: 'query', 'gallery' or 'train'.
       paths: n absolute image paths.
-      features: float32 [n, D], post-BN, L2-normalised (the embedding that is ranked and
-        explained).
+      features: float32 [n, D], the retrieval embedding (the one that is ranked and explained;
+        ``config.model.retrieval_feature``, default post-BN, L2-normalised).
       pids: int32 [n] identities as in the file names (0 = distractor in the gallery; the train
         split keeps its raw pids, not the 0..C-1 labels).
       cameras: int32 [n], 1..6.
@@ -124,6 +134,37 @@ def _data_section(config: ml_collections.ConfigDict | Mapping[str, Any] | None) 
     return data if data is not None else {}
 
 
+def dataset_options(config: ml_collections.ConfigDict | Mapping[str, Any] | None
+                    ) -> dict[str, bool]:
+    """``load_market1501`` reader options of ``config.data``: ``verify_images``,
+    ``skip_undecodable`` (both False when missing).
+
+    ``verify_images`` decodes every image once while the folder is read and fails on one that
+    does not decode; ``skip_undecodable`` (needs ``verify_images``) leaves such images out
+    instead (logged, ``Split.undecodable_skipped``).
+
+    Raises:
+      ValueError: a value that is not a bool, or ``skip_undecodable`` without ``verify_images``.
+    """
+    data = _data_section(config)
+    options = {}
+    for name in ("verify_images", "skip_undecodable"):
+        value = data.get(name, False)
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"config.data.{name} must be a bool, got {value!r}")
+        options[name] = bool(value)
+    if options["skip_undecodable"] and not options["verify_images"]:
+        raise ValueError("config.data.skip_undecodable=True needs config.data.verify_images=True "
+                         "(images are only decoded while reading the folder when verified)")
+    return options
+
+
+def load_dataset(data_root: str | os.PathLike,
+                 config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> Market1501:
+    """``load_market1501(data_root, **dataset_options(config))``: the data the tools read."""
+    return load_market1501(data_root, **dataset_options(config))
+
+
 def eval_batch_size(config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> int:
     """``config.data.eval_batch_size``, or ``DEFAULT_BATCH_SIZE`` when it is not set."""
     return int(_data_section(config).get("eval_batch_size", DEFAULT_BATCH_SIZE))
@@ -143,15 +184,20 @@ def _forward(
     graphdef: nnx.GraphDef, state: nnx.State, head_kernel: jax.Array | None,
     images: jax.Array, outputs: tuple[str, ...],
 ) -> dict[str, jax.Array]:
-    """Eval-mode AGW outputs of ``images [B, H, W, 3]``: each ``[B, D]`` (attributes ``[B, A]``)."""
-    out = nnx.merge(graphdef, state)(images)
+    """Eval-mode AGW outputs of ``images [B, H, W, 3]``: each ``[B, D]`` (attributes ``[B, A]``).
+
+    ``features`` is the model's retrieval embedding (``AGW.retrieval_embedding``: the feature
+    and normalisation of ``config.model``, static in ``graphdef``).
+    """
+    model = nnx.merge(graphdef, state)
+    out = model(images)
     result = {}
-    features = retrieval_embedding(out)
+    features = model.retrieval_embedding(out)
     for name in outputs:
         if name == FEATURES:
             result[name] = features
         elif name == POST_BN:
-            result[name] = retrieval_embedding(out, normalize=False)
+            result[name] = out.post_bn.astype(jnp.float32)
         elif name == PRE_BN:
             result[name] = out.pre_bn.astype(jnp.float32)
         elif name == ATTRIBUTES:
@@ -233,8 +279,9 @@ def extract(
         over several processes works when every process calls this with the same items (each
         feeds its slice of every batch, ``reid_jax.data.loader.global_to_device``). Default:
         the default device.
-      outputs: names among ``OUTPUTS``: ``"features"`` (post-BN, L2-normalised: the retrieval
-        embedding), ``"post_bn"``, ``"pre_bn"``, ``"attributes"`` (needs ``attribute_head``).
+      outputs: names among ``OUTPUTS``: ``"features"`` (the retrieval embedding,
+        ``model.retrieval_embedding``: by default post-BN, L2-normalised), ``"post_bn"``,
+        ``"pre_bn"`` (both raw), ``"attributes"`` (needs ``attribute_head``; of ``features``).
       attribute_head: the ``AttributeHead`` for ``"attributes"``.
       loader_config: input settings (workers, interpolation, mean, std); its height and width
         are replaced by ``height`` and ``width``. Default: AGW's eval transform.
@@ -331,7 +378,7 @@ def embed_images(
     loader_config: loader_lib.LoaderConfig | None = None,
     log_every_seconds: float = 30.0,
 ) -> np.ndarray:
-    """float32 [n, D] retrieval embeddings (post-BN, L2-normalised) of ``items``, in order.
+    """float32 [n, D] retrieval embeddings (``model.retrieval_embedding``) of ``items``, in order.
 
     ``extract(..., outputs=("features",))``; see :func:`extract` for the arguments.
     """
@@ -500,8 +547,8 @@ def split_embeddings(
 
     Args:
       model: the AGW model (used through an eval-mode view; never changed).
-      config: its config (``config.data`` gives the image settings, ``config.model`` enters
-        the cache key); None: AGW's defaults.
+      config: its config (``config.data`` gives the image settings and the reader options of
+        :func:`load_dataset`, ``config.model`` enters the cache key); None: AGW's defaults.
       data_root: a Market-1501-layout folder (real or ``tools/make_synthetic.py``).
       splits: any of 'query', 'gallery', 'train'.
       cache_dir: folder of ``<split>.npz`` caches; None: no caching.
@@ -515,7 +562,7 @@ def split_embeddings(
     for split in splits:
         if split not in SPLIT_FOLDERS:
             raise ValueError(f"unknown split {split!r}; expected some of {tuple(SPLIT_FOLDERS)}")
-    data = load_market1501(data_root)
+    data = load_dataset(data_root, config)
     loader_config = eval_loader_config(config, num_workers=num_workers)
     height, width = loader_config.augment.height, loader_config.augment.width
     if batch_size is None:
@@ -535,6 +582,9 @@ def split_embeddings(
                 "model_fingerprint": fingerprint,
                 "model_config": {k: list(v) if isinstance(v, tuple) else v
                                  for k, v in (model_config or {}).items()},
+                # What the model itself applies (it may have been built from another config).
+                "retrieval": {"feature": model.retrieval_feature,
+                              "normalize": model.normalize_feature},
                 "image": eval_image_settings(loader_config),
                 "files": files_fingerprint(s.paths),
                 "outputs": [FEATURES],
@@ -580,7 +630,8 @@ def load_split_embeddings(
       step, batch_size, mesh, num_workers: see :func:`split_embeddings`.
 
     Returns:
-      ``{split: SplitEmbeddings}``; ``features`` are float32 [n, D], post-BN, L2-normalised.
+      ``{split: SplitEmbeddings}``; ``features`` are float32 [n, D], the retrieval embedding
+      (``config.model.retrieval_feature`` of the config used; default post-BN, L2-normalised).
 
     Raises:
       FileNotFoundError: no checkpoint directory / no checkpoint in it, or no data.

@@ -2,11 +2,15 @@
 
 ``train_and_evaluate(config, workdir)`` is the whole run (``tools/train.py`` calls it):
 
-1. reads the Market-1501-shaped folder ``config.data.root``;
+1. reads the Market-1501-shaped folder ``config.data.root`` (``reid_jax.inference.load_dataset``:
+   ``config.data.verify_images`` / ``skip_undecodable``);
 2. builds AGW from ``config.model`` (``config.init_from``: the backbone from a converted
    ImageNet / AGW checkpoint), the :class:`~reid_jax.train_state.TrainState` and the learning
    rate schedule of the AGW recipe over the sampler's exact epochs (``reid_jax.schedules``);
-3. restores the latest checkpoint of ``workdir/checkpoints`` if there is one;
+3. restores the latest checkpoint of ``workdir/checkpoints`` if there is one (a step that
+   ``tools/train_attributes.py`` added with an attribute head resumes like any other, but the
+   steps trained after it carry no head: the embedding changes, so the head would be stale; a
+   warning says so, and the head must be trained again after training);
 4. runs :func:`train_step` on P x K batches from ``reid_jax.data.loader.train_batches``, started
    at the restored step, logging losses, learning rate, images/s and ETA (absl logging and
    TensorBoard scalars in ``workdir``), saving checkpoints every
@@ -68,7 +72,7 @@ from flax import nnx
 
 from reid_jax import atomic_io, checkpoints, evaluation, inference, losses, schedules
 from reid_jax.data import loader as loader_lib
-from reid_jax.data.market1501 import Market1501, load_market1501
+from reid_jax.data.market1501 import Market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
 from reid_jax.train_state import TrainState, create_train_state
@@ -78,7 +82,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 DATA_AXIS = "data"
 # config.data fields that are not loader settings.
-_NON_LOADER_DATA_FIELDS = ("root", "eval_batch_size")
+_NON_LOADER_DATA_FIELDS = ("root", "eval_batch_size", "verify_images", "skip_undecodable")
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -192,9 +196,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Market-1501 re-id metrics of ``model`` on ``data.query`` vs ``data.gallery``.
 
-    Embeddings are the L2-normalised post-BN features of ``reid_jax.inference.extract`` (eval
-    mode, batches of ``batch_size`` split over ``mesh``), distances squared Euclidean
-    (DESIGN.md section 3); metrics from ``reid_jax.evaluation.retrieval_metrics``.
+    Embeddings are the retrieval embeddings of ``reid_jax.inference.extract`` (eval mode,
+    batches of ``batch_size`` split over ``mesh``; ``config.model.retrieval_feature``, by default
+    post-BN, L2-normalised), distances squared Euclidean (DESIGN.md section 3); metrics from
+    ``reid_jax.evaluation.retrieval_metrics``.
 
     Args:
       model: an ``AGW`` (e.g. from ``checkpoints.restore_model``) or a training state.
@@ -281,6 +286,31 @@ def restore_train_checkpoint(
         ) from e
     state = state.with_model_state(restored[checkpoints.MODEL_ITEM])
     return state.with_optimizer_items(restored[TRAIN_STATE_ITEM])
+
+
+# Appended by the tools to "no attribute head" messages.
+NO_HEAD_HINT = ("A tools/train.py run writes its steps without the attribute head (training "
+                "changes the embedding): train the head again after training "
+                "(tools/train_attributes.py).")
+
+
+def attribute_head_warning(checkpoint_dir: str | os.PathLike, step: int, start: int,
+                           total_steps: int) -> str | None:
+    """The warning logged when training resumes from a step that holds an attribute head.
+
+    ``tools/train_attributes.py`` saves the head as a new step of the run's checkpoints. Training
+    on from it (``start < total_steps``) writes later steps without a head, on purpose: the
+    embedding changes with training, so the head would no longer fit it. Returns the message
+    (None when ``step`` has no head or nothing is left to train).
+    """
+    if start >= total_steps or not checkpoints.has_attribute_head(checkpoint_dir, step):
+        return None
+    return (f"checkpoint step {step} of {os.fspath(checkpoint_dir)} holds an attribute head "
+            f"(tools/train_attributes.py). Training continues from step {start} to "
+            f"{total_steps} and the steps it writes have NO attribute head: training changes the "
+            "embedding, so the head would be stale and is dropped (and keep_checkpoints may "
+            f"delete step {step}). Train the head again after training "
+            "(tools/train_attributes.py).")
 
 
 def init_backbone_from(model: AGW, config: ml_collections.ConfigDict) -> None:
@@ -402,7 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     _check_divisible(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
 
-    data = load_market1501(config.data.root)
+    data = inference.load_dataset(config.data.root, config)
     num_classes = data.num_train_ids
     # The loader's own sampler (same labels, P, K, seed): its exact epoch lengths.
     sampler = RandomIdentitySampler(data.train.labels, loader_cfg.p, loader_cfg.k,
@@ -435,6 +465,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise ValueError(
                 f"{manager.directory} holds step {start}, past this run's {total_steps} steps "
                 "(config.num_epochs / config.num_train_steps); use a new --workdir")
+        if latest is not None:
+            warning = attribute_head_warning(manager.directory, latest, start, total_steps)
+            if warning is not None:
+                logging.warning("%s", warning)
         result = _train_loop(config, workdir, mesh, state, data, loader_cfg, ends, start,
                              total_steps, manager, scalars, num_classes)
         manager.wait_until_finished()

@@ -301,6 +301,41 @@ def test_load_features_npz_resolves_paths_and_checks_keys(tmp_path):
         analysis.load_features_npz(npz)
 
 
+def test_load_features_npz_reads_labels_only_from_attribute_labels(tmp_path):
+    paths = _write_images(tmp_path / "g", [1, 1, 2])
+    rng = np.random.default_rng(0)
+    probs = rng.random((3, A)).astype(np.float32)
+    labels = (rng.random((3, A)) < 0.5).astype(np.uint8)
+    npz = tmp_path / "f.npz"
+    np.savez(npz, paths=np.array(paths), features=np.ones((3, 4), np.float32), attributes=probs,
+             attribute_names=np.array(ATTRIBUTE_NAMES))
+    loaded = analysis.load_features_npz(npz)
+    assert loaded.attribute_labels is None  # probabilities are never labels
+    np.testing.assert_array_equal(loaded.attributes, probs)
+    np.savez(npz, paths=np.array(paths), features=np.ones((3, 4)), attributes=probs,
+             attribute_labels=labels.astype(bool))
+    loaded = analysis.load_features_npz(npz)
+    assert loaded.attribute_labels.dtype == np.uint8
+    np.testing.assert_array_equal(loaded.attribute_labels, labels)
+    np.savez(npz, paths=np.array(paths), features=np.ones((3, 4)), attribute_labels=probs)
+    with pytest.raises(ValueError, match=r"f.npz: 'attribute_labels' must be ground-truth "
+                                         r"labels in \{0, 1\}.*belong under 'attributes'"):
+        analysis.load_features_npz(npz)
+    np.savez(npz, paths=np.array(paths), features=np.ones((3, 4)), attribute_labels=labels[:2])
+    with pytest.raises(ValueError, match=r"'attribute_labels' must be \[G, A\] with G = 3, "
+                                         r"got shape \(2, 30\)"):
+        analysis.load_features_npz(npz)
+    np.savez(npz, paths=np.array(paths), features=np.ones((3, 4)), attributes=probs[:, 0])
+    with pytest.raises(ValueError, match=r"'attributes' must be \[G, A\]"):
+        analysis.load_features_npz(npz)
+    np.save(tmp_path / "w.npy", np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"w.npy: a single array, not an .npz"):
+        analysis.load_features_npz(tmp_path / "w.npy")
+    (tmp_path / "junk.npz").write_text("not numpy")
+    with pytest.raises(ValueError, match=r"junk.npz: not a readable .npz"):
+        analysis.load_features_npz(tmp_path / "junk.npz")
+
+
 # ---------------------------------------------------------------------- tools/analyze.py
 
 
@@ -329,7 +364,7 @@ def test_cli_on_npz_and_npy(tmp_path):
     np.save(tmp_path / "W.npy", w)
     labels = test[np.repeat(np.arange(4), 2)]
     np.savez(tmp_path / "f.npz", paths=np.array(paths), features=rng.normal(size=(8, 12)),
-             attributes=labels)
+             attribute_labels=labels)
     out = tmp_path / "out"
     res = _run_tool(f"--weights={tmp_path / 'W.npy'}", f"--features={tmp_path / 'f.npz'}",
                     f"--attribute_file={tmp_path / 'data' / 'market_attribute.mat'}",
@@ -384,3 +419,65 @@ def test_cli_from_checkpoint(tmp_path):
     res = _run_tool(f"--checkpoint={tmp_path / 'ckpt'}", f"--weights={tmp_path / 'x.npy'}",
                     f"--output_dir={tmp_path / 'o'}")
     assert res.returncode != 0 and "exactly one of --weights" in res.stderr
+
+
+def test_cli_on_an_npz_written_by_extract_features(tmp_path):
+    """tools/extract_features.py writes predicted probabilities under 'attributes': analyze
+    must not read them as labels (it used to fail with 'labels must be binary (0/1)')."""
+    from flax import nnx
+
+    from reid_jax.checkpoints import save_checkpoint
+    from reid_jax.models.agw import AGW
+    from reid_jax.models.attribute_head import AttributeHead
+
+    paths = _write_images(tmp_path / "images", [1, 1, 2, 2, 3])
+    config = {"model": {"width": 8, "blocks": (1, 1, 1, 1), "non_local": (0, 0, 0, 0)},
+              "data": {"height": 32, "width": 16}}
+    model = AGW(4, **config["model"], rngs=nnx.Rngs(0))
+    head = AttributeHead(model.feature_dim, rngs=nnx.Rngs(1))
+    save_checkpoint(tmp_path / "ckpt", 0, model_state=model, attribute_head_state=head,
+                    meta={"num_classes": 4, "config": config})
+    npz = tmp_path / "features.npz"
+    res = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "extract_features.py"),
+         f"--checkpoint={tmp_path / 'ckpt'}", f"--image_dir={tmp_path / 'images'}",
+         f"--output={npz}", "--batch_size=8"],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with np.load(npz) as z:
+        assert sorted(z.files) == ["attribute_names", "attributes", "features", "paths"]
+        probs = z["attributes"]
+    assert probs.shape == (5, A) and not np.isin(probs, (0, 1)).all()
+    np.save(tmp_path / "W.npy", np.asarray(head.kernel[...]))
+
+    res = _run_tool(f"--weights={tmp_path / 'W.npy'}", f"--features={npz}",
+                    f"--output_dir={tmp_path / 'out'}", "--num_selective=1", "--num_images=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "'attributes' holds predicted probabilities, not labels" in res.stderr
+    assert "no --attribute_file and no 'attribute_labels' in --features" in res.stderr
+    md = (tmp_path / "out" / "table_4_1.md").read_text()
+    assert md in res.stdout and "| Attribute | #Top1 | Positive ratio (%) |" in md
+    assert "| hat | " in md and " | n/a |" in md  # no labels: no positive ratios
+    assert sorted(f for f in os.listdir(tmp_path / "out") if f.startswith("table_4_1")) == [
+        "table_4_1.csv", "table_4_1.md", "table_4_1.png"]
+    assert sum(f.startswith("component_") for f in os.listdir(tmp_path / "out")) == 1
+    assert set(paths) <= set(np.load(npz)["paths"].tolist())
+
+
+def test_cli_prints_clean_errors(tmp_path):
+    np.save(tmp_path / "W.npy", np.zeros((4, A)))
+    res = _run_tool(f"--weights={tmp_path / 'W.npy'}", f"--features={tmp_path / 'none.npz'}",
+                    f"--output_dir={tmp_path / 'o'}")
+    assert res.returncode == 1
+    assert "tools/analyze.py: error: features file not found" in res.stderr
+    assert "Traceback" not in res.stderr
+    paths = _write_images(tmp_path / "g", [1, 2])
+    np.savez(tmp_path / "p.npz", paths=np.array(paths), features=np.ones((2, 4)),
+             attribute_labels=np.full((2, A), 0.7))
+    res = _run_tool(f"--weights={tmp_path / 'W.npy'}", f"--features={tmp_path / 'p.npz'}",
+                    f"--output_dir={tmp_path / 'o'}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "'attribute_labels' must be ground-truth labels in {0, 1}" in res.stderr
+    res = _run_tool(f"--weights={tmp_path / 'missing.npy'}", f"--output_dir={tmp_path / 'o'}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "tools/analyze.py: error:" in res.stderr and "missing.npy" in res.stderr

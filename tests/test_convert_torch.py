@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 
@@ -345,6 +346,34 @@ def test_pickled_whole_model_is_refused(reference, tmp_path):
         convert_torch.load_torch_state_dict(listed)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_torch.load_torch_state_dict(tmp_path / "nope.pth")
+
+
+def test_unreadable_files_report_the_cause(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"w": torch.arange(1000, dtype=torch.float32)}, path)
+    assert set(convert_torch.load_torch_state_dict(path)) == {"w"}
+    blob = path.read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(blob[:len(blob) // 2])  # an interrupted download or copy
+    with pytest.raises(ValueError, match=r"could not read .*truncated\.pth: RuntimeError: .*zip "
+                                         r"archive") as info:
+        convert_torch.load_torch_state_dict(truncated)
+    assert "pickled model" not in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's error is chained
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"could not read .*empty\.pth: EOFError") as info:
+        convert_torch.load_torch_state_dict(empty)
+    assert isinstance(info.value.__cause__, EOFError)
+
+    # A pickled object: the refused class is named and torch's error chained.
+    whole = tmp_path / "linear.pth"
+    torch.save(torch.nn.Linear(2, 2), whole)
+    with pytest.raises(ValueError, match=r"refused a class it names: "
+                                         r"torch\.nn\.modules\.linear\.Linear\); it probably "
+                                         r"holds a pickled model") as info:
+        convert_torch.load_torch_state_dict(whole)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
 
 
 def test_missing_unexpected_and_mismatched_keys_in_one_error(reference):

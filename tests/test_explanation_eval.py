@@ -275,6 +275,17 @@ def test_counterfactual_metrics_equal_the_library():
         ee.counterfactual_metrics(fq, fg, fc[:-1], w, cfs, pairs, lq)
 
 
+def _no_removal_ids(q, g):
+    """Pids/cameras under which the protocol removes nothing (no shared pid, no junk)."""
+    return dict(query_pids=np.arange(1, q + 1), query_cams=np.ones(q, np.int64),
+                gallery_pids=np.arange(100, 100 + g), gallery_cams=np.ones(g, np.int64))
+
+
+def _data_ids(data):
+    return dict(query_pids=data.query.pids, query_cams=data.query.cameras,
+                gallery_pids=data.gallery.pids, gallery_cams=data.gallery.cameras)
+
+
 def test_label_metrics_equal_the_library():
     rng = np.random.default_rng(2)
     fq = rng.normal(size=(5, 16)).astype(np.float32)
@@ -283,13 +294,15 @@ def test_label_metrics_equal_the_library():
     lq, lg = rng.integers(0, 2, (5, A)), rng.integers(0, 2, (11, A))
     vg = np.ones(11, bool)
     vg[[0, 4]] = False
-    auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3)
+    ids = _no_removal_ids(5, 11)
+    auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, **ids)
     assert set(auroc) == {"all_pairs", "top4", "per_attribute"}
     assert set(amd) == {"all_pairs", "top4", "per_attribute"}
     for mode in ee.MODES:
         full = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
                                             threshold=0.3)
-        top = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3)
+        top = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3,
+                                **ids)
         for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
             assert amd["all_pairs"][mode][key] == full[key]
             assert amd["top4"][mode][key] == top[key]
@@ -301,11 +314,96 @@ def test_label_metrics_equal_the_library():
             assert auroc["top4"]["confident"]["auroc"] == top["auroc"]["auroc"]
     assert amd["all_pairs"]["num_pairs"] == 5 * 9
     every = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg,
-                              threshold=0.0)["auroc"]
+                              threshold=0.0, **ids)["auroc"]
     assert auroc["top4"]["all_attributes"]["auroc"] == every["auroc"]
     assert every["num_positive"] + every["num_negative"] == 5 * 4 * A - A * int(
         (~vg[np.asarray(explain.explain_rankings(fq, fg, w, k=4).indices)]).sum())
     assert all(len(v) == A for v in auroc["per_attribute"].values())
+
+
+def test_progress_log_reports_rate_and_eta():
+    now = [100.0]
+    lines = []
+    log = ee.ProgressLog("AMD over all pairs (paper)", interval=30.0, clock=lambda: now[0],
+                         log=lambda fmt, *args: lines.append(fmt % args))
+    now[0] = 110.0
+    log(32, 128)  # within the interval: silent
+    assert lines == []
+    now[0] = 140.0
+    log(64, 128)  # 64 queries in 40 s: 1.6 queries/s, 64 left: 40 s
+    assert lines == ["AMD over all pairs (paper): 64/128 queries (50.0%), 1.6 queries/s, "
+                     "ETA 0:00:40, elapsed 0:00:40"]
+    now[0] = 150.0
+    log(96, 128)  # 10 s after the last line: silent
+    now[0] = 3700.0
+    log(128, 128)  # the end is always logged
+    assert len(lines) == 2
+    assert lines[1] == ("AMD over all pairs (paper): 128/128 queries (100.0%), 0.0 queries/s, "
+                        "ETA 0:00:00, elapsed 1:00:00")
+    instant = []
+    ee.ProgressLog("x", clock=lambda: 5.0, log=lambda fmt, *a: instant.append(fmt % a))(3, 3)
+    assert instant == ["x: 3/3 queries (100.0%), -- queries/s, ETA 0:00:00, elapsed 0:00:00"]
+    with pytest.raises(ValueError, match="interval must be >= 0"):
+        ee.ProgressLog("x", interval=-1)
+
+
+def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, caplog):
+    import logging
+
+    rng = np.random.default_rng(4)
+    fq = rng.normal(size=(5, 16)).astype(np.float32)
+    fg = rng.normal(size=(11, 16)).astype(np.float32)
+    w = (3 * rng.normal(size=(16, A))).astype(np.float32)
+    lq, lg = rng.integers(0, 2, (5, A)), rng.integers(0, 2, (11, A))
+    qp, qc = np.array([1, 2, 3, 4, 5]), np.array([1, 1, 1, 2, 2])
+    gp = np.array([1, 1, 2, -1, 3, 0, 4, 5, 5, 6, 7])
+    gc = np.array([1, 2, 1, 1, 1, 1, 2, 2, 1, 1, 1])
+    fg[0] = fq[0] + 0.01 * rng.normal(size=16)  # query 0's own camera: removed
+    fg[2] = fq[1] + 0.01 * rng.normal(size=16)  # query 1's own camera: removed
+    fg[3] = fq[2] + 0.01 * rng.normal(size=16)  # junk: removed
+    vg = gp > 0
+    ids = dict(query_pids=qp, query_cams=qc, gallery_pids=gp, gallery_cams=gc)
+    calls = {"streamed": [], "top_k": []}
+    streamed, top_k = em.streamed_amd_over_gallery, em.amd_over_top_k
+
+    def count_streamed(*args, **kwargs):
+        calls["streamed"].append(args[5])
+        return streamed(*args, **kwargs)
+
+    def count_top_k(*args, **kwargs):
+        calls["top_k"].append(args[5])
+        return top_k(*args, **kwargs)
+
+    monkeypatch.setattr(em, "streamed_amd_over_gallery", count_streamed)
+    monkeypatch.setattr(em, "amd_over_top_k", count_top_k)
+    with caplog.at_level(logging.INFO):
+        auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, **ids)
+    # One all-pairs pass and one ranking per mode: the t = 0 AUROC comes with the scores pass.
+    assert calls == {"streamed": list(ee.MODES), "top_k": list(ee.MODES)}
+    for mode in ee.MODES:
+        assert f"AMD over all pairs ({mode}): 5/5 queries (100.0%)" in caplog.text
+        assert f"AMD over the top 4 ranks ({mode})" in caplog.text
+    assert "ETA 0:00:00" in caplog.text
+
+    # The top 4 under the protocol (float64 reference), not the plain top 4.
+    d2 = np.square(fq[:, None, :].astype(np.float64) - fg[None]).sum(-1)
+    removed = ((gp[None] == qp[:, None]) & (gc[None] == qc[:, None])) | (gp[None] == -1)
+    top = np.argsort(np.where(removed, np.inf, d2), axis=1, kind="stable")[:, :4]
+    plain = np.argsort(d2, axis=1, kind="stable")[:, :4]
+    assert amd["top4"]["num_pairs"] == int(vg[top].sum()) != int(vg[plain].sum())
+    for mode in ee.MODES:
+        ref = top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3, **ids)
+        for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
+            assert amd["top4"][mode][key] == ref[key]
+    every_top = top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg, threshold=0.0, **ids)
+    every_all = streamed(fq, fg, w, lq, lg, "scores", valid_gallery=vg, threshold=0.0)
+    for scope, ref in (("top4", every_top["auroc"]), ("all_pairs", every_all["auroc"])):
+        for key in ("auroc", "num_positive", "num_negative"):
+            assert auroc[scope]["all_attributes"][key] == ref[key]
+    assert auroc["all_pairs"]["all_attributes"]["max_binning_error"] == every_all["auroc"][
+        "max_binning_error"]
+    assert auroc["per_attribute"]["top4_all_attributes"] == [
+        every_top["auroc"]["per_attribute"][n]["auroc"] for n in ATTRIBUTE_NAMES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +464,8 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
                                         valid_gallery=vg)
     assert m["amd"]["all_pairs"]["complete"]["ex_map_d"] == full["ex_map_d"]
     assert m["amd"]["all_pairs"]["num_pairs"] == int(vq.sum() * vg.sum())
-    top = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=K, valid_query=vq, valid_gallery=vg)
+    top = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=K, valid_query=vq, valid_gallery=vg,
+                            **_data_ids(data))
     assert m["amd"][f"top{K}"]["scores"]["ex_precision_s"] == top["ex_precision_s"]
     assert m["auroc"][f"top{K}"]["confident"]["auroc"] == top["auroc"]["auroc"]
 

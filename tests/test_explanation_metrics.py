@@ -430,6 +430,12 @@ def test_streamed_over_gallery_matches_reference(mode):
         assert "auroc" not in got
 
 
+def _no_removal_ids(q, g):
+    """Pids/cameras under which the protocol removes nothing (no shared pid, no junk)."""
+    return dict(query_pids=np.arange(1, q + 1), query_cams=np.ones(q, np.int64),
+                gallery_pids=np.arange(100, 100 + g), gallery_cams=np.ones(g, np.int64))
+
+
 @pytest.mark.parametrize("mode", ["paper", "scores"])
 def test_amd_over_top_k_matches_reference(mode):
     fq, fg, w, lq, lg = _gallery_case(seed=10, g=12)
@@ -442,7 +448,8 @@ def test_amd_over_top_k_matches_reference(mode):
     pair_sep = sep[rows, top.ravel()]
     if mode != "scores":
         pair_sep[0] = 0.0  # query 0's first match is its identical copy: all tied
-    got = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_query=vq)
+    got = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_query=vq,
+                            **_no_removal_ids(q, fg.shape[0]))
     ref = reference_amd(pair_sep, lq[rows], lg[top.ravel()], vq[rows], brute_force_ties=True)
     assert got["k"] == k and got["num_pairs"] == k * int(vq.sum())
     _assert_matches(got, ref, got["per_attribute"].keys(), atol=1e-5)
@@ -467,4 +474,182 @@ def test_gallery_errors():
     with pytest.raises(ValueError, match="f_query .* non-finite"):
         em.streamed_amd_over_gallery(bad, fg, w, lq, lg)
     with pytest.raises(ValueError, match="k must be an integer"):
-        em.amd_over_top_k(fq, fg, w, lq, lg, k=100)
+        em.amd_over_top_k(fq, fg, w, lq, lg, k=100, **_no_removal_ids(5, 9))
+
+
+# --------------------------------------------------------------------------------------------
+# The Market-1501 protocol on the top k (the pairs of the report of reid_jax.explain_run).
+
+
+def _removed_reference(qp, qc, gp, gc):
+    return np.array([sum(1 for p, c in zip(gp, gc, strict=True)
+                         if (p == a and c == b) or p == -1) for a, b in zip(qp, qc, strict=True)])
+
+
+def test_removed_counts_match_explain_run_and_a_loop():
+    from reid_jax import explain_run
+
+    rng = np.random.default_rng(0)
+    qp, qc = rng.integers(1, 6, 40), rng.integers(1, 4, 40)
+    gp, gc = rng.integers(-1, 6, 200), rng.integers(1, 4, 200)
+    got = em.removed_counts(qp, qc, gp, gc)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, _removed_reference(qp, qc, gp, gc))
+    np.testing.assert_array_equal(got, explain_run.removed_counts(qp, qc, gp, gc))
+    # Camera ids of any size: (1, 1500) and (2, 500) are different keys.
+    np.testing.assert_array_equal(em.removed_counts([1, 2], [1500, 500], [2, 2], [500, 1500]),
+                                  [0, 1])
+    assert em.removed_counts([1], [1], np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() \
+        == [0]
+    with pytest.raises(ValueError, match=r"gallery_cams must be integer \[3\]"):
+        em.removed_counts([1], [1], [1, 2, 3], [1, 2])
+
+
+def test_protocol_top_k_keeps_the_first_k_allowed_ranks():
+    indices = np.array([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]])
+    qp, qc = np.array([7, 8]), np.array([1, 1])
+    gp = np.array([7, 7, -1, 0, 8])
+    gc = np.array([1, 2, 3, 1, 1])
+    keep = em.protocol_keep(indices, qp, qc, gp, gc)
+    # Query 0 (pid 7, cam 1): drops gallery 0 (same pid+cam) and 2 (junk); query 1: 4 and 2.
+    np.testing.assert_array_equal(keep, [[0, 1, 0, 1, 1], [0, 1, 0, 1, 1]])
+    cols, ok = em.protocol_top_k(indices, qp, qc, gp, gc, 3)
+    np.testing.assert_array_equal(np.take_along_axis(indices, cols, 1), [[1, 3, 4], [3, 1, 0]])
+    assert ok.all()
+    cols, ok = em.protocol_top_k(indices, qp, qc, gp, gc, 5)  # only 3 kept per list
+    np.testing.assert_array_equal(ok, [[1, 1, 1, 0, 0]] * 2)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, K=5\]"):
+        em.protocol_top_k(indices, qp, qc, gp, gc, 6)
+    with pytest.raises(ValueError, match=r"indices must have shape \[Q=2, K\]"):
+        em.protocol_keep(indices[:1], qp, qc, gp, gc)
+
+
+def _protocol_case(seed=11, q=4, g=14, n=16, a=5):
+    """Queries whose nearest gallery images are removed by the protocol: copies of the query
+    on its own camera (same pid) and junk; a distractor (pid 0, no labels) stays."""
+    rng = np.random.default_rng(seed)
+    fq = rng.normal(size=(q, n)).astype(np.float32)
+    fg = rng.normal(size=(g, n)).astype(np.float32)
+    w = rng.normal(size=(n, a)).astype(np.float32)
+    qp, qc = np.array([1, 2, 3, 4]), np.array([1, 1, 2, 1])
+    gp = np.array([1, 1, 2, -1, 0, 3, 3, 4, 4, 2, 5, 5, 6, 6])
+    gc = np.array([1, 2, 1, 1, 3, 2, 1, 2, 1, 3, 1, 2, 1, 2])
+    fg[0] = fq[0] + 0.01 * rng.normal(size=n)  # query 0's own camera: removed
+    fg[2] = fq[1] + 0.01 * rng.normal(size=n)  # query 1's own camera: removed
+    fg[3] = fq[2] + 0.01 * rng.normal(size=n)  # junk next to query 2: removed
+    fg[4] = fq[3] + 0.01 * rng.normal(size=n)  # distractor next to query 3: stays (no labels)
+    fg[1] = fq[0] + 0.05 * rng.normal(size=n)  # query 0's true match on another camera
+    ids = dict(query_pids=qp, query_cams=qc, gallery_pids=gp, gallery_cams=gc)
+    vg = gp > 0
+    return fq, fg, w, _labels(rng, q, a), _labels(rng, g, a), ids, vg
+
+
+def _protocol_ranking64(fq, fg, ids, k):
+    """float64 reference: top ``k`` [Q, k] with removed images last, and which are kept."""
+    d2 = np.square(fq[:, None, :].astype(np.float64) - fg[None]).sum(-1)
+    qp, qc, gp, gc = (ids[key] for key in ("query_pids", "query_cams", "gallery_pids",
+                                             "gallery_cams"))
+    removed = ((gp[None] == qp[:, None]) & (gc[None] == qc[:, None])) | (gp[None] == -1)
+    d2 = np.where(removed, np.inf, d2)
+    top = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return top, np.isfinite(np.take_along_axis(d2, top, 1))
+
+
+@pytest.mark.parametrize("mode", em.MODES)
+def test_amd_over_top_k_uses_the_protocol_ranking(mode):
+    fq, fg, w, lq, lg, ids, vg = _protocol_case()
+    q, k = fq.shape[0], 3
+    top, _ = _protocol_ranking64(fq, fg, ids, k)
+    plain = np.argsort(np.square(fq[:, None, :] - fg[None]).sum(-1), axis=1)[:, :k]
+    assert not np.array_equal(plain, top)  # the case is one where the protocol matters
+    sep, scores, xq = _separation64(fq, fg, w, mode)
+    rows = np.repeat(np.arange(q), k)
+    valid = vg[top.ravel()]
+    got = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_gallery=vg,
+                            extra_thresholds=(0.0,) if mode == "scores" else (), **ids)
+    ref = reference_amd(sep[rows, top.ravel()], lq[rows], lg[top.ravel()], valid,
+                        brute_force_ties=True)
+    assert got["k"] == k and got["num_pairs"] == int(valid.sum())
+    _assert_matches(got, ref, got["per_attribute"].keys(), atol=1e-5)
+    if mode == "scores":
+        agree = lq[rows] == lg[top.ravel()]
+        pair_scores = scores[rows, top.ravel()]
+        for t, result in ((0.4, got["auroc"]), (0.0, got["extra_auroc"][0])):
+            sel = (np.abs(xq - 0.5) > t)[rows] & valid[:, None]
+            assert result["auroc"] == pytest.approx(_pairwise_auroc(pair_scores[sel],
+                                                                    agree[sel]), abs=1e-6)
+            assert result["num_positive"] + result["num_negative"] == int(sel.sum())
+    else:
+        assert "auroc" not in got and "extra_auroc" not in got
+
+
+def test_amd_over_top_k_with_fewer_than_k_kept_images():
+    fq, fg, w, lq, lg, ids, vg = _protocol_case()
+    ids = {**ids, "gallery_pids": np.where(np.arange(14) < 12, 1, ids["gallery_pids"]),
+           "gallery_cams": np.where(np.arange(14) < 12, 1, ids["gallery_cams"])}
+    # Query 0 (pid 1, cam 1) keeps 2 of the 14 images, the others all 14.
+    k = 4
+    top, finite = _protocol_ranking64(fq, fg, ids, k)
+    assert finite.sum(axis=1).tolist() == [2, 4, 4, 4]
+    rows = np.repeat(np.arange(fq.shape[0]), k)
+    valid = finite.ravel()
+    sep, _, _ = _separation64(fq, fg, w, "paper")
+    got = em.amd_over_top_k(fq, fg, w, lq, lg, "paper", k=k, **ids)
+    ref = reference_amd(sep[rows, top.ravel()], lq[rows], lg[top.ravel()], valid,
+                        brute_force_ties=True)
+    assert got["num_pairs"] == 14
+    _assert_matches(got, ref, got["per_attribute"].keys(), atol=1e-5)
+
+
+def test_top_k_pairs_are_those_of_explain_run():
+    """The kernel ranking, fetch size and removal of amd_over_top_k give explain_run's lists."""
+    from reid_jax import explain, explain_run
+
+    fq, fg, w, _, _, ids, _ = _protocol_case()
+    qp, qc, gp, gc = (ids[key] for key in ("query_pids", "query_cams", "gallery_pids",
+                                             "gallery_cams"))
+    k = 3
+    fetch = int(min(fg.shape[0], k + em.removed_counts(qp, qc, gp, gc).max()))
+    ranked = np.asarray(explain.explain_rankings(fq, fg, w, k=fetch).indices)
+    cols, ok = em.protocol_top_k(ranked, qp, qc, gp, gc, k)
+    assert ok.all()
+    ours = np.take_along_axis(ranked, cols, 1)
+    report = [ex.gallery for ex in explain_run.explain_queries(
+        fq, fg, w, qp, qc, gp, gc, k=k, threshold=0.4, complete=False)]
+    np.testing.assert_array_equal(ours, np.stack(report))
+    np.testing.assert_array_equal(ours, _protocol_ranking64(fq, fg, ids, k)[0])
+
+
+def test_top_k_and_extra_threshold_errors():
+    fq, fg, w, lq, lg, ids, _ = _protocol_case()
+    with pytest.raises(ValueError, match=r"query_pids must be integer \[4\]"):
+        em.amd_over_top_k(fq, fg, w, lq, lg, **{**ids, "query_pids": ids["query_pids"][:3]})
+    with pytest.raises(ValueError, match=r"gallery_cams must be integer \[14\]"):
+        em.amd_over_top_k(fq, fg, w, lq, lg, **{**ids, "gallery_cams": np.ones(14)})
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, G=14\]"):
+        em.amd_over_top_k(fq, fg, w, lq, lg, k=0, **ids)
+    with pytest.raises(ValueError, match="apply to mode='scores' only"):
+        em.amd_over_top_k(fq, fg, w, lq, lg, "paper", extra_thresholds=(0.0,), **ids)
+    with pytest.raises(ValueError, match="apply to mode='scores' only"):
+        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "complete", extra_thresholds=(0.0,))
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0, 0.5\)"):
+        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", extra_thresholds=(0.7,))
+
+
+def test_streamed_extra_thresholds_equal_separate_passes_and_progress():
+    fq, fg, w, lq, lg = _gallery_case()
+    calls = []
+    got = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", threshold=0.3,
+                                       extra_thresholds=(0.0, 0.1), query_chunk=2,
+                                       progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    for t, result in ((0.3, got["auroc"]), (0.0, got["extra_auroc"][0]),
+                      (0.1, got["extra_auroc"][1])):
+        alone = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", threshold=t,
+                                             query_chunk=2)
+        assert result == alone["auroc"]
+        assert alone["extra_auroc"] == []
+        assert {key: got[key] for key in ("ex_map_d", "ex_precision_s", "num_pairs")} == {
+            key: alone[key] for key in ("ex_map_d", "ex_precision_s", "num_pairs")}
+    assert got["extra_auroc"][0]["num_positive"] + got["extra_auroc"][0]["num_negative"] > (
+        got["auroc"]["num_positive"] + got["auroc"]["num_negative"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -200,6 +201,99 @@ def test_embed_errors(model, query_paths, tmp_path):
         inference.embed_images(model, [query_paths[0], str(bad)], batch_size=2, **kw)
 
 
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def retrieval_config(feature: str, normalize: bool, root: str = "") -> ml_collections.ConfigDict:
+    config = tiny_config(root)
+    config.model.retrieval_feature = feature
+    config.model.normalize_feature = normalize
+    return config
+
+
+def test_config_chooses_the_retrieval_embedding(model, query_paths):
+    """config.model.retrieval_feature / normalize_feature drive features and attributes."""
+    paths = query_paths[:3]
+    direct = _direct_outputs(model, paths)
+    head = AttributeHead(model.feature_dim, rngs=nnx.Rngs(1))
+    kernel = np.asarray(head.kernel[...], np.float64)
+    expected = {("post_bn", True): _unit(direct.post_bn),
+                ("pre_bn", True): _unit(direct.pre_bn),
+                ("pre_bn", False): np.asarray(direct.pre_bn, np.float64),
+                ("post_bn", False): np.asarray(direct.post_bn, np.float64)}
+    for (feature, normalize), want in expected.items():
+        other = AGW.from_config(retrieval_config(feature, normalize), 3, nnx.Rngs(0))
+        nnx.update(other, nnx.state(model))  # the same weights, other retrieval settings
+        out = inference.extract(other, paths, height=HEIGHT, width=WIDTH, batch_size=2,
+                                outputs=("features", "post_bn", "pre_bn", "attributes"),
+                                attribute_head=head)
+        scale = 1.0 if normalize else float(np.abs(want).max())
+        np.testing.assert_allclose(out["features"], want, atol=2e-6 * scale,
+                                   err_msg=f"{feature}, normalize={normalize}")
+        # The raw outputs do not depend on the choice; the attributes use the chosen features.
+        np.testing.assert_allclose(out["post_bn"], np.asarray(direct.post_bn), rtol=1e-5,
+                                   atol=1e-6)
+        logits = out["features"].astype(np.float64) @ kernel
+        np.testing.assert_allclose(out["attributes"], 1.0 / (1.0 + np.exp(-logits)), atol=1e-6)
+
+
+def test_checkpoint_config_sets_the_retrieval_embedding(dataset, tmp_path):
+    """A restored model uses the stored config.model values unless a config is passed."""
+    directory = str(tmp_path / "checkpoints")
+    stored = retrieval_config("pre_bn", True, dataset)
+    checkpoints.save_checkpoint(directory, 0, model_state=make_model(seed=7),
+                                meta={"num_classes": 3, "config": stored})
+    restored, _ = checkpoints.restore_model(directory, None)
+    assert (restored.retrieval_feature, restored.normalize_feature) == ("pre_bn", True)
+    cache = inference.default_cache_dir(directory)
+    query = load_market1501(dataset).query.paths
+    direct = _direct_outputs(restored, query)
+    out = inference.load_split_embeddings(directory, None, dataset, ("query",), cache)
+    np.testing.assert_allclose(out["query"].features, _unit(direct.pre_bn), atol=2e-6)
+    # Another value passed by the user wins, and the cache is not reused for it.
+    post = inference.load_split_embeddings(directory, tiny_config(dataset), dataset,
+                                           ("query",), cache)
+    np.testing.assert_allclose(post["query"].features, _unit(direct.post_bn), atol=2e-6)
+    again = inference.load_split_embeddings(directory, None, dataset, ("query",), cache)
+    np.testing.assert_array_equal(again["query"].features, out["query"].features)
+
+
+def test_dataset_options_from_config(dataset, model, tmp_path):
+    assert inference.dataset_options(None) == {"verify_images": False, "skip_undecodable": False}
+    assert inference.dataset_options(tiny_config()) == {"verify_images": False,
+                                                        "skip_undecodable": False}
+    config = tiny_config()
+    config.data.skip_undecodable = True
+    with pytest.raises(ValueError, match="skip_undecodable=True needs config.data.verify_images"):
+        inference.dataset_options(config)
+    config.data.verify_images = "yes"
+    with pytest.raises(ValueError, match="config.data.verify_images must be a bool, got 'yes'"):
+        inference.dataset_options(config)
+
+    # A copy of the data with one query image that does not decode (a valid Market-1501 name).
+    root = tmp_path / "market"
+    shutil.copytree(dataset, root)
+    query = load_market1501(root).query
+    broken = os.path.join(query.folder, "0999_c1s1_000001_00.jpg")
+    with open(broken, "wb") as f:
+        f.write(b"\xff\xd8 truncated")
+    verify = tiny_config(str(root))
+    verify.data.verify_images = True
+    with pytest.raises(ValueError, match="image does not decode: .*0999_c1s1_000001_00.jpg"):
+        inference.split_embeddings(model, verify, root, ("query",))
+    verify.data.skip_undecodable = True
+    data = inference.load_dataset(root, verify)
+    assert data.query.undecodable_skipped == (broken,)
+    out = inference.split_embeddings(model, verify, root, ("query",))
+    assert out["query"].paths == query.paths and broken not in out["query"].paths
+    # Without the options the folder lists the broken image, and embedding it fails (named).
+    assert broken in inference.load_dataset(root, tiny_config(str(root))).query.paths
+    with pytest.raises(augment.ImageLoadError, match="0999_c1s1_000001_00.jpg"):
+        inference.split_embeddings(model, tiny_config(str(root)), root, ("query",))
+
+
 # ------------------------------------------------------------------------------ the cache
 
 
@@ -389,6 +483,7 @@ def test_extract_features_tool(checkpoint, dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(out, allow_pickle=False) as z:
         assert sorted(z.files) == ["features", "paths"]
+    assert "train the head again after training (tools/train_attributes.py)" in result.stderr
     (tmp_path / "empty").mkdir()
     result = _run_extract(f"--checkpoint={checkpoint}", f"--image_dir={tmp_path / 'empty'}",
                           f"--output={out}")

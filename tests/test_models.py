@@ -12,6 +12,8 @@ from flax import nnx
 
 from reid_jax.models.agw import (
     AGW,
+    RETRIEVAL_FEATURES,
+    AGWOutputs,
     BNNeck,
     FrozenParam,
     GeM,
@@ -191,6 +193,50 @@ def test_from_config_and_errors():
         ResNet(width=8, blocks=(1, 1, 1), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="NHWC"):
         model(jnp.zeros((1, 3, 64, 32)))
+
+
+def test_retrieval_embedding_choices_against_numpy():
+    rng = np.random.default_rng(4)
+    pre, post = (rng.normal(size=(3, 6)).astype(np.float32) * 2 for _ in range(2))
+    post[2] = 0.0  # a zero row stays zero (norm clamped at 1e-12, as torch's normalize)
+    out = AGWOutputs(feature_map=jnp.zeros((3, 1, 1, 6)), pre_bn=jnp.asarray(pre),
+                     post_bn=jnp.asarray(post), logits=jnp.zeros((3, 2)))
+
+    def unit(x):
+        x = x.astype(np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    np.testing.assert_allclose(retrieval_embedding(out), unit(post), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(retrieval_embedding(out, feature="pre_bn"), unit(pre), rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_array_equal(retrieval_embedding(out, False, feature="pre_bn"), pre)
+    np.testing.assert_array_equal(retrieval_embedding(out)[2], 0.0)
+    assert retrieval_embedding(out).dtype == jnp.float32
+    with pytest.raises(ValueError, match=r"retrieval feature must be one of \('post_bn', "
+                                         r"'pre_bn'\), got 'logits'"):
+        retrieval_embedding(out, feature="logits")
+
+    # The model applies the settings of config.model (defaults: post-BN, L2-normalised).
+    defaults = default_model_config()
+    assert defaults.retrieval_feature == "post_bn" and defaults.normalize_feature is True
+    assert RETRIEVAL_FEATURES == ("post_bn", "pre_bn")
+    config = ml_collections.ConfigDict({"model": {**TINY, "retrieval_feature": "pre_bn",
+                                                  "normalize_feature": False}})
+    model = AGW.from_config(config, 3, nnx.Rngs(0))
+    assert (model.retrieval_feature, model.normalize_feature) == ("pre_bn", False)
+    np.testing.assert_array_equal(model.retrieval_embedding(out), pre)
+    default = AGW(3, **TINY, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(default.retrieval_embedding(out), unit(post), rtol=1e-6,
+                               atol=1e-7)
+    # Static (graphdef) values: they survive split / merge, nnx.view and eval_shape.
+    graphdef, state = nnx.split(nnx.view(model, use_running_average=True))
+    assert nnx.merge(graphdef, state).retrieval_feature == "pre_bn"
+    abstract = nnx.eval_shape(lambda: AGW.from_config(config, 3, nnx.Rngs(0)))
+    assert abstract.retrieval_feature == "pre_bn" and abstract.normalize_feature is False
+    with pytest.raises(ValueError, match="config.model.retrieval_feature must be one of"):
+        AGW(3, **TINY, retrieval_feature="post", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="config.model.normalize_feature must be a bool"):
+        AGW(3, **TINY, normalize_feature="yes", rngs=nnx.Rngs(0))
 
 
 def test_init_scales():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging as logging_std
 import math
 import os
 import pathlib
@@ -25,11 +26,12 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from reid_jax import checkpoints, losses, schedules, train_lib
+from reid_jax import attribute_training, checkpoints, losses, schedules, train_lib
 from reid_jax.data import synthetic
 from reid_jax.data.market1501 import load_market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
+from reid_jax.models.attribute_head import AttributeHead
 from reid_jax.train_state import LossConfig, TrainState, build_optimizer, create_train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -323,6 +325,21 @@ def test_loader_config_rejects_unknown_data_fields():
         train_lib.loader_config(config)
 
 
+def test_reader_and_retrieval_config_fields(tiny_root, tmp_path):
+    c = load_config("agw_market1501")
+    assert c.data.verify_images is False and c.data.skip_undecodable is False
+    assert c.model.retrieval_feature == "post_bn" and c.model.normalize_feature is True
+    tiny = load_config("agw_tiny")  # inherited by the other configs
+    assert not tiny.data.verify_images and tiny.model.retrieval_feature == "post_bn"
+    tiny.data.verify_images = True
+    train_lib.loader_config(tiny)  # reader options are not loader settings
+    # Training reads the folder with them: an inconsistent pair fails before any work.
+    config = tiny_config(tiny_root, **{"data.skip_undecodable": True})
+    with pytest.raises(ValueError, match="skip_undecodable=True needs config.data.verify_images"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_empty_data_root_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="config.data.root is empty"):
         train_lib.train_and_evaluate(load_config("agw_tiny"), str(tmp_path))
@@ -420,6 +437,50 @@ def test_killed_and_restarted_run_ends_with_the_same_weights(straight_run, tiny_
     # A shorter run cannot resume from a later step.
     with pytest.raises(ValueError, match="past this run's 4 steps"):
         train_lib.train_and_evaluate(tiny_config(tiny_root, num_train_steps=4), str(workdir))
+
+
+def test_attribute_head_warning_names_the_step_and_the_fix(tmp_path):
+    config = load_config("agw_tiny")
+    model = AGW.from_config(config, 4, nnx.Rngs(0))
+    head = AttributeHead(model.feature_dim, rngs=nnx.Rngs(1))
+    directory = tmp_path / "checkpoints"
+    checkpoints.save_checkpoint(directory, 3, model_state=nnx.state(model),
+                                meta={"num_classes": 4, "config": config})
+    checkpoints.save_checkpoint(directory, 4, model_state=nnx.state(model),
+                                attribute_head_state=nnx.state(head),
+                                meta={"num_classes": 4, "config": config})
+    message = train_lib.attribute_head_warning(directory, 4, start=3, total_steps=10)
+    assert message is not None
+    for part in ("checkpoint step 4", "holds an attribute head", "from step 3 to 10",
+                 "NO attribute head", "keep_checkpoints may delete step 4",
+                 "Train the head again after training (tools/train_attributes.py)"):
+        assert part in message
+    assert train_lib.attribute_head_warning(directory, 4, start=10, total_steps=10) is None
+    assert train_lib.attribute_head_warning(directory, 3, start=3, total_steps=10) is None
+    assert "train the head again after training (tools/train_attributes.py)" in (
+        train_lib.NO_HEAD_HINT)
+
+
+def test_training_on_after_the_attribute_head_warns_and_drops_it(straight_run, tiny_root,
+                                                                 tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run, workdir)
+    ckpt_dir = workdir / "checkpoints"
+    model, _ = checkpoints.restore_model(ckpt_dir, None)
+    head = AttributeHead(model.feature_dim, rngs=nnx.Rngs(1))
+    head_step = attribute_training.save_with_attribute_head(ckpt_dir, STEPS, nnx.state(model),
+                                                           head, {})
+    assert head_step == STEPS + 1 and checkpoints.has_attribute_head(ckpt_dir)
+    with caplog.at_level(logging_std.WARNING):
+        result = train_lib.train_and_evaluate(
+            tiny_config(tiny_root, num_train_steps=STEPS + 2), str(workdir))
+    assert result["step"] == STEPS + 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging_std.WARNING]
+    assert any(f"checkpoint step {head_step} of" in w and "Train the head again" in w
+               for w in warnings), warnings
+    assert checkpoints.latest_step(ckpt_dir) == STEPS + 2
+    assert not checkpoints.has_attribute_head(ckpt_dir)  # the new step has no head
+    assert checkpoints.has_attribute_head(ckpt_dir, head_step)  # the old one is kept
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_root, tmp_path):

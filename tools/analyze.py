@@ -14,12 +14,17 @@ unless --features is given; ratios from DATA_ROOT/market_attribute.mat):
 Writes table_4_1.md, table_4_1.csv, table_4_1.png and component_<n>.png (for --components, or
 the --num_selective most selective components) into --output_dir and prints the table.
 Positive ratios are per identity of the training split of --attribute_file; without one, per
-identity of the features file's 'attributes' (stated in the table caption), else left out.
+identity of the ground-truth labels stored under the key 'attribute_labels' of the --features
+file (uint8/bool [G, A] in {0, 1}, one row per image; stated in the table caption), else left
+out. The key 'attributes' that tools/extract_features.py writes holds *predicted*
+probabilities: it is never read as labels. Errors (missing files, bad shapes or keys) are
+printed as one line and exit with status 1.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -32,7 +37,9 @@ from reid_jax.data.synthetic import ATTRIBUTE_FILE
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write into.", required=True)
 _WEIGHTS = flags.DEFINE_string("weights", None, "W [N, A] of the attribute layer (.npy).")
 _FEATURES = flags.DEFINE_string(
-    "features", None, ".npz with 'paths' [G], 'features' [G, N], optional 'attributes' [G, A].")
+    "features", None, f".npz with {analysis.FEATURE_KEYS}, e.g. from tools/extract_features.py "
+    "(its 'attributes' are predicted probabilities and are not used as labels; ground-truth "
+    "per-image labels go under 'attribute_labels').")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Checkpoint directory with an attribute head (W; and the model for "
     "gallery features when --features is not given).")
@@ -78,6 +85,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (_WEIGHTS.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --weights=W.npy or --checkpoint=DIR")
+    try:
+        _analyze()
+    except (ValueError, OSError) as e:  # OSError: missing or unreadable files
+        sys.exit(f"tools/analyze.py: error: {e}")
+
+
+def _analyze() -> None:
     weights = (np.load(_WEIGHTS.value, allow_pickle=False) if _WEIGHTS.value
                else _checkpoint_weights(_CHECKPOINT.value))
     names = ATTRIBUTE_NAMES
@@ -86,7 +100,11 @@ def main(argv: list[str]) -> None:
     features = paths = labels = None
     if _FEATURES.value:
         loaded = analysis.load_features_npz(_FEATURES.value, _DATA_ROOT.value)
-        features, paths, labels = loaded
+        features, paths, labels = loaded.features, loaded.paths, loaded.attribute_labels
+        if labels is None and loaded.attributes is not None:
+            logging.info("%s: 'attributes' holds predicted probabilities, not labels; it is "
+                         "not used for the positive ratios (store ground-truth labels under "
+                         "'attribute_labels')", _FEATURES.value)
     elif _CHECKPOINT.value and _DATA_ROOT.value:
         features, paths = _checkpoint_gallery_features(
             _CHECKPOINT.value, _CONFIG.value, _DATA_ROOT.value, _BATCH_SIZE.value,
@@ -108,8 +126,8 @@ def main(argv: list[str]) -> None:
         source = (f"NOT the training split: per identity of the features file's labels, "
                   f"{num_ids} identities")
     else:
-        logging.warning("no --attribute_file and no attributes in --features: Table 4.1 "
-                        "without positive ratios")
+        logging.warning("no --attribute_file and no 'attribute_labels' in --features: "
+                        "Table 4.1 without positive ratios")
 
     components = None
     if _COMPONENTS.value:

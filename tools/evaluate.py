@@ -4,7 +4,8 @@ r"""Re-id and attribute metrics of a checkpoint on query / gallery, printed and 
       [--config=configs/agw_market1501.py] [--output=metrics.json]
 
 Re-id (Market-1501 protocol, ``reid_jax.evaluation.rank_metrics``): mAP, CMC rank-1/5/10 and
-mINP of the retrieval embedding (post-BN, L2-normalised; squared Euclidean distance). When the
+mINP of the retrieval embedding (``config.model.retrieval_feature``: by default post-BN,
+L2-normalised; squared Euclidean distance). When the
 checkpoint step has an attribute head (``tools/train_attributes.py``): mA, accuracy, precision,
 recall, F1 overall and per attribute on the query + gallery images with labels
 (``reid_jax.attribute_training.evaluate_attribute_head``; labels from
@@ -23,7 +24,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import atomic_io, attribute_training, checkpoints, evaluation, inference
+from reid_jax import atomic_io, attribute_training, checkpoints, evaluation, inference, train_lib
 from reid_jax.data import attributes as attributes_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
@@ -87,7 +88,8 @@ def evaluate(
             attribute_result = attribute_training.evaluate_attribute_head(
                 head, attrs, [query, gallery])
     else:
-        logging.info("checkpoint step %d has no attribute head: re-id metrics only", step)
+        logging.info("checkpoint step %d has no attribute head: re-id metrics only. %s", step,
+                     train_lib.NO_HEAD_HINT)
     return {"reid": reid, "attributes": attribute_result,
             "checkpoint": {"directory": directory, "step": int(step)},
             "data_root": os.path.abspath(data_root)}

@@ -12,9 +12,12 @@ decomposition and, where they apply, eq. 3.1 matching scores:
       real Market-1501),
   (2) the AUROC of matching scores for ground-truth label agreement (all pairs, top-k),
   (3) AMD's Ex-Precision / Ex-mAP (_d, _s) over all pairs and the top-k ranks,
-with chance levels, and writes OUTPUT_DIR/explanation_metrics.json (shown by the report of
-tools/explain.py on the same OUTPUT_DIR) and OUTPUT_DIR/explanation_metrics.md (a table for the
-README), which it also prints. See reid_jax/explanation_eval.py for the definitions.
+with chance levels (the top-k ranks are those of tools/explain.py's report: the Market-1501
+protocol removes gallery images of the query's identity and camera, and junk). The all-pairs
+passes log their progress (rate, ETA) every 30 s. It writes OUTPUT_DIR/explanation_metrics.json
+(shown by the report of tools/explain.py on the same OUTPUT_DIR) and
+OUTPUT_DIR/explanation_metrics.md (a table for the README), which it also prints. See
+reid_jax/explanation_eval.py for the definitions.
 """
 
 from __future__ import annotations

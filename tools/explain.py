@@ -5,7 +5,11 @@ r"""Explains the re-id rankings of many queries: JSONL records and an HTML repor
       [--k=10] [--threshold=0.4] [--mode=paper|complete] [--order=query|worst_ap] \
       [--error_ranks=1,3,10] [--report_queries=50]
 
-The checkpoint needs an attribute head (tools/train_attributes.py). Embeddings are computed once
+Queries: every query by default; --num_queries=N takes the FIRST N query files by file name (not
+the N worst; --order then orders those), --query_files names them.
+
+The checkpoint needs an attribute head (tools/train_attributes.py; train it again after every
+tools/train.py run in the workdir: later training steps carry no head). Embeddings are computed once
 and cached in OUTPUT_DIR/embeddings. Writes OUTPUT_DIR/explanations.jsonl (every query),
 OUTPUT_DIR/summary.json and OUTPUT_DIR/report/index.html (the first --report_queries queries
 drawn); see reid_jax.explain_run and reid_jax.report. Render the report with
@@ -19,7 +23,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import explain_run
+from reid_jax import explain_run, train_lib
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Orbax checkpoint directory with an attribute head.", required=True)
@@ -28,8 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _DATA_ROOT = flags.DEFINE_string(
     "data_root", None, "Market-1501-layout folder (default: the config's data.root).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write into.", required=True)
-_QUERIES = flags.DEFINE_enum("queries", "all", ["all"], "Explain every query (the default).")
-_NUM_QUERIES = flags.DEFINE_integer("num_queries", None, "Explain the first N queries.")
+_NUM_QUERIES = flags.DEFINE_integer(
+    "num_queries", None, "Explain the FIRST N query files by file name (not the N worst; "
+    "--order then orders those N). Default: every query.")
 _QUERY_FILES = flags.DEFINE_list("query_files", None, "Explain these query files (base names).")
 _K = flags.DEFINE_integer("k", 10, "Ranks explained per query.")
 _THRESHOLD = flags.DEFINE_string(
@@ -57,7 +62,7 @@ def main(argv: list[str]) -> None:
     if _NUM_QUERIES.value is not None and _QUERY_FILES.value:
         raise app.UsageError("give --num_queries or --query_files, not both")
     queries = _NUM_QUERIES.value if _NUM_QUERIES.value is not None else (
-        _QUERY_FILES.value or _QUERIES.value)
+        _QUERY_FILES.value or "all")
     try:
         from reid_jax import inference
 
@@ -73,7 +78,10 @@ def main(argv: list[str]) -> None:
             explanation_metrics=_EXPLANATION_METRICS.value, cache_dir=_CACHE_DIR.value,
             query_chunk=_QUERY_CHUNK.value)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"tools/explain.py: error: {e}")
+        hint = ""
+        if "no attribute head" in str(e) and "again after training" not in str(e):
+            hint = f" {train_lib.NO_HEAD_HINT}"
+        sys.exit(f"tools/explain.py: error: {e}{hint}")
     s = result.summary
     print(f"explained {s['num_queries']} queries ({s['num_valid_queries']} with a valid match): "
           f"mAP {100 * s['mAP']:.2f} %, Rank-1 {100 * s['cmc'][0]:.2f} %, "

@@ -6,8 +6,8 @@ r"""Retrieval embeddings (and attribute probabilities) of every image in a folde
 Writes an ``.npz`` with
 
 - ``paths``: str [n], absolute paths of the images below --image_dir (recursive, sorted);
-- ``features``: float32 [n, N], the post-BN, L2-normalised embedding (what AGW ranks and the
-  explanations explain; DESIGN.md section 2);
+- ``features``: float32 [n, N], the retrieval embedding (what is ranked and explained;
+  DESIGN.md section 2; ``config.model.retrieval_feature``, by default post-BN, L2-normalised);
 - when the checkpoint step has an attribute head: ``attributes`` float32 [n, 30] probabilities
   ``sigmoid(features @ W)`` and ``attribute_names`` str [30];
 - with --pre_bn: ``pre_bn`` float32 [n, N], the GeM feature before BNNeck.
@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import atomic_io, checkpoints, inference
+from reid_jax import atomic_io, checkpoints, inference, train_lib
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
@@ -60,7 +60,8 @@ def extract_folder(checkpoint_dir: str, config, image_dir: str, output: str, *,
     if checkpoints.has_attribute_head(checkpoint_dir, step):
         head = checkpoints.restore_attribute_head(checkpoint_dir, step)
     else:
-        logging.info("checkpoint has no attribute head: writing features only")
+        logging.info("checkpoint has no attribute head: writing features only. %s",
+                     train_lib.NO_HEAD_HINT)
     loader_config = inference.eval_loader_config(config)
     if batch_size is None:
         batch_size = inference.eval_batch_size(config)

@@ -4,13 +4,18 @@ r"""Trains the paper's attribute head on the frozen embedding of a trained AGW c
       [--config=configs/agw_market1501.py] [--data_root=DATA] \
       [--attributes_file=DATA/market_attribute.mat] [--epochs=30 --lr=1e-3 --batch_size=64]
 
-Computes the retrieval embeddings (post-BN, L2-normalised) of the train, query and gallery
+Computes the retrieval embeddings (``config.model.retrieval_feature``; by default post-BN,
+L2-normalised) of the train, query and gallery
 images once (cached in CHECKPOINT/embedding_cache), trains the N x 30 bias-free layer with Adam
 on the weighted BCE (the re-id weights are never changed), prints mA / accuracy / precision /
 recall / F1 overall and per attribute on the test identities (query + gallery images with
 labels), writes them to CHECKPOINT/attribute_metrics.json and saves a new checkpoint step with
 the unchanged model and the head (``reid_jax.checkpoints.restore_attribute_head`` reads it).
 ``reid_jax.attribute_training`` has the details.
+
+The head fits this checkpoint's embedding only: a later ``tools/train.py`` run in the same workdir
+resumes from the new step but writes its steps without the head (training changes the
+embedding); train the head again after training.
 
 --config defaults to the config stored in the checkpoint; --data_root to its config.data.root.
 """
@@ -74,7 +79,8 @@ def main(argv: list[str]) -> None:
           f"{training['final_loss']:.4f} in {training['seconds']:.2f} s")
     saved = result["checkpoint"]["saved_step"]
     if saved is not None:
-        print(f"saved the attribute head as step {saved} of {result['checkpoint']['directory']}")
+        print(f"saved the attribute head as step {saved} of {result['checkpoint']['directory']} "
+              "(training this workdir further drops it: run this tool again afterwards)")
 
 
 if __name__ == "__main__":

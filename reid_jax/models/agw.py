@@ -5,7 +5,7 @@ ReID-Survey reference implementation has it (DESIGN.md section 3)::
 
     feature_map = backbone(images)                 # [B, h, w, D]
     pre_bn      = GeM_p(feature_map)               # [B, D]   triplet / center losses
-    post_bn     = BNNeck(pre_bn)                   # [B, D]   the retrieval embedding
+    post_bn     = BNNeck(pre_bn)                   # [B, D]   ranked (after L2 normalisation)
     logits      = post_bn @ classifier             # [B, ids] label-smoothing CE
 
 Train mode (``model.train()``, the default after construction) normalises with batch statistics
@@ -46,6 +46,9 @@ GEM_EPS = 1e-6
 
 DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# Choices of ``config.model.retrieval_feature`` (see :func:`retrieval_embedding`).
+RETRIEVAL_FEATURES = ("post_bn", "pre_bn")
+
 
 class FrozenParam(nnx.Variable):
     """A weight that is loaded and saved with the model but never trained (not an ``nnx.Param``)."""
@@ -56,7 +59,7 @@ class AGWOutputs(NamedTuple):
 
     feature_map: jax.Array  # [B, h, w, D] last backbone map (compute dtype)
     pre_bn: jax.Array  # [B, D] GeM feature (triplet / center losses)
-    post_bn: jax.Array  # [B, D] BNNeck output (retrieval embedding before L2 normalisation)
+    post_bn: jax.Array  # [B, D] BNNeck output (AGW's retrieval feature, before L2 normalisation)
     logits: jax.Array  # [B, num_classes] identity logits
 
 
@@ -127,13 +130,25 @@ class AGW(nnx.Module):
         stem_relu: bool = False,
         gem_p: float = 3.0,
         dtype: str = "float32",
+        retrieval_feature: str = "post_bn",
+        normalize_feature: bool = True,
         rngs: nnx.Rngs,
     ):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if dtype not in DTYPES:
             raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if retrieval_feature not in RETRIEVAL_FEATURES:
+            raise ValueError(f"config.model.retrieval_feature must be one of "
+                             f"{RETRIEVAL_FEATURES}, got {retrieval_feature!r}")
+        if not isinstance(normalize_feature, bool):
+            raise ValueError(f"config.model.normalize_feature must be a bool, got "
+                             f"{normalize_feature!r}")
         self.num_classes = num_classes
+        # How the retrieval embedding is taken from the outputs (``retrieval_embedding``); plain
+        # Python values, so they are part of the graphdef (static under jit), not of the state.
+        self.retrieval_feature = retrieval_feature
+        self.normalize_feature = normalize_feature
         self.backbone = ResNet(
             width=width, blocks=blocks, last_stride=last_stride, non_local=non_local,
             nl_inter_channels_reference=nl_inter_channels_reference, stem_relu=stem_relu,
@@ -163,13 +178,47 @@ class AGW(nnx.Module):
         logits = self.classifier(post_bn)
         return AGWOutputs(feature_map=feature_map, pre_bn=pre_bn, post_bn=post_bn, logits=logits)
 
+    def retrieval_embedding(self, outputs: AGWOutputs) -> jax.Array:
+        """``[B, D]`` float32 retrieval embedding of ``outputs`` with this model's settings.
 
-def retrieval_embedding(outputs: AGWOutputs, normalize: bool = True) -> jax.Array:
-    """The embedding AGW ranks (and ``reid_jax.explain`` explains): ``post_bn``, L2-normalised.
+        :func:`retrieval_embedding` with ``feature=self.retrieval_feature`` and
+        ``normalize=self.normalize_feature`` (from ``config.model``).
+        """
+        return retrieval_embedding(outputs, self.normalize_feature,
+                                   feature=self.retrieval_feature)
 
-    Returns ``[B, D]`` float32; with ``normalize=False`` the raw ``post_bn``.
+
+def retrieval_embedding(outputs: AGWOutputs, normalize: bool = True, *,
+                        feature: str = "post_bn") -> jax.Array:
+    """The retrieval embedding ``f`` of DESIGN.md section 2: ``[B, D]`` float32.
+
+    ``f`` is the one tensor that is ranked (squared Euclidean distance), fed to the attribute
+    head (``x = sigmoid(f @ W)``) and explained (eq. 3.2), so explanations explain the ranking
+    that is shown. Which tensor it is, is the config value (documented here, once)::
+
+        config.model.retrieval_feature = "post_bn"   # "post_bn" (BNNeck output) | "pre_bn" (GeM)
+        config.model.normalize_feature = True        # L2-normalise each row
+
+    The default, ``post_bn`` L2-normalised, is what AGW ranks at test time (the reference's
+    ``TEST.NECK_FEAT: after``, ``TEST.FEAT_NORM: yes``); ``pre_bn`` is its ``before`` option.
+    ``AGW.from_config`` stores both values on the model (``model.retrieval_feature``,
+    ``model.normalize_feature``; a restored checkpoint uses the values of the config it is
+    restored with, by default the one stored in it), and ``AGW.retrieval_embedding`` /
+    ``reid_jax.inference.extract`` (every tool and training's evaluation) apply them.
+
+    Args:
+      outputs: the model's ``AGWOutputs``.
+      normalize: divide each row by its L2 norm (``max(norm, 1e-12)``, as
+        ``torch.nn.functional.normalize``); False: the raw feature.
+      feature: ``"post_bn"`` or ``"pre_bn"`` (``RETRIEVAL_FEATURES``).
+
+    Raises:
+      ValueError: an unknown ``feature``.
     """
-    f = outputs.post_bn.astype(jnp.float32)
+    if feature not in RETRIEVAL_FEATURES:
+        raise ValueError(f"retrieval feature must be one of {RETRIEVAL_FEATURES}, got "
+                         f"{feature!r}")
+    f = getattr(outputs, feature).astype(jnp.float32)
     if not normalize:
         return f
     norm = jnp.linalg.norm(f, axis=-1, keepdims=True)
@@ -187,6 +236,8 @@ def default_model_config() -> ml_collections.ConfigDict:
         "stem_relu": False,
         "gem_p": 3.0,
         "dtype": "float32",
+        "retrieval_feature": "post_bn",  # see retrieval_embedding
+        "normalize_feature": True,
     })
 
 
