@@ -41,6 +41,10 @@ from reid_jax.models.attribute_head import AttributeHead
 MODEL_ITEM = "model"
 ATTRIBUTE_HEAD_ITEM = "attribute_head"
 META_ITEM = "meta"
+# What to do about a step without an attribute head (said once, in the error and the tools' logs).
+NO_HEAD_HINT = ("Run tools/train_attributes.py on this checkpoint first. A tools/train.py run "
+                "writes its steps without the attribute head (training changes the embedding): "
+                "train the head again after training (tools/train_attributes.py).")
 
 
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -268,8 +272,7 @@ def restore_attribute_head(
         if ATTRIBUTE_HEAD_ITEM not in _items_at(manager, step):
             raise ValueError(
                 f"checkpoint {directory} step {step} has no attribute head "
-                f"(items: {sorted(_items_at(manager, step))}); train one with "
-                "tools/train_attributes.py"
+                f"(items: {sorted(_items_at(manager, step))}). {NO_HEAD_HINT}"
             )
         meta = dict(manager.restore(step, args=ocp.args.Composite(
             **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])

@@ -53,6 +53,7 @@ from reid_jax.data.market1501 import (
     Split,
 )
 from reid_jax.explanation_metrics import removed_counts
+from reid_jax.progress import format_seconds
 
 MODES = ("paper", "complete")
 ORDERS = ("query", "worst_ap")
@@ -458,10 +459,9 @@ class ProgressBar:
         filled = int(round(frac * width))
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else math.inf
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--"
         return (f"{self.label:<8} {self.done}/{self.total} {100 * frac:5.1f}% "
                 f"|{'#' * filled}{'.' * (width - filled)}| {rate:.1f} {self.unit}/s "
-                f"ETA {eta_text}")
+                f"ETA {format_seconds(eta)}")
 
     def update(self, n: int = 1) -> None:
         self.done = min(self.total, self.done + int(n))
@@ -508,8 +508,7 @@ def checkpoint_weights(checkpoint: str | os.PathLike) -> np.ndarray:
         head = restore_attribute_head(checkpoint)
     except ValueError as e:
         if "no attribute head" in str(e):
-            raise ValueError(f"cannot explain rankings: {e}. Run tools/train_attributes.py on "
-                             "this checkpoint first.") from e
+            raise ValueError(f"cannot explain rankings: {e}") from e
         raise
     return np.asarray(head.kernel[...], np.float32)
 

@@ -78,6 +78,7 @@ from reid_jax.data.attributes import (
 )
 from reid_jax.data.market1501 import SPLIT_FOLDERS
 from reid_jax.data.synthetic_render import IMAGE_HEIGHT, IMAGE_WIDTH, blur_radius
+from reid_jax.progress import ProgressLog
 
 FORMAT = "reid_jax.explanation_metrics/1"
 JSON_NAME = explain_run.METRICS_NAME  # "explanation_metrics.json", read by tools/explain.py
@@ -501,48 +502,6 @@ _AMD_KEYS = ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s")
 _AUROC_KEYS = ("auroc", "num_positive", "num_negative")
 
 
-def _clock_text(seconds: float) -> str:
-    """``h:mm:ss`` (``--`` for an unknown time)."""
-    if not np.isfinite(seconds) or seconds < 0:
-        return "--"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-class ProgressLog:
-    """A ``progress(done, total)`` callback that logs the rate and ETA of a long pass.
-
-    Logs (``log``, default ``absl.logging.info``) at most every ``interval`` seconds and once
-    when ``done == total``, e.g. ``AMD over all pairs (paper): 1024/3368 queries (30.4%),
-    35.2 queries/s, ETA 0:01:07, elapsed 0:00:29``.  Time runs from construction (``clock``,
-    default ``time.monotonic``), so the first rate includes compilation.
-    """
-
-    def __init__(self, label: str, *, unit: str = "queries", interval: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 log: Callable[..., Any] = logging.info):
-        if interval < 0:
-            raise ValueError(f"interval must be >= 0 seconds, got {interval}")
-        self.label, self.unit, self.interval = label, unit, float(interval)
-        self._clock, self._log = clock, log
-        self.start = clock()
-        self._last = self.start
-
-    def __call__(self, done: int, total: int) -> None:
-        now = self._clock()
-        if done < total and now - self._last < self.interval:
-            return
-        self._last = now
-        elapsed = max(now - self.start, 0.0)
-        rate = done / elapsed if elapsed > 0 else float("nan")
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        pct = 100.0 * done / total if total else 100.0
-        rate_text = f"{rate:.1f}" if np.isfinite(rate) else "--"
-        self._log("%s: %d/%d %s (%.1f%%), %s %s/s, ETA %s, elapsed %s", self.label, done,
-                  total, self.unit, pct, rate_text, self.unit,
-                  _clock_text(0.0 if done >= total else eta), _clock_text(elapsed))
-
-
 def label_metrics(
     f_query: Any,
     f_gallery: Any,
@@ -794,8 +753,7 @@ def _restore_head(checkpoint: str | os.PathLike):
         return checkpoints.restore_attribute_head(checkpoint)
     except ValueError as e:
         if "no attribute head" in str(e):
-            raise ValueError(f"cannot evaluate explanations: {e}. Run tools/train_attributes.py "
-                             "on this checkpoint first.") from e
+            raise ValueError(f"cannot evaluate explanations: {e}") from e
         raise
 
 

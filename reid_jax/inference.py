@@ -43,7 +43,6 @@ import functools
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -65,6 +64,7 @@ from reid_jax.data.market1501 import (
 )
 from reid_jax.models.agw import AGW, model_kwargs
 from reid_jax.models.attribute_head import AttributeHead
+from reid_jax.progress import ProgressLog
 
 # Output names of :func:`extract`.
 FEATURES = "features"  # [n, D] the retrieval embedding (DESIGN.md §2; default post-BN, L2-normed)
@@ -224,33 +224,6 @@ def _eval_state(model: AGW) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(view)
 
 
-def _format_seconds(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}"
-
-
-class _Progress:
-    """Logs ``done/total``, images/s and ETA at most every ``every`` seconds."""
-
-    def __init__(self, total: int, every: float, what: str):
-        self.total, self.every, self.what = total, every, what
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if done < self.total and now - self.last < self.every:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = done / elapsed
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        logging.info("%s: %d/%d images, %.1f images/s, elapsed %s, ETA %s", self.what, done,
-                     self.total, rate, _format_seconds(elapsed),
-                     _format_seconds(eta) if np.isfinite(eta) else "?")
-
-
 def extract(
     model: AGW,
     items: Sequence[Any],
@@ -341,7 +314,7 @@ def extract(
 
     n = len(items)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
-    progress = _Progress(n, log_every_seconds, description)
+    progress = ProgressLog(description, unit="images", interval=log_every_seconds)
     done = 0
     pending: tuple[dict[str, jax.Array], np.ndarray] | None = None
 
@@ -359,11 +332,11 @@ def extract(
             # Keep one batch in flight: fetch the previous one while this one runs.
             if pending is not None:
                 done += collect(*pending)
-                progress.update(done)
+                progress(done, n)
             pending = (result, batch["mask"])
     if pending is not None:
         done += collect(*pending)
-        progress.update(done)
+        progress(done, n)
     return {name: np.concatenate(parts, axis=0) for name, parts in collected.items()}
 
 

@@ -75,6 +75,7 @@ from reid_jax.data import loader as loader_lib
 from reid_jax.data.market1501 import Market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
+from reid_jax.progress import format_seconds
 from reid_jax.train_state import TrainState, create_train_state
 
 TRAIN_STATE_ITEM = "train_state"
@@ -288,10 +289,8 @@ def restore_train_checkpoint(
     return state.with_optimizer_items(restored[TRAIN_STATE_ITEM])
 
 
-# Appended by the tools to "no attribute head" messages.
-NO_HEAD_HINT = ("A tools/train.py run writes its steps without the attribute head (training "
-                "changes the embedding): train the head again after training "
-                "(tools/train_attributes.py).")
+# Kept here too for the tools that log it beside training messages.
+NO_HEAD_HINT = checkpoints.NO_HEAD_HINT
 
 
 def attribute_head_warning(checkpoint_dir: str | os.PathLike, step: int, start: int,
@@ -341,13 +340,6 @@ def quiet_orbax_logging() -> None:
     absl_logger = logging.get_absl_logger()
     if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
         absl_logger.addFilter(_DropOrbaxInfo())
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -531,7 +523,7 @@ class _ProgressLog:
         mean = {k: float(np.mean([m[k] for m in self._window])) for k in self._window[0]}
         self._window = []
         ips = self.images_per_second
-        eta = "?" if not ips else _format_seconds((self._total - done) * self._batch / ips)
+        eta = "?" if not ips else format_seconds((self._total - done) * self._batch / ips)
         logging.info(
             "step %d/%d epoch %d | loss %.4f (ce %.4f triplet %.4f center %.3f) acc %.3f | "
             "lr %.3g | %s img/s | ETA %s", done, self._total, _epoch_of(done - 1, self._ends) + 1,

@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import explain_run, train_lib
+from reid_jax import explain_run
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Orbax checkpoint directory with an attribute head.", required=True)
@@ -78,10 +78,7 @@ def main(argv: list[str]) -> None:
             explanation_metrics=_EXPLANATION_METRICS.value, cache_dir=_CACHE_DIR.value,
             query_chunk=_QUERY_CHUNK.value)
     except (ValueError, FileNotFoundError) as e:
-        hint = ""
-        if "no attribute head" in str(e) and "again after training" not in str(e):
-            hint = f" {train_lib.NO_HEAD_HINT}"
-        sys.exit(f"tools/explain.py: error: {e}{hint}")
+        sys.exit(f"tools/explain.py: error: {e}")
     s = result.summary
     print(f"explained {s['num_queries']} queries ({s['num_valid_queries']} with a valid match): "
           f"mAP {100 * s['mAP']:.2f} %, Rank-1 {100 * s['cmc'][0]:.2f} %, "
