@@ -213,6 +213,85 @@ def _same_pid_pairs(
     return rows, gallery_by_pid[np.repeat(lo, counts) + offsets]
 
 
+def per_query_rank_metrics(
+    distances: Any,
+    query_pids: Any,
+    gallery_pids: Any,
+    query_cams: Any,
+    gallery_cams: Any,
+    *,
+    query_chunk_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """Per-query AP, INP, first-match rank and match count under the Market-1501 protocol.
+
+    The vectorised core of :func:`rank_metrics` (see there for the method and arguments).
+
+    Returns:
+      ``{"ap": float64 [Q], "inp": float64 [Q]`` (NaN for queries without a valid match),
+      ``"first_rank": int64 [Q]`` (1-based, 0 without a match), ``"num_matches": int64 [Q]}``.
+    """
+    return _per_query(*_validate_rank_inputs(
+        distances, query_pids, gallery_pids, query_cams, gallery_cams, 1
+    ), _check_chunk(query_chunk_size))
+
+
+def _check_chunk(query_chunk_size: int) -> int:
+    if isinstance(query_chunk_size, bool) or int(query_chunk_size) < 1:
+        raise ValueError(f"query_chunk_size must be >= 1, got {query_chunk_size!r}")
+    return int(query_chunk_size)
+
+
+def _per_query(dist: np.ndarray, qp: np.ndarray, gp: np.ndarray, qc: np.ndarray,
+               gc: np.ndarray, query_chunk_size: int) -> dict[str, np.ndarray]:
+    """:func:`per_query_rank_metrics` on validated inputs."""
+    num_q, num_g = dist.shape
+    kept = np.flatnonzero(gp != JUNK_PID)  # junk is removed for every query, up front
+    all_kept = kept.size == num_g
+    gp, gc = gp[kept], gc[kept]
+    g = kept.size
+    gallery_by_pid = np.argsort(gp, kind="stable")
+    gp_sorted = gp[gallery_by_pid]
+
+    out = {"ap": np.full(num_q, np.nan), "inp": np.full(num_q, np.nan),
+           "first_rank": np.zeros(num_q, np.int64), "num_matches": np.zeros(num_q, np.int64)}
+    for start in range(0, num_q if g else 0, query_chunk_size):
+        stop = min(start + query_chunk_size, num_q)
+        d = dist[start:stop] if all_kept else np.take(dist[start:stop], kept, axis=1)  # [C, g]
+        d = np.ascontiguousarray(d)
+        pid_rows, pid_cols = _same_pid_pairs(qp[start:stop], gallery_by_pid, gp_sorted)
+        same_cam = qc[start:stop][pid_rows] == gc[pid_cols]
+        match_rows, match_cols = pid_rows[~same_cam], pid_cols[~same_cam]
+        if match_rows.size == 0:
+            continue
+        removed_rows, removed_cols = pid_rows[same_cam], pid_cols[same_cam]
+        sorted_rows = np.sort(d, axis=1)
+        match_pos = _stable_positions(d, sorted_rows, match_rows, match_cols)
+        removed_pos = _stable_positions(d, sorted_rows, removed_rows, removed_cols)
+
+        # Rank (1-based) of each match in the filtered gallery: position - removed before it + 1.
+        removed_keys = np.sort(removed_rows * g + removed_pos)
+        match_keys = match_rows * g + match_pos
+        removed_before = np.searchsorted(removed_keys, match_keys) - np.searchsorted(
+            removed_keys, match_rows * g
+        )
+        order = np.argsort(match_keys, kind="stable")  # by query, then rank
+        rows = match_rows[order]
+        ranks = (match_pos - removed_before)[order] + 1
+
+        num_matches = np.bincount(rows, minlength=stop - start)
+        valid = np.flatnonzero(num_matches)
+        first = np.cumsum(num_matches) - num_matches  # index of each row's first match
+        ordinal = np.arange(rows.size) - first[rows] + 1  # i-th match of its query
+        ap = np.bincount(rows, weights=ordinal / ranks, minlength=stop - start)[valid]
+        last_rank = ranks[first[valid] + num_matches[valid] - 1]
+        at = start + valid
+        out["ap"][at] = ap / num_matches[valid]
+        out["inp"][at] = num_matches[valid] / last_rank
+        out["first_rank"][at] = ranks[first[valid]]
+        out["num_matches"][start:stop] = num_matches
+    return out
+
+
 def rank_metrics(
     distances: Any,
     query_pids: Any,
@@ -248,59 +327,16 @@ def rank_metrics(
     dist, qp, gp, qc, gc = _validate_rank_inputs(
         distances, query_pids, gallery_pids, query_cams, gallery_cams, max_rank
     )
-    if isinstance(query_chunk_size, bool) or int(query_chunk_size) < 1:
-        raise ValueError(f"query_chunk_size must be >= 1, got {query_chunk_size!r}")
-    num_q, num_g = dist.shape
-    kept = np.flatnonzero(gp != JUNK_PID)  # junk is removed for every query, up front
-    all_kept = kept.size == num_g
-    gp, gc = gp[kept], gc[kept]
-    g = kept.size
-    gallery_by_pid = np.argsort(gp, kind="stable")
-    gp_sorted = gp[gallery_by_pid]
-
-    first_hits = np.zeros(max_rank + 1, np.int64)  # [r] = #queries whose first match is r+1
-    ap_sum = inp_sum = 0.0
-    num_valid = 0
-    for start in range(0, num_q if g else 0, int(query_chunk_size)):
-        stop = min(start + int(query_chunk_size), num_q)
-        d = dist[start:stop] if all_kept else np.take(dist[start:stop], kept, axis=1)  # [C, g]
-        d = np.ascontiguousarray(d)
-        pid_rows, pid_cols = _same_pid_pairs(qp[start:stop], gallery_by_pid, gp_sorted)
-        same_cam = qc[start:stop][pid_rows] == gc[pid_cols]
-        match_rows, match_cols = pid_rows[~same_cam], pid_cols[~same_cam]
-        if match_rows.size == 0:
-            continue
-        removed_rows, removed_cols = pid_rows[same_cam], pid_cols[same_cam]
-        sorted_rows = np.sort(d, axis=1)
-        match_pos = _stable_positions(d, sorted_rows, match_rows, match_cols)
-        removed_pos = _stable_positions(d, sorted_rows, removed_rows, removed_cols)
-
-        # Rank (1-based) of each match in the filtered gallery: position - removed before it + 1.
-        removed_keys = np.sort(removed_rows * g + removed_pos)
-        match_keys = match_rows * g + match_pos
-        removed_before = np.searchsorted(removed_keys, match_keys) - np.searchsorted(
-            removed_keys, match_rows * g
-        )
-        order = np.argsort(match_keys, kind="stable")  # by query, then rank
-        rows = match_rows[order]
-        ranks = (match_pos - removed_before)[order] + 1
-
-        num_matches = np.bincount(rows, minlength=stop - start)
-        valid = np.flatnonzero(num_matches)
-        first = np.cumsum(num_matches) - num_matches  # index of each row's first match
-        ordinal = np.arange(rows.size) - first[rows] + 1  # i-th match of its query
-        ap = np.bincount(rows, weights=ordinal / ranks, minlength=stop - start)[valid]
-        ap_sum += float((ap / num_matches[valid]).sum())
-        last_rank = ranks[first[valid] + num_matches[valid] - 1]
-        inp_sum += float((num_matches[valid] / last_rank).sum())
-        first_rank = ranks[first[valid]]
-        first_hits += np.bincount(np.minimum(first_rank, max_rank + 1) - 1, minlength=max_rank + 1)
-        num_valid += valid.size
-
+    per_query = _per_query(dist, qp, gp, qc, gc, _check_chunk(query_chunk_size))
+    valid = per_query["num_matches"] > 0
+    num_valid = int(valid.sum())
     if num_valid == 0:
-        raise _no_valid_query_error(num_q, num_g)
+        raise _no_valid_query_error(*dist.shape)
+    first_rank = per_query["first_rank"][valid]
+    first_hits = np.bincount(np.minimum(first_rank, max_rank + 1) - 1, minlength=max_rank + 1)
     cmc_sum = np.cumsum(first_hits[:max_rank]).astype(np.float64)
-    return _summary(cmc_sum, ap_sum, inp_sum, num_valid)
+    return _summary(cmc_sum, float(per_query["ap"][valid].sum()),
+                    float(per_query["inp"][valid].sum()), num_valid)
 
 
 def squared_euclidean(query: np.ndarray, gallery: np.ndarray,

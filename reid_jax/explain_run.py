@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, explain, inference
+from reid_jax import atomic_io, evaluation, explain, inference
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
 from reid_jax.data.market1501 import (
     IMAGE_EXTENSIONS,
@@ -217,35 +217,13 @@ def per_query_metrics(distances: Any, query_pids: Any, gallery_pids: Any, query_
                       gallery_cams: Any) -> QueryMetrics:
     """AP, INP, first-match rank of every row of ``distances [C, G]`` (host, NumPy).
 
-    Same protocol and tie rule as ``reid_jax.evaluation.rank_metrics`` (stable order: ties by
-    gallery index; same pid and camera removed; pid -1 junk removed): its ``mAP`` / ``mINP`` are
-    the means of ``ap`` / ``inp`` over the valid rows.
+    ``reid_jax.evaluation.per_query_rank_metrics``, the core of ``rank_metrics``: its ``mAP`` /
+    ``mINP`` are the means of ``ap`` / ``inp`` over the valid rows.
     """
-    d = np.asarray(distances)
-    qp, qc = np.asarray(query_pids), np.asarray(query_cams)
-    gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
-    if d.ndim != 2 or d.shape != (qp.size, gp.size) or qc.size != qp.size or gc.size != gp.size:
-        raise ValueError(f"distances [C, G] {d.shape} do not match query pids/cams "
-                         f"{qp.shape}/{qc.shape} and gallery pids/cams {gp.shape}/{gc.shape}")
-    order = np.argsort(d, axis=1, kind="stable")
-    pids, cams = gp[order], gc[order]
-    same = pids == qp[:, None]
-    removed = (same & (cams == qc[:, None])) | (pids == -1)
-    match = same & ~removed
-    rank = np.cumsum(~removed, axis=1)  # 1-based rank of each kept image in the filtered list
-    hits = np.cumsum(match, axis=1)
-    num = match.sum(axis=1)
-    valid = num > 0
-    precision = np.where(match, hits / np.maximum(rank, 1), 0.0).sum(axis=1)
-    first = np.take_along_axis(rank, np.argmax(match, axis=1)[:, None], axis=1)[:, 0]
-    last_pos = match.shape[1] - 1 - np.argmax(match[:, ::-1], axis=1)
-    last = np.take_along_axis(rank, last_pos[:, None], axis=1)[:, 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ap = np.where(valid, precision / np.maximum(num, 1), np.nan)
-        inp = np.where(valid, num / np.maximum(last, 1), np.nan)
-    return QueryMetrics(ap=ap.astype(np.float64), inp=inp.astype(np.float64),
-                        first_rank=np.where(valid, first, 0).astype(np.int64),
-                        num_matches=num.astype(np.int64))
+    m = evaluation.per_query_rank_metrics(distances, query_pids, gallery_pids, query_cams,
+                                          gallery_cams)
+    return QueryMetrics(ap=m["ap"], inp=m["inp"], first_rank=m["first_rank"],
+                        num_matches=m["num_matches"])
 
 
 def summarize(metrics: QueryMetrics, max_rank: int = CMC_RANKS) -> dict[str, Any]:

@@ -367,3 +367,18 @@ def test_squared_euclidean_and_retrieval_metrics_match_references():
     with pytest.raises(ValueError, match=r"expected \[Q, D\] and \[G, D\], got \(9, 16\) and "
                                          r"\(30, 15\)"):
         evaluation.squared_euclidean(qf, gf[:, :15])
+
+
+def test_per_query_rank_metrics_means_are_rank_metrics():
+    rng = np.random.default_rng(7)
+    d = rng.uniform(size=(12, 40))
+    qp, gp = rng.integers(1, 5, 12), rng.integers(-1, 5, 40)
+    qc, gc = rng.integers(1, 3, 12), rng.integers(1, 3, 40)
+    per = evaluation.per_query_rank_metrics(d, qp, gp, qc, gc, query_chunk_size=5)
+    want = rank_metrics_loop(d, qp, gp, qc, gc)
+    valid = per["num_matches"] > 0
+    assert valid.sum() == want["num_valid_queries"]
+    assert np.isnan(per["ap"][~valid]).all() and (per["first_rank"][~valid] == 0).all()
+    assert per["ap"][valid].mean() == pytest.approx(want["mAP"], abs=1e-12)
+    assert per["inp"][valid].mean() == pytest.approx(want["mINP"], abs=1e-12)
+    assert (per["first_rank"][valid] == 1).mean() == pytest.approx(want["cmc"][0], abs=1e-12)
