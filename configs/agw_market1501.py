@@ -8,7 +8,7 @@ Every field (DESIGN.md section 3 for the recipe):
 - ``data``: ``root`` (the folder with ``bounding_box_train/``, ``query/``,
   ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x ``k`` images per
   batch (16 x 4 = 64), ``num_workers`` / ``prefetch`` / ``backend`` of the input pipeline,
-  ``eval_batch_size``; reader options of the folder (``reid_jax.inference.load_dataset``):
+  ``eval_batch_size``; reader options of the folder (``reid_jax.embeddings.load_dataset``):
   ``verify_images`` (False; True: decode every image once while reading the folder and fail on
   one that does not) and ``skip_undecodable`` (False; with ``verify_images``: leave such images
   out instead, logged). Any ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``,
@@ -24,7 +24,7 @@ Every field (DESIGN.md section 3 for the recipe):
   (torch Adam's ``weight_decay``, not AdamW), on every trainable parameter including BatchNorm
   scales/biases, GeM's p and the classifier (the reference has no exemption; BNNeck's bias is
   frozen and never decayed); ``center_lr`` 0.5 for the center loss's own SGD. Schedule
-  (``reid_jax.schedules``): per epoch, linear warmup from ``warmup_factor`` 0.01 over
+  (``reid_jax.train.schedules``): per epoch, linear warmup from ``warmup_factor`` 0.01 over
   ``warmup_epochs`` 10, x ``gamma`` 0.1 at ``milestones`` (40, 70).
 - ``loss``: ``label_smoothing`` 0.1, ``center_loss_weight`` 5e-4, ``triplet_normalize`` False.
 - ``num_epochs`` 120 (sampler epochs, about 200 steps each on Market-1501); ``num_train_steps``

@@ -5,7 +5,7 @@ and moves it over the destination with ``os.replace`` (atomic on POSIX within on
 system). If writing fails, the temporary file is removed, the old file (if any) is left as it
 was and the error propagates. Each returns the absolute path written.
 
-A whole folder of outputs that must change together (``reid_jax.explain_run``'s report) is
+A whole folder of outputs that must change together (``reid_jax.explain.run``'s report) is
 a different mechanism: a staging folder moved into place; its single files may still be
 written with these functions.
 """

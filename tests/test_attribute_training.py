@@ -1,4 +1,4 @@
-"""Tests of reid_jax/attribute_training.py, tools/train_attributes.py and tools/evaluate.py."""
+"""Tests of reid_jax/train/attribute_training.py, tools/train_attributes.py and tools/evaluate.py."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ import optax
 import pytest
 from flax import nnx
 
-from reid_jax import attribute_training as at
-from reid_jax import checkpoints, evaluation, inference, train_lib
+from reid_jax import checkpoints, embeddings, evaluation, synthetic
 from reid_jax.data import attributes as attributes_lib
-from reid_jax.data import synthetic
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.models.agw import AGW
-from reid_jax.train_state import create_train_state
+from reid_jax.train import attribute_training as at
+from reid_jax.train import loop
+from reid_jax.train.state import create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = synthetic.DatasetConfig(num_train_ids=5, num_test_ids=4, images_per_id=4,
@@ -79,7 +79,7 @@ def test_head_training_lowers_the_loss_and_learns_the_labels():
     logits = features.astype(np.float64) @ np.asarray(head.kernel[...], np.float64)
     assert history["final_loss"] == pytest.approx(_np_weighted_bce(logits, labels, ratios),
                                                   rel=1e-5)
-    probs = inference.attribute_probabilities(head, features)
+    probs = embeddings.attribute_probabilities(head, features)
     metrics = evaluation.attribute_metrics(probs, labels)
     assert metrics["mA"] > 0.9
     # Same seed, same result.
@@ -142,7 +142,7 @@ def _attrs(tmp_path):
 def _split(name, pids, dim=4, seed=0):
     rng = np.random.default_rng(seed)
     pids = np.asarray(pids, np.int32)
-    return inference.SplitEmbeddings(
+    return embeddings.SplitEmbeddings(
         split=name, paths=tuple(f"{p}_{k}.jpg" for k, p in enumerate(pids)),
         features=rng.normal(size=(pids.size, dim)).astype(np.float32), pids=pids,
         cameras=np.ones(pids.size, np.int32))
@@ -221,13 +221,13 @@ def trained(tmp_path_factory, dataset):
     workdir = str(tmp_path_factory.mktemp("run"))
     num_classes = DATA.num_train_ids
     state = _train_state(config, num_classes)
-    manager = train_lib.open_checkpoint_manager(workdir, keep=None)
-    train_lib.save_train_checkpoint(manager, state, config, num_classes, epoch=1)
+    manager = loop.open_checkpoint_manager(workdir, keep=None)
+    loop.save_train_checkpoint(manager, state, config, num_classes, epoch=1)
     manager.wait_until_finished()
     manager.close()
-    directory = os.path.join(workdir, train_lib.CHECKPOINT_SUBDIR)
+    directory = os.path.join(workdir, loop.CHECKPOINT_SUBDIR)
     model_before, _ = checkpoints.restore_model(directory, None)
-    fingerprint = inference.model_fingerprint(model_before)
+    fingerprint = embeddings.model_fingerprint(model_before)
     result = at.train_attributes(
         directory, None, dataset,
         train_config=at.HeadTrainConfig(epochs=20, learning_rate=1e-2, batch_size=8))
@@ -245,7 +245,7 @@ def test_train_attributes_saves_head_and_leaves_reid_weights_unchanged(trained):
     assert _leaves(nnx.state(old)) and all(
         np.array_equal(a, b) for a, b in zip(_leaves(nnx.state(old)), _leaves(nnx.state(new)),
                                              strict=True))
-    assert inference.model_fingerprint(new) == trained["fingerprint"]
+    assert embeddings.model_fingerprint(new) == trained["fingerprint"]
     assert meta["attribute_head_training"]["source_step"] == source
     assert meta["attribute_head"] == {"embedding_dim": 256, "num_attributes": 30}
     head = checkpoints.restore_attribute_head(directory)
@@ -253,11 +253,11 @@ def test_train_attributes_saves_head_and_leaves_reid_weights_unchanged(trained):
     assert checkpoints.has_attribute_head(directory) and not checkpoints.has_attribute_head(
         directory, source)
     # Training state copied: a resumed train_lib run finds the same optimizer state.
-    manager = train_lib.open_checkpoint_manager(os.path.dirname(directory), keep=None)
+    manager = loop.open_checkpoint_manager(os.path.dirname(directory), keep=None)
     try:
         fresh = _train_state(trained["config"], trained["num_classes"])
         fresh = fresh.with_optimizer_items(jax.tree.map(jnp.zeros_like, fresh.optimizer_items()))
-        restored = train_lib.restore_train_checkpoint(manager, fresh, saved)
+        restored = loop.restore_train_checkpoint(manager, fresh, saved)
     finally:
         manager.close()
     for a, b in zip(_leaves(restored.optimizer_items()),
@@ -272,12 +272,12 @@ def test_train_attributes_saves_head_and_leaves_reid_weights_unchanged(trained):
     assert written["test"]["splits"] == ["query", "gallery"]
     assert written["test"]["num_identities"] == DATA.num_test_ids
     assert 0.0 <= written["test"]["mA"] <= 1.0
-    assert set(os.listdir(inference.default_cache_dir(directory))) == {
+    assert set(os.listdir(embeddings.default_cache_dir(directory))) == {
         "train.npz", "query.npz", "gallery.npz"}
 
 
 def test_train_attributes_reuses_cached_embeddings(trained, dataset, tmp_path):
-    cache = inference.default_cache_dir(trained["directory"])
+    cache = embeddings.default_cache_dir(trained["directory"])
     stamps = {n: os.stat(os.path.join(cache, n)).st_mtime_ns for n in os.listdir(cache)}
     metrics = tmp_path / "m.json"
     result = at.train_attributes(trained["directory"], None, dataset, metrics_path=metrics,
@@ -317,7 +317,7 @@ def test_tools_train_attributes_then_evaluate(trained, dataset, tmp_path):
     written = json.load(open(output))
     assert written["checkpoint"]["step"] == step
     # Re-id metrics equal rank_metrics on float64 distances of the (cached) embeddings.
-    emb = inference.load_split_embeddings(directory, None, dataset)
+    emb = embeddings.load_split_embeddings(directory, None, dataset)
     q, g = (emb[s].features.astype(np.float64) for s in ("query", "gallery"))
     distances = (q**2).sum(1)[:, None] + (g**2).sum(1)[None, :] - 2 * q @ g.T
     expected = evaluation.rank_metrics(distances, emb["query"].pids, emb["gallery"].pids,

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from reid_jax.data import attributes, market1501, synthetic, tfds_market1501
+from reid_jax import synthetic
+from reid_jax.data import attributes, market1501, tfds_market1501
 
 
 @pytest.fixture(scope="module")

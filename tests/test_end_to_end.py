@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from reid_jax import checkpoints, explain, inference
+from reid_jax import checkpoints, embeddings, explain
 from reid_jax.data import attributes, market1501
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def test_pipeline_outputs_match_the_kernels(run):
     assert aps == sorted(aps)
 
     # The numbers are the kernels' outputs on the model's embeddings.
-    emb = inference.load_split_embeddings(ckpt, None, data, cache_dir=None)
+    emb = embeddings.load_split_embeddings(ckpt, None, data, cache_dir=None)
     w = np.asarray(checkpoints.restore_attribute_head(ckpt).kernel[...])
     fq, fg = emb["query"].features, emb["gallery"].features
     gallery_index = {os.path.basename(p): i for i, p in enumerate(emb["gallery"].paths)}

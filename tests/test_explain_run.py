@@ -1,4 +1,4 @@
-"""Tests of reid_jax.explain_run and tools/explain.py on a tiny Market-shaped folder."""
+"""Tests of reid_jax.explain.run and tools/explain.py on a tiny Market-shaped folder."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_jax import evaluation, explain, explain_run, report
+from reid_jax import evaluation, explain
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
+from reid_jax.explain import report
+from reid_jax.explain import run as explain_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A = len(ATTRIBUTE_NAMES)

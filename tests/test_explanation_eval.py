@@ -1,4 +1,4 @@
-"""Tests of reid_jax.explanation_eval and tools/evaluate_explanations.py on a tiny synthetic set."""
+"""Tests of reid_jax.explain.quality and tools/evaluate_explanations.py on a tiny synthetic set."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from reid_jax import explain
-from reid_jax import explanation_eval as ee
-from reid_jax import explanation_metrics as em
-from reid_jax.data import synthetic
+from reid_jax import explain, synthetic
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, labels_for_pids, load_market_attributes
 from reid_jax.data.market1501 import load_market1501
+from reid_jax.explain import metrics as em
+from reid_jax.explain import quality as ee
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A = len(ATTRIBUTE_NAMES)
@@ -432,7 +431,7 @@ def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
     assert sorted(os.listdir(out_dir)) == ["embeddings", "explanation_metrics.json",
                                            "explanation_metrics.md"]
     flat = _walk("", m, {})
-    for path, value in flat.items():  # readable by reid_jax.report: numbers or [A] arrays
+    for path, value in flat.items():  # readable by reid_jax.explain.report: numbers or [A] arrays
         assert value is None or isinstance(value, (int, float, str, list)), path
         if isinstance(value, list) and path not in ("/attribute_names",):
             assert len(value) == A and all(v is None or isinstance(v, (int, float))
@@ -453,7 +452,7 @@ def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
 
 def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
     """The file's numbers recomputed from the cached embeddings with the library functions."""
-    from reid_jax import checkpoints, inference
+    from reid_jax import checkpoints, embeddings
 
     m = run.metrics
     out_dir = os.path.dirname(run.json_path)
@@ -477,8 +476,8 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
     model, _ = checkpoints.restore_model(checkpoints_dir / "with_head", None)
     kw = dict(height=CONFIG["data"]["height"], width=CONFIG["data"]["width"],
               batch_size=CONFIG["data"]["eval_batch_size"],
-              loader_config=inference.eval_loader_config(CONFIG))
-    f_cf = inference.embed_images(model, [cf.jpeg for cf in made.accepted], **kw)
+              loader_config=embeddings.eval_loader_config(CONFIG))
+    f_cf = embeddings.embed_images(model, [cf.jpeg for cf in made.accepted], **kw)
     ref = ee.counterfactual_metrics(fq, fg, f_cf, w, made.accepted, pairs, lq, vq)
     for key in (*ee.MODES, "chance", "subsets", "num_pairs", "num_away_pairs"):
         assert m["counterfactual"][key] == ref[key], key
@@ -489,7 +488,7 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
     g = int(made.accepted[0].gallery_index)
     same = synthetic.render_counterfactual(dataset, files[g], None, jpeg=False)
     quality = synthetic.load_meta(dataset)["config"]["jpeg_quality"]
-    f_same = inference.embed_images(model, [synthetic.encode_jpeg(same, quality)], **kw)
+    f_same = embeddings.embed_images(model, [synthetic.encode_jpeg(same, quality)], **kw)
     np.testing.assert_allclose(f_same[0], fg[g], atol=1e-6)
 
 

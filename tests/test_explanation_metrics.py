@@ -1,4 +1,4 @@
-"""Tests of reid_jax.explanation_metrics against slow float64 python references.
+"""Tests of reid_jax.explain.metrics against slow float64 python references.
 
 Tie-aware quantities are checked against brute force: the plain metric averaged over every
 ordering of the attributes that is consistent with the scores (all tie-breaks equally likely).
@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from reid_jax import explanation_metrics as em
+from reid_jax.explain import metrics as em
 
 # --------------------------------------------------------------------------------------------
 # Slow references.
@@ -478,7 +478,7 @@ def test_gallery_errors():
 
 
 # --------------------------------------------------------------------------------------------
-# The Market-1501 protocol on the top k (the pairs of the report of reid_jax.explain_run).
+# The Market-1501 protocol on the top k (the pairs of the report of reid_jax.explain.run).
 
 
 def _removed_reference(qp, qc, gp, gc):
@@ -487,7 +487,7 @@ def _removed_reference(qp, qc, gp, gc):
 
 
 def test_removed_counts_match_explain_run_and_a_loop():
-    from reid_jax import explain_run
+    from reid_jax.explain import run as explain_run
 
     rng = np.random.default_rng(0)
     qp, qc = rng.integers(1, 6, 40), rng.integers(1, 4, 40)
@@ -603,7 +603,8 @@ def test_amd_over_top_k_with_fewer_than_k_kept_images():
 
 def test_top_k_pairs_are_those_of_explain_run():
     """The kernel ranking, fetch size and removal of amd_over_top_k give explain_run's lists."""
-    from reid_jax import explain, explain_run
+    from reid_jax import explain
+    from reid_jax.explain import run as explain_run
 
     fq, fg, w, _, _, ids, _ = _protocol_case()
     qp, qc, gp, gc = (ids[key] for key in ("query_pids", "query_cams", "gallery_pids",

@@ -1,4 +1,4 @@
-"""Tests of reid_jax/inference.py and tools/extract_features.py on a tiny model and dataset."""
+"""Tests of reid_jax/embeddings.py and tools/extract_features.py on a tiny model and dataset."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from reid_jax import checkpoints, inference
-from reid_jax.data import augment, synthetic
+from reid_jax import checkpoints, embeddings, synthetic
+from reid_jax.data import augment
 from reid_jax.data.market1501 import load_market1501
 from reid_jax.models.agw import AGW
 from reid_jax.models.attribute_head import AttributeHead
@@ -82,7 +82,7 @@ def _direct_outputs(model: AGW, paths):
 
 def test_embeddings_are_unit_post_bn_features(model, query_paths):
     paths = query_paths[:5]
-    features = inference.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=4)
+    features = embeddings.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=4)
     assert features.shape == (5, model.feature_dim) and features.dtype == np.float32
     post_bn = np.asarray(_direct_outputs(model, paths).post_bn, np.float64)
     reference = post_bn / np.linalg.norm(post_bn, axis=1, keepdims=True)
@@ -93,25 +93,25 @@ def test_embeddings_are_unit_post_bn_features(model, query_paths):
 
 def test_padding_does_not_change_features(model, query_paths):
     paths = query_paths[:5]
-    batched = inference.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=4)
+    batched = embeddings.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=4)
     one_by_one = np.concatenate([
-        inference.embed_images(model, [p], height=HEIGHT, width=WIDTH, batch_size=1)
+        embeddings.embed_images(model, [p], height=HEIGHT, width=WIDTH, batch_size=1)
         for p in paths])
     np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
 
 
 def test_model_and_its_mode_are_left_unchanged(query_paths):
     model = make_model(seed=3)
-    before = inference.model_fingerprint(model)
-    inference.embed_images(model, query_paths[:2], height=HEIGHT, width=WIDTH, batch_size=2)
-    assert inference.model_fingerprint(model) == before
+    before = embeddings.model_fingerprint(model)
+    embeddings.embed_images(model, query_paths[:2], height=HEIGHT, width=WIDTH, batch_size=2)
+    assert embeddings.model_fingerprint(model) == before
     assert model.bnneck.bn.use_running_average is False  # still in train mode
 
 
 def test_outputs_pre_bn_post_bn_and_attributes(model, query_paths):
     paths = query_paths[:3]
     head = AttributeHead(model.feature_dim, rngs=nnx.Rngs(1))
-    out = inference.extract(model, paths, height=HEIGHT, width=WIDTH, batch_size=2,
+    out = embeddings.extract(model, paths, height=HEIGHT, width=WIDTH, batch_size=2,
                             outputs=("features", "post_bn", "pre_bn", "attributes"),
                             attribute_head=head)
     direct = _direct_outputs(model, paths)
@@ -123,7 +123,7 @@ def test_outputs_pre_bn_post_bn_and_attributes(model, query_paths):
     np.testing.assert_allclose(out["attributes"], 1.0 / (1.0 + np.exp(-logits)), atol=1e-6)
     assert out["attributes"].shape == (3, 30)
     np.testing.assert_allclose(
-        inference.attribute_probabilities(head, out["features"]), out["attributes"], atol=1e-6)
+        embeddings.attribute_probabilities(head, out["features"]), out["attributes"], atol=1e-6)
 
 
 def test_other_sizes_are_resized_and_bytes_equal_paths(model, query_paths, tmp_path):
@@ -135,7 +135,7 @@ def test_other_sizes_are_resized_and_bytes_equal_paths(model, query_paths, tmp_p
     Image.fromarray(augment.resize(Image.fromarray(big), HEIGHT, WIDTH)).save(small_path)
     with open(big_path, "rb") as f:
         encoded = f.read()
-    features = inference.embed_images(model, [str(big_path), str(small_path), encoded],
+    features = embeddings.embed_images(model, [str(big_path), str(small_path), encoded],
                                       height=HEIGHT, width=WIDTH, batch_size=3)
     np.testing.assert_array_equal(features[0], features[1])
     np.testing.assert_array_equal(features[0], features[2])
@@ -143,9 +143,9 @@ def test_other_sizes_are_resized_and_bytes_equal_paths(model, query_paths, tmp_p
 
 def test_mesh_of_one_device_and_divisibility(model, query_paths):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    plain = inference.embed_images(model, query_paths[:3], height=HEIGHT, width=WIDTH,
+    plain = embeddings.embed_images(model, query_paths[:3], height=HEIGHT, width=WIDTH,
                                    batch_size=2)
-    sharded = inference.embed_images(model, query_paths[:3], height=HEIGHT, width=WIDTH,
+    sharded = embeddings.embed_images(model, query_paths[:3], height=HEIGHT, width=WIDTH,
                                      batch_size=2, mesh=mesh)
     np.testing.assert_allclose(sharded, plain, atol=1e-6)
 
@@ -157,17 +157,17 @@ import os, sys
 import jax, numpy as np
 sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
 from test_inference import make_model, HEIGHT, WIDTH
-from reid_jax import inference
+from reid_jax import embeddings
 from reid_jax.data.market1501 import load_market1501
 assert len(jax.devices()) == 2, jax.devices()
 paths = load_market1501({dataset!r}).gallery.paths[:5]
 model = make_model()
 mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-a = inference.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=4, mesh=mesh)
-b = inference.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=4)
+a = embeddings.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=4, mesh=mesh)
+b = embeddings.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=4)
 np.testing.assert_allclose(a, b, atol=1e-6)
 try:
-    inference.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=3, mesh=mesh)
+    embeddings.embed_images(model, paths, height=HEIGHT, width=WIDTH, batch_size=3, mesh=mesh)
 except ValueError as e:
     assert "divisible by the 2 devices" in str(e), e
 else:
@@ -185,20 +185,20 @@ print("OK")
 def test_embed_errors(model, query_paths, tmp_path):
     kw = dict(height=HEIGHT, width=WIDTH)
     with pytest.raises(ValueError, match="no images"):
-        inference.embed_images(model, [], **kw)
+        embeddings.embed_images(model, [], **kw)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        inference.embed_images(model, query_paths[:1], batch_size=0, **kw)
+        embeddings.embed_images(model, query_paths[:1], batch_size=0, **kw)
     with pytest.raises(ValueError, match="outputs must be a non-empty subset"):
-        inference.extract(model, query_paths[:1], outputs=("logits",), **kw)
+        embeddings.extract(model, query_paths[:1], outputs=("logits",), **kw)
     with pytest.raises(ValueError, match="needs an attribute_head"):
-        inference.extract(model, query_paths[:1], outputs=("attributes",), **kw)
+        embeddings.extract(model, query_paths[:1], outputs=("attributes",), **kw)
     with pytest.raises(ValueError, match="attribute head expects embeddings of size 7"):
-        inference.extract(model, query_paths[:1], outputs=("attributes",),
+        embeddings.extract(model, query_paths[:1], outputs=("attributes",),
                           attribute_head=AttributeHead(7, rngs=nnx.Rngs(0)), **kw)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(augment.ImageLoadError, match="broken.jpg"):
-        inference.embed_images(model, [query_paths[0], str(bad)], batch_size=2, **kw)
+        embeddings.embed_images(model, [query_paths[0], str(bad)], batch_size=2, **kw)
 
 
 def _unit(x) -> np.ndarray:
@@ -226,7 +226,7 @@ def test_config_chooses_the_retrieval_embedding(model, query_paths):
     for (feature, normalize), want in expected.items():
         other = AGW.from_config(retrieval_config(feature, normalize), 3, nnx.Rngs(0))
         nnx.update(other, nnx.state(model))  # the same weights, other retrieval settings
-        out = inference.extract(other, paths, height=HEIGHT, width=WIDTH, batch_size=2,
+        out = embeddings.extract(other, paths, height=HEIGHT, width=WIDTH, batch_size=2,
                                 outputs=("features", "post_bn", "pre_bn", "attributes"),
                                 attribute_head=head)
         scale = 1.0 if normalize else float(np.abs(want).max())
@@ -247,30 +247,30 @@ def test_checkpoint_config_sets_the_retrieval_embedding(dataset, tmp_path):
                                 meta={"num_classes": 3, "config": stored})
     restored, _ = checkpoints.restore_model(directory, None)
     assert (restored.retrieval_feature, restored.normalize_feature) == ("pre_bn", True)
-    cache = inference.default_cache_dir(directory)
+    cache = embeddings.default_cache_dir(directory)
     query = load_market1501(dataset).query.paths
     direct = _direct_outputs(restored, query)
-    out = inference.load_split_embeddings(directory, None, dataset, ("query",), cache)
+    out = embeddings.load_split_embeddings(directory, None, dataset, ("query",), cache)
     np.testing.assert_allclose(out["query"].features, _unit(direct.pre_bn), atol=2e-6)
     # Another value passed by the user wins, and the cache is not reused for it.
-    post = inference.load_split_embeddings(directory, tiny_config(dataset), dataset,
+    post = embeddings.load_split_embeddings(directory, tiny_config(dataset), dataset,
                                            ("query",), cache)
     np.testing.assert_allclose(post["query"].features, _unit(direct.post_bn), atol=2e-6)
-    again = inference.load_split_embeddings(directory, None, dataset, ("query",), cache)
+    again = embeddings.load_split_embeddings(directory, None, dataset, ("query",), cache)
     np.testing.assert_array_equal(again["query"].features, out["query"].features)
 
 
 def test_dataset_options_from_config(dataset, model, tmp_path):
-    assert inference.dataset_options(None) == {"verify_images": False, "skip_undecodable": False}
-    assert inference.dataset_options(tiny_config()) == {"verify_images": False,
+    assert embeddings.dataset_options(None) == {"verify_images": False, "skip_undecodable": False}
+    assert embeddings.dataset_options(tiny_config()) == {"verify_images": False,
                                                         "skip_undecodable": False}
     config = tiny_config()
     config.data.skip_undecodable = True
     with pytest.raises(ValueError, match="skip_undecodable=True needs config.data.verify_images"):
-        inference.dataset_options(config)
+        embeddings.dataset_options(config)
     config.data.verify_images = "yes"
     with pytest.raises(ValueError, match="config.data.verify_images must be a bool, got 'yes'"):
-        inference.dataset_options(config)
+        embeddings.dataset_options(config)
 
     # A copy of the data with one query image that does not decode (a valid Market-1501 name).
     root = tmp_path / "market"
@@ -282,16 +282,16 @@ def test_dataset_options_from_config(dataset, model, tmp_path):
     verify = tiny_config(str(root))
     verify.data.verify_images = True
     with pytest.raises(ValueError, match="image does not decode: .*0999_c1s1_000001_00.jpg"):
-        inference.split_embeddings(model, verify, root, ("query",))
+        embeddings.split_embeddings(model, verify, root, ("query",))
     verify.data.skip_undecodable = True
-    data = inference.load_dataset(root, verify)
+    data = embeddings.load_dataset(root, verify)
     assert data.query.undecodable_skipped == (broken,)
-    out = inference.split_embeddings(model, verify, root, ("query",))
+    out = embeddings.split_embeddings(model, verify, root, ("query",))
     assert out["query"].paths == query.paths and broken not in out["query"].paths
     # Without the options the folder lists the broken image, and embedding it fails (named).
-    assert broken in inference.load_dataset(root, tiny_config(str(root))).query.paths
+    assert broken in embeddings.load_dataset(root, tiny_config(str(root))).query.paths
     with pytest.raises(augment.ImageLoadError, match="0999_c1s1_000001_00.jpg"):
-        inference.split_embeddings(model, tiny_config(str(root)), root, ("query",))
+        embeddings.split_embeddings(model, tiny_config(str(root)), root, ("query",))
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -308,50 +308,50 @@ def test_cached_embeddings_reuse_and_invalidation(tmp_path):
 
     path = tmp_path / "cache" / "split.npz"
     key = {"paths": ["a.jpg", "b.jpg"], "model_fingerprint": "abc", "image": [32, 16]}
-    first = inference.cached_embeddings(path, key, compute(1.0))
+    first = embeddings.cached_embeddings(path, key, compute(1.0))
     assert calls == [1.0] and path.is_file()
     assert first["paths"].tolist() == ["a.jpg", "b.jpg"]
-    again = inference.cached_embeddings(path, key, compute(2.0))
+    again = embeddings.cached_embeddings(path, key, compute(2.0))
     assert calls == [1.0]  # reused
     np.testing.assert_array_equal(again["features"], np.ones((2, 3), np.float32))
     assert set(again) == {"paths", "features"}
 
-    inference.cached_embeddings(path, {**key, "model_fingerprint": "other"}, compute(3.0))
+    embeddings.cached_embeddings(path, {**key, "model_fingerprint": "other"}, compute(3.0))
     assert calls == [1.0, 3.0]  # other weights: recomputed and replaced
-    inference.cached_embeddings(path, {**key, "paths": ["b.jpg", "a.jpg"]}, compute(4.0))
+    embeddings.cached_embeddings(path, {**key, "paths": ["b.jpg", "a.jpg"]}, compute(4.0))
     assert calls == [1.0, 3.0, 4.0]  # other images (order matters)
-    reused = inference.cached_embeddings(path, {**key, "paths": ["b.jpg", "a.jpg"]}, compute(5.0))
+    reused = embeddings.cached_embeddings(path, {**key, "paths": ["b.jpg", "a.jpg"]}, compute(5.0))
     assert calls == [1.0, 3.0, 4.0]
     np.testing.assert_array_equal(reused["features"], np.full((2, 3), 4.0, np.float32))
     assert sorted(os.listdir(path.parent)) == ["split.npz"]  # no temporary files left
 
     path.write_bytes(b"truncated")
-    inference.cached_embeddings(path, key, compute(6.0))
+    embeddings.cached_embeddings(path, key, compute(6.0))
     assert calls[-1] == 6.0  # an unreadable file is recomputed
-    inference.cached_embeddings(None, key, compute(7.0))
+    embeddings.cached_embeddings(None, key, compute(7.0))
     assert calls[-1] == 7.0  # no cache path: always computed
 
 
 def test_cached_embeddings_errors(tmp_path):
     with pytest.raises(ValueError, match="key_info needs 'paths'"):
-        inference.cached_embeddings(tmp_path / "x.npz", {}, lambda: {})
+        embeddings.cached_embeddings(tmp_path / "x.npz", {}, lambda: {})
     with pytest.raises(ValueError, match="expected 2 rows"):
-        inference.cached_embeddings(tmp_path / "x.npz", {"paths": ["a", "b"]},
+        embeddings.cached_embeddings(tmp_path / "x.npz", {"paths": ["a", "b"]},
                                     lambda: {"features": np.zeros((3, 4))})
     with pytest.raises(ValueError, match="must return 'features'"):
-        inference.cached_embeddings(tmp_path / "x.npz", {"paths": ["a"]},
+        embeddings.cached_embeddings(tmp_path / "x.npz", {"paths": ["a"]},
                                     lambda: {"pre_bn": np.zeros((1, 4))})
     with pytest.raises(ValueError, match="JSON-serialisable"):
-        inference.cached_embeddings(tmp_path / "x.npz", {"paths": ["a"], "bad": object()},
+        embeddings.cached_embeddings(tmp_path / "x.npz", {"paths": ["a"], "bad": object()},
                                     lambda: {"features": np.zeros((1, 4))})
     assert not (tmp_path / "x.npz").exists()
 
 
 def test_model_fingerprint_sees_any_weight():
     a, b = make_model(seed=1), make_model(seed=1)
-    assert inference.model_fingerprint(a) == inference.model_fingerprint(b)
+    assert embeddings.model_fingerprint(a) == embeddings.model_fingerprint(b)
     b.bnneck.bn.mean[...] = b.bnneck.bn.mean[...].at[0].add(1e-7)
-    assert inference.model_fingerprint(a) != inference.model_fingerprint(b)
+    assert embeddings.model_fingerprint(a) != embeddings.model_fingerprint(b)
 
 
 # ------------------------------------------------------------------------------ splits
@@ -366,8 +366,8 @@ def checkpoint(tmp_path_factory, dataset) -> str:
 
 
 def test_load_split_embeddings_and_cache(checkpoint, dataset):
-    cache = inference.default_cache_dir(checkpoint)
-    out = inference.load_split_embeddings(checkpoint, None, dataset, ("query", "gallery"), cache)
+    cache = embeddings.default_cache_dir(checkpoint)
+    out = embeddings.load_split_embeddings(checkpoint, None, dataset, ("query", "gallery"), cache)
     data = load_market1501(dataset)
     assert list(out) == ["query", "gallery"]
     for name in ("query", "gallery"):
@@ -377,14 +377,14 @@ def test_load_split_embeddings_and_cache(checkpoint, dataset):
         np.testing.assert_array_equal(s.cameras, split.cameras)
         assert s.features.shape == (len(split.paths), 256) and s.features.dtype == np.float32
     model, _ = checkpoints.restore_model(checkpoint, None)
-    direct = inference.embed_images(model, data.query.paths, height=HEIGHT, width=WIDTH)
+    direct = embeddings.embed_images(model, data.query.paths, height=HEIGHT, width=WIDTH)
     np.testing.assert_allclose(out["query"].features, direct, atol=1e-6)
 
     # Orbax ignores the cache folder inside the checkpoint directory.
     assert checkpoints.latest_step(checkpoint) == 3
     query_cache = os.path.join(cache, "query.npz")
     stamp = os.stat(query_cache).st_mtime_ns
-    again = inference.load_split_embeddings(checkpoint, tiny_config(dataset), dataset,
+    again = embeddings.load_split_embeddings(checkpoint, tiny_config(dataset), dataset,
                                             ("query",), cache)
     assert os.stat(query_cache).st_mtime_ns == stamp  # reused, not rewritten
     np.testing.assert_array_equal(again["query"].features, out["query"].features)
@@ -392,37 +392,37 @@ def test_load_split_embeddings_and_cache(checkpoint, dataset):
     # Another image size changes the key: recomputed.
     other = tiny_config(dataset)
     other.data.height = 40
-    inference.load_split_embeddings(checkpoint, other, dataset, ("query",), cache)
+    embeddings.load_split_embeddings(checkpoint, other, dataset, ("query",), cache)
     assert os.stat(query_cache).st_mtime_ns != stamp
     stamp = os.stat(query_cache).st_mtime_ns
     # A re-written image (same name) changes the key too.
     first = data.query.paths[0]
     os.utime(first, ns=(os.stat(first).st_atime_ns, os.stat(first).st_mtime_ns + 10**9))
-    inference.load_split_embeddings(checkpoint, other, dataset, ("query",), cache)
+    embeddings.load_split_embeddings(checkpoint, other, dataset, ("query",), cache)
     assert os.stat(query_cache).st_mtime_ns != stamp
 
 
 def test_split_embedding_errors(checkpoint, dataset, tmp_path):
     with pytest.raises(ValueError, match="unknown split 'test'"):
-        inference.load_split_embeddings(checkpoint, None, dataset, ("test",))
+        embeddings.load_split_embeddings(checkpoint, None, dataset, ("test",))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        inference.load_split_embeddings(tmp_path / "nothing", None, dataset)
+        embeddings.load_split_embeddings(tmp_path / "nothing", None, dataset)
     with pytest.raises(FileNotFoundError, match="Market-1501 root"):
-        inference.load_split_embeddings(checkpoint, None, tmp_path / "no_data")
+        embeddings.load_split_embeddings(checkpoint, None, tmp_path / "no_data")
 
 
 def test_eval_loader_config_and_data_root(checkpoint, dataset):
     config = tiny_config(dataset)
-    loader = inference.eval_loader_config(config)
+    loader = embeddings.eval_loader_config(config)
     assert (loader.augment.height, loader.augment.width, loader.num_workers) == (32, 16, 0)
-    assert inference.eval_loader_config(None).augment.height == 256
+    assert embeddings.eval_loader_config(None).augment.height == 256
     config.data.height = 0
     with pytest.raises(ValueError, match="config.data: .*height and width must be >= 1"):
-        inference.eval_loader_config(config)
-    assert inference.resolve_data_root(None, None, checkpoint) == os.path.abspath(dataset)
-    assert inference.resolve_data_root("/x/y", None, checkpoint) == "/x/y"
+        embeddings.eval_loader_config(config)
+    assert embeddings.resolve_data_root(None, None, checkpoint) == os.path.abspath(dataset)
+    assert embeddings.resolve_data_root("/x/y", None, checkpoint) == "/x/y"
     with pytest.raises(ValueError, match="pass --data_root"):
-        inference.resolve_data_root(None, tiny_config(""), checkpoint)
+        embeddings.resolve_data_root(None, tiny_config(""), checkpoint)
 
 
 def test_list_images(tmp_path):
@@ -430,13 +430,13 @@ def test_list_images(tmp_path):
     (tmp_path / ".hidden").mkdir()
     for name in ("b.jpg", "a.PNG", "sub/c.jpeg", ".x.jpg", ".hidden/d.jpg", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
-    found = inference.list_images(tmp_path)
+    found = embeddings.list_images(tmp_path)
     assert found == tuple(str(tmp_path / n) for n in ("a.PNG", "b.jpg", "sub/c.jpeg"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
-        inference.list_images(tmp_path / "empty")
+        embeddings.list_images(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="image folder not found"):
-        inference.list_images(tmp_path / "missing")
+        embeddings.list_images(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------------ the tool
@@ -470,7 +470,7 @@ def test_extract_features_tool(checkpoint, dataset, tmp_path):
         arrays = {k: z[k] for k in z.files}
     expected_paths = [str(folder / "0.png"), str(folder / "1.png"), str(folder / "nested/2.png")]
     assert arrays["paths"].tolist() == expected_paths
-    direct = inference.extract(model, expected_paths, height=HEIGHT, width=WIDTH,
+    direct = embeddings.extract(model, expected_paths, height=HEIGHT, width=WIDTH,
                                outputs=("features", "pre_bn", "attributes"), attribute_head=head)
     for name in ("features", "pre_bn", "attributes"):
         np.testing.assert_allclose(arrays[name], direct[name], atol=1e-5)

@@ -1,4 +1,4 @@
-"""Tests of reid_jax.losses against float64 numpy references (and torch ports of the reference).
+"""Tests of reid_jax.train.losses against float64 numpy references (and torch ports).
 
 Every numpy reference below is written independently of the library: distances by direct
 differences (the library uses the GEMM form), gradients analytic or by central differences.
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reid_jax import losses
+from reid_jax.train import losses
 
 try:
     import torch

@@ -1,4 +1,4 @@
-"""Tests of reid_jax.report: escaping, the figures' numbers, paging, the summary page."""
+"""Tests of reid_jax.explain.report: escaping, the figures' numbers, paging, the summary page."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_jax import explain, explain_run, explanation_eval, report
+from reid_jax import explain
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import Split
+from reid_jax.explain import quality, report
+from reid_jax.explain import run as explain_run
 
 A = len(ATTRIBUTE_NAMES)
 ODD = "<script>&\"'.jpg"
@@ -220,7 +222,7 @@ AMD_KEYS = ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s")
 
 
 def _eval_metrics(k: int = 3, skipped: str | None = None, seed: int = 0) -> dict:
-    """``explanation_metrics.json`` of ``explanation_eval.evaluate``'s layout, random values."""
+    """``explanation_metrics.json`` of ``quality.evaluate``'s layout, random values."""
     rng = np.random.default_rng(seed)
     rate = lambda: float(rng.uniform(0.01, 0.99))
     top = f"top{k}"
@@ -247,7 +249,7 @@ def _eval_metrics(k: int = 3, skipped: str | None = None, seed: int = 0) -> dict
                    **{m: {key: rate() for key in AMD_KEYS} for m in (*MODES, "chance")}}
            for scope in ("all_pairs", top)}
     amd["per_attribute"] = {"all_pairs_differ_count": list(range(A))}
-    return {"format": explanation_eval.FORMAT, "attribute_names": list(ATTRIBUTE_NAMES),
+    return {"format": quality.FORMAT, "attribute_names": list(ATTRIBUTE_NAMES),
             "settings": {"checkpoint": "/ckpt/<b>", "data_root": "/data/<root>", "k": k,
                          "threshold": 0.3},
             "data": {"synthetic": True, "num_queries": 3, "num_gallery": 8,
@@ -290,22 +292,22 @@ def _html_table(index: str, css: str) -> list[list[str]]:
 
 def test_summary_table_rows_are_the_json_values():
     m = _eval_metrics(k=4)
-    table = explanation_eval.summary_table(m)
+    table = quality.summary_table(m)
     assert table.columns == ("metric", "n", "eq. 3.2 (paper)", "complete decomposition",
                              "eq. 3.1 (1 - s)", "chance")
     shown = [[r.metric, str(r.n)] + ["–" if v is None else f"{100.0 * v:.1f}"
                                      for v in (*r.values, r.chance)] for r in table.rows]
     assert shown == _reference_rows(m)
     # The markdown table is built from the same rows (em dash for "does not apply").
-    md = explanation_eval.markdown_table(m).splitlines()
+    md = quality.markdown_table(m).splitlines()
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:2 + len(shown)]]
     assert body == [[c.replace("–", "—") for c in r] for r in _reference_rows(m)]
     assert md[2 + len(shown)] == "" and "|x - 0.5| > 0.3" in md[3 + len(shown)]
-    skipped = explanation_eval.summary_table(_eval_metrics(skipped="no meta"))
+    skipped = quality.summary_table(_eval_metrics(skipped="no meta"))
     assert skipped.rows[0].skipped == "no meta" and skipped.rows[0].n is None
     assert "Counterfactuals skipped: no meta" in skipped.legend
     with pytest.raises(KeyError, match="auroc"):
-        explanation_eval.summary_table({k: v for k, v in m.items() if k != "auroc"})
+        quality.summary_table({k: v for k, v in m.items() if k != "auroc"})
 
 
 def test_explanation_quality_table_details_and_json_copy(tmp_path):
@@ -377,7 +379,7 @@ def test_explanation_quality_falls_back_to_generic_tables(tmp_path):
     report.write_report(out2, _summary(explanation_metrics={"format": "other/2", "x": 0.5}),
                         records, data_root=tmp_path / "data")
     index = open(out2 / "index.html", encoding="utf-8").read()
-    assert "format &#x27;other/2&#x27;, not &#x27;reid_jax.explanation_metrics/1&#x27;" in index
+    assert "format &#x27;other/2&#x27;, not &#x27;reid_jax.explain.metrics/1&#x27;" in index
     assert "<td>x</td><td class=\"num\">0.5</td>" in index
     # No metrics: no copy, the hint.
     out3 = tmp_path / "report3"

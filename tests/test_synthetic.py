@@ -1,4 +1,4 @@
-"""Tests of the synthetic Market-1501 generator: reid_jax/data/synthetic*.py and
+"""Tests of the synthetic Market-1501 generator: reid_jax/synthetic/*.py and
 tools/make_synthetic.py."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_jax.data import attributes, market1501, synthetic
-from reid_jax.data import synthetic_canvas as sc_lib
-from reid_jax.data import synthetic_render as sr
+from reid_jax import synthetic
+from reid_jax.data import attributes, market1501
+from reid_jax.synthetic import canvas as sc_lib
+from reid_jax.synthetic import dataset as synthetic_dataset
+from reid_jax.synthetic import render as sr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = synthetic.DatasetConfig(num_train_ids=4, num_test_ids=4, images_per_id=6,
@@ -202,9 +204,9 @@ def test_person_round_trips_and_validates():
 def _scene(view: str, seed: int = 0, occluder: bool = False) -> sr.Scene:
     cams = synthetic.sample_cameras(seed)
     rng = np.random.default_rng(seed)
-    track = synthetic._track(rng)
+    track = synthetic_dataset._track(rng)
     track.update(view=view, height=112.0, x=32.0, foot_y=124.0)
-    sc = synthetic._scene(rng, cams[seed % 6], track, "detected")
+    sc = synthetic_dataset._scene(rng, cams[seed % 6], track, "detected")
     occ = sr.Occluder("pole", 8.0, 4.0, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)) if occluder else None
     return dataclasses.replace(sc, occluder=occ)
 

@@ -1,7 +1,7 @@
 """Tests of AGW training: schedule, optimizer, train step, resumption, data parallelism.
 
 The training runs use ``configs/agw_tiny.py`` on a tiny synthetic Market-1501 folder written by
-``reid_jax.data.synthetic`` (8 train identities, 48 train images).
+``reid_jax.synthetic.dataset`` (8 train identities, 48 train images).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from reid_jax import attribute_training, checkpoints, losses, schedules, train_lib
-from reid_jax.data import synthetic
+from reid_jax import checkpoints, synthetic
 from reid_jax.data.market1501 import load_market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
 from reid_jax.models.attribute_head import AttributeHead
-from reid_jax.train_state import LossConfig, TrainState, build_optimizer, create_train_state
+from reid_jax.train import attribute_training, loop, losses, schedules
+from reid_jax.train.state import LossConfig, TrainState, build_optimizer, create_train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -245,7 +245,7 @@ def tiny_batch(num_classes=4, k=2, h=64, w=32, seed=0):
 def first_step():
     """A tiny state, a batch, the jitted train_step and its first result."""
     state, batch = tiny_state(), tiny_batch()
-    step = jax.jit(train_lib.train_step)
+    step = jax.jit(loop.train_step)
     new, metrics = step(state, batch)
     return state, batch, step, new, {k: float(v) for k, v in metrics.items()}
 
@@ -291,10 +291,10 @@ def test_train_step_learns_a_fixed_batch(first_step):
 
 
 def test_check_finite_names_step_and_terms():
-    train_lib.check_finite(3, {"loss": 1.0, "ce": 0.5, "triplet": 0.5, "center": 2.0})
+    loop.check_finite(3, {"loss": 1.0, "ce": 0.5, "triplet": 0.5, "center": 2.0})
     with pytest.raises(FloatingPointError,
                        match=r"non-finite loss at step 7: loss=nan, ce=1.0, triplet=inf"):
-        train_lib.check_finite(7, {"loss": math.nan, "ce": 1.0, "triplet": math.inf,
+        loop.check_finite(7, {"loss": math.nan, "ce": 1.0, "triplet": math.inf,
                                    "center": 2.0, "lr": 1e-3})
 
 
@@ -322,7 +322,7 @@ def test_loader_config_rejects_unknown_data_fields():
     config = load_config("agw_tiny")
     config.data.flip_probability = 0.5
     with pytest.raises(ValueError, match=r"config.data: .*unknown keys \['flip_probability'\]"):
-        train_lib.loader_config(config)
+        loop.loader_config(config)
 
 
 def test_reader_and_retrieval_config_fields(tiny_root, tmp_path):
@@ -332,17 +332,17 @@ def test_reader_and_retrieval_config_fields(tiny_root, tmp_path):
     tiny = load_config("agw_tiny")  # inherited by the other configs
     assert not tiny.data.verify_images and tiny.model.retrieval_feature == "post_bn"
     tiny.data.verify_images = True
-    train_lib.loader_config(tiny)  # reader options are not loader settings
+    loop.loader_config(tiny)  # reader options are not loader settings
     # Training reads the folder with them: an inconsistent pair fails before any work.
     config = tiny_config(tiny_root, **{"data.skip_undecodable": True})
     with pytest.raises(ValueError, match="skip_undecodable=True needs config.data.verify_images"):
-        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_empty_data_root_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="config.data.root is empty"):
-        train_lib.train_and_evaluate(load_config("agw_tiny"), str(tmp_path))
+        loop.train_and_evaluate(load_config("agw_tiny"), str(tmp_path))
 
 
 def test_init_from_copies_only_the_backbone(tmp_path):
@@ -353,7 +353,7 @@ def test_init_from_copies_only_the_backbone(tmp_path):
     config.init_from = str(tmp_path / "imagenet")
     model = AGW.from_config(config, 5, nnx.Rngs(0))
     classifier_before = np.asarray(model.classifier.kernel[...])
-    train_lib.init_backbone_from(model, config)
+    loop.init_backbone_from(model, config)
     got, want = flat(nnx.state(model.backbone)), flat(nnx.state(source.backbone))
     assert got.keys() == want.keys()
     for key in want:
@@ -366,15 +366,15 @@ def test_init_from_copies_only_the_backbone(tmp_path):
 
 def restore_items(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
     """Model state and optimizer items of ``step`` as flat numpy arrays."""
-    manager = train_lib.open_checkpoint_manager(str(workdir), None)
+    manager = loop.open_checkpoint_manager(str(workdir), None)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**{
             checkpoints.MODEL_ITEM: ocp.args.StandardRestore(),
-            train_lib.TRAIN_STATE_ITEM: ocp.args.StandardRestore()}))
+            loop.TRAIN_STATE_ITEM: ocp.args.StandardRestore()}))
     finally:
         manager.close()
     return flat({"model": restored[checkpoints.MODEL_ITEM],
-                 "train": restored[train_lib.TRAIN_STATE_ITEM]})
+                 "train": restored[loop.TRAIN_STATE_ITEM]})
 
 
 def test_straight_run_outputs(straight_run, tiny_root):
@@ -400,8 +400,8 @@ def test_straight_run_outputs(straight_run, tiny_root):
     assert meta["num_classes"] == 8 and meta["step"] == STEPS
     config = ml_collections.ConfigDict(meta["config"])
     data = load_market1501(tiny_root)
-    again = train_lib.evaluate(model, data, train_lib.loader_config(config),
-                               train_lib.create_mesh(), config.data.eval_batch_size)
+    again = loop.evaluate(model, data, loop.loader_config(config),
+                               loop.create_mesh(), config.data.eval_batch_size)
     assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
     assert again["rank1"] == pytest.approx(metrics["rank1"], abs=1e-6)
 
@@ -409,11 +409,11 @@ def test_straight_run_outputs(straight_run, tiny_root):
 def test_killed_and_restarted_run_ends_with_the_same_weights(straight_run, tiny_root, tmp_path):
     workdir = tmp_path / "interrupted"
     # Stops after step 3; its checkpoints: step 2 (periodic) and 3 (end of run).
-    first = train_lib.train_and_evaluate(tiny_config(tiny_root, num_train_steps=3), str(workdir))
+    first = loop.train_and_evaluate(tiny_config(tiny_root, num_train_steps=3), str(workdir))
     assert first["step"] == 3
     # A kill after step 3 but before its checkpoint was written: only step 2 remains.
     shutil.rmtree(workdir / "checkpoints" / "3")
-    result = train_lib.train_and_evaluate(tiny_config(tiny_root, num_train_steps=STEPS),
+    result = loop.train_and_evaluate(tiny_config(tiny_root, num_train_steps=STEPS),
                                           str(workdir))
     assert result["step"] == STEPS
     got, want = restore_items(workdir, STEPS), restore_items(straight_run, STEPS)
@@ -431,12 +431,12 @@ def test_killed_and_restarted_run_ends_with_the_same_weights(straight_run, tiny_
     # Resuming a finished run trains nothing more and re-evaluates the same model, also when a
     # later step holds the same state (tools/train_attributes.py adds one with the head).
     shutil.copytree(workdir / "checkpoints" / str(STEPS), workdir / "checkpoints" / str(STEPS + 1))
-    again = train_lib.train_and_evaluate(tiny_config(tiny_root, num_train_steps=STEPS),
+    again = loop.train_and_evaluate(tiny_config(tiny_root, num_train_steps=STEPS),
                                          str(workdir))
     assert again["mAP"] == pytest.approx(result["mAP"], abs=1e-6)
     # A shorter run cannot resume from a later step.
     with pytest.raises(ValueError, match="past this run's 4 steps"):
-        train_lib.train_and_evaluate(tiny_config(tiny_root, num_train_steps=4), str(workdir))
+        loop.train_and_evaluate(tiny_config(tiny_root, num_train_steps=4), str(workdir))
 
 
 def test_attribute_head_warning_names_the_step_and_the_fix(tmp_path):
@@ -449,16 +449,16 @@ def test_attribute_head_warning_names_the_step_and_the_fix(tmp_path):
     checkpoints.save_checkpoint(directory, 4, model_state=nnx.state(model),
                                 attribute_head_state=nnx.state(head),
                                 meta={"num_classes": 4, "config": config})
-    message = train_lib.attribute_head_warning(directory, 4, start=3, total_steps=10)
+    message = loop.attribute_head_warning(directory, 4, start=3, total_steps=10)
     assert message is not None
     for part in ("checkpoint step 4", "holds an attribute head", "from step 3 to 10",
                  "NO attribute head", "keep_checkpoints may delete step 4",
                  "Train the head again after training (tools/train_attributes.py)"):
         assert part in message
-    assert train_lib.attribute_head_warning(directory, 4, start=10, total_steps=10) is None
-    assert train_lib.attribute_head_warning(directory, 3, start=3, total_steps=10) is None
+    assert loop.attribute_head_warning(directory, 4, start=10, total_steps=10) is None
+    assert loop.attribute_head_warning(directory, 3, start=3, total_steps=10) is None
     assert "train the head again after training (tools/train_attributes.py)" in (
-        train_lib.NO_HEAD_HINT)
+        loop.NO_HEAD_HINT)
 
 
 def test_training_on_after_the_attribute_head_warns_and_drops_it(straight_run, tiny_root,
@@ -472,7 +472,7 @@ def test_training_on_after_the_attribute_head_warns_and_drops_it(straight_run, t
                                                            head, {})
     assert head_step == STEPS + 1 and checkpoints.has_attribute_head(ckpt_dir)
     with caplog.at_level(logging_std.WARNING):
-        result = train_lib.train_and_evaluate(
+        result = loop.train_and_evaluate(
             tiny_config(tiny_root, num_train_steps=STEPS + 2), str(workdir))
     assert result["step"] == STEPS + 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging_std.WARNING]
@@ -486,7 +486,7 @@ def test_training_on_after_the_attribute_head_warns_and_drops_it(straight_run, t
 def test_non_finite_loss_stops_with_a_clear_error(tiny_root, tmp_path):
     config = tiny_config(tiny_root, **{"optim.learning_rate": 1e30, "optim.warmup_epochs": 0})
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+: loss="):
-        train_lib.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     # Checkpoints are written only after the step's loss was checked.
     assert checkpoints.latest_step(tmp_path / "checkpoints") is None
 
@@ -498,9 +498,10 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, numpy as np
     from flax import nnx
-    from reid_jax import schedules, train_lib
+    from reid_jax.train import schedules
+    from reid_jax.train import loop
     from reid_jax.models.agw import AGW
-    from reid_jax.train_state import create_train_state
+    from reid_jax.train.state import create_train_state
     from tests.test_train import load_config, tiny_batch, flat
 
     assert len(jax.devices()) == 2, jax.devices()
@@ -508,14 +509,14 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     batches = [tiny_batch(num_classes=4, k=2, seed=s) for s in range(3)]
 
     def run(devices):
-        mesh = train_lib.create_mesh(devices)
+        mesh = loop.create_mesh(devices)
         model = AGW.from_config(config, 4, nnx.Rngs(0))
         state = create_train_state(model, config, schedules.lr_schedule(1e-3, np.array([50])))
-        state = jax.device_put(state, train_lib.replicated(mesh))
-        step = train_lib.jit_train_step(mesh)
+        state = jax.device_put(state, loop.replicated(mesh))
+        step = loop.jit_train_step(mesh)
         losses = []
         for b in batches:
-            sharded = train_lib.shard_batch(b, mesh)
+            sharded = loop.shard_batch(b, mesh)
             assert len(sharded["image"].sharding.device_set) == len(devices)
             state, metrics = step(state, sharded)
             losses.append(float(metrics["loss"]))
@@ -526,7 +527,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     diff = np.concatenate([np.abs(state1[k] - state2[k]).ravel() for k in state1])
     centers = float(np.max(np.abs(state1["['c']"] - state2["['c']"])))
     try:
-        train_lib.shard_batch({"x": np.zeros((3, 2))}, train_lib.create_mesh())
+        loop.shard_batch({"x": np.zeros((3, 2))}, loop.create_mesh())
         shard_error = ""
     except ValueError as e:
         shard_error = str(e)

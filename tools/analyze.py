@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from reid_jax import analysis
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, load_market_attributes, positive_ratios
-from reid_jax.data.synthetic import ATTRIBUTE_FILE
+from reid_jax.synthetic.dataset import ATTRIBUTE_FILE
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write into.", required=True)
 _WEIGHTS = flags.DEFINE_string("weights", None, "W [N, A] of the attribute layer (.npy).")
@@ -72,11 +72,11 @@ def _checkpoint_weights(checkpoint: str) -> np.ndarray:
 def _checkpoint_gallery_features(checkpoint: str, config, data_root: str, batch_size: int,
                                  cache_dir: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
     """The retrieval embedding ([G, N], what is ranked and explained) of every gallery image."""
-    from reid_jax import inference
+    from reid_jax import embeddings
 
-    gallery = inference.load_split_embeddings(
+    gallery = embeddings.load_split_embeddings(
         checkpoint, config, data_root, ("gallery",),
-        inference.cache_dir_option(cache_dir, checkpoint), batch_size=batch_size)["gallery"]
+        embeddings.cache_dir_option(cache_dir, checkpoint), batch_size=batch_size)["gallery"]
     return gallery.features, gallery.paths
 
 

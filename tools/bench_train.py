@@ -9,7 +9,7 @@ layout, the AGW loss and optimizer; ``train_step`` jitted over all devices as in
 compile time is ``jit(...).lower(...).compile()``; then ``--warmup`` untimed and ``--steps``
 timed steps (each waits for its result).
 
-Feature extraction: the eval-mode forward that ``reid_jax.inference.extract`` runs (its jitted
+Feature extraction: the eval-mode forward that ``reid_jax.embeddings.extract`` runs (its jitted
 ``_forward``: running BatchNorm statistics, output the retrieval embedding, post-BNNeck and
 L2-normalised) on one batch of ``--eval_batch_size`` random images (default: the config's
 ``data.eval_batch_size``, else 64) on the default device, compiled separately
@@ -33,9 +33,10 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from reid_jax import inference, schedules, train_lib
+from reid_jax import embeddings
 from reid_jax.models.agw import AGW
-from reid_jax.train_state import create_train_state
+from reid_jax.train import loop, schedules
+from reid_jax.train.state import create_train_state
 
 _CONFIGS = flags.DEFINE_list(
     "configs", ["configs/agw_synthetic.py", "configs/agw_market1501.py"], "Config files.")
@@ -66,18 +67,18 @@ def bench_config(config: ml_collections.ConfigDict, batch_size: int, steps: int,
     k = config.data.k
     if batch_size % k:
         raise ValueError(f"--batch_size={batch_size} must be a multiple of K={k}")
-    mesh = train_lib.create_mesh()
+    mesh = loop.create_mesh()
     h, w = config.data.height, config.data.width
     model = AGW.from_config(config, num_classes, nnx.Rngs(config.seed))
     schedule = schedules.lr_schedule(config.optim.learning_rate, np.array([10_000]))
     state = jax.device_put(create_train_state(model, config, schedule),
-                           train_lib.replicated(mesh))
+                           loop.replicated(mesh))
     rng = np.random.default_rng(0)
-    batch = train_lib.shard_batch({
+    batch = loop.shard_batch({
         "image": rng.standard_normal((batch_size, h, w, 3), np.float32),
         "label": np.repeat(np.arange(batch_size // k) % num_classes, k).astype(np.int32),
     }, mesh)
-    step_fn = train_lib.jit_train_step(mesh)
+    step_fn = loop.jit_train_step(mesh)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -104,17 +105,17 @@ def bench_config(config: ml_collections.ConfigDict, batch_size: int, steps: int,
 def bench_extraction(config: ml_collections.ConfigDict, batch_size: int, steps: int,
                      warmup: int, num_classes: int) -> dict:
     """Compile seconds and steady-state images/s of the eval-mode forward of
-    ``inference.extract`` for ``config`` (output: the retrieval embedding ``[B, D]``)."""
+    ``embeddings.extract`` for ``config`` (output: the retrieval embedding ``[B, D]``)."""
     if batch_size < 1:
         raise ValueError(f"--eval_batch_size={batch_size} must be >= 1")
     h, w = config.data.height, config.data.width
     model = AGW.from_config(config, num_classes, nnx.Rngs(config.seed))
-    graphdef, state = inference._eval_state(model)
+    graphdef, state = embeddings._eval_state(model)
     rng = np.random.default_rng(1)
     images = jnp.asarray(rng.standard_normal((batch_size, h, w, 3), np.float32))
     t0 = time.perf_counter()
-    compiled = inference._forward_jit.lower(graphdef, state, None, images,
-                                            outputs=(inference.FEATURES,)).compile()
+    compiled = embeddings._forward_jit.lower(graphdef, state, None, images,
+                                            outputs=(embeddings.FEATURES,)).compile()
     compile_s = time.perf_counter() - t0
     out = None
     for _ in range(warmup):
@@ -125,7 +126,7 @@ def bench_extraction(config: ml_collections.ConfigDict, batch_size: int, steps: 
         out = compiled(state, None, images)
         jax.block_until_ready(out)
     batch_s = (time.perf_counter() - t0) / max(steps, 1)
-    features = np.asarray(out[inference.FEATURES], np.float64)
+    features = np.asarray(out[embeddings.FEATURES], np.float64)
     if features.shape != (batch_size, model.feature_dim):
         raise ValueError(f"the forward returned features of shape {features.shape}, expected "
                          f"({batch_size}, {model.feature_dim})")
@@ -152,7 +153,7 @@ def main(argv: list[str]) -> None:
             config.dtype = _DTYPE.value
         batch = _BATCH_SIZE.value or config.data.p * config.data.k
         eval_batch = _EVAL_BATCH_SIZE.value or int(
-            config.data.get("eval_batch_size", inference.DEFAULT_BATCH_SIZE))
+            config.data.get("eval_batch_size", embeddings.DEFAULT_BATCH_SIZE))
         row = {"config": os.path.basename(path),
                **bench_config(config, batch, _STEPS.value, _WARMUP.value, _NUM_CLASSES.value),
                **bench_extraction(config, eval_batch, _STEPS.value, _WARMUP.value,

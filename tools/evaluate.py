@@ -8,10 +8,10 @@ mINP of the retrieval embedding (``config.model.retrieval_feature``: by default 
 L2-normalised; squared Euclidean distance). When the
 checkpoint step has an attribute head (``tools/train_attributes.py``): mA, accuracy, precision,
 recall, F1 overall and per attribute on the query + gallery images with labels
-(``reid_jax.attribute_training.evaluate_attribute_head``; labels from
+(``reid_jax.train.attribute_training.evaluate_attribute_head``; labels from
 --attributes_file, default DATA_ROOT/market_attribute.mat).
 
-Embeddings are cached in CHECKPOINT/embedding_cache (``reid_jax.inference``), so evaluating again
+Embeddings are cached in CHECKPOINT/embedding_cache (``reid_jax.embeddings``), so evaluating again
 or after training the head does not recompute them. --output defaults to
 CHECKPOINT/evaluation.json; it is written atomically.
 """
@@ -24,8 +24,9 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import atomic_io, attribute_training, checkpoints, evaluation, inference, train_lib
+from reid_jax import atomic_io, checkpoints, embeddings, evaluation
 from reid_jax.data import attributes as attributes_lib
+from reid_jax.train import attribute_training, loop
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
                                   required=True)
@@ -68,8 +69,8 @@ def evaluate(
     directory = os.path.abspath(checkpoint_dir)
     step = checkpoints.resolve_step(directory, step)
     if cache_dir == "default":
-        cache_dir = inference.default_cache_dir(directory)
-    emb = inference.load_split_embeddings(directory, config, data_root, ("query", "gallery"),
+        cache_dir = embeddings.default_cache_dir(directory)
+    emb = embeddings.load_split_embeddings(directory, config, data_root, ("query", "gallery"),
                                           cache_dir, step=step, batch_size=batch_size)
     query, gallery = emb["query"], emb["gallery"]
     reid = {**evaluation.retrieval_metrics(query.features, gallery.features, query.pids,
@@ -89,7 +90,7 @@ def evaluate(
                 head, attrs, [query, gallery])
     else:
         logging.info("checkpoint step %d has no attribute head: re-id metrics only. %s", step,
-                     train_lib.NO_HEAD_HINT)
+                     loop.NO_HEAD_HINT)
     return {"reid": reid, "attributes": attribute_result,
             "checkpoint": {"directory": directory, "step": int(step)},
             "data_root": os.path.abspath(data_root)}
@@ -109,10 +110,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     try:
-        data_root = inference.resolve_data_root(_DATA_ROOT.value, config, _CHECKPOINT.value)
+        data_root = embeddings.resolve_data_root(_DATA_ROOT.value, config, _CHECKPOINT.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    cache_dir = inference.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
+    cache_dir = embeddings.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
     result = evaluate(_CHECKPOINT.value, config, data_root,
                       attributes_file=_ATTRIBUTES_FILE.value, step=_STEP.value,
                       cache_dir=cache_dir, batch_size=_BATCH_SIZE.value)

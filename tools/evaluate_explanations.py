@@ -17,7 +17,7 @@ protocol removes gallery images of the query's identity and camera, and junk). T
 passes log their progress (rate, ETA) every 30 s. It writes OUTPUT_DIR/explanation_metrics.json
 (shown by the report of tools/explain.py on the same OUTPUT_DIR) and
 OUTPUT_DIR/explanation_metrics.md (a table for the README), which it also prints. See
-reid_jax/explanation_eval.py for the definitions.
+reid_jax/quality.py for the definitions.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import explanation_eval
+from reid_jax.explain import quality
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Orbax checkpoint directory with an attribute head.", required=True)
@@ -41,17 +41,17 @@ _ATTRIBUTES_FILE = flags.DEFINE_string(
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Embedding cache folder (default: OUTPUT_DIR/embeddings, as explain.py).")
 _NUM_COUNTERFACTUALS = flags.DEFINE_integer(
-    "num_counterfactuals", explanation_eval.DEFAULT_NUM_COUNTERFACTUALS,
+    "num_counterfactuals", quality.DEFAULT_NUM_COUNTERFACTUALS,
     "Counterfactual gallery images to render (about 1/30 per attribute); 0 skips them.")
-_K = flags.DEFINE_integer("k", explanation_eval.DEFAULT_K, "Top ranks evaluated per query.")
+_K = flags.DEFINE_integer("k", quality.DEFAULT_K, "Top ranks evaluated per query.")
 _THRESHOLD = flags.DEFINE_string(
     "threshold", "0.4", "Confidence threshold t_a in [0, 0.5): one value, or 30 comma-separated "
     "(one per attribute). |x_a - 0.5| > t_a selects attribute a for the matching-score AUROC.")
 _MIN_CHANGED_PIXELS = flags.DEFINE_integer(
-    "min_changed_pixels", explanation_eval.DEFAULT_MIN_CHANGED_PIXELS,
+    "min_changed_pixels", quality.DEFAULT_MIN_CHANGED_PIXELS,
     "A counterfactual is kept when at least this many pixels change visibly.")
 _PIXEL_TOLERANCE = flags.DEFINE_integer(
-    "pixel_tolerance", explanation_eval.DEFAULT_PIXEL_TOLERANCE,
+    "pixel_tolerance", quality.DEFAULT_PIXEL_TOLERANCE,
     "A pixel changes visibly when a channel moves by more than this (of 255).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the choice of counterfactuals.")
 
@@ -60,12 +60,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        from reid_jax import explain_run, inference
+        from reid_jax import embeddings
+        from reid_jax.explain import run as explain_run
 
         threshold = explain_run.parse_threshold(_THRESHOLD.value)
-        data_root = inference.resolve_data_root(_DATA_ROOT.value, _CONFIG.value,
+        data_root = embeddings.resolve_data_root(_DATA_ROOT.value, _CONFIG.value,
                                                 _CHECKPOINT.value)
-        result = explanation_eval.evaluate(
+        result = quality.evaluate(
             checkpoint=_CHECKPOINT.value, config=_CONFIG.value, data_root=data_root,
             output_dir=_OUTPUT_DIR.value, attributes_file=_ATTRIBUTES_FILE.value,
             cache_dir=_CACHE_DIR.value, k=_K.value, threshold=threshold,

@@ -12,7 +12,7 @@ The checkpoint needs an attribute head (tools/train_attributes.py; train it agai
 tools/train.py run in the workdir: later training steps carry no head). Embeddings are computed once
 and cached in OUTPUT_DIR/embeddings. Writes OUTPUT_DIR/explanations.jsonl (every query),
 OUTPUT_DIR/summary.json and OUTPUT_DIR/report/index.html (the first --report_queries queries
-drawn); see reid_jax.explain_run and reid_jax.report. Render the report with
+drawn); see reid_jax.explain.run and reid_jax.explain.report. Render the report with
 tools/screenshot_report.sh.
 """
 
@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import explain_run
+from reid_jax.explain import run as explain_run
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Orbax checkpoint directory with an attribute head.", required=True)
@@ -64,11 +64,11 @@ def main(argv: list[str]) -> None:
     queries = _NUM_QUERIES.value if _NUM_QUERIES.value is not None else (
         _QUERY_FILES.value or "all")
     try:
-        from reid_jax import inference
+        from reid_jax import embeddings
 
         threshold = explain_run.parse_threshold(_THRESHOLD.value)
         error_ranks = None if _ERROR_RANKS.value is None else [int(r) for r in _ERROR_RANKS.value]
-        data_root = inference.resolve_data_root(_DATA_ROOT.value, _CONFIG.value,
+        data_root = embeddings.resolve_data_root(_DATA_ROOT.value, _CONFIG.value,
                                                 _CHECKPOINT.value)
         result = explain_run.run(
             checkpoint=_CHECKPOINT.value, config=_CONFIG.value, data_root=data_root,

@@ -24,8 +24,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import atomic_io, checkpoints, inference, train_lib
+from reid_jax import atomic_io, checkpoints, embeddings
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
+from reid_jax.train import loop
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
                                   required=True)
@@ -52,7 +53,7 @@ def extract_folder(checkpoint_dir: str, config, image_dir: str, output: str, *,
       FileNotFoundError: no checkpoint / image folder. ValueError: the folder has no images.
       reid_jax.data.augment.ImageLoadError: an image does not decode (named).
     """
-    paths = inference.list_images(image_dir)
+    paths = embeddings.list_images(image_dir)
     model, meta = checkpoints.restore_model(checkpoint_dir, config, step)
     if config is None:
         config = meta.get("config", {})
@@ -61,16 +62,16 @@ def extract_folder(checkpoint_dir: str, config, image_dir: str, output: str, *,
         head = checkpoints.restore_attribute_head(checkpoint_dir, step)
     else:
         logging.info("checkpoint has no attribute head: writing features only. %s",
-                     train_lib.NO_HEAD_HINT)
-    loader_config = inference.eval_loader_config(config)
+                     loop.NO_HEAD_HINT)
+    loader_config = embeddings.eval_loader_config(config)
     if batch_size is None:
-        batch_size = inference.eval_batch_size(config)
-    outputs = [inference.FEATURES]
+        batch_size = embeddings.eval_batch_size(config)
+    outputs = [embeddings.FEATURES]
     if pre_bn:
-        outputs.append(inference.PRE_BN)
+        outputs.append(embeddings.PRE_BN)
     if head is not None:
-        outputs.append(inference.ATTRIBUTES)
-    arrays = inference.extract(
+        outputs.append(embeddings.ATTRIBUTES)
+    arrays = embeddings.extract(
         model, paths, height=loader_config.augment.height, width=loader_config.augment.width,
         batch_size=batch_size, outputs=outputs, attribute_head=head, loader_config=loader_config,
         description=f"features of {image_dir}")

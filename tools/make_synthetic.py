@@ -1,4 +1,4 @@
-r"""Writes a synthetic dataset with the Market-1501 layout (see reid_jax/data/synthetic.py).
+r"""Writes a synthetic dataset with the Market-1501 layout (see reid_jax/synthetic/dataset.py).
 
   python tools/make_synthetic.py --output_dir=/tmp/synthetic_market --seed=0 \
       --contact_sheet=/tmp/synthetic_market.png
@@ -15,7 +15,7 @@ import json
 
 from absl import app, flags
 
-from reid_jax.data import synthetic
+from reid_jax import synthetic
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Dataset root to create.", required=True)
 _NUM_TRAIN_IDS = flags.DEFINE_integer("num_train_ids", 60, "Identities in bounding_box_train.")

@@ -1,11 +1,11 @@
-r"""Trains AGW: flags -> ``reid_jax.train_lib.train_and_evaluate(config, workdir)``.
+r"""Trains AGW: flags -> ``reid_jax.train.loop.train_and_evaluate(config, workdir)``.
 
   python tools/train.py --config=configs/agw_market1501.py --workdir=/tmp/agw \
       --config.data.root=/data/Market-1501-v15.09.15 --config.init_from=/ckpt/resnet50
 
 Any config field can be overridden (``--config.num_epochs=5``, ``--config.data.p=8``). Running
 the same command again resumes from the latest checkpoint in ``workdir/checkpoints``. Multi-host:
-add ``--jax_distributed`` on every host (see ``reid_jax/train_lib.py``).
+add ``--jax_distributed`` on every host (see ``reid_jax/loop.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import train_lib
+from reid_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -38,9 +38,9 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
-    train_lib.quiet_orbax_logging()
+    loop.quiet_orbax_logging()
     logging.info("config:\n%s", _CONFIG.value)
-    result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "cmc"}, indent=1))
 

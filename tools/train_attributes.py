@@ -11,7 +11,7 @@ on the weighted BCE (the re-id weights are never changed), prints mA / accuracy 
 recall / F1 overall and per attribute on the test identities (query + gallery images with
 labels), writes them to CHECKPOINT/attribute_metrics.json and saves a new checkpoint step with
 the unchanged model and the head (``reid_jax.checkpoints.restore_attribute_head`` reads it).
-``reid_jax.attribute_training`` has the details.
+``reid_jax.train.attribute_training`` has the details.
 
 The head fits this checkpoint's embedding only: a later ``tools/train.py`` run in the same workdir
 resumes from the new step but writes its steps without the head (training changes the
@@ -25,7 +25,8 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import attribute_training, inference
+from reid_jax import embeddings
+from reid_jax.train import attribute_training
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory of the re-id "
                                   "model (e.g. WORKDIR/checkpoints).", required=True)
@@ -63,13 +64,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     try:
-        data_root = inference.resolve_data_root(_DATA_ROOT.value, config, _CHECKPOINT.value)
+        data_root = embeddings.resolve_data_root(_DATA_ROOT.value, config, _CHECKPOINT.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     train_config = attribute_training.HeadTrainConfig(
         epochs=_EPOCHS.value, learning_rate=_LR.value, batch_size=_BATCH_SIZE.value,
         weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value)
-    cache_dir = inference.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
+    cache_dir = embeddings.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
     result = attribute_training.train_attributes(
         _CHECKPOINT.value, config, data_root, attributes_file=_ATTRIBUTES_FILE.value,
         train_config=train_config, cache_dir=cache_dir, metrics_path=_METRICS_FILE.value,

@@ -204,7 +204,7 @@ def retrieval_embedding(outputs: AGWOutputs, normalize: bool = True, *,
     ``AGW.from_config`` stores both values on the model (``model.retrieval_feature``,
     ``model.normalize_feature``; a restored checkpoint uses the values of the config it is
     restored with, by default the one stored in it), and ``AGW.retrieval_embedding`` /
-    ``reid_jax.inference.extract`` (every tool and training's evaluation) apply them.
+    ``reid_jax.embeddings.extract`` (every tool and training's evaluation) apply them.
 
     Args:
       outputs: the model's ``AGWOutputs``.

@@ -2,11 +2,11 @@
 
 ``train_and_evaluate(config, workdir)`` is the whole run (``tools/train.py`` calls it):
 
-1. reads the Market-1501-shaped folder ``config.data.root`` (``reid_jax.inference.load_dataset``:
+1. reads the Market-1501-shaped folder ``config.data.root`` (``reid_jax.embeddings.load_dataset``:
    ``config.data.verify_images`` / ``skip_undecodable``);
 2. builds AGW from ``config.model`` (``config.init_from``: the backbone from a converted
-   ImageNet / AGW checkpoint), the :class:`~reid_jax.train_state.TrainState` and the learning
-   rate schedule of the AGW recipe over the sampler's exact epochs (``reid_jax.schedules``);
+   ImageNet / AGW checkpoint), the :class:`~reid_jax.train.state.TrainState` and the learning
+   rate schedule of the AGW recipe over the sampler's exact epochs (``reid_jax.train.schedules``);
 3. restores the latest checkpoint of ``workdir/checkpoints`` if there is one (a step that
    ``tools/train_attributes.py`` added with an attribute head resumes like any other, but the
    steps trained after it carry no head: the embedding changes, so the head would be stale; a
@@ -70,13 +70,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from reid_jax import atomic_io, checkpoints, evaluation, inference, losses, schedules
+from reid_jax import atomic_io, checkpoints, embeddings, evaluation
 from reid_jax.data import loader as loader_lib
 from reid_jax.data.market1501 import Market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
 from reid_jax.progress import format_seconds
-from reid_jax.train_state import TrainState, create_train_state
+from reid_jax.train import losses, schedules
+from reid_jax.train.state import TrainState, create_train_state
 
 TRAIN_STATE_ITEM = "train_state"
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -197,7 +198,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Market-1501 re-id metrics of ``model`` on ``data.query`` vs ``data.gallery``.
 
-    Embeddings are the retrieval embeddings of ``reid_jax.inference.extract`` (eval mode,
+    Embeddings are the retrieval embeddings of ``reid_jax.embeddings.extract`` (eval mode,
     batches of ``batch_size`` split over ``mesh``; ``config.model.retrieval_feature``, by default
     post-BN, L2-normalised), distances squared Euclidean (DESIGN.md section 3); metrics from
     ``reid_jax.evaluation.retrieval_metrics``.
@@ -219,9 +220,9 @@ def evaluate(
         raise ValueError(f"expected an AGW model or a TrainState, got {type(model).__name__}")
     aug = loader_config.augment
     features = [
-        inference.extract(model, split.paths, height=aug.height, width=aug.width,
+        embeddings.extract(model, split.paths, height=aug.height, width=aug.width,
                           batch_size=batch_size, mesh=mesh, loader_config=loader_config,
-                          description=f"eval {name} embeddings")[inference.FEATURES]
+                          description=f"eval {name} embeddings")[embeddings.FEATURES]
         for name, split in (("query", data.query), ("gallery", data.gallery))]
     return evaluation.retrieval_metrics(*features, data.query.pids, data.gallery.pids,
                                         data.query.cameras, data.gallery.cameras)
@@ -424,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     _check_divisible(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
 
-    data = inference.load_dataset(config.data.root, config)
+    data = embeddings.load_dataset(config.data.root, config)
     num_classes = data.num_train_ids
     # The loader's own sampler (same labels, P, K, seed): its exact epoch lengths.
     sampler = RandomIdentitySampler(data.train.labels, loader_cfg.p, loader_cfg.k,

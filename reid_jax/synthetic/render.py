@@ -2,7 +2,7 @@
 
 A person (``Person``: the 27 Market-1501 attributes plus identity detail the attributes do not
 capture) is drawn into a scene (``Scene``: camera, view, pose, crop, occluder, noise seed) with
-signed-distance shapes (ellipses, tapered capsules, convex polygons; ``synthetic_canvas``).
+signed-distance shapes (ellipses, tapered capsules, convex polygons; ``reid_jax.synthetic.canvas``).
 Coverage is antialiased analytically from the signed distance and the canvas is rendered at
 ``supersample`` x the output size and box-filtered down. Every shape is evaluated only inside
 its bounding box, so an image costs a few milliseconds.
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from reid_jax.data.synthetic_canvas import (
+from reid_jax.synthetic.canvas import (
     INF_BOX,
     RGB,
     Canvas,

@@ -12,12 +12,12 @@ For the chosen queries of a Market-1501-layout data root this module
    (section 3 of the paper: confident query attributes, matching scores of eq. 3.1, attribute
    errors of eq. 3.2 or their complete decomposition), again in query chunks;
 4. writes ``explanations.jsonl`` (one record per query, see :func:`make_record`),
-   ``summary.json`` and the HTML report ``report/`` (``reid_jax.report``).
+   ``summary.json`` and the HTML report ``report/`` (``reid_jax.explain.report``).
 
 All three outputs are written into a staging folder inside ``output_dir`` and moved into place
 only when everything is complete, so an interrupted run leaves the previous outputs (or none),
 never half-written ones.  Embeddings computed from a checkpoint are cached in
-``output_dir/embeddings`` (``reid_jax.inference``), so a second run skips the network.
+``output_dir/embeddings`` (``reid_jax.embeddings``), so a second run skips the network.
 
 AP consistency: the AP pass ranks with float32 GEMM distances (``|q|^2 + |g|^2 - 2 q.g``,
 highest matmul precision) exactly as ``reid_jax.evaluation.rank_metrics`` would rank a distance
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, evaluation, explain, inference
+from reid_jax import atomic_io, embeddings, evaluation, explain
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
 from reid_jax.data.market1501 import (
     IMAGE_EXTENSIONS,
@@ -52,7 +52,7 @@ from reid_jax.data.market1501 import (
     Market1501,
     Split,
 )
-from reid_jax.explanation_metrics import removed_counts
+from reid_jax.explain.metrics import removed_counts
 from reid_jax.progress import format_seconds
 
 MODES = ("paper", "complete")
@@ -136,7 +136,7 @@ def _check_options(k: int, mode: str, order: str, error_ranks: Sequence[int] | N
 
 def load_data(data_root: str | os.PathLike, config: Any = None) -> Market1501:
     """Scans ``data_root`` (reader options from ``config.data``, see
-    ``inference.dataset_options``); a clear ``ValueError`` when it holds no query images."""
+    ``embeddings.dataset_options``); a clear ``ValueError`` when it holds no query images."""
     root = os.path.abspath(os.fspath(data_root))
     query_dir = os.path.join(root, SPLIT_FOLDERS["query"])
     has_query = os.path.isdir(query_dir) and any(
@@ -147,7 +147,7 @@ def load_data(data_root: str | os.PathLike, config: Any = None) -> Market1501:
             f"data root {root} has no query images: expected Market-1501 image files like "
             f"'0002_c1s1_000451_03.jpg' in {query_dir} (nothing to explain)")
     try:
-        return inference.load_dataset(root, config)
+        return embeddings.load_dataset(root, config)
     except ValueError as e:
         if f"split {'query'!r}" in str(e):
             raise ValueError(f"data root {root} has no usable query images: {e}") from e
@@ -495,12 +495,12 @@ def checkpoint_embeddings(checkpoint: str | os.PathLike, config: Any, data: Mark
                           cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """Query ``[Q, N]`` and gallery ``[G, N]`` embeddings of ``data`` by the checkpoint's model.
 
-    ``reid_jax.inference.load_split_embeddings`` with ``cache_dir``: computed once, then read
+    ``reid_jax.embeddings.load_split_embeddings`` with ``cache_dir``: computed once, then read
     back (the cache is keyed by the model's weights, config, image settings and files).
     """
-    from reid_jax import inference
+    from reid_jax import embeddings
 
-    out = inference.load_split_embeddings(checkpoint, config, data.root, ("query", "gallery"),
+    out = embeddings.load_split_embeddings(checkpoint, config, data.root, ("query", "gallery"),
                                           cache_dir)
     arrays = []
     for name in ("query", "gallery"):
@@ -627,7 +627,7 @@ def run(
       ValueError: a threshold outside ``[0, 0.5)``, a checkpoint without attribute head, a
         data root without queries, unknown query files, shapes that do not fit.
     """
-    from reid_jax import report
+    from reid_jax.explain import report
 
     output_dir = os.path.abspath(os.fspath(output_dir))
     data_root = os.path.abspath(os.fspath(data_root))

@@ -12,7 +12,7 @@ The paper (Specker) evaluates its explanations qualitatively.  This module measu
   "Explainable person re-identification with attribute-guided metric distillation", ICCV 2021),
   streamed over all query x gallery pairs by :func:`streamed_amd_over_gallery` and over the
   pairs a user looks at (the top-``k`` ranks under the Market-1501 protocol, the pairs of the
-  report of ``reid_jax.explain_run``) by :func:`amd_over_top_k`.
+  report of ``reid_jax.explain.run``) by :func:`amd_over_top_k`.
 
 AMD metrics.  For a pair ``(q, g)`` let ``D`` be the attributes whose ground-truth labels differ,
 ``k = |D|``, and ``S`` the attributes that agree.  An explanation gives every attribute a
@@ -804,7 +804,7 @@ def streamed_amd_over_gallery(
 
 
 # The Market-1501 protocol on a ranked list (as ``reid_jax.evaluation`` and the explained top k
-# of ``reid_jax.explain_run``): gallery images with the query's pid *and* camera are removed,
+# of ``reid_jax.explain.run``): gallery images with the query's pid *and* camera are removed,
 # and so is junk (pid -1); distractors (pid 0) stay.
 
 
@@ -831,7 +831,7 @@ def removed_counts(query_pids: Any, query_cams: Any, gallery_pids: Any,
 
     Same pid and camera as the query, plus every junk image (pid -1); for a junk query the
     junk images of its camera count twice (an upper bound, which is all a fetch size needs).
-    The counts of ``reid_jax.explain_run.removed_counts``; a ranking of the best
+    The counts of ``reid_jax.explain.run.removed_counts``; a ranking of the best
     ``k + max(removed_counts)`` images keeps at least ``k`` (or all there are) after removal.
     """
     qp, qc, gp, gc = _check_ids(query_pids, query_cams, gallery_pids, gallery_cams)
@@ -852,7 +852,7 @@ def protocol_keep(indices: Any, query_pids: Any, query_cams: Any, gallery_pids: 
     """bool ``[Q, K]``: which ranked gallery images ``indices [Q, K]`` the protocol keeps.
 
     Removed: the query's pid on the query's camera, and junk (pid -1).  The mask of
-    ``reid_jax.explain_run.explain_queries``.
+    ``reid_jax.explain.run.explain_queries``.
     """
     qp, qc, gp, gc = _check_ids(query_pids, query_cams, gallery_pids, gallery_cams)
     idx = np.asarray(indices)
@@ -902,7 +902,7 @@ def amd_over_top_k(
     """AMD metrics of one explanation over the top-``k`` ranks of every query (the pairs a user
     looks at), from :func:`reid_jax.explain.explain_rankings`.
 
-    The ranking is that of the report (``reid_jax.explain_run``): squared Euclidean distance
+    The ranking is that of the report (``reid_jax.explain.run``): squared Euclidean distance
     over the whole gallery under the Market-1501 protocol — gallery images with the query's pid
     *and* camera and junk (pid -1) are removed (:func:`protocol_top_k`), distractors stay.  The
     kernel is asked for ``k + max(removed_counts)`` ranks so that ``k`` remain.  Pairs whose

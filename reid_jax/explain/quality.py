@@ -4,14 +4,14 @@ The paper (Specker) shows its explanations; this module measures them on the tes
 Market-1501-layout data root (issue 5, DESIGN.md §5), for both explanations of the ranking —
 eq. 3.2 (``mode="paper"``) and its complete decomposition (``"complete"``) — and, where a
 metric applies, for the matching scores of eq. 3.1 (``"scores"``: separation ``1 - s_a``).
-The metric definitions live in :mod:`reid_jax.explanation_metrics`; this module picks the pairs,
+The metric definitions live in :mod:`reid_jax.explain.metrics`; this module picks the pairs,
 makes the counterfactual images and writes the results.
 
 1. **Counterfactual hit rate** (synthetic data roots only, they hold ``synthetic_meta.json``).
    Pairs: every query with its true matches (same identity, another camera: the Market-1501
    protocol) and with its ``k`` best-ranked gallery images (protocol ranking; distractors and
    junk left out: they have no attribute labels).  A gallery image of these pairs is re-rendered
-   with one attribute changed (``reid_jax.data.synthetic.render_counterfactual``): a binary
+   with one attribute changed (``reid_jax.synthetic.dataset.render_counterfactual``): a binary
    attribute (``backpack`` .. ``gender``) is toggled; a colour or age is *set* (``upred = 1`` on
    a person whose shirt is not red), which also clears the old colour or age, so the changed
    labels are known without the generator's random choices.  Attributes are taken round-robin
@@ -31,7 +31,7 @@ makes the counterfactual images and writes the results.
    the *far* one (for a true match that is always the counterfactual; for a false match whose
    original already differs, the change brings it towards the query and the original is far).
    The rise is ``sep(q, far) - sep(q, near)``; a hit at ``m`` is a changed label among the top
-   ``m`` attributes by rise (:func:`reid_jax.explanation_metrics.counterfactual_hit_rate`,
+   ``m`` attributes by rise (:func:`reid_jax.explain.metrics.counterfactual_hit_rate`,
    with its tie rule and chance level).
 2. **AUROC of matching scores** for ground-truth agreement of query and gallery labels, over all
    labelled query x gallery pairs (streamed) and over the top-``k`` ranks; for the query's
@@ -39,16 +39,16 @@ makes the counterfactual images and writes the results.
    (``t = 0``).
 3. **AMD Ex-Precision / Ex-mAP** (``_d``, ``_s``) over all labelled pairs and over the top ``k``
    ranks, for the three separations, with chance levels
-   (:func:`~reid_jax.explanation_metrics.streamed_amd_over_gallery`,
-   :func:`~reid_jax.explanation_metrics.amd_over_top_k`; the top ``k`` there is the ranking of
-   the report, ``reid_jax.explain_run``: the Market-1501 protocol removes gallery images with
+   (:func:`~reid_jax.explain.metrics.streamed_amd_over_gallery`,
+   :func:`~reid_jax.explain.metrics.amd_over_top_k`; the top ``k`` there is the ranking of
+   the report, ``reid_jax.explain.run``: the Market-1501 protocol removes gallery images with
    the query's pid and camera and junk, distractors stay but have no labels and are ignored;
    same-identity pairs have no differing attribute and only count in ``num_pairs``).
    All-pairs passes log their progress (rate, ETA) every 30 s through absl logging.
 
 Outputs (:func:`write_outputs`, each file replaced atomically): ``explanation_metrics.json``
 (nested dicts of numbers; per-attribute values as arrays of 30 in ``ATTRIBUTE_NAMES`` order, the
-shape ``reid_jax.report`` shows) and ``explanation_metrics.md`` (the README table).
+shape ``reid_jax.explain.report`` shows) and ``explanation_metrics.md`` (the README table).
 """
 
 from __future__ import annotations
@@ -67,9 +67,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, explain, explain_run
-from reid_jax import explanation_metrics as em
-from reid_jax.data import synthetic
+from reid_jax import atomic_io, explain, synthetic
 from reid_jax.data.attributes import (
     ATTRIBUTE_NAMES,
     NUM_ATTRIBUTES,
@@ -77,10 +75,12 @@ from reid_jax.data.attributes import (
     load_market_attributes,
 )
 from reid_jax.data.market1501 import SPLIT_FOLDERS
-from reid_jax.data.synthetic_render import IMAGE_HEIGHT, IMAGE_WIDTH, blur_radius
+from reid_jax.explain import metrics as em
+from reid_jax.explain import run as explain_run
 from reid_jax.progress import ProgressLog
+from reid_jax.synthetic.render import IMAGE_HEIGHT, IMAGE_WIDTH, blur_radius
 
-FORMAT = "reid_jax.explanation_metrics/1"
+FORMAT = "reid_jax.explain.metrics/1"
 JSON_NAME = explain_run.METRICS_NAME  # "explanation_metrics.json", read by tools/explain.py
 MARKDOWN_NAME = "explanation_metrics.md"
 MODES = em.MODES  # ("paper", "complete", "scores")
@@ -427,7 +427,7 @@ def counterfactual_metrics(
     Returns:
       ``{"num_pairs", "num_true_match_pairs", "num_away_pairs", <mode>: {"top1", "top3",
       "mean_rank"}, "chance": {...}, "subsets": {...}, "per_attribute": {...}}``; see
-      :func:`reid_jax.explanation_metrics.counterfactual_hit_rate` for the definitions.
+      :func:`reid_jax.explain.metrics.counterfactual_hit_rate` for the definitions.
     """
     fq = np.asarray(f_query, np.float32)
     fg = np.asarray(f_gallery, np.float32)
@@ -610,7 +610,7 @@ class TableRow(NamedTuple):
 
 
 class SummaryTable(NamedTuple):
-    """The table of :func:`markdown_table` as data (``reid_jax.report`` renders it in HTML).
+    """The table of :func:`markdown_table` as data (``reid_jax.explain.report`` renders it in HTML).
 
     Attributes:
       columns: the header: ``metric``, ``n``, one title per mode of ``MODES``, ``chance``.
@@ -793,7 +793,7 @@ def evaluate(
     Returns:
       :class:`EvaluationResult`.
     """
-    from reid_jax import checkpoints, inference
+    from reid_jax import checkpoints, embeddings
 
     start = time.perf_counter()
     root = _check_data_root(data_root)
@@ -820,7 +820,7 @@ def evaluate(
                          f"{head.embedding_dim}, the model produces {model.feature_dim}")
     cache_dir = os.fspath(cache_dir) if cache_dir else os.path.join(
         output_dir, explain_run.EMBEDDINGS_NAME)
-    emb = inference.split_embeddings(model, config, root, ("query", "gallery"), cache_dir)
+    emb = embeddings.split_embeddings(model, config, root, ("query", "gallery"), cache_dir)
     fq, fg = emb["query"].features, emb["gallery"].features
     logging.info("embeddings of %d queries and %d gallery images ready (%.1f s)", len(fq),
                  len(fg), time.perf_counter() - start)
@@ -842,11 +842,11 @@ def evaluate(
         counterfactual = {"skipped": "num_counterfactuals=0"}
     else:
         if embed_fn is None:
-            loader_config = inference.eval_loader_config(config)
-            batch = inference.eval_batch_size(config)
+            loader_config = embeddings.eval_loader_config(config)
+            batch = embeddings.eval_batch_size(config)
 
             def embed_fn(items: list[bytes]) -> np.ndarray:
-                return inference.embed_images(
+                return embeddings.embed_images(
                     model, items, height=loader_config.augment.height,
                     width=loader_config.augment.width, batch_size=batch,
                     loader_config=loader_config)

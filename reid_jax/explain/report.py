@@ -17,7 +17,7 @@ in ``complete`` mode a pie of the complete decomposition, which sums to the squa
 The rules are stated on every page (:data:`DISPLAY_RULES`).
 
 All text from data (file names, JSON values) is HTML-escaped.  Records are the dicts of
-``reid_jax.explain_run.make_record``.  Figures use matplotlib's object API (no pyplot state).
+``reid_jax.explain.run.make_record``.  Figures use matplotlib's object API (no pyplot state).
 """
 
 from __future__ import annotations
@@ -506,15 +506,15 @@ def _same_path(a: Any, b: Any) -> bool:
 
 def _explanation_quality_html(metrics: dict[str, Any], summary: dict[str, Any],
                               names: Sequence[str]) -> str:
-    """The table of ``tools/evaluate_explanations.py`` (``explanation_eval.summary_table``) for
+    """The table of ``tools/evaluate_explanations.py`` (``quality.summary_table``) for
     a JSON of its layout, the details collapsed; other JSON as generic tables."""
-    from reid_jax import explanation_eval
+    from reid_jax.explain import quality
 
     try:
-        if metrics.get("format") != explanation_eval.FORMAT:
+        if metrics.get("format") != quality.FORMAT:
             raise ValueError(f"format {metrics.get('format')!r}, not "
-                             f"{explanation_eval.FORMAT!r}")
-        table = explanation_eval.summary_table(metrics)
+                             f"{quality.FORMAT!r}")
+        table = quality.summary_table(metrics)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         reason = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
         return (f"<p class=\"note\">Not the layout of tools/evaluate_explanations.py "
@@ -700,7 +700,7 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
     """Writes the report into ``report_dir`` (created; must not exist yet) and returns the path
     of its ``index.html``.
 
-    Not atomic by itself: ``reid_jax.explain_run.run`` writes it into a staging folder and
+    Not atomic by itself: ``reid_jax.explain.run.run`` writes it into a staging folder and
     renames it into place.
 
     Args:
@@ -711,7 +711,7 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
       data_root: the Market-1501 root the records' file names are relative to.
       progress: ``True`` draws a stderr bar; a callable is called with the queries done.
     """
-    from reid_jax.explain_run import ProgressBar
+    from reid_jax.explain.run import ProgressBar
 
     report_dir = os.fspath(report_dir)
     if os.path.exists(report_dir):

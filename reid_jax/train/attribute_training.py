@@ -3,13 +3,13 @@
 The re-id model stays frozen: only the ``N x A`` bias-free layer ``x = sigmoid(f @ W)`` is
 trained (``reid_jax.models.attribute_head.AttributeHead``), on ``f``, the retrieval embedding
 that is ranked and explained (post-BN, L2-normalised; DESIGN.md section 2). The embeddings of
-the training images are computed once with the model in eval mode (``reid_jax.inference``,
+the training images are computed once with the model in eval mode (``reid_jax.embeddings``,
 cached on disk) and the head is trained on those arrays, inside ``jax.lax.stop_gradient``: no
 gradient can reach the re-id weights, and :func:`train_attributes` checks that the model's state
 is bitwise the same after training (SHA-256 of every array) before it saves anything.
 
 Training (:func:`train_attribute_head`): optax Adam(W) on the weighted binary cross entropy of
-``reid_jax.losses.weighted_bce`` (Li et al. / Jia et al. weighting, ``exp(1 - r_a)`` on
+``reid_jax.train.losses.weighted_bce`` (Li et al. / Jia et al. weighting, ``exp(1 - r_a)`` on
 positives and ``exp(r_a)`` on negatives), with ``r_a`` the positive ratio of attribute ``a``
 over the **labelled training images** (per image, the unit the loss averages over; a
 fraction). Mini-batches of a per-epoch permutation; an epoch is one jitted ``lax.scan`` over
@@ -24,7 +24,7 @@ accuracy / precision / recall / F1, and per attribute).
 Saving (:func:`save_with_attribute_head`): a new step ``latest + 1`` in the same orbax
 checkpoint directory holding the unchanged ``model`` item, the ``attribute_head`` item, the
 source step's ``meta`` plus an ``attribute_head_training`` record, and a copy of every other item
-of the source step (e.g. the ``train_state`` of ``reid_jax.train_lib``, so a later
+of the source step (e.g. the ``train_state`` of ``reid_jax.train.loop``, so a later
 ``tools/train.py`` run in the same workdir can still resume). ``restore_attribute_head(dir)``
 then finds the head at the latest step.
 """
@@ -48,9 +48,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from reid_jax import atomic_io, checkpoints, evaluation, inference, losses
+from reid_jax import atomic_io, checkpoints, embeddings, evaluation
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.models.attribute_head import AttributeHead
+from reid_jax.train import losses
 
 ATTRIBUTE_FILE = "market_attribute.mat"
 METRICS_FILE = "attribute_metrics.json"
@@ -216,7 +217,7 @@ def train_attribute_head(
 
 
 def split_labels(attrs: attributes_lib.MarketAttributes,
-                 splits: Sequence[inference.SplitEmbeddings]
+                 splits: Sequence[embeddings.SplitEmbeddings]
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features and attribute labels of the labelled images (pid > 0) of ``splits``, stacked.
 
@@ -249,7 +250,7 @@ def _nan_to_none(values: Sequence[float]) -> list[float | None]:
 def evaluate_attribute_head(
     head: AttributeHead,
     attrs: attributes_lib.MarketAttributes,
-    splits: Sequence[inference.SplitEmbeddings],
+    splits: Sequence[embeddings.SplitEmbeddings],
     names: Sequence[str] = attributes_lib.ATTRIBUTE_NAMES,
 ) -> dict[str, Any]:
     """Attribute metrics of ``head`` on the labelled images of ``splits`` (query + gallery).
@@ -264,7 +265,7 @@ def evaluate_attribute_head(
     features, labels, pids = split_labels(attrs, splits)
     if len(names) != labels.shape[1]:
         raise ValueError(f"{len(names)} attribute names for {labels.shape[1]} label columns")
-    probabilities = inference.attribute_probabilities(head, features)
+    probabilities = embeddings.attribute_probabilities(head, features)
     m = evaluation.attribute_metrics(probabilities, labels)
     ratio = 100.0 * labels.astype(np.float64).mean(axis=0)
     per_attribute = {}
@@ -408,19 +409,19 @@ def train_attributes(
     model, meta = checkpoints.restore_model(directory, config, source_step)
     if config is None:
         config = ml_collections.ConfigDict(meta.get("config", {}))
-    fingerprint_before = inference.model_fingerprint(model)
+    fingerprint_before = embeddings.model_fingerprint(model)
     if cache_dir == "default":
-        cache_dir = inference.default_cache_dir(directory)
-    embeddings = inference.split_embeddings(
+        cache_dir = embeddings.default_cache_dir(directory)
+    split_embeddings = embeddings.split_embeddings(
         model, config, data_root, ("train", *TEST_SPLITS), cache_dir, batch_size=embed_batch_size)
 
-    train_features, train_labels, train_pids = split_labels(attrs, [embeddings["train"]])
+    train_features, train_labels, train_pids = split_labels(attrs, [split_embeddings["train"]])
     ratios = attributes_lib.positive_ratios(train_labels) / 100.0  # per labelled train image
     head, history = train_attribute_head(train_features, train_labels, ratios, train_config)
-    test = evaluate_attribute_head(head, attrs, [embeddings[s] for s in TEST_SPLITS])
+    test = evaluate_attribute_head(head, attrs, [split_embeddings[s] for s in TEST_SPLITS])
     print(format_attribute_table(test))
 
-    if inference.model_fingerprint(model) != fingerprint_before:
+    if embeddings.model_fingerprint(model) != fingerprint_before:
         raise RuntimeError("the re-id model's state changed while training the attribute head")
     training = {
         "config": dataclasses.asdict(train_config),

@@ -14,9 +14,9 @@ explained (eq. 3.2), so every tool takes it from here.
   ImageNet normalisation, as the reference's test transform). Eval mode means BatchNorm uses
   running statistics, so rows never interact and padding cannot change a feature. Progress
   (images/s, ETA) is logged every ``log_every_seconds``. This is the only jitted eval
-  forward: training's periodic evaluation (``reid_jax.train_lib.evaluate``, data parallel
+  forward: training's periodic evaluation (``reid_jax.train.loop.evaluate``, data parallel
   over its mesh), the tools and the counterfactual embedding of
-  ``reid_jax.explanation_eval`` all go through it.
+  ``reid_jax.explain.quality`` all go through it.
 * :func:`cached_embeddings`: an ``.npz`` cache (``paths`` + ``features``) keyed by a JSON
   description of how the features were computed; reused when it matches, else recomputed and
   atomically replaced.

@@ -16,7 +16,7 @@ partial unknown persons) and junk (pid -1: badly cropped test identities).
 Persons carry the 27 label-file attributes, drawn with the per-identity statistics of the real
 training split (``MARKET_TRAIN_COUNTS``), plus identity detail the attributes do not capture
 (skin tone, shade of a colour, shoes, shirt pattern, body proportions, hair colour), so re-id is
-not just attribute matching. Rendering is ``synthetic_render``.
+not just attribute matching. Rendering is ``reid_jax.synthetic.render``.
 
 Everything is drawn from ``numpy.random.default_rng`` seeded by ``SeedSequence([seed, ...])``:
 the same seed gives the same bytes with any number of workers.
@@ -44,8 +44,8 @@ from PIL import Image, ImageDraw
 
 from reid_jax.atomic_io import public_mode
 from reid_jax.data import attributes as attributes_lib
-from reid_jax.data import synthetic_render as sr
-from reid_jax.data.synthetic_render import Camera, Occluder, Person, Scene, render
+from reid_jax.synthetic import render as sr
+from reid_jax.synthetic.render import Camera, Occluder, Person, Scene, render
 
 META_FILE = "synthetic_meta.json"
 META_FORMAT = "reid_jax.synthetic_market1501"
@@ -92,7 +92,7 @@ _BINARY_FIELDS: dict[str, str] = {
     "gender": "female",
 }
 
-# The image regions (``synthetic_render.PARTS``) an attribute can change.
+# The image regions (``render.PARTS``) an attribute can change.
 ATTRIBUTE_PARTS: dict[str, tuple[str, ...]] = {
     # From behind, long hair drapes narrower over a backpack.
     "backpack": ("backpack", "hair"), "bag": ("bag",), "handbag": ("handbag",),
@@ -729,7 +729,7 @@ def attribute_region(masks_before: dict[str, np.ndarray], masks_after: dict[str,
     """bool[128, 64]: where changing ``attribute`` may change pixels.
 
     The union of the attribute's parts (``ATTRIBUTE_PARTS``) in the masks of both renders,
-    dilated by ``radius`` pixels (``synthetic_render.blur_radius`` of the scene)."""
+    dilated by ``radius`` pixels (``render.blur_radius`` of the scene)."""
     if attribute not in ATTRIBUTE_PARTS:
         raise ValueError(f"unknown attribute {attribute!r}; expected one of "
                          f"{tuple(ATTRIBUTE_PARTS)}")

@@ -7,7 +7,7 @@
   (``nnx.BatchStat``) and BNNeck's frozen bias (``agw.FrozenParam``);
 - ``opt_state``: the model optimizer's state (Adam moments, counts);
 - ``centers`` ``[C, D]`` and ``center_opt_state``: the center loss's class centers and their own
-  SGD state (``reid_jax.losses.update_centers``);
+  SGD state (``reid_jax.train.losses.update_centers``);
 - ``step``: the global step (number of updates applied so far);
 - ``rng``: the run's ``uint32[2]`` key. AGW has no stochastic layer, so the step does not draw
   from it; a variant that does must derive its keys as ``fold_in(rng, step)`` so a resumed run
@@ -43,8 +43,8 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from reid_jax import losses
 from reid_jax.models.agw import AGW
+from reid_jax.train import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ def build_optimizer(optim: ml_collections.ConfigDict,
 
     Args:
       optim: ``config.optim`` with ``weight_decay``, ``b1``, ``b2``, ``eps``.
-      schedule: ``step -> learning rate`` (``reid_jax.schedules.lr_schedule``; hashable).
+      schedule: ``step -> learning rate`` (``reid_jax.train.schedules.lr_schedule``; hashable).
     """
     if optim.weight_decay < 0:
         raise ValueError(f"config.optim.weight_decay must be >= 0, got {optim.weight_decay}")

@@ -1,0 +1,44 @@
+"""Attribute explanations of re-id rankings: the kernels, and the layer that runs them on data.
+
+``from reid_jax import explain`` gives the jitted kernels (:mod:`reid_jax.explain.kernels`):
+:func:`explain_rankings`, :func:`attribute_errors`, :func:`matching_scores`,
+:func:`confident_attributes`, :func:`check_finite` and :data:`DEFAULT_THRESHOLD`.
+
+The modules of the package, from the bottom up:
+
+* ``kernels`` — the paper's section 3 as pure, jitted functions of arrays;
+* ``metrics`` — how good an explanation is (counterfactual hit rate, AUROC, AMD metrics);
+* ``run`` — a batch run over a dataset: ranking, explanations, JSONL records;
+* ``report`` — the HTML report of a batch run;
+* ``quality`` — the measurement run behind ``tools/evaluate_explanations.py``.
+
+``docs/design.md`` in the repository gives every choice these modules depend on.
+"""
+
+from reid_jax.explain.kernels import (
+    DEFAULT_THRESHOLD,
+    METHODS,
+    RankingExplanation,
+    attribute_errors,
+    check_finite,
+    complete_weights,
+    confident_attributes,
+    default_mesh,
+    explain_rankings,
+    matching_scores,
+    recompute_ratio,
+)
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "METHODS",
+    "RankingExplanation",
+    "attribute_errors",
+    "check_finite",
+    "complete_weights",
+    "confident_attributes",
+    "default_mesh",
+    "explain_rankings",
+    "matching_scores",
+    "recompute_ratio",
+]

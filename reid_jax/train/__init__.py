@@ -1,0 +1,2 @@
+"""Training: the AGW recipe (``loop``, ``state``, ``schedules``, ``losses``) and the attribute
+head on frozen embeddings (``attribute_training``)."""
