@@ -20,7 +20,8 @@ Ranking (DESIGN.md §3, Market-1501 protocol as in ReID-Survey / torchreid ``eva
 ``rank_metrics`` is vectorised over query chunks (bounded memory) and is the one to use;
 ``rank_metrics_loop`` is the plain per-query loop written like torchreid's, kept as the
 reference for tests and the benchmark baseline. ``retrieval_metrics`` ranks embeddings by
-squared Euclidean distance and reports mAP, mINP, rank-1/5/10 and the CMC as training's
+squared Euclidean distance (``reid_jax.retrieval``) and reports mAP, mINP, rank-1/5/10 and the
+CMC as training's
 ``metrics.json`` and ``tools/evaluate.py`` write them.
 
 Attributes (Li et al., "A richly annotated dataset for pedestrian attribute recognition",
@@ -33,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
-JUNK_PID = -1
-DISTRACTOR_PID = 0
+from reid_jax import retrieval
+from reid_jax.retrieval import JUNK_PID
+
 CMC_LENGTH = 50  # entries of the CMC curve that retrieval_metrics reports
 REPORTED_RANKS = (1, 5, 10)  # CMC ranks retrieval_metrics reports as rank1, rank5, rank10
 
@@ -121,7 +123,7 @@ def rank_metrics_loop(
     for q in range(num_q):
         order = np.argsort(dist[q], kind="stable")
         g_pids, g_cams = gp[order], gc[order]
-        remove = ((g_pids == qp[q]) & (g_cams == qc[q])) | (g_pids == JUNK_PID)
+        remove = retrieval.excluded(qp[q], qc[q], g_pids, g_cams)
         raw_cmc = (g_pids[~remove] == qp[q]).astype(np.int64)
         if not raw_cmc.any():
             continue
@@ -339,23 +341,6 @@ def rank_metrics(
                     float(per_query["inp"][valid].sum()), num_valid)
 
 
-def squared_euclidean(query: np.ndarray, gallery: np.ndarray,
-                      chunk: int = 1024) -> np.ndarray:
-    """float32 [Q, G] ``|q - g|^2`` as ``|q|^2 + |g|^2 - 2 q.g`` (clipped at 0), query chunks."""
-    query = np.asarray(query, np.float32)
-    gallery = np.asarray(gallery, np.float32)
-    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"squared_euclidean: expected [Q, D] and [G, D], got {query.shape} "
-                         f"and {gallery.shape}")
-    gg = np.sum(gallery * gallery, axis=1)
-    out = np.empty((query.shape[0], gallery.shape[0]), np.float32)
-    for lo in range(0, query.shape[0], chunk):
-        q = query[lo:lo + chunk]
-        d = np.sum(q * q, axis=1)[:, None] + gg[None, :] - 2.0 * (q @ gallery.T)
-        out[lo:lo + chunk] = np.maximum(d, 0.0)
-    return out
-
-
 def retrieval_metrics(
     query_features: Any,
     gallery_features: Any,
@@ -374,7 +359,8 @@ def retrieval_metrics(
       ``{"mAP", "mINP", "rank1", "rank5", "rank10", "cmc" (list of 50), "num_valid_queries"}``
       as plain Python numbers (JSON-ready), from :func:`rank_metrics` with ``max_rank=50``.
     """
-    result = rank_metrics(squared_euclidean(query_features, gallery_features), query_pids,
+    result = rank_metrics(retrieval.distance_matrix(query_features, gallery_features),
+                          query_pids,
                           gallery_pids, query_cams, gallery_cams, max_rank=CMC_LENGTH)
     cmc = [float(v) for v in result["cmc"]]
     out: dict[str, Any] = {"mAP": float(result["mAP"]), "mINP": float(result["mINP"])}

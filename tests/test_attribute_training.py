@@ -1,4 +1,4 @@
-"""Tests of reid_jax/train/attribute_training.py, tools/train_attributes.py and tools/evaluate.py."""
+"""Tests of reid_jax/train/attribute_training.py, tools/train_attributes.py, tools/evaluate.py."""
 
 from __future__ import annotations
 

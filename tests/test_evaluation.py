@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reid_jax import evaluation
+from reid_jax import evaluation, retrieval
 from reid_jax.evaluation import attribute_metrics, rank_metrics, rank_metrics_loop
 
 RANKERS = [rank_metrics, rank_metrics_loop]
@@ -347,13 +347,13 @@ def test_attribute_metrics_errors():
         attribute_metrics(p, y, threshold=[0.5, 0.5])
 
 
-def test_squared_euclidean_and_retrieval_metrics_match_references():
+def test_distance_matrix_and_retrieval_metrics_match_references():
     rng = np.random.default_rng(42)
     qf = rng.standard_normal((9, 16)).astype(np.float32)
     gf = rng.standard_normal((30, 16)).astype(np.float32)
     gf[3] = qf[0]
     d64 = ((qf[:, None].astype(np.float64) - gf[None]) ** 2).sum(-1)
-    d = evaluation.squared_euclidean(qf, gf, chunk=4)
+    d = retrieval.distance_matrix(qf, gf, chunk=4)
     np.testing.assert_allclose(d, d64, rtol=1e-5, atol=1e-5)
     assert (d >= 0).all()
     qp, gp = rng.integers(1, 4, 9), rng.integers(0, 4, 30)
@@ -364,9 +364,9 @@ def test_squared_euclidean_and_retrieval_metrics_match_references():
     assert got["mINP"] == pytest.approx(want["mINP"], abs=1e-6)
     np.testing.assert_allclose(got["cmc"], want["cmc"], atol=1e-6)
     assert got["rank1"] == pytest.approx(want["cmc"][0]) and len(got["cmc"]) == 50
-    with pytest.raises(ValueError, match=r"expected \[Q, D\] and \[G, D\], got \(9, 16\) and "
-                                         r"\(30, 15\)"):
-        evaluation.squared_euclidean(qf, gf[:, :15])
+    with pytest.raises(ValueError, match=r"f_query \[Q, N\] and f_gallery \[G, N\] with the same "
+                                         r"N, got \(9, 16\) and \(30, 15\)"):
+        retrieval.distance_matrix(qf, gf[:, :15])
 
 
 def test_per_query_rank_metrics_means_are_rank_metrics():

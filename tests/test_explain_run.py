@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_jax import evaluation, explain
+from reid_jax import evaluation, explain, retrieval
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import report
 from reid_jax.explain import run as explain_run
@@ -172,8 +172,8 @@ def test_jsonl_schema(paper_run, market):
 def test_jsonl_numbers_equal_the_kernels(paper_run, market):
     _, records = paper_run
     data, fq, fg, w = market["data"], market["fq"], market["fg"], market["w"]
-    fetch = 5 + int(explain_run.removed_counts(data.query.pids, data.query.cameras,
-                                               data.gallery.pids, data.gallery.cameras).max())
+    fetch = 5 + int(retrieval.removed_counts(data.query.pids, data.query.cameras,
+                                             data.gallery.pids, data.gallery.cameras).max())
     out = explain.explain_rankings(fq, fg, w, k=fetch, threshold=0.3)
     out = type(out)(*(np.asarray(x) for x in out))
     # A float64 NumPy reference of the ranking, eq. 3.1 and eq. 3.2.

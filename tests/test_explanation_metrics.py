@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+from reid_jax import retrieval
 from reid_jax.explain import metrics as em
 
 # --------------------------------------------------------------------------------------------
@@ -481,49 +482,6 @@ def test_gallery_errors():
 # The Market-1501 protocol on the top k (the pairs of the report of reid_jax.explain.run).
 
 
-def _removed_reference(qp, qc, gp, gc):
-    return np.array([sum(1 for p, c in zip(gp, gc, strict=True)
-                         if (p == a and c == b) or p == -1) for a, b in zip(qp, qc, strict=True)])
-
-
-def test_removed_counts_match_explain_run_and_a_loop():
-    from reid_jax.explain import run as explain_run
-
-    rng = np.random.default_rng(0)
-    qp, qc = rng.integers(1, 6, 40), rng.integers(1, 4, 40)
-    gp, gc = rng.integers(-1, 6, 200), rng.integers(1, 4, 200)
-    got = em.removed_counts(qp, qc, gp, gc)
-    assert got.dtype == np.int64
-    np.testing.assert_array_equal(got, _removed_reference(qp, qc, gp, gc))
-    np.testing.assert_array_equal(got, explain_run.removed_counts(qp, qc, gp, gc))
-    # Camera ids of any size: (1, 1500) and (2, 500) are different keys.
-    np.testing.assert_array_equal(em.removed_counts([1, 2], [1500, 500], [2, 2], [500, 1500]),
-                                  [0, 1])
-    assert em.removed_counts([1], [1], np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() \
-        == [0]
-    with pytest.raises(ValueError, match=r"gallery_cams must be integer \[3\]"):
-        em.removed_counts([1], [1], [1, 2, 3], [1, 2])
-
-
-def test_protocol_top_k_keeps_the_first_k_allowed_ranks():
-    indices = np.array([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]])
-    qp, qc = np.array([7, 8]), np.array([1, 1])
-    gp = np.array([7, 7, -1, 0, 8])
-    gc = np.array([1, 2, 3, 1, 1])
-    keep = em.protocol_keep(indices, qp, qc, gp, gc)
-    # Query 0 (pid 7, cam 1): drops gallery 0 (same pid+cam) and 2 (junk); query 1: 4 and 2.
-    np.testing.assert_array_equal(keep, [[0, 1, 0, 1, 1], [0, 1, 0, 1, 1]])
-    cols, ok = em.protocol_top_k(indices, qp, qc, gp, gc, 3)
-    np.testing.assert_array_equal(np.take_along_axis(indices, cols, 1), [[1, 3, 4], [3, 1, 0]])
-    assert ok.all()
-    cols, ok = em.protocol_top_k(indices, qp, qc, gp, gc, 5)  # only 3 kept per list
-    np.testing.assert_array_equal(ok, [[1, 1, 1, 0, 0]] * 2)
-    with pytest.raises(ValueError, match=r"k must be an integer in \[1, K=5\]"):
-        em.protocol_top_k(indices, qp, qc, gp, gc, 6)
-    with pytest.raises(ValueError, match=r"indices must have shape \[Q=2, K\]"):
-        em.protocol_keep(indices[:1], qp, qc, gp, gc)
-
-
 def _protocol_case(seed=11, q=4, g=14, n=16, a=5):
     """Queries whose nearest gallery images are removed by the protocol: copies of the query
     on its own camera (same pid) and junk; a distractor (pid 0, no labels) stays."""
@@ -610,9 +568,9 @@ def test_top_k_pairs_are_those_of_explain_run():
     qp, qc, gp, gc = (ids[key] for key in ("query_pids", "query_cams", "gallery_pids",
                                              "gallery_cams"))
     k = 3
-    fetch = int(min(fg.shape[0], k + em.removed_counts(qp, qc, gp, gc).max()))
+    fetch = int(min(fg.shape[0], k + retrieval.removed_counts(qp, qc, gp, gc).max()))
     ranked = np.asarray(explain.explain_rankings(fq, fg, w, k=fetch).indices)
-    cols, ok = em.protocol_top_k(ranked, qp, qc, gp, gc, k)
+    cols, ok = retrieval.first_kept(ranked, qp, qc, gp, gc, k)
     assert ok.all()
     ours = np.take_along_axis(ranked, cols, 1)
     report = [ex.gallery for ex in explain_run.explain_queries(

@@ -39,6 +39,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from reid_jax import retrieval
+
 Array = jax.Array
 
 DEFAULT_THRESHOLD = 0.4
@@ -49,7 +51,7 @@ _RERANK_MARGIN = 8
 METHODS = ("auto", "direct", "gemm")
 # Every product runs in full float32: the accuracy bound of ``recompute_ratio`` assumes it, and
 # accelerators would otherwise default to TF32 / bfloat16 passes (no cost on CPUs).
-_PRECISION = jax.lax.Precision.HIGHEST
+_PRECISION = retrieval.PRECISION
 
 
 def _dot(a: Array, b: Array) -> Array:
@@ -275,7 +277,7 @@ def _auto_errors(fq: Array, fg: Array, w: Array, capacity: int) -> Array:
     e = _gemm_errors(fq, fg, w)
     q2 = jnp.sum(jnp.square(fq), axis=-1)
     g2 = jnp.sum(jnp.square(fg), axis=-1)
-    d2 = q2[:, None] + g2[None, :] - 2.0 * _dot(fq, fg.T)
+    d2 = retrieval.squared_distances(fq, fg)
     risky = d2 < recompute_ratio(n) * (q2[:, None] + g2[None, :])
     capacity = min(capacity, q * g)
 
@@ -404,12 +406,10 @@ def _local_candidates(fq, fg, valid, w, *, kk, chunk, offset):
     gs = fg.shape[0]
     nc = gs // chunk
     kc = min(kk, chunk)
-    q2 = jnp.sum(jnp.square(fq), axis=-1)
 
     def rank_chunk(args):  # GEMM distances of one chunk, its top kc
         c, g, v = args
-        d2 = q2[:, None] + jnp.sum(jnp.square(g), axis=-1)[None] - 2.0 * _dot(fq, g.T)
-        d2 = jnp.where(v[None], d2, jnp.inf)
+        d2 = jnp.where(v[None], retrieval.squared_distances(fq, g), jnp.inf)
         neg, idx = jax.lax.top_k(-d2, kc)
         return -neg, idx + c * chunk
 

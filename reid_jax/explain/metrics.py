@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from reid_jax import explain
+from reid_jax import explain, retrieval
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 
 Array = jax.Array
@@ -803,82 +803,6 @@ def streamed_amd_over_gallery(
     return out
 
 
-# The Market-1501 protocol on a ranked list (as ``reid_jax.evaluation`` and the explained top k
-# of ``reid_jax.explain.run``): gallery images with the query's pid *and* camera are removed,
-# and so is junk (pid -1); distractors (pid 0) stay.
-
-
-def _check_ids(query_pids: Any, query_cams: Any, gallery_pids: Any, gallery_cams: Any,
-               num_queries: int | None = None, num_gallery: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    qp, qc = np.asarray(query_pids), np.asarray(query_cams)
-    gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
-    q = qp.shape[0] if num_queries is None and qp.ndim == 1 else num_queries
-    g = gp.shape[0] if num_gallery is None and gp.ndim == 1 else num_gallery
-    for name, x, n in (("query_pids", qp, q), ("query_cams", qc, q),
-                       ("gallery_pids", gp, g), ("gallery_cams", gc, g)):
-        if x.shape != (n,) or not np.issubdtype(x.dtype, np.integer):
-            raise ValueError(f"{name} must be integer [{n}] (one per "
-                             f"{'query' if name.startswith('query') else 'gallery'} image), "
-                             f"got {x.dtype}{list(x.shape)}")
-    return (qp.astype(np.int64), qc.astype(np.int64), gp.astype(np.int64),
-            gc.astype(np.int64))
-
-
-def removed_counts(query_pids: Any, query_cams: Any, gallery_pids: Any,
-                   gallery_cams: Any) -> np.ndarray:
-    """int64 ``[Q]``: gallery images the protocol removes from each query's ranked list.
-
-    Same pid and camera as the query, plus every junk image (pid -1); for a junk query the
-    junk images of its camera count twice (an upper bound, which is all a fetch size needs).
-    The counts of ``reid_jax.explain.run.removed_counts``; a ranking of the best
-    ``k + max(removed_counts)`` images keeps at least ``k`` (or all there are) after removal.
-    """
-    qp, qc, gp, gc = _check_ids(query_pids, query_cams, gallery_pids, gallery_cams)
-    if gp.size == 0:
-        return np.zeros(qp.shape, np.int64)
-    cams = np.concatenate([qc, gc])
-    low, span = int(cams.min()), int(cams.max() - cams.min()) + 1
-    key = lambda p, c: p * span + (c - low)  # one int per (pid, camera), no collisions
-    gallery_keys, counts = np.unique(key(gp, gc), return_counts=True)
-    query_keys = key(qp, qc)
-    pos = np.minimum(np.searchsorted(gallery_keys, query_keys), gallery_keys.size - 1)
-    same = gallery_keys[pos] == query_keys
-    return (np.where(same, counts[pos], 0) + int(np.sum(gp == -1))).astype(np.int64)
-
-
-def protocol_keep(indices: Any, query_pids: Any, query_cams: Any, gallery_pids: Any,
-                  gallery_cams: Any) -> np.ndarray:
-    """bool ``[Q, K]``: which ranked gallery images ``indices [Q, K]`` the protocol keeps.
-
-    Removed: the query's pid on the query's camera, and junk (pid -1).  The mask of
-    ``reid_jax.explain.run.explain_queries``.
-    """
-    qp, qc, gp, gc = _check_ids(query_pids, query_cams, gallery_pids, gallery_cams)
-    idx = np.asarray(indices)
-    if idx.ndim != 2 or idx.shape[0] != qp.size:
-        raise ValueError(f"indices must have shape [Q={qp.size}, K], got {idx.shape}")
-    pid, cam = gp[idx], gc[idx]
-    return ~(((pid == qp[:, None]) & (cam == qc[:, None])) | (pid == -1))
-
-
-def protocol_top_k(indices: Any, query_pids: Any, query_cams: Any, gallery_pids: Any,
-                   gallery_cams: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``k`` kept ranks of every ranked list ``indices [Q, K]`` (best first).
-
-    Returns:
-      ``(columns, ok)``: int64 ``[Q, k]`` positions into ``indices``' second axis, in rank
-      order, and bool ``[Q, k]``, False where a list keeps fewer than ``k`` images (its
-      ``columns`` there point at removed ranks and must be ignored).
-    """
-    keep = protocol_keep(indices, query_pids, query_cams, gallery_pids, gallery_cams)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= keep.shape[1]:
-        raise ValueError(f"k must be an integer in [1, K={keep.shape[1]}] (the ranks of "
-                         f"indices), got {k!r}")
-    columns = np.argsort(~keep, axis=1, kind="stable")[:, :k].astype(np.int64)
-    return columns, np.take_along_axis(keep, columns, axis=1)
-
-
 def amd_over_top_k(
     f_query: Any,
     f_gallery: Any,
@@ -904,7 +828,7 @@ def amd_over_top_k(
 
     The ranking is that of the report (``reid_jax.explain.run``): squared Euclidean distance
     over the whole gallery under the Market-1501 protocol — gallery images with the query's pid
-    *and* camera and junk (pid -1) are removed (:func:`protocol_top_k`), distractors stay.  The
+    *and* camera and junk (pid -1) are removed (``reid_jax.retrieval``), distractors stay.  The
     kernel is asked for ``k + max(removed_counts)`` ranks so that ``k`` remain.  Pairs whose
     query or gallery image is not valid (e.g. a distractor without labels) are ignored, not
     replaced; a query with fewer than ``k`` kept images contributes fewer pairs.
@@ -927,17 +851,18 @@ def amd_over_top_k(
                                    valid_query, valid_gallery)
     q, a = lq.shape
     g = lg.shape[0]
-    qp, qc, gp, gc = _check_ids(query_pids, query_cams, gallery_pids, gallery_cams, q, g)
+    qp, qc, gp, gc = retrieval.check_ids(query_pids, query_cams, gallery_pids, gallery_cams,
+                                         q, g)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= g:
         raise ValueError(f"k must be an integer in [1, G={g}] (f_gallery "
                          f"{tuple(jnp.shape(f_gallery))}), got {k!r}")
     extra = _check_thresholds(extra_thresholds, a, mode)
-    fetch = int(min(g, k + int(removed_counts(qp, qc, gp, gc).max(initial=0))))
+    fetch = int(min(g, k + int(retrieval.removed_counts(qp, qc, gp, gc).max(initial=0))))
     ex = explain.explain_rankings(f_query, f_gallery, weights, k=fetch, threshold=threshold,
                                   complete=(mode == "complete"), gallery_chunk=gallery_chunk,
                                   validate=True)
     ranked = np.asarray(ex.indices)  # [Q, fetch]
-    columns, ok = protocol_top_k(ranked, qp, qc, gp, gc, int(k))
+    columns, ok = retrieval.first_kept(ranked, qp, qc, gp, gc, int(k))
     rows = np.arange(q)[:, None]
     idx = ranked[rows, columns].ravel()  # [Q * k]
     scores = np.asarray(ex.scores)[rows, columns].reshape(q * k, a)
@@ -975,8 +900,5 @@ __all__ = [
     "counterfactual_hit_rate",
     "harmonic_numbers",
     "matching_score_auroc",
-    "protocol_keep",
-    "protocol_top_k",
-    "removed_counts",
     "streamed_amd_over_gallery",
 ]

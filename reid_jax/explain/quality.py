@@ -67,7 +67,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, explain, synthetic
+from reid_jax import atomic_io, explain, retrieval, synthetic
 from reid_jax.data.attributes import (
     ATTRIBUTE_NAMES,
     NUM_ATTRIBUTES,
@@ -130,31 +130,23 @@ def ranked_pairs(f_query: Any, f_gallery: Any, query_pids: Any, query_cams: Any,
     """
     fq = np.asarray(f_query, np.float32)
     fg = np.asarray(f_gallery, np.float32)
-    qp, qc = np.asarray(query_pids), np.asarray(query_cams)
-    gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
     if fq.ndim != 2 or fg.ndim != 2 or fq.shape[1] != fg.shape[1]:
         raise ValueError(f"f_query [Q, N] and f_gallery [G, N] must share N, got {fq.shape}, "
                          f"{fg.shape}")
-    if qp.shape != (fq.shape[0],) or qc.shape != qp.shape:
-        raise ValueError(f"query_pids/query_cams must have shape ({fq.shape[0]},), got "
-                         f"{qp.shape}, {qc.shape}")
-    if gp.shape != (fg.shape[0],) or gc.shape != gp.shape:
-        raise ValueError(f"gallery_pids/gallery_cams must have shape ({fg.shape[0]},), got "
-                         f"{gp.shape}, {gc.shape}")
+    qp, qc, gp, gc = retrieval.check_ids(query_pids, query_cams, gallery_pids, gallery_cams,
+                                         fq.shape[0], fg.shape[0])
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    g2 = np.sum(fg.astype(np.float64) ** 2, axis=1)
     queries, galleries = [], []
-    for start in range(0, fq.shape[0], query_chunk):
-        stop = min(start + query_chunk, fq.shape[0])
-        d = g2[None, :] - 2.0 * (fq[start:stop].astype(np.float64) @ fg.T.astype(np.float64))
-        excluded = (gp[None, :] <= 0) | ((gp[None, :] == qp[start:stop, None])
-                                         & (gc[None, :] == qc[start:stop, None]))
+    for start, stop, d in retrieval.distance_chunks(fq, fg, query_chunk):
+        # The protocol, and no image without labels (distractors) in the ranking.
+        excluded = (retrieval.excluded(qp[start:stop, None], qc[start:stop, None], gp[None, :],
+                                       gc[None, :]) | (gp[None, :] == retrieval.DISTRACTOR_PID))
         d = np.where(excluded, np.inf, d)
         order = np.argsort(d, axis=1, kind="stable")[:, :k]
         for row in range(stop - start):
             ranked = order[row][np.isfinite(d[row, order[row]])]
-            matches = np.flatnonzero((gp == qp[start + row]) & (gc != qc[start + row]))
+            matches = np.flatnonzero(~excluded[row] & (gp == qp[start + row]))
             chosen = np.union1d(ranked, matches)
             queries.append(np.full(chosen.size, start + row, np.int64))
             galleries.append(chosen.astype(np.int64))

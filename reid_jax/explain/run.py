@@ -39,12 +39,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, embeddings, evaluation, explain
+from reid_jax import atomic_io, embeddings, evaluation, explain, retrieval
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
 from reid_jax.data.market1501 import (
     IMAGE_EXTENSIONS,
@@ -52,7 +51,6 @@ from reid_jax.data.market1501 import (
     Market1501,
     Split,
 )
-from reid_jax.explain.metrics import removed_counts
 from reid_jax.progress import format_seconds
 
 MODES = ("paper", "complete")
@@ -248,25 +246,6 @@ def summarize(metrics: QueryMetrics, max_rank: int = CMC_RANKS) -> dict[str, Any
             "ap_histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
 
-@jax.jit
-def _squared_distances(fq: jax.Array, fg: jax.Array) -> jax.Array:
-    """``|q|^2 + |g|^2 - 2 q.g`` ``[C, G]`` (float32, highest matmul precision, clamped >= 0)."""
-    q2 = jnp.sum(jnp.square(fq), axis=-1)
-    g2 = jnp.sum(jnp.square(fg), axis=-1)
-    qg = jnp.matmul(fq, fg.T, precision=jax.lax.Precision.HIGHEST)
-    return jnp.maximum(q2[:, None] + g2[None, :] - 2.0 * qg, 0.0)
-
-
-def _padded_chunks(x: np.ndarray, chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """``(start, stop, rows)`` with ``rows`` padded to ``chunk`` rows (one compiled shape)."""
-    for start in range(0, x.shape[0], chunk):
-        stop = min(start + chunk, x.shape[0])
-        rows = x[start:stop]
-        if stop - start < chunk and x.shape[0] > chunk:
-            rows = np.concatenate([rows, np.repeat(rows[:1], chunk - (stop - start), axis=0)])
-        yield start, stop, rows
-
-
 def ranking_metrics(f_query: np.ndarray, f_gallery: Any, query_pids: np.ndarray,
                     query_cams: np.ndarray, gallery_pids: np.ndarray, gallery_cams: np.ndarray,
                     *, chunk: int = 128, progress: ProgressBar | None = None) -> QueryMetrics:
@@ -274,10 +253,8 @@ def ranking_metrics(f_query: np.ndarray, f_gallery: Any, query_pids: np.ndarray,
 
     Memory: a few ``[chunk, G]`` arrays at a time.
     """
-    fg = jnp.asarray(f_gallery, jnp.float32)
     parts = []
-    for start, stop, rows in _padded_chunks(np.asarray(f_query, np.float32), chunk):
-        d = np.asarray(_squared_distances(jnp.asarray(rows), fg))[: stop - start]
+    for start, stop, d in retrieval.distance_chunks(f_query, f_gallery, chunk):
         parts.append(per_query_metrics(d, query_pids[start:stop], gallery_pids,
                                        query_cams[start:stop], gallery_cams))
         if progress is not None:
@@ -332,22 +309,21 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
     protocol's removal of same-pid same-camera images.
     """
     g = int(np.shape(f_gallery)[0])
-    fetch = int(min(g, k + int(removed_counts(query_pids, query_cams, gallery_pids,
-                                              gallery_cams).max(initial=0))))
+    fetch = int(min(g, k + int(retrieval.removed_counts(query_pids, query_cams, gallery_pids,
+                                                        gallery_cams).max(initial=0))))
     fg = jnp.asarray(f_gallery, jnp.float32)
     w = jnp.asarray(weights, jnp.float32)
     t = jnp.asarray(threshold, jnp.float32)
-    for start, stop, rows in _padded_chunks(np.asarray(f_query, np.float32), chunk):
+    for start, stop, rows in retrieval.padded_chunks(np.asarray(f_query, np.float32), chunk):
         out = explain.explain_rankings(jnp.asarray(rows), fg, w, k=fetch, threshold=t,
                                        complete=complete)
         n = stop - start
         out = type(out)(*(np.asarray(x)[:n] for x in out))
+        keep = retrieval.kept_in_ranking(out.indices, query_pids[start:stop],
+                                         query_cams[start:stop], gallery_pids, gallery_cams)
         for i in range(n):
-            qi = start + i
             idx = out.indices[i].astype(np.int64)
-            keep = ~((gallery_pids[idx] == query_pids[qi]) & (gallery_cams[idx] == query_cams[qi])
-                     | (gallery_pids[idx] == -1))
-            pos = np.flatnonzero(keep)[:k]
+            pos = np.flatnonzero(keep[i])[:k]
             yield QueryExplanation(
                 gallery=idx[pos], distances=out.distances[i][pos],
                 attributes_query=out.attributes_query[i], selected=out.selected[i],
@@ -735,6 +711,6 @@ __all__ = [
     "ORDERS", "REPORT_NAME", "SUMMARY_NAME", "ProgressBar", "QueryExplanation", "QueryMetrics",
     "RunResult", "check_threshold", "checkpoint_embeddings", "checkpoint_weights",
     "explain_queries", "load_data", "make_record", "parse_threshold", "per_query_metrics",
-    "query_order", "ranking_metrics", "read_jsonl", "removed_counts", "run", "select_queries",
+    "query_order", "ranking_metrics", "read_jsonl", "run", "select_queries",
     "summarize",
 ]
