@@ -10,22 +10,13 @@ images; 237 queries, 525 gallery images) on 2 shared CPU cores: 100 epochs = 178
 scores mAP 0.02, rank-1 0.01). Time grows linearly with the number of training images.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _base_config() -> ml_collections.ConfigDict:
-    path = pathlib.Path(__file__).with_name("agw_market1501.py")
-    spec = importlib.util.spec_from_file_location("agw_market1501", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from configs import agw_market1501
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _base_config()
+    config = agw_market1501.get_config()
     config.data.height = 128  # the synthetic images' own size: no resizing
     config.data.width = 64
     config.data.p = 8

@@ -4,22 +4,13 @@ Same code path as ``agw_market1501.py`` (non-local blocks, GeM, BNNeck, all thre
 warmup and steps), only small: set ``data.root`` to a tiny Market-shaped folder.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _base_config() -> ml_collections.ConfigDict:
-    path = pathlib.Path(__file__).with_name("agw_market1501.py")
-    spec = importlib.util.spec_from_file_location("agw_market1501", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from configs import agw_market1501
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _base_config()
+    config = agw_market1501.get_config()
     config.data.height = 64
     config.data.width = 32
     config.data.pad = 4
