@@ -3,7 +3,7 @@ r"""AGW on Market-1501: the reference recipe (ReID-Survey ``configs/AGW_baseline
   python tools/train.py --config=configs/agw_market1501.py --workdir=/tmp/agw_market \
       --config.data.root=/data/Market-1501-v15.09.15 --config.init_from=/ckpt/resnet50_imagenet
 
-Every field (DESIGN.md section 3 for the recipe):
+Every field (docs/design.md, "AGW as the reference has it", for the recipe):
 
 - ``data``: ``root`` (the folder with ``bounding_box_train/``, ``query/``,
   ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x ``k`` images per
@@ -35,6 +35,15 @@ Every field (DESIGN.md section 3 for the recipe):
   ResNet-50: ``--input=resnet50-19c8e357.pth``) whose backbone initialises the model; empty =
   random initialisation (the published 87.8 mAP needs the ImageNet weights).
 - ``dtype``: ``float32`` or ``bfloat16`` (backbone compute; parameters stay float32).
+- ``attributes``: how ``tools/train_attributes.py`` trains the attribute head on the frozen
+  embedding (``reid_jax.train.attribute_training.default_config``: epochs, learning_rate,
+  batch_size, weight_decay, seed).
+- ``explain``: the settings of ``tools/explain.py`` and ``tools/evaluate_explanations.py``
+  (``reid_jax.explain.settings.default_config``: k, threshold, mode, order, error_ranks,
+  report_queries, chunk sizes, the counterfactual benchmark).
+
+The tools that read a checkpoint use the config stored in it, so these sections travel with the
+model; their flags (``--k``, ``--threshold``, ``--epochs``, ...) override single fields.
 
 Note: one revision of the reference yml says ``MAX_EPOCHS: 160``; the AGW paper's recipe and
 this project use 120 (nothing changes after epoch 70 but the length).
@@ -42,7 +51,9 @@ this project use 120 (nothing changes after epoch 70 but the length).
 
 import ml_collections
 
+from reid_jax.explain import settings as explain_settings
 from reid_jax.models.agw import default_model_config
+from reid_jax.train import attribute_training
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -90,4 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_epochs = 40
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
+
+    config.attributes = attribute_training.default_config()
+    config.explain = explain_settings.default_config()
     return config

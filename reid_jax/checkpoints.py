@@ -19,7 +19,7 @@ Typical use::
     save_checkpoint(d, 0, model_state=nnx.state(model), meta={"num_classes": 751,
                                                               "config": config.to_dict()})
     model, meta = restore_model(d, config)        # latest step, eval() not yet applied
-    head = restore_attribute_head(d)              # ValueError if the step has no head
+    head = restore_attribute_head(d)              # NoAttributeHeadError without a head
 
 ``restore_model`` also serves ``config.init_from``: restore the converted ImageNet checkpoint and
 copy its backbone with ``nnx.update(new_model.backbone, nnx.state(restored.backbone))``.
@@ -45,6 +45,11 @@ META_ITEM = "meta"
 NO_HEAD_HINT = ("Run tools/train_attributes.py on this checkpoint first. A tools/train.py run "
                 "writes its steps without the attribute head (training changes the embedding): "
                 "train the head again after training (tools/train_attributes.py).")
+
+
+class NoAttributeHeadError(ValueError):
+    """A checkpoint step has no attribute head; the message names the step and says what to do
+    (:data:`NO_HEAD_HINT`). A ``ValueError``, so tools report it as a user error."""
 
 
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -263,14 +268,15 @@ def restore_attribute_head(
     """Restores the ``AttributeHead`` of ``step`` (default: latest) of ``directory``.
 
     Raises:
-      ValueError: the step has no attribute head (train one with tools/train_attributes.py).
+      NoAttributeHeadError: the step has no attribute head (train one with
+        tools/train_attributes.py).
     """
     directory = os.path.abspath(os.fspath(directory))
     manager = open_manager(directory, read_only=True)
     try:
         step = _resolve_step(manager, directory, step)
         if ATTRIBUTE_HEAD_ITEM not in _items_at(manager, step):
-            raise ValueError(
+            raise NoAttributeHeadError(
                 f"checkpoint {directory} step {step} has no attribute head "
                 f"(items: {sorted(_items_at(manager, step))}). {NO_HEAD_HINT}"
             )

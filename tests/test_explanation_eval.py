@@ -11,11 +11,14 @@ import sys
 import numpy as np
 import pytest
 
-from reid_jax import explain, synthetic
+from reid_jax import explain, progress, synthetic
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, labels_for_pids, load_market_attributes
 from reid_jax.data.market1501 import load_market1501
+from reid_jax.explain import counterfactuals
 from reid_jax.explain import metrics as em
 from reid_jax.explain import quality as ee
+from reid_jax.explain import table as quality_table
+from reid_jax.explain.table import MODES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A = len(ATTRIBUTE_NAMES)
@@ -62,7 +65,7 @@ def checkpoints_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(dataset, checkpoints_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    result = ee.evaluate(checkpoint=checkpoints_dir / "with_head", data_root=dataset,
+    result = ee.measure(checkpoint=checkpoints_dir / "with_head", data_root=dataset,
                          output_dir=out, k=K, num_counterfactuals=NUM_CF)
     return result
 
@@ -99,7 +102,7 @@ def test_ranked_pairs_match_a_float64_reference():
     fq, fg = rng.normal(size=(q, n)), rng.normal(size=(g, n))
     qp, qc = rng.integers(1, 4, q), rng.integers(1, 4, q)
     gp, gc = rng.integers(-1, 4, g), rng.integers(1, 4, g)
-    pairs = ee.ranked_pairs(fq, fg, qp, qc, gp, gc, k, query_chunk=3)
+    pairs = counterfactuals.ranked_pairs(fq, fg, qp, qc, gp, gc, k, query_chunk=3)
     expected = set()
     for i in range(q):
         d = np.sum((fq[i] - fg) ** 2, axis=1)
@@ -112,9 +115,9 @@ def test_ranked_pairs_match_a_float64_reference():
     np.testing.assert_array_equal(pairs.true_match, gp[pairs.gallery] == qp[pairs.query])
     assert (gp[pairs.gallery] > 0).all()
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
-        ee.ranked_pairs(fq, fg, qp, qc, gp, gc, 0)
+        counterfactuals.ranked_pairs(fq, fg, qp, qc, gp, gc, 0)
     with pytest.raises(ValueError, match="gallery_pids/gallery_cams must have shape"):
-        ee.ranked_pairs(fq, fg, qp, qc, gp[:-1], gc, k)
+        counterfactuals.ranked_pairs(fq, fg, qp, qc, gp[:-1], gc, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,11 +128,11 @@ def test_planned_value():
     labels = np.zeros(A, np.uint8)
     labels[ATTRIBUTE_NAMES.index("upred")] = 1
     labels[ATTRIBUTE_NAMES.index("age2")] = 1
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("backpack")) == (True, None)
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("upred")) == (False, 1)
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("upblue")) == (True, 1)
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("age2")) == (False, 1)
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("age4")) == (True, 1)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("backpack")) == (True, None)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("upred")) == (False, 1)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("upblue")) == (True, 1)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("age2")) == (False, 1)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("age4")) == (True, 1)
 
 
 def _gallery(dataset):
@@ -140,7 +143,7 @@ def _gallery(dataset):
 
 def test_make_counterfactuals(dataset):
     data, files, persons = _gallery(dataset)
-    made = ee.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
+    made = counterfactuals.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
     assert len(made.accepted) == NUM_CF
     counts = np.bincount([cf.attribute for cf in made.accepted], minlength=A)
     # Round-robin: every attribute whose candidates did not run out gets its share.
@@ -158,32 +161,33 @@ def test_make_counterfactuals(dataset):
             cf.labels_after,
             synthetic.person_labels(synthetic.change_attribute(person, name, cf.value)))
         assert cf.changed_labels[cf.attribute] and 1 <= cf.changed_labels.sum() <= 2
-        assert cf.changed_pixels >= ee.DEFAULT_MIN_CHANGED_PIXELS
+        assert cf.changed_pixels >= counterfactuals.DEFAULT_MIN_CHANGED_PIXELS
         # The stored JPEG is what render_counterfactual gives for that change.
         np.testing.assert_array_equal(
             synthetic.decode_jpeg(cf.jpeg),
             synthetic.render_counterfactual(dataset, files[cf.gallery_index], name, cf.value))
-    again = ee.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
+    again = counterfactuals.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
     assert [(c.gallery_index, c.attribute) for c in again.accepted] == [
         (c.gallery_index, c.attribute) for c in made.accepted]
 
 
 def test_invisible_changes_are_rejected(dataset):
     _, files, persons = _gallery(dataset)
-    made = ee.make_counterfactuals(dataset, files, persons[:2], 5, min_changed_pixels=10**6)
+    made = counterfactuals.make_counterfactuals(dataset, files, persons[:2], 5,
+                                                min_changed_pixels=10**6)
     assert made.accepted == []
     np.testing.assert_array_equal(made.rejected, made.tried)
     assert made.tried.sum() == made.candidates.sum() > 0  # every candidate was tried once
     with pytest.raises(ValueError, match="num_counterfactuals must be >= 0"):
-        ee.make_counterfactuals(dataset, files, persons, -1)
+        counterfactuals.make_counterfactuals(dataset, files, persons, -1)
     with pytest.raises(ValueError, match="pixel_tolerance"):
-        ee.make_counterfactuals(dataset, files, persons, 1, pixel_tolerance=300)
+        counterfactuals.make_counterfactuals(dataset, files, persons, 1, pixel_tolerance=300)
     data = load_market1501(dataset)
     distractor = [i for i, p in enumerate(data.gallery.pids)
                   if p == 0 and synthetic.image_record(dataset, files[i])[0] is None]
     if distractor:
         with pytest.raises(ValueError, match="shows no person"):
-            ee.make_counterfactuals(dataset, files, distractor, 1)
+            counterfactuals.make_counterfactuals(dataset, files, distractor, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,15 +211,15 @@ def test_pair_separations_match_float64_reference():
     scores = (1 - np.abs(xq - xg)) / (0.5 + np.abs(xq - 0.5))
     ref = {"paper": diff2 @ w64, "complete": diff2 @ complete, "scores": 1 - scores}
     for mode, expected in ref.items():
-        got = ee.pair_separations(fq, fg, w, mode, chunk=16)
+        got = counterfactuals.pair_separations(fq, fg, w, mode, chunk=16)
         assert got.shape == (40, A) and got.dtype == np.float32
         np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
-    np.testing.assert_allclose(ee.pair_separations(fq, fg, w, "complete").sum(1),
+    np.testing.assert_allclose(counterfactuals.pair_separations(fq, fg, w, "complete").sum(1),
                                diff2.sum(1), rtol=1e-5)
     with pytest.raises(ValueError, match="mode must be one of"):
-        ee.pair_separations(fq, fg, w, "gemm")
+        counterfactuals.pair_separations(fq, fg, w, "gemm")
     with pytest.raises(ValueError, match=r"f_gallery \[P, N\]"):
-        ee.pair_separations(fq, fg[:3], w, "paper")
+        counterfactuals.pair_separations(fq, fg[:3], w, "paper")
 
 
 def test_counterfactual_metrics_equal_the_library():
@@ -234,15 +238,15 @@ def test_counterfactual_metrics_equal_the_library():
         after[a] ^= 1
         if i % 3 == 0:  # a colour-like change flips a second label
             after[(a + 1) % A] ^= 1
-        cfs.append(ee.Counterfactual(gallery_index=i % g, attribute=a, value=None,
+        cfs.append(counterfactuals.Counterfactual(gallery_index=i % g, attribute=a, value=None,
                                      labels_before=before, labels_after=after,
                                      changed_pixels=100, jpeg=b""))
     pq = np.repeat(np.arange(q), g)
     pg = np.tile(np.arange(g), q)
-    pairs = ee.CandidatePairs(pq, pg, (pq + pg) % 4 == 0)
+    pairs = counterfactuals.CandidatePairs(pq, pg, (pq + pg) % 4 == 0)
     valid = np.ones(q, bool)
     valid[2] = False
-    out = ee.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid)
+    out = counterfactuals.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid)
 
     rows = [(qi, ci) for ci, cf in enumerate(cfs) for qi in range(q)
             if valid[qi] and cf.gallery_index in pg[pq == qi]]
@@ -255,9 +259,9 @@ def test_counterfactual_metrics_equal_the_library():
     assert out["num_pairs"] == len(rows) and out["num_away_pairs"] == int(away.sum())
     assert 0 < away.sum() < len(rows)  # both directions occur
     gal = np.asarray([cfs[i].gallery_index for i in rc])
-    for mode in ee.MODES:
-        s0 = ee.pair_separations(fq[rq], fg[gal], w, mode)
-        s1 = ee.pair_separations(fq[rq], fc[rc], w, mode)
+    for mode in MODES:
+        s0 = counterfactuals.pair_separations(fq[rq], fg[gal], w, mode)
+        s1 = counterfactuals.pair_separations(fq[rq], fc[rc], w, mode)
         near = np.where(away[:, None], s0, s1)
         far = np.where(away[:, None], s1, s0)
         ref = em.counterfactual_hit_rate(near, far, attr, changed)
@@ -271,7 +275,7 @@ def test_counterfactual_metrics_equal_the_library():
     assert out["chance"] == ref["chance"]
     assert len(out["per_attribute"]["pairs"]) == A
     with pytest.raises(ValueError, match="f_counterfactual must have shape"):
-        ee.counterfactual_metrics(fq, fg, fc[:-1], w, cfs, pairs, lq)
+        counterfactuals.counterfactual_metrics(fq, fg, fc[:-1], w, cfs, pairs, lq)
 
 
 def _no_removal_ids(q, g):
@@ -297,7 +301,7 @@ def test_label_metrics_equal_the_library():
     auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, **ids)
     assert set(auroc) == {"all_pairs", "top4", "per_attribute"}
     assert set(amd) == {"all_pairs", "top4", "per_attribute"}
-    for mode in ee.MODES:
+    for mode in MODES:
         full = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
                                             threshold=0.3)
         top = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3,
@@ -323,7 +327,7 @@ def test_label_metrics_equal_the_library():
 def test_progress_log_reports_rate_and_eta():
     now = [100.0]
     lines = []
-    log = ee.ProgressLog("AMD over all pairs (paper)", interval=30.0, clock=lambda: now[0],
+    log = progress.ProgressLog("AMD over all pairs (paper)", interval=30.0, clock=lambda: now[0],
                          log=lambda fmt, *args: lines.append(fmt % args))
     now[0] = 110.0
     log(32, 128)  # within the interval: silent
@@ -340,10 +344,10 @@ def test_progress_log_reports_rate_and_eta():
     assert lines[1] == ("AMD over all pairs (paper): 128/128 queries (100.0%), 0.0 queries/s, "
                         "ETA 0:00:00, elapsed 1:00:00")
     instant = []
-    ee.ProgressLog("x", clock=lambda: 5.0, log=lambda fmt, *a: instant.append(fmt % a))(3, 3)
+    progress.ProgressLog("x", clock=lambda: 5.0, log=lambda fmt, *a: instant.append(fmt % a))(3, 3)
     assert instant == ["x: 3/3 queries (100.0%), -- queries/s, ETA 0:00:00, elapsed 0:00:00"]
     with pytest.raises(ValueError, match="interval must be >= 0"):
-        ee.ProgressLog("x", interval=-1)
+        progress.ProgressLog("x", interval=-1)
 
 
 def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, caplog):
@@ -378,8 +382,8 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
     with caplog.at_level(logging.INFO):
         auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, **ids)
     # One all-pairs pass and one ranking per mode: the t = 0 AUROC comes with the scores pass.
-    assert calls == {"streamed": list(ee.MODES), "top_k": list(ee.MODES)}
-    for mode in ee.MODES:
+    assert calls == {"streamed": list(MODES), "top_k": list(MODES)}
+    for mode in MODES:
         assert f"AMD over all pairs ({mode}): 5/5 queries (100.0%)" in caplog.text
         assert f"AMD over the top 4 ranks ({mode})" in caplog.text
     assert "ETA 0:00:00" in caplog.text
@@ -390,7 +394,7 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
     top = np.argsort(np.where(removed, np.inf, d2), axis=1, kind="stable")[:, :4]
     plain = np.argsort(d2, axis=1, kind="stable")[:, :4]
     assert amd["top4"]["num_pairs"] == int(vg[top].sum()) != int(vg[plain].sum())
-    for mode in ee.MODES:
+    for mode in MODES:
         ref = top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3, **ids)
         for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
             assert amd["top4"][mode][key] == ref[key]
@@ -422,11 +426,11 @@ def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
     m = run.metrics
     assert set(m) == {"format", "attribute_names", "settings", "data", "counterfactual",
                       "auroc", "amd"}
-    assert m["format"] == ee.FORMAT and m["attribute_names"] == list(ATTRIBUTE_NAMES)
+    assert m["format"] == quality_table.FORMAT and m["attribute_names"] == list(ATTRIBUTE_NAMES)
     with open(run.json_path) as f:
         assert json.load(f) == m
     with open(run.markdown_path) as f:
-        assert f.read() == run.table == ee.markdown_table(m)
+        assert f.read() == run.table == quality_table.markdown_table(m)
     out_dir = os.path.dirname(run.json_path)
     assert sorted(os.listdir(out_dir)) == ["embeddings", "explanation_metrics.json",
                                            "explanation_metrics.md"]
@@ -440,7 +444,7 @@ def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
     assert cf["num_counterfactuals"] == NUM_CF and m["data"]["synthetic"] is True
     assert sum(cf["per_attribute"]["counterfactuals"]) == NUM_CF
     assert sum(cf["per_attribute"]["pairs"]) == cf["num_pairs"] > NUM_CF
-    for mode in ee.MODES:
+    for mode in MODES:
         assert 0 <= cf[mode]["top1"] <= cf[mode]["top3"] <= 1
         assert set(m["amd"]["all_pairs"][mode]) == {"ex_precision_d", "ex_map_d",
                                                     "ex_precision_s", "ex_map_s"}
@@ -470,16 +474,16 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
 
     # The counterfactual part: same pairs, same images, same embeddings.
     files = [os.path.basename(p) for p in data.gallery.paths]
-    pairs = ee.ranked_pairs(fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
-                            data.gallery.cameras, K)
-    made = ee.make_counterfactuals(dataset, files, np.unique(pairs.gallery), NUM_CF)
+    pairs = counterfactuals.ranked_pairs(fq, fg, data.query.pids, data.query.cameras,
+                                         data.gallery.pids, data.gallery.cameras, K)
+    made = counterfactuals.make_counterfactuals(dataset, files, np.unique(pairs.gallery), NUM_CF)
     model, _ = checkpoints.restore_model(checkpoints_dir / "with_head", None)
     kw = dict(height=CONFIG["data"]["height"], width=CONFIG["data"]["width"],
               batch_size=CONFIG["data"]["eval_batch_size"],
               loader_config=embeddings.eval_loader_config(CONFIG))
     f_cf = embeddings.embed_images(model, [cf.jpeg for cf in made.accepted], **kw)
-    ref = ee.counterfactual_metrics(fq, fg, f_cf, w, made.accepted, pairs, lq, vq)
-    for key in (*ee.MODES, "chance", "subsets", "num_pairs", "num_away_pairs"):
+    ref = counterfactuals.counterfactual_metrics(fq, fg, f_cf, w, made.accepted, pairs, lq, vq)
+    for key in (*MODES, "chance", "subsets", "num_pairs", "num_away_pairs"):
         assert m["counterfactual"][key] == ref[key], key
     for key, values in ref["per_attribute"].items():
         assert m["counterfactual"]["per_attribute"][key] == values, key
@@ -495,7 +499,7 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
 def test_real_market_root_skips_counterfactuals(run, dataset, checkpoints_dir, tmp_path):
     real = tmp_path / "market"
     shutil.copytree(dataset, real, ignore=shutil.ignore_patterns(synthetic.META_FILE))
-    out = ee.evaluate(checkpoint=checkpoints_dir / "with_head", data_root=real,
+    out = ee.measure(checkpoint=checkpoints_dir / "with_head", data_root=real,
                       output_dir=tmp_path / "out", k=K, num_counterfactuals=NUM_CF)
     cf = out.metrics["counterfactual"]
     assert set(cf) == {"skipped"} and "not a synthetic data root" in cf["skipped"]
@@ -511,24 +515,24 @@ def test_errors(dataset, checkpoints_dir, tmp_path):
     ok = dict(checkpoint=checkpoints_dir / "with_head", data_root=dataset,
               output_dir=tmp_path / "o", num_counterfactuals=0)
     with pytest.raises(ValueError, match="no attribute head.*Run tools/train_attributes.py"):
-        ee.evaluate(**{**ok, "checkpoint": checkpoints_dir / "no_head"})
+        ee.measure(**{**ok, "checkpoint": checkpoints_dir / "no_head"})
     with pytest.raises(FileNotFoundError, match="data root .*nowhere does not exist"):
-        ee.evaluate(**{**ok, "data_root": tmp_path / "nowhere"})
+        ee.measure(**{**ok, "data_root": tmp_path / "nowhere"})
     with pytest.raises(ValueError, match="no data root"):
-        ee.evaluate(**{**ok, "data_root": None})
+        ee.measure(**{**ok, "data_root": None})
     with pytest.raises(FileNotFoundError, match="no attribute labels.*--attributes_file"):
-        ee.evaluate(**ok, attributes_file=tmp_path / "missing.mat")
+        ee.measure(**ok, attributes_file=tmp_path / "missing.mat")
     with pytest.raises(ValueError, match=r"threshold must lie in \[0, 0.5\)"):
-        ee.evaluate(**ok, threshold=0.5)
+        ee.measure(**ok, threshold=0.5)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
-        ee.evaluate(**ok, k=0)
+        ee.measure(**ok, k=0)
     with pytest.raises(ValueError, match="exceeds the"):
-        ee.evaluate(**ok, k=10**6)
+        ee.measure(**ok, k=10**6)
     with pytest.raises(ValueError, match="num_counterfactuals must be >= 0"):
-        ee.evaluate(**{**ok, "num_counterfactuals": -1})
+        ee.measure(**{**ok, "num_counterfactuals": -1})
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no query images"):
-        ee.evaluate(**{**ok, "data_root": tmp_path / "empty"})
+        ee.measure(**{**ok, "data_root": tmp_path / "empty"})
     assert not os.path.exists(tmp_path / "o" / ee.JSON_NAME)  # nothing written on failure
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import markupsafe
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,11 +14,17 @@ from PIL import Image
 from reid_jax import explain
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import Split
-from reid_jax.explain import quality, report
+from reid_jax.explain import report
 from reid_jax.explain import run as explain_run
+from reid_jax.explain import table as quality_table
 
 A = len(ATTRIBUTE_NAMES)
 ODD = "<script>&\"'.jpg"
+
+
+def esc(text: str) -> str:
+    """``text`` as the report's autoescaping writes it (markupsafe: ``'`` is ``&#39;``)."""
+    return str(markupsafe.escape(text))
 
 
 def _split(folder: str, name: str, files: list[str], pids: list[int], cams: list[int]) -> Split:
@@ -89,8 +96,8 @@ def test_odd_file_names_are_escaped(tmp_path):
     html_text = _pages(out)
     assert "<script" not in html_text and "<b>.jpg" not in html_text
     assert "<i>paper" not in html_text
-    assert "&lt;script&gt;&amp;&quot;&#x27;.jpg" in html_text
-    assert "a&amp;b&quot;c&#x27;.jpg" in html_text and "q1_&lt;b&gt;.jpg" in html_text
+    assert esc(ODD) == "&lt;script&gt;&amp;&#34;&#39;.jpg" and esc(ODD) in html_text
+    assert esc("a&b\"c'.jpg") in html_text and "q1_&lt;b&gt;.jpg" in html_text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
     # Thumbnails are named by split and index, never by file name.
     sources = re.findall(r'src="([^"]+)"', html_text)
@@ -115,7 +122,7 @@ def test_query_rows_show_clipped_scores_and_frames(tmp_path):
         frames = re.findall(r'class="thumb (hit|miss)"', section)
         assert frames == ["hit" if t else "miss" for t in r["gallery"]["true_match"]]
     assert any(s > 1 for r in records for row in r["matching_scores"] for s in row)
-    assert "clipped at 100 %" in page and "&#x27;!&#x27; before an attribute" in page
+    assert "clipped at 100 %" in page and esc("'!' before an attribute") in page
 
 
 def test_score_percent_clips_at_100():
@@ -222,7 +229,7 @@ AMD_KEYS = ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s")
 
 
 def _eval_metrics(k: int = 3, skipped: str | None = None, seed: int = 0) -> dict:
-    """``explanation_metrics.json`` of ``quality.evaluate``'s layout, random values."""
+    """``explanation_metrics.json`` of ``quality.measure``'s layout, random values."""
     rng = np.random.default_rng(seed)
     rate = lambda: float(rng.uniform(0.01, 0.99))
     top = f"top{k}"
@@ -249,7 +256,7 @@ def _eval_metrics(k: int = 3, skipped: str | None = None, seed: int = 0) -> dict
                    **{m: {key: rate() for key in AMD_KEYS} for m in (*MODES, "chance")}}
            for scope in ("all_pairs", top)}
     amd["per_attribute"] = {"all_pairs_differ_count": list(range(A))}
-    return {"format": quality.FORMAT, "attribute_names": list(ATTRIBUTE_NAMES),
+    return {"format": quality_table.FORMAT, "attribute_names": list(ATTRIBUTE_NAMES),
             "settings": {"checkpoint": "/ckpt/<b>", "data_root": "/data/<root>", "k": k,
                          "threshold": 0.3},
             "data": {"synthetic": True, "num_queries": 3, "num_gallery": 8,
@@ -292,22 +299,22 @@ def _html_table(index: str, css: str) -> list[list[str]]:
 
 def test_summary_table_rows_are_the_json_values():
     m = _eval_metrics(k=4)
-    table = quality.summary_table(m)
+    table = quality_table.summary_table(m)
     assert table.columns == ("metric", "n", "eq. 3.2 (paper)", "complete decomposition",
                              "eq. 3.1 (1 - s)", "chance")
     shown = [[r.metric, str(r.n)] + ["–" if v is None else f"{100.0 * v:.1f}"
                                      for v in (*r.values, r.chance)] for r in table.rows]
     assert shown == _reference_rows(m)
     # The markdown table is built from the same rows (em dash for "does not apply").
-    md = quality.markdown_table(m).splitlines()
+    md = quality_table.markdown_table(m).splitlines()
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:2 + len(shown)]]
     assert body == [[c.replace("–", "—") for c in r] for r in _reference_rows(m)]
     assert md[2 + len(shown)] == "" and "|x - 0.5| > 0.3" in md[3 + len(shown)]
-    skipped = quality.summary_table(_eval_metrics(skipped="no meta"))
+    skipped = quality_table.summary_table(_eval_metrics(skipped="no meta"))
     assert skipped.rows[0].skipped == "no meta" and skipped.rows[0].n is None
     assert "Counterfactuals skipped: no meta" in skipped.legend
     with pytest.raises(KeyError, match="auroc"):
-        quality.summary_table({k: v for k, v in m.items() if k != "auroc"})
+        quality_table.summary_table({k: v for k, v in m.items() if k != "auroc"})
 
 
 def test_explanation_quality_table_details_and_json_copy(tmp_path):
@@ -372,14 +379,14 @@ def test_explanation_quality_falls_back_to_generic_tables(tmp_path):
     report.write_report(out, _summary(explanation_metrics=m), records,
                         data_root=tmp_path / "data")
     index = open(out / "index.html", encoding="utf-8").read()
-    assert "Not the layout of tools/evaluate_explanations.py (KeyError: &#x27;num_pairs_d&#x27;)" \
+    assert esc("Not the layout of tools/evaluate_explanations.py (KeyError: 'num_pairs_d')") \
         in index
     assert "list metrics" not in index and "amd / all_pairs / num_pairs" in index
     out2 = tmp_path / "report2"
     report.write_report(out2, _summary(explanation_metrics={"format": "other/2", "x": 0.5}),
                         records, data_root=tmp_path / "data")
     index = open(out2 / "index.html", encoding="utf-8").read()
-    assert "format &#x27;other/2&#x27;, not &#x27;reid_jax.explain.metrics/1&#x27;" in index
+    assert esc("format 'other/2', not 'reid_jax.explanation_metrics/1'") in index
     assert "<td>x</td><td class=\"num\">0.5</td>" in index
     # No metrics: no copy, the hint.
     out3 = tmp_path / "report3"

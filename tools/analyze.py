@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import analysis
+from reid_jax import analysis, embeddings
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, load_market_attributes, positive_ratios
 from reid_jax.synthetic.dataset import ATTRIBUTE_FILE
 
@@ -63,17 +63,9 @@ _CACHE_DIR = flags.DEFINE_string(
     "CHECKPOINT/embedding_cache, shared with tools/evaluate.py; '' disables the cache).")
 
 
-def _checkpoint_weights(checkpoint: str) -> np.ndarray:
-    from reid_jax.checkpoints import restore_attribute_head
-
-    return np.asarray(restore_attribute_head(checkpoint).kernel[...])
-
-
 def _checkpoint_gallery_features(checkpoint: str, config, data_root: str, batch_size: int,
                                  cache_dir: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
     """The retrieval embedding ([G, N], what is ranked and explained) of every gallery image."""
-    from reid_jax import embeddings
-
     gallery = embeddings.load_split_embeddings(
         checkpoint, config, data_root, ("gallery",),
         embeddings.cache_dir_option(cache_dir, checkpoint), batch_size=batch_size)["gallery"]
@@ -93,7 +85,7 @@ def main(argv: list[str]) -> None:
 
 def _analyze() -> None:
     weights = (np.load(_WEIGHTS.value, allow_pickle=False) if _WEIGHTS.value
-               else _checkpoint_weights(_CHECKPOINT.value))
+               else embeddings.head_weights(_CHECKPOINT.value))
     names = ATTRIBUTE_NAMES
     analysis.check_weights(weights, names)
 

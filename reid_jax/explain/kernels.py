@@ -1,7 +1,7 @@
 """Attribute explanations of re-id rankings (Specker, "A Step Towards Explainable Person
 Re-identification Rankings", section 3), as jitted kernels over whole galleries.
 
-Notation (DESIGN.md §2): ``f`` is the retrieval embedding ``[N]`` that is ranked, ``W`` the
+Notation (``docs/design.md``): ``f`` is the retrieval embedding ``[N]`` that is ranked, ``W`` the
 ``[N, A]`` weights of the bias-free attribute layer, ``x = sigmoid(f @ W)`` the attribute
 probabilities ``[A]``; ``q`` a query and ``g`` a gallery image.
 
@@ -9,7 +9,8 @@ probabilities ``[A]``; ``q`` a query and ``g`` a gallery image.
 * :func:`matching_scores` — eq. 3.1, ``s_a = (1 - |x_a^q - x_a^g|) / (0.5 + |x_a^q - 0.5|)``.
 * :func:`attribute_errors` — eq. 3.2, ``e_a = sum_n (f_n^q - f_n^g)^2 w_na``; with
   ``complete=True`` the weights are replaced by ``|w_na| / sum_a |w_na|`` so that the
-  contributions sum exactly to the squared distance (DESIGN.md §2, beyond the paper).
+  contributions sum exactly to the squared distance (beyond the paper; ``docs/design.md``,
+  "Two error compositions").
 * :func:`explain_rankings` — ranks the gallery by squared Euclidean distance and explains the
   top ``k`` of every query with both.
 
@@ -97,7 +98,11 @@ def _check_ndim(name: str, x, ndims: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{name} must be {what}, got shape {_shape(x)}")
 
 
-def _check_threshold(threshold, num_attributes: int) -> None:
+def check_threshold(threshold, num_attributes: int) -> None:
+    """Rejects a threshold that is not a scalar or ``[A]``, or (when concrete) not in ``[0, 0.5)``.
+
+    The one range check of thresholds: ``reid_jax.explain.settings.parse_threshold`` calls it.
+    """
     shape = _shape(threshold)
     if shape not in ((), (num_attributes,)):
         raise ValueError(
@@ -186,7 +191,7 @@ def confident_attributes(x_query: Array, threshold=DEFAULT_THRESHOLD) -> Array:
       bool ``[..., A]``.
     """
     _check_ndim("x_query", x_query, tuple(range(1, 33)), "[..., A]")
-    _check_threshold(threshold, _shape(x_query)[-1])
+    check_threshold(threshold, _shape(x_query)[-1])
     return _confident(_float(x_query), jnp.asarray(threshold, dtype=_float(x_query).dtype))
 
 
@@ -540,7 +545,7 @@ def explain_rankings(
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= g:
         raise ValueError(f"k must be an integer in [1, G={g}] (f_gallery {_shape(f_gallery)}), "
                          f"got {k!r}")
-    _check_threshold(threshold, a)
+    check_threshold(threshold, a)
     if gallery_chunk < 1:
         raise ValueError(f"gallery_chunk must be >= 1, got {gallery_chunk}")
     if validate:
@@ -563,6 +568,7 @@ __all__ = [
     "RankingExplanation",
     "attribute_errors",
     "check_finite",
+    "check_threshold",
     "complete_weights",
     "confident_attributes",
     "default_mesh",

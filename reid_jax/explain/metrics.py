@@ -1,5 +1,5 @@
-"""Explanation quality measured (DESIGN.md §5): counterfactual hit rate, AUROC of matching scores
-and the attribute-consistency metrics of AMD.
+"""Explanation quality measured: counterfactual hit rate, AUROC of matching scores and the
+attribute-consistency metrics of AMD (``docs/design.md``, "Explanations measured").
 
 The paper (Specker) evaluates its explanations qualitatively.  This module measures them:
 
@@ -690,14 +690,13 @@ def _chunk_sums(sep, lq, lg, vq, vg, *, block):
 
 
 def _check_thresholds(thresholds: Sequence[Any], num_attributes: int, mode: str) -> list[Any]:
-    """``extra_thresholds`` validated (``reid_jax.explain``'s range check) before any work."""
+    """``extra_thresholds`` validated (the kernels' one range check) before any work."""
     thresholds = list(thresholds)
     if thresholds and mode != "scores":
         raise ValueError(f"extra_thresholds select entries of the matching-score AUROC: they "
                          f"apply to mode='scores' only, got mode={mode!r}")
-    probe = np.full((num_attributes,), 0.5, np.float32)
     for t in thresholds:
-        explain.confident_attributes(probe, np.asarray(t, np.float32))
+        explain.check_threshold(np.asarray(t, np.float64), num_attributes)
     return thresholds
 
 

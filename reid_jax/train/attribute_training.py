@@ -2,7 +2,8 @@
 
 The re-id model stays frozen: only the ``N x A`` bias-free layer ``x = sigmoid(f @ W)`` is
 trained (``reid_jax.models.attribute_head.AttributeHead``), on ``f``, the retrieval embedding
-that is ranked and explained (post-BN, L2-normalised; DESIGN.md section 2). The embeddings of
+that is ranked and explained (post-BN, L2-normalised; ``docs/design.md``, "One embedding is
+ranked, classified and explained"). The embeddings of
 the training images are computed once with the model in eval mode (``reid_jax.embeddings``,
 cached on disk) and the head is trained on those arrays, inside ``jax.lax.stop_gradient``: no
 gradient can reach the re-id weights, and :func:`train_attributes` checks that the model's state
@@ -32,6 +33,7 @@ then finds the head at the latest step.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -59,9 +61,48 @@ TEST_SPLITS = ("query", "gallery")
 _KNOWN_ITEMS = (checkpoints.MODEL_ITEM, checkpoints.ATTRIBUTE_HEAD_ITEM, checkpoints.META_ITEM)
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.attributes`` section: how the attribute head is trained (defaults).
+
+    ``epochs`` (30), ``learning_rate`` (1e-3, Adam, constant), ``batch_size`` (64),
+    ``weight_decay`` (0: Adam; > 0: AdamW's decoupled decay), ``seed`` (0). ``tools/
+    train_attributes.py`` reads the section of the checkpoint's config (or ``--config``); its
+    flags override single fields.
+    """
+    c = ml_collections.ConfigDict()
+    c.epochs = 30
+    c.learning_rate = 1e-3
+    c.batch_size = 64
+    c.weight_decay = 0.0
+    c.seed = 0
+    return c
+
+
+def head_train_config(config: Any = None, **overrides: Any) -> HeadTrainConfig:
+    """:class:`HeadTrainConfig` from ``config.attributes`` (defaults for missing fields), with
+    ``overrides`` (flags; ``None`` = not given) applied.
+
+    Raises:
+      ValueError: an unknown field (with the nearest valid names) or a bad value.
+    """
+    values = default_config().to_dict()
+    section = config.get("attributes") if config is not None and hasattr(config, "get") else None
+    if isinstance(section, ml_collections.ConfigDict):
+        section = section.to_dict()
+    for source in (dict(section or {}), {k: v for k, v in overrides.items() if v is not None}):
+        for name, value in source.items():
+            if name not in values:
+                near = difflib.get_close_matches(name, list(values), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(near)}?" if near else ""
+                raise ValueError(f"config.attributes has no field {name!r}{hint} (fields: "
+                                 f"{', '.join(sorted(values))})")
+            values[name] = value
+    return HeadTrainConfig(**values)
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadTrainConfig:
-    """How the attribute head is trained.
+    """How the attribute head is trained (the validated ``config.attributes`` section).
 
     Attributes:
       epochs: passes over the training embeddings.
@@ -370,7 +411,7 @@ def train_attributes(
     data_root: str | os.PathLike,
     *,
     attributes_file: str | os.PathLike | None = None,
-    train_config: HeadTrainConfig = HeadTrainConfig(),
+    train_config: HeadTrainConfig | None = None,
     cache_dir: str | os.PathLike | None = "default",
     metrics_path: str | os.PathLike | None = None,
     step: int | None = None,
@@ -384,7 +425,8 @@ def train_attributes(
       config: the model's config; None: the one stored in the checkpoint.
       data_root: Market-1501-layout folder (train / query / gallery images).
       attributes_file: ``market_attribute.mat``; default ``DATA_ROOT/market_attribute.mat``.
-      train_config: head training settings.
+      train_config: head training settings (default: ``config.attributes``, see
+        :func:`head_train_config`).
       cache_dir: embedding cache folder; ``"default"``: ``CHECKPOINT_DIR/embedding_cache``;
         None: no cache.
       metrics_path: where ``attribute_metrics.json`` goes; default
@@ -409,6 +451,8 @@ def train_attributes(
     model, meta = checkpoints.restore_model(directory, config, source_step)
     if config is None:
         config = ml_collections.ConfigDict(meta.get("config", {}))
+    if train_config is None:
+        train_config = head_train_config(config)
     fingerprint_before = embeddings.model_fingerprint(model)
     if cache_dir == "default":
         cache_dir = embeddings.default_cache_dir(directory)

@@ -2,8 +2,9 @@
 
 ``train_and_evaluate(config, workdir)`` is the whole run (``tools/train.py`` calls it):
 
-1. reads the Market-1501-shaped folder ``config.data.root`` (``reid_jax.embeddings.load_dataset``:
-   ``config.data.verify_images`` / ``skip_undecodable``);
+1. reads the Market-1501-shaped folder ``config.data.root``
+   (``reid_jax.data.market1501.load_dataset``: ``config.data.verify_images`` /
+   ``skip_undecodable``);
 2. builds AGW from ``config.model`` (``config.init_from``: the backbone from a converted
    ImageNet / AGW checkpoint), the :class:`~reid_jax.train.state.TrainState` and the learning
    rate schedule of the AGW recipe over the sampler's exact epochs (``reid_jax.train.schedules``);
@@ -72,6 +73,7 @@ from flax import nnx
 
 from reid_jax import atomic_io, checkpoints, embeddings, evaluation
 from reid_jax.data import loader as loader_lib
+from reid_jax.data import market1501
 from reid_jax.data.market1501 import Market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
@@ -189,7 +191,7 @@ def jit_train_step(mesh: jax.sharding.Mesh):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(
+def evaluate_model(
     model: AGW | TrainState,
     data: Market1501,
     loader_config: loader_lib.LoaderConfig,
@@ -291,7 +293,6 @@ def restore_train_checkpoint(
 
 
 # Kept here too for the tools that log it beside training messages.
-NO_HEAD_HINT = checkpoints.NO_HEAD_HINT
 
 
 def attribute_head_warning(checkpoint_dir: str | os.PathLike, step: int, start: int,
@@ -425,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     _check_divisible(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
 
-    data = embeddings.load_dataset(config.data.root, config)
+    data = market1501.load_dataset(config.data.root, config)
     num_classes = data.num_train_ids
     # The loader's own sampler (same labels, P, K, seed): its exact epoch lengths.
     sampler = RandomIdentitySampler(data.train.labels, loader_cfg.p, loader_cfg.k,
@@ -559,7 +560,7 @@ def _train_loop(
 
     def run_eval(step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        metrics = evaluate(state, data, loader_cfg, mesh, config.data.eval_batch_size)
+        metrics = evaluate_model(state, data, loader_cfg, mesh, config.data.eval_batch_size)
         logging.info("eval at step %d (epoch %d): mAP %.4f rank-1 %.4f rank-5 %.4f mINP %.4f "
                      "(%d queries, %.1fs)", step, _epoch_of(step - 1, ends) + 1, metrics["mAP"],
                      metrics["rank1"], metrics["rank5"], metrics["mINP"],
