@@ -46,6 +46,8 @@ import functools
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -385,7 +387,8 @@ def _read_cache(path: str, key: str, paths: np.ndarray) -> dict[str, np.ndarray]
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError) as e:  # a truncated or foreign file
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        # A truncated or foreign file: the cache is recomputed.
         logging.warning("embedding cache %s is unreadable (%s); recomputing", path, e)
         return None
     if "key" not in arrays or "paths" not in arrays or FEATURES not in arrays:

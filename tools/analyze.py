@@ -24,13 +24,12 @@ printed as one line and exit with status 1.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import analysis, embeddings
+from reid_jax import analysis, cli, embeddings
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, load_market_attributes, positive_ratios
 from reid_jax.synthetic.dataset import ATTRIBUTE_FILE
 
@@ -77,10 +76,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (_WEIGHTS.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --weights=W.npy or --checkpoint=DIR")
-    try:
-        _analyze()
-    except (ValueError, OSError) as e:  # OSError: missing or unreadable files
-        sys.exit(f"tools/analyze.py: error: {e}")
+    _analyze()
 
 
 def _analyze() -> None:
@@ -138,4 +134,4 @@ def _analyze() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

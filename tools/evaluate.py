@@ -24,7 +24,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import atomic_io, checkpoints, embeddings, evaluation
+from reid_jax import atomic_io, checkpoints, cli, embeddings, evaluation
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.train import attribute_training
 
@@ -128,4 +128,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

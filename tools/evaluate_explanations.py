@@ -23,12 +23,10 @@ the config's ``explain`` section (reid_jax/explain/settings.py); each flag overr
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import embeddings
+from reid_jax import cli, embeddings
 from reid_jax.explain import quality
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -64,22 +62,19 @@ _SEED = flags.DEFINE_integer("seed", None, "Seeds the choice of counterfactuals 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        data_root = embeddings.resolve_data_root(_DATA_ROOT.value, _CONFIG.value,
-                                                 _CHECKPOINT.value)
-        result = quality.measure(
-            checkpoint=_CHECKPOINT.value, config=_CONFIG.value, data_root=data_root,
-            output_dir=_OUTPUT_DIR.value, attributes_file=_ATTRIBUTES_FILE.value,
-            cache_dir=_CACHE_DIR.value, k=_K.value, threshold=_THRESHOLD.value,
-            num_counterfactuals=_NUM_COUNTERFACTUALS.value,
-            min_changed_pixels=_MIN_CHANGED_PIXELS.value,
-            pixel_tolerance=_PIXEL_TOLERANCE.value, seed=_SEED.value)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"tools/evaluate_explanations.py: error: {e}")
+    data_root = embeddings.resolve_data_root(_DATA_ROOT.value, _CONFIG.value,
+                                             _CHECKPOINT.value)
+    result = quality.measure(
+        checkpoint=_CHECKPOINT.value, config=_CONFIG.value, data_root=data_root,
+        output_dir=_OUTPUT_DIR.value, attributes_file=_ATTRIBUTES_FILE.value,
+        cache_dir=_CACHE_DIR.value, k=_K.value, threshold=_THRESHOLD.value,
+        num_counterfactuals=_NUM_COUNTERFACTUALS.value,
+        min_changed_pixels=_MIN_CHANGED_PIXELS.value,
+        pixel_tolerance=_PIXEL_TOLERANCE.value, seed=_SEED.value)
     print(result.table, end="")
     print(f"metrics: {result.json_path}")
     print(f"table:   {result.markdown_path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,12 +22,10 @@ tools/screenshot_report.sh.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import embeddings
+from reid_jax import cli, embeddings
 from reid_jax.explain import run as explain_run
 from reid_jax.explain import settings
 
@@ -64,6 +62,10 @@ _EXPLANATION_METRICS = flags.DEFINE_string(
     "(default: OUTPUT_DIR/explanation_metrics.json when it exists).")
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Embedding cache folder (default: OUTPUT_DIR/embeddings).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace explanations.jsonl, summary.json or report/ in --output_dir "
+    "when this tool did not write them (they are moved aside to NAME.replaced-<time>); without "
+    "it such an output folder is refused.")
 _QUERY_CHUNK = flags.DEFINE_integer(
     "query_chunk", None, "Queries per kernel call (config.explain.query_chunk, 256).")
 
@@ -82,20 +84,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give --num_queries or --query_files, not both")
     queries = _NUM_QUERIES.value if _NUM_QUERIES.value is not None else (
         _QUERY_FILES.value or "all")
-    try:
-        error_ranks = (None if _ERROR_RANKS.value is None
-                       else [_rank(r) for r in _ERROR_RANKS.value])
-        data_root = embeddings.resolve_data_root(_DATA_ROOT.value, _CONFIG.value,
-                                                 _CHECKPOINT.value)
-        result = explain_run.run(
-            checkpoint=_CHECKPOINT.value, config=_CONFIG.value, data_root=data_root,
-            output_dir=_OUTPUT_DIR.value, queries=queries, k=_K.value,
-            threshold=_THRESHOLD.value, mode=_MODE.value, order=_ORDER.value,
-            error_ranks=error_ranks, report_queries=_REPORT_QUERIES.value,
-            query_chunk=_QUERY_CHUNK.value, explanation_metrics=_EXPLANATION_METRICS.value,
-            cache_dir=_CACHE_DIR.value)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"tools/explain.py: error: {e}")
+    error_ranks = (None if _ERROR_RANKS.value is None
+                   else [_rank(r) for r in _ERROR_RANKS.value])
+    data_root = embeddings.resolve_data_root(_DATA_ROOT.value, _CONFIG.value, _CHECKPOINT.value)
+    result = explain_run.run(
+        checkpoint=_CHECKPOINT.value, config=_CONFIG.value, data_root=data_root,
+        output_dir=_OUTPUT_DIR.value, queries=queries, k=_K.value, threshold=_THRESHOLD.value,
+        mode=_MODE.value, order=_ORDER.value, error_ranks=error_ranks,
+        report_queries=_REPORT_QUERIES.value, query_chunk=_QUERY_CHUNK.value,
+        explanation_metrics=_EXPLANATION_METRICS.value, cache_dir=_CACHE_DIR.value,
+        overwrite=_OVERWRITE.value)
     s = result.summary
     print(f"explained {s['num_queries']} queries ({s['num_valid_queries']} with a valid match): "
           f"mAP {100 * s['mAP']:.2f} %, Rank-1 {100 * s['cmc'][0]:.2f} %, "
@@ -105,4 +103,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

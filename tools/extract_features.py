@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import atomic_io, checkpoints, embeddings
+from reid_jax import atomic_io, checkpoints, cli, embeddings
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
@@ -91,4 +91,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

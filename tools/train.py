@@ -16,6 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from reid_jax import cli
 from reid_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -46,4 +47,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import embeddings
+from reid_jax import cli, embeddings
 from reid_jax.train import attribute_training
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory of the re-id "
@@ -89,4 +89,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -98,6 +98,14 @@ def _check_ndim(name: str, x, ndims: tuple[int, ...], what: str) -> None:
         raise ValueError(f"{name} must be {what}, got shape {_shape(x)}")
 
 
+def _shown(values) -> str:
+    """Numbers as a person wrote them: float32 ``-0.1`` is shown as ``-0.1``, not
+    ``-0.10000000149011612`` (the shortest float32 repr)."""
+    a = np.asarray(values)
+    texts = [str(np.float32(v)) for v in np.atleast_1d(a).astype(np.float32)]
+    return texts[0] if a.ndim == 0 else "[" + ", ".join(texts) + "]"
+
+
 def check_threshold(threshold, num_attributes: int) -> None:
     """Rejects a threshold that is not a scalar or ``[A]``, or (when concrete) not in ``[0, 0.5)``.
 
@@ -115,7 +123,7 @@ def check_threshold(threshold, num_attributes: int) -> None:
         if np.any(bad):
             raise ValueError(
                 f"threshold must lie in [0, 0.5) (|x - 0.5| > t selects an attribute), "
-                f"got {t[bad].ravel()[:5].tolist() if t.ndim else float(t)}"
+                f"got {_shown(t[bad].ravel()[:5]) if t.ndim else _shown(t)}"
             )
 
 

@@ -14,10 +14,12 @@ For the chosen queries of a Market-1501-layout data root this module
 4. writes ``explanations.jsonl`` (one record per query, see :func:`make_record`),
    ``summary.json`` and the HTML report ``report/`` (``reid_jax.explain.report``).
 
-All three outputs are written into a staging folder inside ``output_dir`` and moved into place
-only when everything is complete, so an interrupted run leaves the previous outputs (or none),
-never half-written ones.  Embeddings computed from a checkpoint are cached in
-``output_dir/embeddings`` (``reid_jax.embeddings``), so a second run skips the network.
+All three outputs are one ``reid_jax.atomic_io.ResultSet``: written into a staging folder and
+published together by one atomic link swap, so at every instant ``output_dir`` holds the
+complete previous outputs or the complete new ones (or none), never half-written ones; a folder
+the tool did not write is never replaced without ``overwrite``. Embeddings computed from a
+checkpoint are cached in ``output_dir/embeddings`` (``reid_jax.embeddings``), so a second run
+skips the network.
 
 AP consistency: the AP pass ranks with float32 GEMM distances (``|q|^2 + |g|^2 - 2 q.g``,
 highest matmul precision) exactly as ``reid_jax.evaluation.rank_metrics`` would rank a distance
@@ -27,13 +29,10 @@ directly computed distances.  The two orders can differ only between near-tied i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -355,30 +354,6 @@ def _load_metrics_json(explanation_metrics: Any, output_dir: str) -> tuple[dict 
 # Atomic outputs.
 
 
-@contextlib.contextmanager
-def _staging(output_dir: str) -> Iterator[str]:
-    """A temporary folder inside ``output_dir``; removed whatever happens."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=".explain-staging-", dir=output_dir)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _publish(staging: str, output_dir: str, names: Sequence[str]) -> None:
-    """Moves ``names`` from ``staging`` into ``output_dir`` with renames (a folder replaces the
-    old one by two renames: the old one moves into ``staging`` and is deleted with it)."""
-    for name in names:
-        src, dst = os.path.join(staging, name), os.path.join(output_dir, name)
-        if os.path.isdir(src):
-            if os.path.lexists(dst):
-                os.replace(dst, os.path.join(staging, f".old-{name}"))
-            os.replace(src, dst)
-        else:
-            os.replace(src, dst)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run.
 
@@ -413,6 +388,7 @@ def run(
     query_chunk: int | None = None,
     explanation_metrics: str | dict | None = None,
     cache_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Explains the rankings of many queries; writes JSONL, ``summary.json`` and the report.
@@ -438,6 +414,8 @@ def run(
         ``output_dir/explanation_metrics.json`` when it exists).
       cache_dir: embedding cache of the checkpoint path (default ``output_dir/embeddings``;
         ``CHECKPOINT/embedding_cache`` shares the cache of the other tools).
+      overwrite: replace outputs in ``output_dir`` that this tool did not write (they are
+        moved aside, not deleted); without it such a folder is refused before any work.
       progress: draw progress bars on stderr.
 
     Returns:
@@ -450,6 +428,9 @@ def run(
     """
     output_dir = os.path.abspath(os.fspath(output_dir))
     data_root = os.path.abspath(os.fspath(data_root))
+    outputs = atomic_io.ResultSet(output_dir, (JSONL_NAME, SUMMARY_NAME, REPORT_NAME),
+                                  overwrite=overwrite)
+    outputs.check()
     use_checkpoint = checkpoint is not None
     given = [x is not None for x in (query_embeddings, gallery_embeddings, weights)]
     if use_checkpoint == any(given) or (not use_checkpoint and not all(given)):
@@ -519,7 +500,7 @@ def run(
         "jsonl": JSONL_NAME,
     }
 
-    with _staging(output_dir) as staging:
+    with outputs.staging() as staging:
         report_records = []
         bar = ProgressBar(len(selected), "explain", enabled=progress)
         explanations = explain_queries(
@@ -539,7 +520,7 @@ def run(
         atomic_io.write_json(os.path.join(staging, SUMMARY_NAME), summary, indent=1)
         report.write_report(os.path.join(staging, REPORT_NAME), summary, report_records,
                             data_root=data_root, progress=progress)
-        _publish(staging, output_dir, (JSONL_NAME, SUMMARY_NAME, REPORT_NAME))
+        outputs.publish(staging)
     logging.info("explained %d queries: %s, report %s", len(selected),
                  os.path.join(output_dir, JSONL_NAME),
                  os.path.join(output_dir, REPORT_NAME, "index.html"))

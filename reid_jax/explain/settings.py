@@ -18,13 +18,12 @@ such a folder agree on them.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from reid_jax import config_sections
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.explain import kernels
 
@@ -156,28 +155,6 @@ def _count(name: str, value: Any) -> int:
     return int(value)
 
 
-def _section(config: Any) -> dict[str, Any]:
-    """``config.explain`` as a plain dict (``{}`` when there is none)."""
-    if config is None:
-        return {}
-    section = config.get("explain") if hasattr(config, "get") else None
-    if section is None:
-        return {}
-    if isinstance(section, ml_collections.ConfigDict):
-        return section.to_dict()
-    if isinstance(section, Mapping):
-        return dict(section)
-    raise ValueError(f"config.explain must be a section of fields, got {type(section).__name__}")
-
-
-def unknown_field_error(section: str, name: str, known: Sequence[str]) -> ValueError:
-    """A ``ValueError`` naming an unknown config field and the nearest valid names."""
-    near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(near)}?" if near else ""
-    return ValueError(f"config.{section} has no field {name!r}{hint} (fields: "
-                      f"{', '.join(sorted(known))})")
-
-
 def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
     """The validated settings of ``config.explain``, with ``overrides`` (flags) applied.
 
@@ -189,12 +166,7 @@ def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
     Raises:
       ValueError: an unknown field (with the nearest valid names) or a bad value, named.
     """
-    values = default_config().to_dict()
-    for source in (_section(config), {k: v for k, v in overrides.items() if v is not None}):
-        for name, value in source.items():
-            if name not in values:
-                raise unknown_field_error("explain", name, list(values))
-            values[name] = value
+    values = config_sections.section_values(config, "explain", default_config(), overrides)
     k = _int("k", values["k"], 1)
     if values["mode"] not in MODES:
         raise ValueError(f"config.explain.mode must be one of {MODES}, got {values['mode']!r}")
@@ -242,5 +214,4 @@ __all__ = [
     "DEFAULT_ERROR_RANKS", "EMBEDDINGS_NAME", "JSONL_NAME", "METRICS_MARKDOWN_NAME",
     "METRICS_NAME", "MODES", "ORDERS", "REPORT_NAME", "SUMMARY_NAME", "ExplainSettings",
     "default_config", "explain_settings", "parse_threshold", "threshold_json",
-    "unknown_field_error",
 ]

@@ -33,7 +33,6 @@ then finds the head at the latest step.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -50,7 +49,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from reid_jax import atomic_io, checkpoints, embeddings, evaluation
+from reid_jax import atomic_io, checkpoints, config_sections, embeddings, evaluation
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.models.attribute_head import AttributeHead
 from reid_jax.train import losses
@@ -85,18 +84,7 @@ def head_train_config(config: Any = None, **overrides: Any) -> HeadTrainConfig:
     Raises:
       ValueError: an unknown field (with the nearest valid names) or a bad value.
     """
-    values = default_config().to_dict()
-    section = config.get("attributes") if config is not None and hasattr(config, "get") else None
-    if isinstance(section, ml_collections.ConfigDict):
-        section = section.to_dict()
-    for source in (dict(section or {}), {k: v for k, v in overrides.items() if v is not None}):
-        for name, value in source.items():
-            if name not in values:
-                near = difflib.get_close_matches(name, list(values), n=3, cutoff=0.5)
-                hint = f"; did you mean {', '.join(near)}?" if near else ""
-                raise ValueError(f"config.attributes has no field {name!r}{hint} (fields: "
-                                 f"{', '.join(sorted(values))})")
-            values[name] = value
+    values = config_sections.section_values(config, "attributes", default_config(), overrides)
     return HeadTrainConfig(**values)
 
 
@@ -257,6 +245,26 @@ def train_attribute_head(
 # ------------------------------------------------------------------------------ labels
 
 
+class TrainingDivergedError(ValueError):
+    """Head training ended with a higher loss than it started with; nothing was saved."""
+
+
+# A run whose full-data loss ends above this multiple of its start has diverged.
+DIVERGENCE_RATIO = 1.0
+
+
+def check_converged(history: Mapping[str, Any], train_config: HeadTrainConfig) -> None:
+    """Raises :class:`TrainingDivergedError` when ``final_loss > initial_loss``: a head that
+    fits the training embeddings worse than its random start is never saved as the newest head
+    (nor are its metrics written)."""
+    initial, final = float(history["initial_loss"]), float(history["final_loss"])
+    if not math.isfinite(final) or final > DIVERGENCE_RATIO * initial:
+        raise TrainingDivergedError(
+            f"attribute head training diverged: loss {initial:.4g} -> {final:.4g} with "
+            f"learning rate {train_config.learning_rate:g} (--lr); nothing was saved. Lower the "
+            "learning rate (config.attributes.learning_rate, default 1e-3) and run again")
+
+
 def split_labels(attrs: attributes_lib.MarketAttributes,
                  splits: Sequence[embeddings.SplitEmbeddings]
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -371,7 +379,7 @@ def save_with_attribute_head(
     reader = checkpoints.open_manager(directory, read_only=True)
     try:
         stored = set(reader.item_metadata(source_step).keys())
-        latest = reader.latest_step()
+        latest = checkpoints.latest_step(directory)
     finally:
         reader.close()
     extra_items = sorted(stored - set(_KNOWN_ITEMS))
@@ -462,6 +470,7 @@ def train_attributes(
     train_features, train_labels, train_pids = split_labels(attrs, [split_embeddings["train"]])
     ratios = attributes_lib.positive_ratios(train_labels) / 100.0  # per labelled train image
     head, history = train_attribute_head(train_features, train_labels, ratios, train_config)
+    check_converged(history, train_config)
     test = evaluate_attribute_head(head, attrs, [split_embeddings[s] for s in TEST_SPLITS])
     print(format_attribute_table(test))
 
