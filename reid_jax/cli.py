@@ -28,6 +28,7 @@ import errno
 import importlib.util
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -192,8 +193,17 @@ def wrap(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     return wrapped
 
 
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    """A full disk in a background writer (orbax saves asynchronously) ends the program with
+    the one line at once; other thread errors keep Python's report."""
+    if args.exc_value is not None and disk_full(args.exc_value) is not None:
+        _report(args.exc_value)
+    threading.__excepthook__(args)
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
     """``absl.app.run(main)`` with one-line user errors (flags, configs, inputs, disk)."""
+    threading.excepthook = _thread_excepthook
     app.run(wrap(main), flags_parser=parse_flags)
 
 
