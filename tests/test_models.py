@@ -345,9 +345,10 @@ def test_bnneck_eval_uses_running_stats_train_updates_them():
     bm, bv = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
     train_ref = (x - bm) / np.sqrt(bv + 1e-5) * scale + bias
     np.testing.assert_allclose(neck(jnp.asarray(x)), train_ref, rtol=1e-4, atol=1e-5)
-    # torch momentum 0.1 == flax momentum 0.9 (flax keeps the biased batch variance).
+    # torch momentum 0.1 == flax momentum 0.9; the running variance takes the *unbiased* batch
+    # variance, as torch's (the forward pass above normalised with the biased one).
     np.testing.assert_allclose(neck.bn.mean[...], 0.9 * mean + 0.1 * bm, rtol=1e-5)
-    np.testing.assert_allclose(neck.bn.var[...], 0.9 * var + 0.1 * bv, rtol=1e-5)
+    np.testing.assert_allclose(neck.bn.var[...], 0.9 * var + 0.1 * bv * 6 / 5, rtol=1e-5)
     np.testing.assert_allclose(neck.bias[...], bias, rtol=1e-6)  # untouched
     assert neck.bn.bias is None
     assert not isinstance(neck.bias, nnx.Param)
