@@ -34,7 +34,9 @@ Every field (DESIGN.md section 3 for the recipe):
 - ``init_from``: a checkpoint directory from ``tools/convert_torch.py`` (torchvision's ImageNet
   ResNet-50: ``--input=resnet50-19c8e357.pth``) whose backbone initialises the model; empty =
   random initialisation (the published 87.8 mAP needs the ImageNet weights).
-- ``dtype``: ``float32`` or ``bfloat16`` (backbone compute; parameters stay float32).
+- ``dtype``: ``float32``, ``bfloat16`` (backbone compute; parameters, optimizer state and
+  BatchNorm statistics stay float32) or ``float64`` (parity tests; needs ``jax.enable_x64``).
+  docs/training.md, "Precision".
 
 Note: one revision of the reference yml says ``MAX_EPOCHS: 160``; the AGW paper's recipe and
 this project use 120 (nothing changes after epoch 70 but the length).

@@ -70,7 +70,8 @@ RETRIEVAL_FEATURES = ("post_bn", "pre_bn")
 
 
 class FrozenParam(nnx.Variable):
-    """A weight that is loaded and saved with the model but never trained (not an ``nnx.Param``)."""
+    """A weight that is loaded and saved with the model but never trained (not an ``nnx.Param``;
+    docs/training.md, "BNNeck's frozen bias")."""
 
 
 class AGWOutputs(NamedTuple):

@@ -1,5 +1,7 @@
 """AGW's learning-rate schedule: linear warmup, then steps at fixed epochs, per epoch.
 
+docs/training.md, "Learning-rate schedule: per epoch, stepped at epoch start".
+
 ReID-Survey trains with ``WarmupMultiStepLR`` (``utils/lr_scheduler.py``) stepped once at the
 start of every epoch (``Events.EPOCH_STARTED``) after the one step its constructor takes, so
 1-based epoch ``e`` runs at

@@ -133,7 +133,8 @@ class TrainState:
 
 def build_optimizer(optim: ml_collections.ConfigDict,
                     schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Adam with coupled L2 (torch ``Adam(weight_decay=...)``), see the module docstring.
+    """Adam with coupled L2 (torch ``Adam(weight_decay=...)``), see the module docstring and
+    docs/training.md, "Optimizer: Adam with coupled L2 on every parameter".
 
     Equal settings give the same (cached) object, so a new run in the same process reuses the
     compiled step.
