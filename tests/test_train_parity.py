@@ -217,7 +217,7 @@ def parity_figures(runs) -> dict[str, float]:
 # ----------------------------------------------------------------------------- tests
 
 
-def test_same_weights_and_batches_on_both_sides(runs):
+def test_both_sides_train_the_same_parameters_at_the_same_rates(runs):
     t, j = runs["torch"], runs["jax"]
     assert j["dtypes"] == {jnp.dtype(jnp.float64)}, "the JAX state must be float64"
     # Every trainable torch parameter has an Adam state on both sides, and nothing else does.

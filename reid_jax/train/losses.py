@@ -333,7 +333,9 @@ def center_optimizer(learning_rate: float = CENTER_LEARNING_RATE) -> optax.Gradi
 def update_centers(centers: Array, opt_state: optax.OptState, features: ArrayLike,
                    labels: ArrayLike, *, optimizer: optax.GradientTransformation,
                    ) -> tuple[Array, optax.OptState]:
-    """One center step, with the reference's semantics (docs/training.md, "Center loss: its own SGD").
+    """One center step, with the reference's semantics.
+
+    docs/training.md, "Center loss: its own SGD".
 
     How the reference trains centers: the model loss is ``CE + triplet + 5e-4 * center_loss``
     and one ``backward`` fills the gradients of both the model and the centers; the model takes
