@@ -167,6 +167,17 @@ def test_bf16_option_runs_and_tracks_float32():
     assert float(cos.min()) > 0.99
 
 
+def test_float64_model_needs_64_bit_jax_and_is_float64_throughout():
+    with pytest.raises(ValueError, match=r"model dtype 'float64' needs 64-bit JAX"):
+        AGW(5, **TINY, dtype="float64", rngs=nnx.Rngs(0))
+    with jax.enable_x64(True):
+        model = nnx.eval_shape(lambda: AGW(5, **TINY, dtype="float64", rngs=nnx.Rngs(0)))
+        assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.float64)}
+        out = nnx.eval_shape(lambda m, x: m(x), model,
+                             jax.ShapeDtypeStruct((2, 64, 32, 3), jnp.float32))
+        assert {x.dtype for x in out} == {jnp.dtype(jnp.float64)}
+
+
 def test_from_config_and_errors():
     config = ml_collections.ConfigDict({"model": default_model_config()})
     config.model.width = 8
