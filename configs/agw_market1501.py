@@ -34,7 +34,9 @@ Every field (docs/design.md, "AGW as the reference has it", for the recipe):
 - ``init_from``: a checkpoint directory from ``tools/convert_torch.py`` (torchvision's ImageNet
   ResNet-50: ``--input=resnet50-19c8e357.pth``) whose backbone initialises the model; empty =
   random initialisation (the published 87.8 mAP needs the ImageNet weights).
-- ``dtype``: ``float32`` or ``bfloat16`` (backbone compute; parameters stay float32).
+- ``dtype``: ``float32``, ``bfloat16`` (backbone compute; parameters, optimizer state and
+  BatchNorm statistics stay float32) or ``float64`` (parity tests; needs ``jax.enable_x64``).
+  docs/training.md, "Precision".
 - ``attributes``: how ``tools/train_attributes.py`` trains the attribute head on the frozen
   embedding (``reid_jax.train.attribute_training.default_config``: epochs, learning_rate,
   batch_size, weight_decay, seed).

@@ -135,6 +135,9 @@ def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """One AGW update (the loss in the module docstring); pure, jit it.
 
+    It is the reference's update step for step (docs/training.md, "The training step"; tested
+    against a PyTorch implementation in float64 by tests/test_train_parity.py).
+
     Args:
       state: the current state.
       batch: ``{"image": float32 [B, H, W, 3] (normalised NHWC), "label": int32 [B]}`` with
