@@ -5,14 +5,16 @@ r"""AGW on Market-1501: the reference recipe (ReID-Survey ``configs/AGW_baseline
 
 Every field (DESIGN.md section 3 for the recipe):
 
-- ``data``: ``root`` (the folder with ``bounding_box_train/``, ``query/``,
-  ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x ``k`` images per
-  batch (16 x 4 = 64), ``num_workers`` / ``prefetch`` / ``backend`` of the input pipeline,
-  ``eval_batch_size``; reader options of the folder (``reid_jax.embeddings.load_dataset``):
-  ``verify_images`` (False; True: decode every image once while reading the folder and fail on
-  one that does not) and ``skip_undecodable`` (False; with ``verify_images``: leave such images
-  out instead, logged). Any ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``,
-  ``pad``, ``erase_prob``, ...) may be added here to override the reference augmentation.
+- ``data``: ``source`` ("folder" | "tfds", ``reid_jax.data.sources``; with "tfds" also
+  ``tfds_data_dir`` and ``tfds_config``), ``root`` (the folder with ``bounding_box_train/``,
+  ``query/``, ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x
+  ``k`` images per batch (16 x 4 = 64), ``num_workers`` / ``prefetch`` / ``backend`` of the
+  input pipeline, ``eval_batch_size``; reader options of the folder
+  (``reid_jax.embeddings.load_dataset``): ``verify_images`` (False; True: decode every image
+  once while reading the folder and fail on one that does not) and ``skip_undecodable``
+  (False; with ``verify_images``: leave such images out instead, logged). Any
+  ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``, ``pad``, ``erase_prob``, ...)
+  may be added here to override the reference augmentation.
 - ``model``: ``reid_jax.models.agw.default_model_config`` (ResNet-50, last stride 1, non-local
   blocks (0, 2, 3, 0), GeM p=3, the reference's quirks); ``model.dtype`` follows ``dtype``.
   ``model.retrieval_feature`` ("post_bn" | "pre_bn") and ``model.normalize_feature`` (True)
@@ -52,6 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""
 
     config.data = ml_collections.ConfigDict()
+    # "folder": read the image files under data.root; "tfds": the market1501 TFDS array_record
+    # files in data.tfds_data_dir ("" = ~/tensorflow_datasets), config data.tfds_config ("real",
+    # or "synthetic" for tools/make_synthetic.py folders), prepared from data.root if missing.
+    # Same images, labels and embeddings; tfds reads 3 large files (docs/scaling.md).
+    config.data.source = "folder"
+    config.data.tfds_data_dir = ""
+    config.data.tfds_config = "real"
     config.data.root = ""
     config.data.height = 256
     config.data.width = 128

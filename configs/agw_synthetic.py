@@ -17,6 +17,7 @@ from configs import agw_market1501
 
 def get_config() -> ml_collections.ConfigDict:
     config = agw_market1501.get_config()
+    config.data.tfds_config = "synthetic"  # used with --config.data.source=tfds
     config.data.height = 128  # the synthetic images' own size: no resizing
     config.data.width = 64
     config.data.p = 8

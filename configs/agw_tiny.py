@@ -11,6 +11,7 @@ from configs import agw_market1501
 
 def get_config() -> ml_collections.ConfigDict:
     config = agw_market1501.get_config()
+    config.data.tfds_config = "synthetic"  # used with --config.data.source=tfds
     config.data.height = 64
     config.data.width = 32
     config.data.pad = 4

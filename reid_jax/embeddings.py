@@ -25,8 +25,9 @@ explained (eq. 3.2), so every tool takes it from here.
   is the entry point of ``tools/evaluate.py``, ``tools/train_attributes.py``,
   ``tools/explain.py`` and ``tools/analyze.py``; its signature and :class:`SplitEmbeddings`
   are kept stable.
-* :func:`load_dataset`: ``load_market1501`` with the reader options of ``config.data``
-  (``verify_images``, ``skip_undecodable``); training and the tools read the data through it.
+* :func:`load_dataset`: the data of ``config.data.source`` (``reid_jax.data.sources``: the
+  folder, or its TFDS records) with the reader options of ``config.data`` (``verify_images``,
+  ``skip_undecodable``); training and the tools read the data through it.
 
 The cache key is a fingerprint of the model's weights (SHA-256 over every array of
 ``nnx.state(model)``), ``config.model``, the model's retrieval feature settings, the eval image
@@ -54,14 +55,9 @@ from absl import logging
 from flax import nnx
 
 from reid_jax import atomic_io, checkpoints
-from reid_jax.data import augment
+from reid_jax.data import augment, sources
 from reid_jax.data import loader as loader_lib
-from reid_jax.data.market1501 import (
-    IMAGE_EXTENSIONS,
-    SPLIT_FOLDERS,
-    Market1501,
-    load_market1501,
-)
+from reid_jax.data.market1501 import IMAGE_EXTENSIONS, SPLIT_FOLDERS, Market1501
 from reid_jax.models.agw import AGW, model_kwargs
 from reid_jax.models.attribute_head import AttributeHead
 from reid_jax.progress import ProgressLog
@@ -161,8 +157,9 @@ def dataset_options(config: ml_collections.ConfigDict | Mapping[str, Any] | None
 
 def load_dataset(data_root: str | os.PathLike,
                  config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> Market1501:
-    """``load_market1501(data_root, **dataset_options(config))``: the data the tools read."""
-    return load_market1501(data_root, **dataset_options(config))
+    """The data the tools read: ``config.data.source`` (``reid_jax.data.sources``: the folder
+    ``data_root`` read with ``dataset_options(config)``, or its TFDS ``market1501`` records)."""
+    return sources.load_data(data_root, config, **dataset_options(config))
 
 
 def eval_batch_size(config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> int:
@@ -307,9 +304,9 @@ def extract(
                              f"of mesh axis {axis!r}")
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         image_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-        state = jax.device_put(state, replicated)
+        state = loader_lib.put_replicated(state, replicated)
         if head_kernel is not None:
-            head_kernel = jax.device_put(head_kernel, replicated)
+            head_kernel = loader_lib.put_replicated(head_kernel, replicated)
         forward = _forward_on_mesh(mesh)
 
     n = len(items)
@@ -559,13 +556,13 @@ def split_embeddings(
                 "retrieval": {"feature": model.retrieval_feature,
                               "normalize": model.normalize_feature},
                 "image": eval_image_settings(loader_config),
-                "files": files_fingerprint(s.paths),
+                "files": files_fingerprint(s.source_files),
                 "outputs": [FEATURES],
             })
 
-        def compute(paths: tuple[str, ...] = s.paths, name: str = split) -> dict[str, np.ndarray]:
+        def compute(items: Sequence[Any] = s.items, name: str = split) -> dict[str, np.ndarray]:
             return extract(
-                model, paths, height=height, width=width, batch_size=batch_size,
+                model, items, height=height, width=width, batch_size=batch_size,
                 mesh=mesh, loader_config=loader_config, description=f"{name} embeddings")
 
         arrays = cached_embeddings(cache_path, key_info, compute)
