@@ -41,24 +41,23 @@ def train_command(workdir: pathlib.Path, data: str, steps: int, *extra: str) -> 
             "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", *extra]
 
 
-def env(num_devices: int, cache: pathlib.Path) -> dict[str, str]:
+def env(num_devices: int) -> dict[str, str]:
     out = dict(os.environ)
     out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
     out.pop("XLA_FLAGS", None)
-    out.update({"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(num_devices),
-                # The resumed launch compiles the same programs as the first: reuse them.
-                "JAX_COMPILATION_CACHE_DIR": str(cache)})
+    out.pop("JAX_COMPILATION_CACHE_DIR", None)  # processes must compile alike
+    out.update({"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(num_devices)})
     return out
 
 
-def start_two_processes(workdir: pathlib.Path, data: str, steps: int, cache: pathlib.Path
+def start_two_processes(workdir: pathlib.Path, data: str, steps: int
                         ) -> list[subprocess.Popen]:
     address = f"localhost:{free_port()}"
     return [subprocess.Popen(
         train_command(workdir, data, steps, "--jax_distributed",
                       f"--coordinator_address={address}", "--num_processes=2",
                       f"--process_id={i}"),
-        cwd=REPO, env=env(1, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
 
 
@@ -109,18 +108,17 @@ def restore_items(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
 
 
 def test_two_processes_train_as_one(tiny_dataset, tmp_path):
-    cache = tmp_path / "compilation_cache"
     multi, single = tmp_path / "two_processes", tmp_path / "one_process"
     # Steps 0-2 on 2 processes and the whole 1-process reference, side by side.
     reference = subprocess.Popen(train_command(single, tiny_dataset, STEPS), cwd=REPO,
-                                 env=env(2, tmp_path / "cache_reference"),
+                                 env=env(2),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = start_two_processes(multi, tiny_dataset, 2, cache)
+    first = start_two_processes(multi, tiny_dataset, 2)
     logs = wait_all(first + [reference])
     assert "devices: 2 x cpu on 2 process(es); global batch 8" in logs[0]
     assert "devices: 2 x cpu on 1 process(es); global batch 8" in logs[2]
     # Resume: both processes restore step 2 from the shared workdir and train on to step 4.
-    logs = wait_all(start_two_processes(multi, tiny_dataset, STEPS, cache))
+    logs = wait_all(start_two_processes(multi, tiny_dataset, STEPS))
     assert "resumed from" in logs[0] and "step 2" in logs[0]
 
     ckpts = multi / loop.CHECKPOINT_SUBDIR

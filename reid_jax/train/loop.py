@@ -592,8 +592,15 @@ def _train_loop(
                                       process_count=jax.process_count()) as batches:
             for step, host_batch in zip(range(start, total_steps), batches, strict=True):
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, shard_local_batch(
-                    {"image": host_batch["image"], "label": host_batch["label"]}, mesh))
+                batch = shard_local_batch(
+                    {"image": host_batch["image"], "label": host_batch["label"]}, mesh)
+                if step == start and jax.process_count() > 1:
+                    # Compile, then wait for every process before the first collective: one
+                    # that compiles longer must not time the others out (docs/scaling.md,
+                    # "Multi-host training").
+                    step_fn = step_fn.lower(state, batch).compile()
+                    ocp.multihost.sync_global_processes("reid_jax.train: train step compiled")
+                state, metrics = step_fn(state, batch)
                 done = step + 1
                 if step == start:
                     jax.block_until_ready(metrics)
