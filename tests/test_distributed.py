@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX.proto import event_pb2
@@ -61,7 +62,7 @@ def start_two_processes(workdir: pathlib.Path, data: str, steps: int
         for i in range(2)]
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+def wait_all(procs: list[subprocess.Popen], timeout: float = 1200) -> list[str]:
     logs = []
     try:
         for proc in procs:
@@ -93,13 +94,19 @@ def read_scalars(workdir: pathlib.Path, tag: str) -> dict[int, float]:
 
 def restore_items(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
     """Model and optimizer arrays of checkpoint ``step``, keyed by path."""
-    import jax
-
     manager = loop.open_checkpoint_manager(str(workdir), None)
     try:
+        # Saved on 2 devices of 2 processes: restore onto this process's first device.
+        meta = manager.item_metadata(step)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def target(item: str):
+            return ocp.args.StandardRestore(jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta[item]))
+
         restored = manager.restore(step, args=ocp.args.Composite(**{
-            checkpoints.MODEL_ITEM: ocp.args.StandardRestore(),
-            loop.TRAIN_STATE_ITEM: ocp.args.StandardRestore()}))
+            checkpoints.MODEL_ITEM: target(checkpoints.MODEL_ITEM),
+            loop.TRAIN_STATE_ITEM: target(loop.TRAIN_STATE_ITEM)}))
     finally:
         manager.close()
     tree = {"model": restored[checkpoints.MODEL_ITEM], "train": restored[loop.TRAIN_STATE_ITEM]}
