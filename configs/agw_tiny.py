@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.p = 4
     config.data.k = 2
     config.data.num_workers = 0
+    config.data.backend = "thread"
     config.data.eval_batch_size = 16
 
     config.model.width = 8
