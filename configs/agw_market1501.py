@@ -5,14 +5,16 @@ r"""AGW on Market-1501: the reference recipe (ReID-Survey ``configs/AGW_baseline
 
 Every field (docs/design.md, "AGW as the reference has it", for the recipe):
 
-- ``data``: ``root`` (the folder with ``bounding_box_train/``, ``query/``,
-  ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x ``k`` images per
-  batch (16 x 4 = 64), ``num_workers`` / ``prefetch`` / ``backend`` of the input pipeline,
-  ``eval_batch_size``; reader options of the folder (``reid_jax.embeddings.load_dataset``):
-  ``verify_images`` (False; True: decode every image once while reading the folder and fail on
-  one that does not) and ``skip_undecodable`` (False; with ``verify_images``: leave such images
-  out instead, logged). Any ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``,
-  ``pad``, ``erase_prob``, ...) may be added here to override the reference augmentation.
+- ``data``: ``source`` ("folder" | "tfds", ``reid_jax.data.sources``; with "tfds" also
+  ``tfds_data_dir`` and ``tfds_config``), ``root`` (the folder with ``bounding_box_train/``,
+  ``query/``, ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x
+  ``k`` images per batch (16 x 4 = 64), ``num_workers`` / ``prefetch`` / ``backend`` of the
+  input pipeline, ``eval_batch_size``; reader options of the folder
+  (``reid_jax.embeddings.load_dataset``): ``verify_images`` (False; True: decode every image
+  once while reading the folder and fail on one that does not) and ``skip_undecodable``
+  (False; with ``verify_images``: leave such images out instead, logged). Any
+  ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``, ``pad``, ``erase_prob``, ...)
+  may be added here to override the reference augmentation.
 - ``model``: ``reid_jax.models.agw.default_model_config`` (ResNet-50, last stride 1, non-local
   blocks (0, 2, 3, 0), GeM p=3, the reference's quirks); ``model.dtype`` follows ``dtype``.
   ``model.retrieval_feature`` ("post_bn" | "pre_bn") and ``model.normalize_feature`` (True)
@@ -65,14 +67,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""
 
     config.data = ml_collections.ConfigDict()
+    # "folder": read the image files under data.root; "tfds": the market1501 TFDS array_record
+    # files in data.tfds_data_dir ("" = ~/tensorflow_datasets), config data.tfds_config ("real",
+    # or "synthetic" for tools/make_synthetic.py folders), prepared from data.root if missing.
+    # Same images, labels and embeddings; tfds reads 3 large files (docs/scaling.md).
+    config.data.source = "folder"
+    config.data.tfds_data_dir = ""
+    config.data.tfds_config = "real"
     config.data.root = ""
     config.data.height = 256
     config.data.width = 128
     config.data.p = 16
     config.data.k = 4
-    config.data.num_workers = 4
-    config.data.prefetch = 4
-    config.data.backend = "thread"
+    # The GPU recipe: grain worker processes, about the host's cores minus two (a GPU at 2,500
+    # images/s needs several cores of decoding and augmentation, which threads cannot share
+    # under the GIL; docs/scaling.md, "Input pipeline"). prefetch is per worker with grain.
+    config.data.num_workers = 12
+    config.data.prefetch = 2
+    config.data.backend = "grain"
     config.data.eval_batch_size = 128
     config.data.verify_images = False
     config.data.skip_undecodable = False

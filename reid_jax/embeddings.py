@@ -26,7 +26,7 @@ explained (eq. 3.2), so every tool takes it from here.
   splits (``query``, ``gallery``, ``train``) of a checkpoint, with pids and cameras, cached. This
   is the entry point of ``tools/evaluate.py``, ``tools/train_attributes.py``,
   ``tools/explain.py``, ``tools/evaluate_explanations.py`` and ``tools/analyze.py``. They take
-  the dataset a run scanned once (``reid_jax.data.market1501.load_dataset``), so every part of a
+  the dataset a run scanned once (``reid_jax.data.sources.load_dataset``), so every part of a
   run sees the same image lists.
 * :func:`head_weights`: ``W [N, A]`` of a checkpoint's attribute head
   (``reid_jax.checkpoints.NoAttributeHeadError`` when the step has none).
@@ -59,14 +59,13 @@ from absl import logging
 from flax import nnx
 
 from reid_jax import atomic_io, checkpoints
-from reid_jax.data import augment
+from reid_jax.data import augment, sources
 from reid_jax.data import loader as loader_lib
 from reid_jax.data.market1501 import (
     IMAGE_EXTENSIONS,
     SPLIT_FOLDERS,
     Market1501,
     config_data_section,
-    load_dataset,
 )
 from reid_jax.models.agw import AGW, model_kwargs
 from reid_jax.models.attribute_head import AttributeHead
@@ -276,9 +275,9 @@ def extract(
                              f"of mesh axis {axis!r}")
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         image_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-        state = jax.device_put(state, replicated)
+        state = loader_lib.put_replicated(state, replicated)
         if head_kernel is not None:
-            head_kernel = jax.device_put(head_kernel, replicated)
+            head_kernel = loader_lib.put_replicated(head_kernel, replicated)
         forward = _forward_on_mesh(mesh)
 
     n = len(items)
@@ -507,7 +506,7 @@ def split_embeddings(
         if split not in SPLIT_FOLDERS:
             raise ValueError(f"unknown split {split!r}; expected some of {tuple(SPLIT_FOLDERS)}")
     if not isinstance(data, Market1501):
-        data = load_dataset(data, config)
+        data = sources.load_dataset(data, config)
     loader_config = eval_loader_config(config, num_workers=num_workers)
     height, width = loader_config.augment.height, loader_config.augment.width
     if batch_size is None:
@@ -531,13 +530,13 @@ def split_embeddings(
                 "retrieval": {"feature": model.retrieval_feature,
                               "normalize": model.normalize_feature},
                 "image": eval_image_settings(loader_config),
-                "files": files_fingerprint(s.paths),
+                "files": files_fingerprint(s.source_files),
                 "outputs": [FEATURES],
             })
 
-        def compute(paths: tuple[str, ...] = s.paths, name: str = split) -> dict[str, np.ndarray]:
+        def compute(items: Sequence[Any] = s.items, name: str = split) -> dict[str, np.ndarray]:
             return extract(
-                model, paths, height=height, width=width, batch_size=batch_size,
+                model, items, height=height, width=width, batch_size=batch_size,
                 mesh=mesh, loader_config=loader_config, description=f"{name} embeddings")
 
         arrays = cached_embeddings(cache_path, key_info, compute)

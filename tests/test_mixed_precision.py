@@ -18,8 +18,8 @@ import pytest
 from flax import nnx
 
 from configs import agw_tiny
-from reid_jax import embeddings
 from reid_jax.data import loader as loader_lib
+from reid_jax.data import sources
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
 from reid_jax.train import loop, schedules
@@ -44,7 +44,7 @@ def runs(tiny_dataset):
     config = agw_tiny.get_config()
     config.data.root = tiny_dataset
     config.num_epochs = 6  # about 6 steps an epoch: 20 steps span warmup, full rate, a milestone
-    data = embeddings.load_dataset(tiny_dataset, config)
+    data = sources.load_dataset(tiny_dataset, config)
     loader_cfg = loop.loader_config(config)
     sampler = RandomIdentitySampler(data.train.labels, loader_cfg.p, loader_cfg.k,
                                     seed=config.seed)

@@ -38,7 +38,26 @@ flags.DEFINE_integer("pairs_queries", 256,
 flags.DEFINE_integer("repeats", 2, "Timed repetitions after one warm-up; the best is reported.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("rank_metrics", True, "Also benchmark reid_jax.evaluation.rank_metrics.")
+flags.DEFINE_enum("precision", "highest", ["highest", "default"],
+                  "Matmul precision of the kernels and distances: 'highest' (full float32 "
+                  "products, what reid_jax.retrieval.PRECISION ships) or 'default' (the "
+                  "backend's fastest: TF32 / bfloat16 passes on GPUs and TPUs), to measure "
+                  "what the full precision costs and what it buys on near-duplicate pairs.")
 flags.DEFINE_string("measure", "", "Internal: run one measurement and print it as JSON.")
+flags.DEFINE_string("json", None, "Also write the measurements to this JSON file.")
+
+
+def _set_precision() -> None:
+    """Applies --precision to the kernels (read when they are traced, so before any call)."""
+    import jax
+
+    from reid_jax import retrieval
+    from reid_jax.explain import kernels
+
+    precision = {"highest": jax.lax.Precision.HIGHEST,
+                 "default": jax.lax.Precision.DEFAULT}[FLAGS.precision]
+    retrieval.PRECISION = precision
+    kernels._PRECISION = precision
 
 
 def _unit(rng, n, d):
@@ -103,7 +122,7 @@ def _run_child(name: str) -> dict:
     argv = [sys.executable, __file__, f"--measure={name}"] + [
         f"--{k}={getattr(FLAGS, k)}" for k in
         ("num_query", "num_gallery", "dim", "num_attributes", "k", "pairs_queries", "repeats",
-         "seed")
+         "seed", "precision")
     ]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -174,6 +193,7 @@ def _rank_metrics_bench() -> dict:
 
 def main(argv):
     del argv
+    _set_precision()
     if FLAGS.measure:
         print(json.dumps(_measure(FLAGS.measure)))
         return
@@ -186,7 +206,8 @@ def main(argv):
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
     print(f"sizes: Q={q} G={g} N={n} A={a} k={FLAGS.k}; all-pairs on {qs} queries x {g}; "
-          f"recompute ratio {explain.recompute_ratio(n):.3f}")
+          f"recompute ratio {explain.recompute_ratio(n):.3f}; matmul precision "
+          f"{FLAGS.precision}")
     names = ["distance_gemm", "explain", "attribute_gemm", "errors_auto", "errors_direct",
              "errors_gemm"]
     res = {}
@@ -224,8 +245,14 @@ def main(argv):
           f"({'met' if e / dg <= 1.5 else 'NOT met'}); attribute_errors(auto) <= 1.5x GEMM and "
           f"error <= 1e-3: {auto_ratio:.2f}x, {acc['auto']['all_pairs']:.1e} "
           f"({'met' if auto_met else 'NOT met'})")
+    summary = {"sizes": {"Q": q, "G": g, "N": n, "A": a, "k": FLAGS.k, "pairs_queries": qs},
+               "precision": FLAGS.precision, "device": jax.devices()[0].device_kind,
+               "seconds": {name: r["seconds"] for name, r in res.items()},
+               "peak_rss_mib": {name: r["peak_rss_mib"] for name, r in res.items()},
+               "max_relative_error": acc}
     if FLAGS.rank_metrics:
         rm = _rank_metrics_bench()
+        summary["rank_metrics"] = rm
         speed = rm["loop_s"] / rm["vectorised_s"]
         print()
         print("| rank_metrics (Market size) | seconds |")
@@ -234,6 +261,10 @@ def main(argv):
         print(f"| per-query numpy loop | {rm['loop_s']:.3f} |")
         print(f"speed-up {speed:.1f}x (goal >= 10x: {'met' if speed >= 10 else 'NOT met'}); "
               f"max |difference| {rm['max_abs_diff']:.1e}")
+
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":

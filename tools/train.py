@@ -5,7 +5,7 @@ r"""Trains AGW: flags -> ``reid_jax.train.loop.train_and_evaluate(config, workdi
 
 Any config field can be overridden (``--config.num_epochs=5``, ``--config.data.p=8``). Running
 the same command again resumes from the latest checkpoint in ``workdir/checkpoints``. Multi-host:
-add ``--jax_distributed`` on every host (see ``reid_jax/loop.py``).
+add ``--jax_distributed`` on every host (see ``reid_jax/train/loop.py`` and docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import jax
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -39,6 +40,12 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+        # Barriers through the coordination service, which waits for late processes (orbax's
+        # default is a device collective, which on CPU gives up after 30 s); and every process
+        # starts together (docs/scaling.md, "Multi-host training").
+        if not flags.FLAGS["experimental_orbax_use_distributed_barrier"].present:
+            flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+        ocp.multihost.sync_global_processes("tools/train.py: every process started")
     loop.quiet_orbax_logging()
     logging.info("config:\n%s", _CONFIG.value)
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -101,6 +101,9 @@ class Split:
       junk_left_out: images with pid -1 not included.
       distractors_left_out: pid 0 images not included (train and query only).
       undecodable_skipped: paths skipped because they did not decode (``skip_undecodable``).
+      records: None for a folder; for the TFDS source (``reid_jax.data.sources``) the split's
+        data source, record ``i`` holding image ``i`` (``paths[i]`` then only names it).
+      record_files: the array_record files ``records`` are read from (TFDS source only).
     """
 
     name: str
@@ -115,9 +118,22 @@ class Split:
     junk_left_out: int = 0
     distractors_left_out: int = 0
     undecodable_skipped: tuple[str, ...] = ()
+    records: Any = None
+    record_files: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def items(self) -> Sequence[Any]:
+        """What the input pipeline reads, image ``i`` at ``items[i]``: ``records`` when set (TFDS
+        records with the encoded image), else ``paths``."""
+        return self.paths if self.records is None else self.records
+
+    @property
+    def source_files(self) -> tuple[str, ...]:
+        """The files the images are read from: ``record_files`` or ``paths``."""
+        return self.record_files if self.records is not None else self.paths
 
     @property
     def num_images(self) -> int:
@@ -285,53 +301,3 @@ def config_data_section(config: Any) -> Mapping:
     """``config.data`` (``{}`` when ``config`` or the section is missing)."""
     data = config.get("data") if config is not None and hasattr(config, "get") else None
     return data if data is not None else {}
-
-
-def reader_options(config: Any) -> dict[str, bool]:
-    """``load_market1501`` reader options of ``config.data``: ``verify_images``,
-    ``skip_undecodable`` (both False when missing).
-
-    ``verify_images`` decodes every image once while the folder is read and fails on one that
-    does not decode; ``skip_undecodable`` (needs ``verify_images``) leaves such images out
-    instead (logged, ``Split.undecodable_skipped``).
-
-    Raises:
-      ValueError: a value that is not a bool, or ``skip_undecodable`` without ``verify_images``.
-    """
-    data = config_data_section(config)
-    options = {}
-    for name in ("verify_images", "skip_undecodable"):
-        value = data.get(name, False)
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"config.data.{name} must be a bool, got {value!r}")
-        options[name] = bool(value)
-    if options["skip_undecodable"] and not options["verify_images"]:
-        raise ValueError("config.data.skip_undecodable=True needs config.data.verify_images=True "
-                         "(images are only decoded while reading the folder when verified)")
-    return options
-
-
-def load_dataset(data_root: str | os.PathLike, config: Any = None, *,
-                 need_queries: bool = False) -> Market1501:
-    """``load_market1501(data_root, **reader_options(config))``: how training and every tool
-    scan a data root (once per run; pass the result on rather than scanning again).
-
-    ``need_queries``: a clear ``ValueError`` first when the query folder holds no image (the
-    explanation tools have nothing to explain then).
-    """
-    root = os.path.abspath(os.fspath(data_root))
-    if need_queries:
-        query_dir = os.path.join(root, SPLIT_FOLDERS["query"])
-        has_query = os.path.isdir(query_dir) and any(
-            not e.startswith(".") and os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS
-            for e in os.listdir(query_dir))
-        if not has_query:
-            raise ValueError(
-                f"data root {root} has no query images: expected Market-1501 image files like "
-                f"'0002_c1s1_000451_03.jpg' in {query_dir} (nothing to explain)")
-    try:
-        return load_market1501(root, **reader_options(config))
-    except ValueError as e:
-        if need_queries and f"split {'query'!r}" in str(e):
-            raise ValueError(f"data root {root} has no usable query images: {e}") from e
-        raise

@@ -66,13 +66,14 @@ import numpy as np
 from absl import logging
 
 from reid_jax import atomic_io, checkpoints, embeddings, explain, synthetic
+from reid_jax.data import sources
 from reid_jax.data.attributes import (
     ATTRIBUTE_NAMES,
     NUM_ATTRIBUTES,
     labels_for_pids,
     load_market_attributes,
 )
-from reid_jax.data.market1501 import SPLIT_FOLDERS, load_dataset
+from reid_jax.data.market1501 import SPLIT_FOLDERS
 from reid_jax.explain import counterfactuals as cfs
 from reid_jax.explain import metrics as em
 from reid_jax.explain import settings
@@ -283,7 +284,7 @@ def measure(
         min_changed_pixels=min_changed_pixels, pixel_tolerance=pixel_tolerance, seed=seed)
     k = opts.k
     output_dir = os.path.abspath(os.fspath(output_dir))
-    data = load_dataset(root, config, need_queries=True)
+    data = sources.load_dataset(root, config, need_queries=True)
     if k > len(data.gallery):
         raise ValueError(f"k={k} exceeds the {len(data.gallery)} gallery images of {root}")
     head = checkpoints.restore_attribute_head(checkpoint)

@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 
 from reid_jax import atomic_io, embeddings, evaluation, explain, retrieval
-from reid_jax.data import market1501
+from reid_jax.data import sources
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
 from reid_jax.data.market1501 import (
     Market1501,
@@ -70,9 +70,9 @@ MODE_EQUATIONS = {
 
 
 def load_data(data_root: str | os.PathLike, config: Any = None) -> Market1501:
-    """Scans ``data_root`` once (``reid_jax.data.market1501.load_dataset``: the reader options
+    """Scans ``data_root`` once (``reid_jax.data.sources.load_dataset``: the reader options
     of ``config.data``); a clear ``ValueError`` when it holds no query images."""
-    return market1501.load_dataset(data_root, config, need_queries=True)
+    return sources.load_dataset(data_root, config, need_queries=True)
 
 
 def select_queries(split: Split, queries: str | int | Sequence[str]) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 ``train_and_evaluate(config, workdir)`` is the whole run (``tools/train.py`` calls it):
 
-1. reads the Market-1501-shaped folder ``config.data.root``
-   (``reid_jax.data.market1501.load_dataset``: ``config.data.verify_images`` /
-   ``skip_undecodable``);
+1. reads Market-1501 from ``config.data.source`` (``reid_jax.data.sources.load_dataset``): the
+   folder ``config.data.root`` (``config.data.verify_images`` / ``skip_undecodable``) or its
+   TFDS ``market1501`` array_record files (``reid_jax.data.sources``);
 2. builds AGW from ``config.model`` (``config.init_from``: the backbone from a converted
    ImageNet / AGW checkpoint), the :class:`~reid_jax.train.state.TrainState` and the learning
    rate schedule of the AGW recipe over the sampler's exact epochs (``reid_jax.train.schedules``);
@@ -46,10 +46,12 @@ elsewhere name them::
         --num_processes=N --process_id=i --config=configs/agw_market1501.py \
         --workdir=/shared/run1 --config.data.root=/data/Market-1501-v15.09.15
 
-The mesh then spans every device of every host. Each host runs the same deterministic loader
-and feeds its own contiguous slice of every global batch
-(``jax.make_array_from_process_local_data``); ``workdir`` must be a folder all hosts see (orbax
-writes one checkpoint together); process 0 writes logs, TensorBoard and ``metrics.json``.
+The mesh then spans every device of every host. Each host runs the same deterministic sampler
+but loads and augments only its own contiguous slice of every global batch (the same pixels as
+those rows of a one-process run) and feeds it with ``jax.make_array_from_process_local_data``;
+``workdir`` must be a folder all hosts see (orbax writes one checkpoint together); process 0
+writes logs, TensorBoard and ``metrics.json``. Commands for N hosts (SLURM and plain):
+docs/scaling.md, "Multi-host training".
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ from flax import nnx
 
 from reid_jax import atomic_io, checkpoints, embeddings, evaluation
 from reid_jax.data import loader as loader_lib
-from reid_jax.data import market1501
+from reid_jax.data import sources
 from reid_jax.data.market1501 import Market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
@@ -86,7 +88,8 @@ CHECKPOINT_SUBDIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 DATA_AXIS = "data"
 # config.data fields that are not loader settings.
-_NON_LOADER_DATA_FIELDS = ("root", "eval_batch_size", "verify_images", "skip_undecodable")
+_NON_LOADER_DATA_FIELDS = ("root", "eval_batch_size", "verify_images", "skip_undecodable",
+                           "source", "tfds_data_dir", "tfds_config")
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -118,6 +121,16 @@ def _check_divisible(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> Non
     if batch_size % n:
         raise ValueError(f"{what} = {batch_size} must be divisible by the {n} devices of the "
                          "mesh (data parallelism splits every batch evenly)")
+
+
+def shard_local_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Places this process's rows of a global batch on the mesh, split on axis 0.
+
+    With ``n`` processes each passes its ``B/n`` rows (``reid_jax.data.loader.train_batches``
+    with ``process_index`` / ``process_count``); together they form one global ``[B, ...]``
+    array (``jax.make_array_from_process_local_data``). With one process: ``shard_batch``.
+    """
+    return loader_lib.to_device(batch, batch_sharded(mesh))
 
 
 def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -225,7 +238,7 @@ def evaluate_model(
         raise ValueError(f"expected an AGW model or a TrainState, got {type(model).__name__}")
     aug = loader_config.augment
     features = [
-        embeddings.extract(model, split.paths, height=aug.height, width=aug.width,
+        embeddings.extract(model, split.items, height=aug.height, width=aug.width,
                           batch_size=batch_size, mesh=mesh, loader_config=loader_config,
                           description=f"eval {name} embeddings")[embeddings.FEATURES]
         for name, split in (("query", data.query), ("gallery", data.gallery))]
@@ -416,7 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ValueError / FileNotFoundError: a config field or the data is wrong (named).
     """
     workdir = os.path.abspath(workdir)
-    if not config.data.root:
+    # The folder source needs a root; the TFDS one only to prepare (reid_jax.data.sources).
+    if sources.source_name(config) == "folder" and not config.data.root:
         raise ValueError("config.data.root is empty: pass --config.data.root=/path/to/"
                          "Market-1501 (a real or tools/make_synthetic.py folder)")
     os.makedirs(workdir, exist_ok=True)
@@ -429,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     _check_divisible(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
 
-    data = market1501.load_dataset(config.data.root, config)
+    data = sources.load_dataset(config.data.root, config)
     num_classes = data.num_train_ids
     # The loader's own sampler (same labels, P, K, seed): its exact epoch lengths.
     sampler = RandomIdentitySampler(data.train.labels, loader_cfg.p, loader_cfg.k,
@@ -448,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         init_backbone_from(model, config)
     state = create_train_state(model, config, schedule)
     del model
-    state = jax.device_put(state, replicated(mesh))
+    state = loader_lib.put_replicated(state, replicated(mesh))
 
     manager = open_checkpoint_manager(workdir, config.keep_checkpoints)
     scalars = _Scalars(workdir)
@@ -572,13 +586,23 @@ def _train_loop(
         return metrics
 
     if start < total_steps:
-        with loader_lib.train_batches(data.train.paths, data.train.labels, config=loader_cfg,
-                                      seed=config.seed, start_step=start,
-                                      stop_step=total_steps) as batches:
+        # Each process loads only its rows of every global batch (docs/scaling.md,
+        # "Multi-host input").
+        with loader_lib.train_batches(data.train.items, data.train.labels, config=loader_cfg,
+                                      seed=config.seed, start_step=start, stop_step=total_steps,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()) as batches:
             for step, host_batch in zip(range(start, total_steps), batches, strict=True):
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, shard_batch(
-                    {"image": host_batch["image"], "label": host_batch["label"]}, mesh))
+                batch = shard_local_batch(
+                    {"image": host_batch["image"], "label": host_batch["label"]}, mesh)
+                if step == start and jax.process_count() > 1:
+                    # Compile, then wait for every process before the first collective: one
+                    # that compiles longer must not time the others out (docs/scaling.md,
+                    # "Multi-host training").
+                    step_fn = step_fn.lower(state, batch).compile()
+                    ocp.multihost.sync_global_processes("reid_jax.train: train step compiled")
+                state, metrics = step_fn(state, batch)
                 done = step + 1
                 if step == start:
                     jax.block_until_ready(metrics)
