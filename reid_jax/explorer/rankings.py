@@ -560,6 +560,9 @@ class Explorer:
         for mode in self.modes:
             self.rank(ref, k=k, mode=mode)
             self.rank(ref, k=k, mode=mode, steer=one)
+        rows = self.f_query[:min(METRICS_CHUNK, len(self.queries_split))]
+        jax.block_until_ready(steering.steered_distances(rows, self.gallery, self.weights,
+                                                         one.ignore))  # the metrics' chunks
         if self.can_upload:
             aug = self._loader_config.augment
             embeddings.embed_images(self.model, [np.zeros((aug.height, aug.width, 3), np.uint8)],
