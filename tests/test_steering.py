@@ -203,6 +203,9 @@ def test_bad_shapes_and_names_are_named(data):
         steering.attribute_filter(np.zeros((4, A)), mask(), np.zeros(3, bool))
     with pytest.raises(ValueError, match="prepare it with these weights"):
         steering.steer_ranking(fq[0], steering.prepare_gallery(fg, w[:, :5]), w, ignore=mask())
+    with pytest.raises(ValueError, match="other ignored attributes"):
+        steering.steer_ranking(fq[0], fg, w, ignore=mask("hat"),
+                               projection=steering.ignore_projection(w, mask("bag")))
     with pytest.raises(ValueError, match="the gallery is empty"):
         steering.prepare_gallery(fg[:0], w)
 
@@ -229,5 +232,11 @@ def test_jit_compiles_once_per_candidate_count(data):
     for names in IGNORES:  # another mask, query or filter: no new compile
         steering.steer_ranking(fq[1], gallery, w, ignore=mask(*names), keep=np.arange(G) > 4,
                                k=12)
+        kept = steering.ignore_projection(w, mask(*names))  # a kept projection: same answer
+        a = steering.steer_ranking(fq[2], gallery, w, ignore=mask(*names), k=12)
+        b = steering.steer_ranking(fq[2], gallery, w, ignore=mask(*names), k=12,
+                                   projection=kept)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.distances, b.distances)
     assert steering._candidates._cache_size() == size
     assert isinstance(steering.steered_distances(jnp.asarray(fq[0]), fg, w, mask()), jax.Array)

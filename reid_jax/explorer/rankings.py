@@ -373,6 +373,11 @@ class Explorer:
         i = int(ref.key)
         return ~retrieval.excluded(self.qp[i], self.qc[i], self.gp, self.gc)
 
+    def _projection(self, steer: steering.Steering) -> steering.IgnoreProjection:
+        """The projection of ``steer.ignore`` (one SVD per set of ignored attributes, cached)."""
+        key = ("projection", tuple(steer.ignore.tolist()))
+        return self._cached(key, lambda: steering.ignore_projection(self.weights, steer.ignore))
+
     def _embedding(self, ref: QueryRef) -> np.ndarray:
         return self.f_query[int(ref.key)] if ref.kind == "query" else self.upload(
             str(ref.key)).embedding
@@ -395,7 +400,7 @@ class Explorer:
         keep = filtered & base_keep
         out = steering.steer_ranking(self._embedding(ref), self.gallery, self.weights,
                                      ignore=steer.ignore, keep=keep, k=k, threshold=threshold,
-                                     **_mode_kwargs(mode))
+                                     projection=self._projection(steer), **_mode_kwargs(mode))
         ex = explain_run.QueryExplanation(
             gallery=out.indices, distances=out.distances, attributes_query=out.attributes_query,
             selected=out.selected, attributes_gallery=out.attributes_gallery, scores=out.scores,
@@ -503,8 +508,9 @@ class Explorer:
             cols = np.flatnonzero(self._filtered(steer))
             parts = []
             for start, stop, rows in retrieval.padded_chunks(self.f_query, METRICS_CHUNK):
-                d = np.asarray(steering.steered_distances(rows, self.gallery, self.weights,
-                                                          steer.ignore))[:stop - start]
+                d = np.asarray(steering.steered_distances(
+                    rows, self.gallery, self.weights, steer.ignore,
+                    projection=self._projection(steer)))[:stop - start]
                 parts.append(explain_run.per_query_metrics(
                     d[:, cols], self.qp[start:stop], self.gp[cols], self.qc[start:stop],
                     self.gc[cols]))
