@@ -163,28 +163,42 @@ class IgnoreProjection(NamedTuple):
     ignore: Array
 
 
-@jax.jit
-def _basis(w: Array, ignore: Array) -> tuple[Array, Array]:
-    """``(B [N, A], C [A, A])``: ``B`` an orthonormal basis of the span of the chosen columns
-    (zero columns beyond its rank), ``B = (W * ignore) @ C``."""
+def _basis(weights: Array, ignore: Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(B [N, A], C [A, A])`` float32: ``B`` an orthonormal basis of the span of the chosen
+    columns (zero columns beyond its rank), ``B = (W * ignore) @ C``.
+
+    From the ``A x A`` Gram matrix in float64 on the host: ``W_S^T W_S = V diag(s^2) V^T``,
+    ``C = V diag(1 / s)`` on the columns whose singular value ``s`` exceeds
+    ``max(N, A) * eps_float32 * s_max`` (numpy's rank rule for float32 data). Forming the Gram
+    matrix squares the condition number, which float64 absorbs (``kappa^2 * 1e-16`` stays far
+    below float32 rounding for any ``kappa`` the rule keeps); a float32 SVD of ``[N, A]`` on the
+    device was less accurate and, at ``N = 2048``, took 40-150 ms on a loaded 2-core machine
+    against 1-3 ms for this (``docs/explorer.md``, "Steering").
+    """
+    w = np.asarray(weights, np.float64)
     n, a = w.shape
-    ws = w * ignore[None, :].astype(w.dtype)
-    u, s, vt = jnp.linalg.svd(ws, full_matrices=False)  # ws = u diag(s) vt
-    # The rank of W_S as numpy's matrix_rank / pinv decide it: singular values above
-    # max(N, A) * eps * s_max span it; smaller ones are rounding of dependent columns.
-    tol = s[0] * max(n, a) * jnp.finfo(w.dtype).eps
-    keep = s > tol
-    basis = u * keep[None, :]
-    coeffs = vt.T * jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)[None, :]
+    cols = np.flatnonzero(np.asarray(ignore, bool))
+    basis, coeffs = np.zeros((n, a), np.float32), np.zeros((a, a), np.float32)
+    if cols.size:
+        # einsum, not BLAS: for these small products a multi-threaded BLAS on a loaded machine
+        # spent tens of milliseconds synchronising its threads.
+        ws = w[:, cols]
+        lam, v = np.linalg.eigh(np.einsum("na,nb->ab", ws, ws))
+        s = np.sqrt(np.maximum(lam, 0.0))
+        keep = s > s.max() * max(n, a) * np.finfo(np.float32).eps
+        c = v[:, keep] / s[keep][None, :]
+        basis[:, :c.shape[1]] = np.einsum("ns,sr->nr", ws, c)
+        coeffs[cols, :c.shape[1]] = c
     return basis, coeffs
 
 
 def ignore_projection(weights: Array, ignore: Array) -> IgnoreProjection:
-    """The :class:`IgnoreProjection` of the ``ignore`` columns of ``W`` (one SVD of
-    ``[N, A]``; a server computes it once per set of ignored attributes)."""
+    """The :class:`IgnoreProjection` of the ``ignore`` columns of ``W`` (an ``A x A``
+    eigendecomposition in float64 on the host; a server keeps it per set of ignored
+    attributes)."""
     _check_weights_mask(weights, ignore, "ignore")
-    ignore = _bool(ignore)
-    return IgnoreProjection(*_basis(jnp.asarray(weights, jnp.float32), ignore), ignore)
+    basis, coeffs = _basis(weights, ignore)
+    return IgnoreProjection(jnp.asarray(basis), jnp.asarray(coeffs), _bool(ignore))
 
 
 def ignore_basis(weights: Array, ignore: Array) -> Array:
@@ -195,13 +209,13 @@ def ignore_basis(weights: Array, ignore: Array) -> Array:
       ignore: bool ``[A]``, the columns to remove.
 
     Returns:
-      float ``[N, A]``: ``rank(W_S)`` orthonormal columns spanning ``W_S``'s columns, the other
+      float32 ``[N, A]``: ``rank(W_S)`` orthonormal columns spanning ``W_S``, the other
       columns zero, so ``P = I - B B^T`` is the projection ``I - W_S (W_S^T W_S)^+ W_S^T``.
       Linearly dependent columns are handled as the pseudo-inverse handles them (singular
       values below ``max(N, A) * eps * s_max`` count as zero).
     """
     _check_weights_mask(weights, ignore, "ignore")
-    return _basis(jnp.asarray(weights, jnp.float32), _bool(ignore))[0]
+    return jnp.asarray(_basis(weights, ignore)[0])
 
 
 @jax.jit

@@ -374,7 +374,7 @@ class Explorer:
         return ~retrieval.excluded(self.qp[i], self.qc[i], self.gp, self.gc)
 
     def _projection(self, steer: steering.Steering) -> steering.IgnoreProjection:
-        """The projection of ``steer.ignore`` (one SVD per set of ignored attributes, cached)."""
+        """The projection of ``steer.ignore`` (computed once per set of ignored attributes)."""
         key = ("projection", tuple(steer.ignore.tolist()))
         return self._cached(key, lambda: steering.ignore_projection(self.weights, steer.ignore))
 
