@@ -7,6 +7,7 @@
 The modules of the package, from the bottom up:
 
 * ``kernels`` — the paper's section 3 as pure, jitted functions of arrays;
+* ``steering`` — rankings steered by attributes: a direction projected out, a filter;
 * ``metrics`` — how good an explanation is (counterfactual hit rate, AUROC, AMD metrics);
 * ``run`` — a batch run over a dataset: ranking, explanations, JSONL records;
 * ``report`` — the HTML report of a batch run;

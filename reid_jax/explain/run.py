@@ -224,17 +224,19 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
                     query_pids: np.ndarray, query_cams: np.ndarray, gallery_pids: np.ndarray,
                     gallery_cams: np.ndarray, *, k: int, threshold: Any, complete: bool,
                     chunk: int = 256, gallery_chunk: int = 1024,
-                    progress: ProgressBar | None = None
+                    progress: ProgressBar | None = None, fetch: int | None = None
                     ) -> Iterator[QueryExplanation]:
     """Yields the explained top ``k`` of every query of ``f_query [Q, N]``, in order.
 
     Each chunk of queries goes through :func:`reid_jax.explain.explain_rankings` with enough
     candidates (``k`` plus the most removals of any query) that the top ``k`` survive the
-    protocol's removal of same-pid same-camera images.
+    protocol's removal of same-pid same-camera images. ``fetch`` asks for more (at least that
+    many): a caller that explains one query at a time passes the count of the whole split, so
+    the kernels compile once and rank as a run over the split does.
     """
     g = int(np.shape(f_gallery)[0])
-    fetch = int(min(g, k + int(retrieval.removed_counts(query_pids, query_cams, gallery_pids,
-                                                        gallery_cams).max(initial=0))))
+    fetch = int(min(g, max(fetch or 0, k + int(retrieval.removed_counts(
+        query_pids, query_cams, gallery_pids, gallery_cams).max(initial=0)))))
     fg = jnp.asarray(f_gallery, jnp.float32)
     w = jnp.asarray(weights, jnp.float32)
     t = jnp.asarray(threshold, jnp.float32)
