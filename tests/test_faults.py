@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -287,3 +290,80 @@ def test_thresholds_are_printed_as_written():
 
     with pytest.raises(ValueError, match=r"got -0\.1$"):
         explain.confident_attributes(np.full(30, 0.5, np.float32), np.float32(-0.1))
+
+
+# --------------------------------------------------------------------------------------------
+# Training: interruptions, a diverging loss, a refused run.
+
+
+def _train_cmd(data: str, workdir: str, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "tools" / "train.py"),
+            f"--config={REPO / 'configs' / 'agw_tiny.py'}", f"--workdir={workdir}",
+            f"--config.data.root={data}", *extra]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_training_saves_its_step_and_resumes(tiny_dataset, tmp_path, signum,
+                                                             status):
+    from conftest import tool_env
+
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen(
+        _train_cmd(tiny_dataset, str(workdir), "--config.num_epochs=50",
+                   "--config.checkpoint_every_steps=1000", "--config.log_every_steps=1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(), cwd=REPO)
+    lines = []
+    for line in proc.stderr:  # wait until training runs, then interrupt it
+        lines.append(line)
+        if "first step (with compilation)" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    _, rest = proc.communicate(timeout=600)
+    stderr = "".join(lines) + rest
+    assert proc.returncode == status, stderr[-3000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("tools/train.py: stopped by SIG"), stderr[-2000:]
+    assert "run the same command to resume" in last and "Traceback" not in stderr
+    ckpt = str(workdir / "checkpoints")
+    saved = checkpoints.committed_steps(ckpt)
+    assert len(saved) == 1 and f"step {saved[0]}:" in last and 0 < saved[0] < 1000
+    # The same command resumes from that step.
+    meta = checkpoints.restore_meta(ckpt, saved[0])
+    assert meta["step"] == saved[0]
+    resumed = run_tool("train.py", f"--config={REPO / 'configs' / 'agw_tiny.py'}",
+                       f"--workdir={workdir}", f"--config.data.root={tiny_dataset}",
+                       f"--config.num_train_steps={saved[0] + 2}")
+    assert f"resumed from {ckpt} step {saved[0]}" in resumed.stderr
+    assert checkpoints.latest_step(ckpt) == saved[0] + 2
+
+
+def test_the_nan_message_names_the_checkpoint_that_exists():
+    from reid_jax.train import loop
+
+    with pytest.raises(FloatingPointError, match="no checkpoint has been saved yet"):
+        loop.check_finite(3, {"loss": float("nan")}, None)
+    with pytest.raises(FloatingPointError, match="the last checkpoint, step 2, is intact"):
+        loop.check_finite(3, {"loss": float("nan")}, 2)
+
+
+def test_a_refused_training_leaves_no_workdir(tiny_dataset, tmp_path):
+    workdir = tmp_path / "never"
+    proc = run_tool("train.py", f"--config={REPO / 'configs' / 'agw_tiny.py'}",
+                    f"--workdir={workdir}", f"--config.data.root={tiny_dataset}",
+                    "--config.data.p=3", "--config.data.k=3", expect_ok=False)
+    assert_one_line_error(proc, "train.py")
+    assert not workdir.exists()
+
+
+def test_training_resumes_past_a_stray_step_folder(tiny_run, copy_tree):
+    workdir = copy_tree(tiny_run["workdir"])
+    ckpt = os.path.join(workdir, "checkpoints")
+    latest = checkpoints.latest_step(ckpt)
+    os.mkdir(os.path.join(ckpt, "9999"))
+    proc = run_tool("train.py", f"--config={REPO / 'configs' / 'agw_tiny.py'}",
+                    f"--workdir={workdir}", f"--config.data.root={tiny_run['data']}",
+                    f"--config.num_train_steps={latest + 2}")
+    assert f"resumed from {ckpt} step {latest}" in proc.stderr
+    assert "have no commit record" in proc.stderr
+    assert checkpoints.latest_step(ckpt) == latest + 2

@@ -24,7 +24,9 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from reid_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_query", 3368, "Queries (Market-1501: 3,368).")
@@ -268,4 +270,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,11 +18,11 @@ import json
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from reid_jax import embeddings
+from reid_jax import cli, embeddings
 from reid_jax.data import sources
 from reid_jax.models.agw import AGW
 from reid_jax.train import loop
@@ -87,4 +87,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -37,9 +37,9 @@ import threading
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from reid_jax import synthetic
+from reid_jax import cli, synthetic
 from reid_jax.data import augment, loader, sources
 
 _DATA_ROOT = flags.DEFINE_string(
@@ -247,4 +247,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -20,9 +20,9 @@ import platform
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from reid_jax import evaluation
+from reid_jax import cli, evaluation
 
 _NUM_QUERY = flags.DEFINE_integer("num_query", 3368, "Queries (Market-1501: 3,368).")
 _NUM_GALLERY = flags.DEFINE_integer("num_gallery", 19732, "Gallery images at factor 1.")
@@ -101,4 +101,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

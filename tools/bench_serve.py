@@ -38,6 +38,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from reid_jax import cli
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 
 FLAGS = flags.FLAGS
@@ -226,4 +227,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from reid_jax import embeddings
+from reid_jax import cli, embeddings
 from reid_jax.models.agw import AGW
 from reid_jax.train import loop, schedules
 from reid_jax.train.state import create_train_state
@@ -187,4 +187,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

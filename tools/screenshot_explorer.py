@@ -19,6 +19,8 @@ import tempfile
 
 from absl import app, flags
 
+from reid_jax import cli
+
 _URL = flags.DEFINE_string("url", "http://127.0.0.1:8000", "The explorer's address.")
 _OUTPUT = flags.DEFINE_string("output", "tools/screenshots/explorer.png", "PNG to write.")
 _QUERY_POSITION = flags.DEFINE_integer("query_position", 0,
@@ -96,4 +98,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -25,6 +25,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from reid_jax import cli
 from reid_jax.explorer import uploads
 
 _RUN_DIR = flags.DEFINE_string(
@@ -120,4 +121,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

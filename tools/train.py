@@ -4,13 +4,16 @@ r"""Trains AGW: flags -> ``reid_jax.train.loop.train_and_evaluate(config, workdi
       --config.data.root=/data/Market-1501-v15.09.15 --config.init_from=/ckpt/resnet50
 
 Any config field can be overridden (``--config.num_epochs=5``, ``--config.data.p=8``). Running
-the same command again resumes from the latest checkpoint in ``workdir/checkpoints``. Multi-host:
+the same command again resumes from the latest checkpoint in ``workdir/checkpoints``. Ctrl-C or
+SIGTERM (preemption) finishes the current step, saves it and stops with one line saying where;
+a second Ctrl-C stops at once. Multi-host:
 add ``--jax_distributed`` on every host (see ``reid_jax/train/loop.py`` and docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -48,7 +51,12 @@ def main(argv: list[str]) -> None:
         ocp.multihost.sync_global_processes("tools/train.py: every process started")
     loop.quiet_orbax_logging()
     logging.info("config:\n%s", _CONFIG.value)
-    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except loop.TrainingInterrupted as e:
+        # Saved and stopped cleanly (preemption, Ctrl-C): one line, the signal's exit status.
+        print(f"tools/train.py: stopped by {e}", file=sys.stderr, flush=True)
+        raise SystemExit(130 if e.signal_name == "SIGINT" else 143) from None
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "cmc"}, indent=1))
 

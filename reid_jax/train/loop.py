@@ -60,8 +60,10 @@ import json
 import logging as logging_std
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -72,6 +74,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from reid_jax import atomic_io, checkpoints, embeddings, evaluation
 from reid_jax.data import loader as loader_lib
@@ -360,15 +363,21 @@ def quiet_orbax_logging() -> None:
         absl_logger.addFilter(_DropOrbaxInfo())
 
 
-def check_finite(step: int, metrics: dict[str, float]) -> None:
-    """Raises ``FloatingPointError`` naming ``step`` and the loss terms if one is not finite."""
+def check_finite(step: int, metrics: dict[str, float], last_saved: int | None = None) -> None:
+    """Raises ``FloatingPointError`` naming ``step`` and the loss terms if one is not finite.
+
+    ``last_saved``: the newest committed checkpoint step, named in the message (``None``: no
+    checkpoint has been saved, and the message says so).
+    """
     terms = ("loss", "ce", "triplet", "center")
     if all(math.isfinite(metrics[k]) for k in terms if k in metrics):
         return
     values = ", ".join(f"{k}={metrics[k]!r}" for k in terms if k in metrics)
+    saved = ("no checkpoint has been saved yet" if last_saved is None
+             else f"the last checkpoint, step {last_saved}, is intact")
     raise FloatingPointError(
         f"non-finite loss at step {step}: {values} (lr={metrics.get('lr')!r}); stopping. "
-        "Lower config.optim.learning_rate or check the data; the last checkpoint is intact.")
+        f"Lower config.optim.learning_rate or check the data; {saved}.")
 
 
 class _Scalars:
@@ -433,7 +442,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if sources.source_name(config) == "folder" and not config.data.root:
         raise ValueError("config.data.root is empty: pass --config.data.root=/path/to/"
                          "Market-1501 (a real or tools/make_synthetic.py folder)")
-    os.makedirs(workdir, exist_ok=True)
     mesh = create_mesh()
     loader_cfg = loader_config(config)
     _check_divisible(loader_cfg.batch_size, mesh, "config.data.p * config.data.k")
@@ -464,10 +472,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     del model
     state = loader_lib.put_replicated(state, replicated(mesh))
 
+    # Created only now: a run refused for its config or data leaves no empty workdir behind.
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+    partial = checkpoints.uncommitted_steps(checkpoint_dir)
+    if partial:
+        logging.warning("%s: step folders %s have no commit record (interrupted saves or made "
+                        "by hand); they are ignored (docs/design.md, \"Outputs\")",
+                        checkpoint_dir, partial)
     manager = open_checkpoint_manager(workdir, config.keep_checkpoints)
     scalars = _Scalars(workdir)
     try:
-        latest = manager.latest_step()
+        latest = checkpoints.latest_step(checkpoint_dir)
         if latest is not None:
             state = restore_train_checkpoint(manager, state, latest)
             logging.info("resumed from %s step %d", manager.directory, latest)
@@ -494,8 +510,9 @@ def _epoch_of(step: int, ends: np.ndarray) -> int:
     return int(np.searchsorted(ends, step, side="right"))
 
 
-class _ProgressLog:
-    """Host side of the training metrics: finiteness check, averages, images/s, ETA, scalars.
+class _StepMetrics:
+    """Host side of the training metrics: finiteness check, averages, images/s, scalars (the
+    ETA format is the project's one, ``reid_jax.progress``).
 
     Metrics of step ``s`` are fetched while step ``s + 1`` runs (:meth:`push` takes the newest,
     processes the previous), so the device never waits for the host; :meth:`flush` processes
@@ -503,8 +520,8 @@ class _ProgressLog:
     """
 
     def __init__(self, scalars: _Scalars, ends: np.ndarray, total_steps: int, batch_size: int,
-                 log_every: int):
-        self._scalars, self._ends = scalars, ends
+                 log_every: int, last_saved: Callable[[], int | None] = lambda: None):
+        self._scalars, self._ends, self._last_saved = scalars, ends, last_saved
         self._total, self._batch, self._every = total_steps, batch_size, max(log_every, 1)
         self._pending: tuple[int, Metrics] | None = None
         self._window: list[dict[str, float]] = []
@@ -529,7 +546,8 @@ class _ProgressLog:
         done, metrics = self._pending
         self._pending = None
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check_finite(done, host)
+        if not all(math.isfinite(v) for v in host.values()):
+            check_finite(done, host, self._last_saved())
         self._window.append(host)
         if done % self._every == 0 or done == self._total:
             self._log(done)
@@ -542,7 +560,7 @@ class _ProgressLog:
         mean = {k: float(np.mean([m[k] for m in self._window])) for k in self._window[0]}
         self._window = []
         ips = self.images_per_second
-        eta = "?" if not ips else format_seconds((self._total - done) * self._batch / ips)
+        eta = format_seconds((self._total - done) * self._batch / ips) if ips else "?"
         logging.info(
             "step %d/%d epoch %d | loss %.4f (ce %.4f triplet %.4f center %.3f) acc %.3f | "
             "lr %.3g | %s img/s | ETA %s", done, self._total, _epoch_of(done - 1, self._ends) + 1,
@@ -551,6 +569,61 @@ class _ProgressLog:
         extra = {} if ips is None else {"images_per_second": ips}
         self._scalars.write(done, "train", {**mean, **extra})
         self.last = mean
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM after saving the current step."""
+
+    def __init__(self, signal_name: str, step: int, saved: str):
+        self.signal_name, self.step, self.saved = signal_name, step, saved
+        super().__init__(f"{signal_name} at step {step}: saved the checkpoint {saved}; run the "
+                         "same command to resume from it")
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) while training: finish the step, save it, stop.
+
+    The first signal sets a flag that the loop reads after every step and restores the default
+    handlers, so a second Ctrl-C ends the program at once. With several processes the flag is
+    agreed on by all of them (one small all-gather per step), and a JAX preemption notice
+    (``CheckpointManager.reached_preemption``) counts too, so every process saves the same
+    step. Handlers are installed only in the main thread.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        logging.warning("%s received: finishing this step, saving it, then stopping (send it "
+                        "again to stop at once)", self.signal_name)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def requested(self, manager: ocp.CheckpointManager, step: int) -> bool:
+        flag = bool(self.signal_name)
+        if jax.process_count() > 1:
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+            if not flag and manager.reached_preemption(step):
+                flag = True
+            if flag and not self.signal_name:
+                self.signal_name = "preemption"
+        return flag
 
 
 def _train_loop(
@@ -571,8 +644,10 @@ def _train_loop(
     epoch_end_steps = {int(e): i for i, e in enumerate(ends)}  # step count -> finished epoch
     eval_every = int(config.eval_every_epochs)
     ckpt_every = int(config.checkpoint_every_steps)
-    progress = _ProgressLog(scalars, ends, total_steps, loader_cfg.batch_size,
-                            int(config.log_every_steps))
+    checkpoint_dir = os.fspath(manager.directory)
+    progress = _StepMetrics(scalars, ends, total_steps, loader_cfg.batch_size,
+                            int(config.log_every_steps),
+                            last_saved=lambda: checkpoints.latest_step(checkpoint_dir))
     run_start = time.perf_counter()
 
     def run_eval(step: int) -> dict[str, Any]:
@@ -591,7 +666,8 @@ def _train_loop(
         with loader_lib.train_batches(data.train.items, data.train.labels, config=loader_cfg,
                                       seed=config.seed, start_step=start, stop_step=total_steps,
                                       process_index=jax.process_index(),
-                                      process_count=jax.process_count()) as batches:
+                                      process_count=jax.process_count()) as batches, \
+                StopRequest() as stop:
             for step, host_batch in zip(range(start, total_steps), batches, strict=True):
                 t0 = time.perf_counter()
                 batch = shard_local_batch(
@@ -612,7 +688,7 @@ def _train_loop(
                 if step == start:
                     progress.start_timing()
                 if (ckpt_every > 0 and done % ckpt_every == 0 and done < total_steps
-                        and done not in manager.all_steps()):
+                        and done not in checkpoints.committed_steps(checkpoint_dir)):
                     progress.flush()  # never checkpoint a non-finite state
                     save_train_checkpoint(manager, state, config, num_classes,
                                           _epoch_of(step, ends))
@@ -620,10 +696,18 @@ def _train_loop(
                         and (epoch_end_steps[done] + 1) % eval_every == 0):
                     progress.flush()
                     run_eval(done)
+                if done < total_steps and stop.requested(manager, done):
+                    progress.flush()
+                    if done not in checkpoints.committed_steps(checkpoint_dir):
+                        save_train_checkpoint(manager, state, config, num_classes,
+                                              _epoch_of(step, ends))
+                    manager.wait_until_finished()
+                    raise TrainingInterrupted(stop.signal_name, done,
+                                              os.path.join(checkpoint_dir, str(done)))
         progress.flush()
     # (A later step may exist without training: tools/train_attributes.py adds one holding the
     # same model and train state plus the attribute head.)
-    if total_steps not in manager.all_steps():
+    if total_steps not in checkpoints.committed_steps(checkpoint_dir):
         save_train_checkpoint(manager, state, config, num_classes,
                               _epoch_of(total_steps - 1, ends))
     final = run_eval(total_steps)
