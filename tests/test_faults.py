@@ -333,7 +333,7 @@ def test_an_interrupted_training_saves_its_step_and_resumes(tiny_dataset, tmp_pa
     assert meta["step"] == saved[0]
     resumed = run_tool("train.py", f"--config={REPO / 'configs' / 'agw_tiny.py'}",
                        f"--workdir={workdir}", f"--config.data.root={tiny_dataset}",
-                       f"--config.num_train_steps={saved[0] + 2}")
+                       "--config.num_epochs=50", f"--config.num_train_steps={saved[0] + 2}")
     assert f"resumed from {ckpt} step {saved[0]}" in resumed.stderr
     assert checkpoints.latest_step(ckpt) == saved[0] + 2
 
@@ -351,8 +351,8 @@ def test_a_refused_training_leaves_no_workdir(tiny_dataset, tmp_path):
     workdir = tmp_path / "never"
     proc = run_tool("train.py", f"--config={REPO / 'configs' / 'agw_tiny.py'}",
                     f"--workdir={workdir}", f"--config.data.root={tiny_dataset}",
-                    "--config.data.p=3", "--config.data.k=3", expect_ok=False)
-    assert_one_line_error(proc, "train.py")
+                    "--config.data.pad=-3", expect_ok=False)
+    assert_one_line_error(proc, "train.py", "pad must be >= 0")
     assert not workdir.exists()
 
 
