@@ -40,7 +40,7 @@ def squared_distances(f_query: jax.Array, f_gallery: jax.Array) -> jax.Array:
     """
     q2 = jnp.sum(jnp.square(f_query), axis=-1)
     g2 = jnp.sum(jnp.square(f_gallery), axis=-1)
-    qg = jnp.matmul(f_query, f_gallery.T, precision=PRECISION)
+    qg = jnp.matmul(f_gallery, f_query.T, precision=PRECISION).T
     return jnp.maximum(q2[:, None] + g2[None, :] - 2.0 * qg, 0.0)
 
 

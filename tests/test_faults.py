@@ -15,6 +15,7 @@ import sys
 import time
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO, run_tool
@@ -367,3 +368,60 @@ def test_training_resumes_past_a_stray_step_folder(tiny_run, copy_tree):
     assert f"resumed from {ckpt} step {latest}" in proc.stderr
     assert "have no commit record" in proc.stderr
     assert checkpoints.latest_step(ckpt) == latest + 2
+
+
+# --------------------------------------------------------------------------------------------
+# Silent wrong results of the kernels.
+
+
+def _unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_kernels_check_their_inputs_by_default():
+    from reid_jax import explain
+
+    rng = np.random.default_rng(0)
+    fq, fg = _unit_rows(rng, 3, 16), _unit_rows(rng, 20, 16)
+    w = rng.standard_normal((16, 30)).astype(np.float32)
+    nan_query = fq.copy()
+    nan_query[1, 4] = np.nan
+    with pytest.raises(ValueError, match=r"f_query \(shape \(3, 16\)\) has 1 non-finite"):
+        explain.explain_rankings(nan_query, fg, w, k=3)
+    inf_row = fg.copy()
+    inf_row[7] = np.inf
+    with pytest.raises(ValueError, match=r"f_gallery .* first at index \(7, 0\)"):
+        explain.explain_rankings(fq, inf_row, w, k=3)
+    bad_w = w.copy()
+    bad_w[2] = np.nan
+    with pytest.raises(ValueError, match=r"weights .* non-finite"):
+        explain.attribute_errors(fq, fg, bad_w, complete=True)
+    # Opting out is possible (and is what runs inside jit / vmap, where values are unknown).
+    out = explain.explain_rankings(nan_query, fg, w, k=3, validate=False)
+    assert np.isinf(np.asarray(out.distances)[1]).all()
+    jitted = jax.jit(lambda a: explain.explain_rankings(a, fg, w, k=3).distances)
+    assert np.isinf(np.asarray(jitted(nan_query))[1]).all()
+
+
+def test_bfloat16_inputs_are_computed_in_float32(caplog):
+    import jax.numpy as jnp
+
+    from reid_jax import explain
+    from reid_jax.explain import kernels
+
+    rng = np.random.default_rng(1)
+    fq, fg = _unit_rows(rng, 4, 64), _unit_rows(rng, 300, 64)
+    fg[:40] = fq[0] + 0.003 * _unit_rows(rng, 40, 64)  # near neighbours that bf16 reorders
+    w = (0.1 * rng.standard_normal((64, 30))).astype(np.float32)
+    kernels._low_precision_warned = False
+    low = explain.explain_rankings(jnp.asarray(fq, jnp.bfloat16), jnp.asarray(fg, jnp.bfloat16),
+                                   jnp.asarray(w, jnp.bfloat16), k=5)
+    assert "computed in float32" in caplog.text
+    assert low.distances.dtype == jnp.float32 and low.errors.dtype == jnp.float32
+    # The same as float32 kernels on the (exactly widened) bfloat16 values.
+    widened = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) for x in (fq, fg, w)]
+    ref = explain.explain_rankings(*widened, k=5)
+    np.testing.assert_array_equal(np.asarray(low.indices), np.asarray(ref.indices))
+    np.testing.assert_allclose(np.asarray(low.errors), np.asarray(ref.errors), rtol=1e-6,
+                               atol=1e-7)

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -130,9 +131,10 @@ def check_threshold(threshold, num_attributes: int) -> None:
 def check_finite(**arrays) -> None:
     """Raises ``ValueError`` naming every array that holds NaN or Inf (host-side check).
 
-    Call it on concrete inputs before the kernels, or pass ``validate=True`` to
-    :func:`attribute_errors` / :func:`explain_rankings`, which call it for you.  The kernels
-    themselves never look at values (they are traced once and compiled).
+    :func:`attribute_errors` and :func:`explain_rankings` call it for you on concrete inputs
+    (``validate=None``, the default; a cheap device reduction first, this only on failure);
+    inside ``jit`` / ``vmap`` values cannot be looked at, so call it before, on the arrays you
+    pass in. The compiled kernels themselves never look at values.
 
     Example: ``check_finite(f_query=fq, f_gallery=fg, weights=W)``.
     """
@@ -173,9 +175,55 @@ def _check_embeddings(f_query, f_gallery, weights) -> tuple[int, int, int]:
     return n, g, _shape(weights)[1]
 
 
+_low_precision_warned = False
+
+
 def _float(x) -> Array:
+    """``x`` as a float array of at least 32 bits: the kernels compute in float32 (float64 with
+    ``jax_enable_x64``). bfloat16 / float16 inputs are widened (exactly) and a warning says once
+    that their rounding can change rankings against float32 embeddings (``docs/design.md``,
+    "Accuracy of all-pair errors")."""
+    global _low_precision_warned
     x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.float32)
+    if jnp.finfo(x.dtype).bits < 32:
+        if not _low_precision_warned:
+            _low_precision_warned = True
+            logging.warning(
+                "explain: %s inputs are computed in float32; their own rounding (about 3 "
+                "significant digits for bfloat16) can reorder near neighbours compared with "
+                "float32 embeddings: pass float32 embeddings for rankings that match", x.dtype)
+        return x.astype(jnp.float32)
+    return x
+
+
+@jax.jit
+def _all_finite(*arrays: Array) -> Array:
+    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays])
+
+
+def _validate(validate: bool | None, **arrays) -> None:
+    """The input check of the public entry points (``validate=None``: whenever the arrays are
+    concrete, i.e. not inside ``jit`` / ``vmap``, where values cannot be looked at; ``False``:
+    never; ``True``: always on concrete arrays). One fused device reduction says whether all is
+    finite; only then is :func:`check_finite` run to name the array and the first bad entry."""
+    if validate is False:
+        return
+    if not all(_is_concrete(v) for v in arrays.values()):
+        if validate:  # asked for: check what can be looked at
+            check_finite(**arrays)
+        return
+    floats = {k: v for k, v in arrays.items()
+              if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)}
+    if not floats:
+        return
+    try:
+        ok = bool(np.all(np.asarray(_all_finite(*floats.values()))))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # constants inside someone's jit: their values are not known yet
+    if not ok:
+        check_finite(**floats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +413,7 @@ def attribute_errors(
     query_chunk: int = 128,
     gallery_chunk: int = 1024,
     mesh: Mesh | None | str = "auto",
-    validate: bool = False,
+    validate: bool | None = None,
 ) -> Array:
     """Attribute errors of eq. 3.2, ``e_a = sum_n (f_n^q - f_n^g)^2 w_na``, for all pairs.
 
@@ -382,7 +430,9 @@ def attribute_errors(
         ``query_chunk * gallery_chunk * A`` values besides the output).
       mesh: ``"auto"`` shards the gallery over all devices when there are several; ``None``
         uses one device; or a 1-D :class:`jax.sharding.Mesh` (see :func:`explain_rankings`).
-      validate: check inputs for NaN/Inf first (see :func:`check_finite`).
+      validate: check the inputs for NaN / Inf first (:func:`check_finite`); ``None`` (default):
+        whenever they are concrete arrays (the check cannot run inside ``jit`` / ``vmap``, and
+        is skipped there); ``False``: never.
 
     Returns:
       ``[G, A]`` for one query, ``[Q, G, A]`` for ``Q`` queries.
@@ -392,8 +442,7 @@ def attribute_errors(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if query_chunk < 1 or gallery_chunk < 1:
         raise ValueError(f"chunks must be >= 1, got {query_chunk=}, {gallery_chunk=}")
-    if validate:
-        check_finite(f_query=f_query, f_gallery=f_gallery, weights=weights)
+    _validate(validate, f_query=f_query, f_gallery=f_gallery, weights=weights)
     fq = _float(f_query)
     single = fq.ndim == 1
     out = _all_pair_errors(
@@ -411,25 +460,29 @@ def attribute_errors(
 def _local_candidates(fq, fg, valid, w, *, kk, chunk, offset):
     """Top-``kk`` of one gallery shard, re-ranked with exact distances and explained.
 
-    ``fq [Q, N]``, ``fg [Gs, N]`` (``Gs`` a multiple of ``chunk``), ``valid bool [Gs]``.
-    Returns distances ``[Q, kk]`` (``inf`` for padding), global indices ``[Q, kk]``, the
-    candidates' logits ``[Q, kk, A]`` and errors ``[Q, kk, A]`` for weights ``w``.
+    ``fq [Q, N]``, ``fg [Gs, N]`` (``Gs >= chunk``), ``valid``: bool ``[Gs]`` or None (every
+    row is an image). The shard is read in blocks of ``chunk`` rows at clamped offsets (the
+    last block overlaps the one before it and skips the rows that one ranked), so the gallery
+    is never copied or padded. Returns distances ``[Q, kk]`` (``inf`` for padding), global
+    indices ``[Q, kk]``, the candidates' logits ``[Q, kk, A]`` and errors ``[Q, kk, A]`` for
+    weights ``w``.
     """
     q, n = fq.shape
     gs = fg.shape[0]
-    nc = gs // chunk
+    nc = -(-gs // chunk)
     kc = min(kk, chunk)
 
-    def rank_chunk(args):  # GEMM distances of one chunk, its top kc
-        c, g, v = args
-        d2 = jnp.where(v[None], retrieval.squared_distances(fq, g), jnp.inf)
+    def rank_chunk(c):  # GEMM distances of one block, its top kc
+        start = jnp.minimum(c * chunk, gs - chunk)
+        g = jax.lax.dynamic_slice_in_dim(fg, start, chunk)
+        ok = start + jnp.arange(chunk) >= c * chunk  # rows an earlier block already ranked
+        if valid is not None:
+            ok &= jax.lax.dynamic_slice_in_dim(valid, start, chunk)
+        d2 = jnp.where(ok[None], retrieval.squared_distances(fq, g), jnp.inf)
         neg, idx = jax.lax.top_k(-d2, kc)
-        return -neg, idx + c * chunk
+        return -neg, idx + start
 
-    d_c, i_c = jax.lax.map(
-        rank_chunk,
-        (jnp.arange(nc), fg.reshape(nc, chunk, n), valid.reshape(nc, chunk)),
-    )  # [nc, Q, kc]
+    d_c, i_c = jax.lax.map(rank_chunk, jnp.arange(nc))  # [nc, Q, kc]
     d_c = jnp.moveaxis(d_c, 0, 1).reshape(q, nc * kc)
     i_c = jnp.moveaxis(i_c, 0, 1).reshape(q, nc * kc)
     k_loc = min(kk, nc * kc)
@@ -461,15 +514,16 @@ def _explain(fq, fg, w, threshold, *, k, complete, chunk, mesh):
     kk = min(k + _RERANK_MARGIN, g)
     devices = 1 if mesh is None else mesh.size
     chunk = min(chunk, -(-g // devices))
-    gp = -(-g // (devices * chunk)) * devices * chunk
-    fg_p = jnp.pad(fg, ((0, gp - g), (0, 0)))
-    valid = jnp.arange(gp) < g
     # Both weight sets travel together: [0] the attribute layer, [1] the weights of eq. 3.2.
     w2 = jnp.stack([w, complete_weights(w) if complete else w])
     local = functools.partial(_local_candidates, kk=kk, chunk=chunk)
     if mesh is None:
-        d, idx, logits, errors = local(fq, fg_p, valid, w2, offset=0)
+        d, idx, logits, errors = local(fq, fg, None, w2, offset=0)
     else:
+        # Equal shards for the devices: the gallery is padded to a multiple of them.
+        gp = -(-g // (devices * chunk)) * devices * chunk
+        fg_p = jnp.pad(fg, ((0, gp - g), (0, 0)))
+        valid = jnp.arange(gp) < g
         axis = mesh.axis_names[0]
         shard = gp // devices
 
@@ -525,7 +579,7 @@ def explain_rankings(
     complete: bool = False,
     gallery_chunk: int = 1024,
     mesh: Mesh | None | str = "auto",
-    validate: bool = False,
+    validate: bool | None = None,
 ) -> RankingExplanation:
     """Ranks the gallery for every query and explains the top ``k`` (paper section 3).
 
@@ -544,7 +598,9 @@ def explain_rankings(
       gallery_chunk: gallery rows per streamed block.
       mesh: ``"auto"`` shards over all devices when there are several; ``None`` uses one
         device; or a 1-D :class:`jax.sharding.Mesh` whose axis the gallery is split over.
-      validate: check inputs for NaN/Inf first (see :func:`check_finite`).
+      validate: check the inputs for NaN / Inf first (:func:`check_finite`); ``None`` (default):
+        whenever they are concrete arrays (the check cannot run inside ``jit`` / ``vmap``, and
+        is skipped there); ``False``: never.
 
     Returns:
       :class:`RankingExplanation` (``[Q, ...]``; without the ``Q`` axis for a ``[N]`` query).
@@ -556,8 +612,7 @@ def explain_rankings(
     check_threshold(threshold, a)
     if gallery_chunk < 1:
         raise ValueError(f"gallery_chunk must be >= 1, got {gallery_chunk}")
-    if validate:
-        check_finite(f_query=f_query, f_gallery=f_gallery, weights=weights)
+    _validate(validate, f_query=f_query, f_gallery=f_gallery, weights=weights)
     mesh = _resolve_mesh(mesh)
     fq = _float(f_query)
     single = fq.ndim == 1
