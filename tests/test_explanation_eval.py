@@ -366,6 +366,10 @@ def test_label_metrics_equal_the_library():
             assert auroc["top4"]["confident"][mode]["pooled"] == top["auroc"]["auroc"]
             assert auroc["top4"]["confident"][mode]["macro"] == top["auroc"]["macro"]
     assert amd["all_pairs"]["num_pairs"] == 5 * 9
+    labels_only = em.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=4, valid_gallery=vg,
+                                    prior=prior.all_pairs, **ids)
+    assert amd["top4"]["prior_labels"]["ex_map_d"] == labels_only["ex_map_d"]
+    assert "prior_labels" not in amd["all_pairs"]
     every = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg,
                               threshold=0.0, **ids)["auroc"]
     assert auroc["top4"]["all_attributes"]["scores"]["pooled"] == every["auroc"]
@@ -440,7 +444,8 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
         auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3,
                                       prior=_prior(rng), bootstrap_samples=50, **ids)
     # One all-pairs pass and one ranking per mode: the t = 0 AUROC comes with the scores pass.
-    assert calls == {"streamed": list(MODES), "top_k": list(MODES)}
+    # (and the label-only prior on the top k)
+    assert calls == {"streamed": list(MODES), "top_k": [*MODES, "prior"]}
     for mode in MODES:
         assert f"AMD over all pairs ({mode}): 5/5 queries (100.0%)" in caplog.text
         assert f"AMD over the top 4 ranks ({mode})" in caplog.text

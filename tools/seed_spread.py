@@ -9,6 +9,7 @@ is up to date).  Then WORKDIR/seed_spread.json and WORKDIR/seed_spread.md hold, 
 explanation-quality table and per explanation, the mean and the range (min–max) over the
 seeds, and the same for the re-id mAP, rank-1 and mINP (reid_jax/explain/spread.py).  The
 table is printed too.  A demo-sized seed takes about 5 minutes of two CPU cores.
+--aggregate_only summarises the runs already in WORKDIR without running a demo.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ flags.DEFINE_integer("num_test_ids", None, "Synthetic test identities (demo defa
 flags.DEFINE_integer("head_epochs", None, "Epochs of attribute-head training (demo default).")
 flags.DEFINE_multi_string("train_override", [], "Extra `--config.X=Y` overrides for "
                           "tools/train.py in every run (repeatable).")
+flags.DEFINE_bool("aggregate_only", False, "Summarise the runs in WORKDIR/seed_S as they are; "
+                  "run no demo.")
 
 
 def _seeds(values: list[str]) -> list[int]:
@@ -82,7 +85,8 @@ def main(argv: list[str]) -> None:
     metrics, evaluations = [], []
     for seed in seeds:
         run = os.path.join(work, f"seed_{seed}")
-        _demo(seed, run)
+        if not FLAGS.aggregate_only:
+            _demo(seed, run)
         metrics.append(_load(os.path.join(run, "explain", "explanation_metrics.json")))
         evaluations.append(_load(os.path.join(run, "evaluation.json")))
     try:

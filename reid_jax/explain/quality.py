@@ -159,7 +159,8 @@ def label_metrics(
       ``amd = {scope: {"num_pairs", "num_pairs_d", "num_pairs_s", "num_pairs_s_amd", <mode>:
       {<metric>, "intervals": {<metric>: [lo, hi]}, "minus_prior": {<metric>: [lo, hi]}},
       "chance": {...}}, "per_attribute": {...: [A]}}`` with scopes ``all_pairs`` and
-      ``top{k}`` and the metrics of ``metrics.AMD_RATIOS``.
+      ``top{k}`` and the metrics of ``metrics.AMD_RATIOS``; with neighbour rates, ``top{k}``
+      also holds ``prior_labels``: the all-pairs (label-only) order on the top ``k``.
     """
     args = (f_query, f_gallery, weights, labels_query, labels_gallery)
     masks = dict(valid_query=valid_query, valid_gallery=valid_gallery)
@@ -182,6 +183,10 @@ def label_metrics(
             prior=fixed[top] if mode == "prior" else None, **ids, **masks)
         logging.info("AMD over the top %d ranks (%s): %.1f s", k, mode,
                      time.perf_counter() - t0)
+    # The label-only order on the top k too, to show what knowing "near neighbour" adds.
+    labels_only = (em.amd_over_top_k(*args, "prior", k=k, threshold=threshold,
+                                     prior=prior.all_pairs, **ids, **masks)
+                   if prior.neighbours is not None else None)
 
     num_queries = int(np.shape(f_query)[0])
     counts = bootstrap.resample_counts(num_queries, bootstrap_samples, seed)
@@ -223,6 +228,10 @@ def label_metrics(
                 amd_entry[mode]["minus_prior"] = bootstrap.amd_intervals(sums, counts, base,
                                                                          level=level)
         amd_entry["chance"] = {key: first["chance"][key] for key in _AMD_KEYS}
+        if scope == top and labels_only is not None:
+            amd_entry["prior_labels"] = {key: labels_only[key] for key in _AMD_KEYS}
+            amd_entry["prior_labels"]["intervals"] = bootstrap.amd_intervals(
+                labels_only["groups"]["amd"], counts, level=level)
         amd[scope] = amd_entry
         amd_attr[f"{scope}_differ_count"] = _per_attribute(first, "count_d")
         for mode in MODES:
