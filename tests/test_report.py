@@ -186,6 +186,7 @@ def test_error_figure_projection_mode_has_a_remainder_slice():
     text = _texts(fig)
     assert "projection: Σp = 5.5 along the attributes + remainder 4.5 = d²" in text
     assert "negative (pull together)" in text and "-0.5" in text
+    assert f"{ATTRIBUTE_NAMES[0]:<10} 3 (30.0%)" in text  # share of d²
     sizes = np.array([3.0, 2.0, 1.0, 4.5])
     np.testing.assert_allclose(_wedge_shares(fig), sizes / sizes.sum(), rtol=1e-9)
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -39,15 +39,17 @@ _REMAINDER_COLOR = (0.55, 0.57, 0.60)
 REMAINDER = "remainder"
 FIGURE_MODES = ("paper", "complete", "projection", "disagreement")
 LISTED_DIFFER = 10
+LISTED_PROJECTION = 4  # largest and most negative contributions listed beside the pie
 
 
 def _slices(values: np.ndarray, names: Sequence[str],
             remainder: float = 0.0) -> tuple[list[str], list[float]]:
     """The largest ``values`` (all > 0) as slices; the small rest is one ``other`` slice; a
-    positive ``remainder`` is its own slice, last."""
+    positive ``remainder`` is its own slice, last.  "Small" is relative to the attributes'
+    total, so a large remainder does not hide every attribute in ``other``."""
     order = np.argsort(-values, kind="stable")
     order = order[values[order] > 0]
-    total = float(values[order].sum()) + max(remainder, 0.0)
+    total = float(values[order].sum())
     keep = [i for i in order[:PIE_SLICES] if values[i] >= MIN_SLICE_SHARE * total]
     rest = [i for i in order if i not in keep]
     labels = [names[i] for i in keep]
@@ -164,7 +166,15 @@ def error_figure(errors: Sequence[float], distance: float, *, mode: str, rank: i
         title = f"rank {rank} · {gallery_label} · d² = {distance:.4g}"
         sub = (f"projection: Σp = {e.sum():.3g} along the attributes + remainder "
                f"{remainder:.3g} = d²")
-        lines = _negatives(e, names)
+        top = np.argsort(-e, kind="stable")[:LISTED_PROJECTION]
+        top = top[e[top] > 0]
+        lines = ["largest (share of d²):"]
+        lines += [f"  {names[i]:<10} {e[i]:.3g} ({100 * e[i] / max(distance, 1e-30):.1f}%)"
+                  for i in top]
+        negative = _negatives(e, names)
+        if len(negative) > 2 + LISTED_PROJECTION:  # header, the first few, the total
+            negative = negative[:1 + LISTED_PROJECTION] + negative[-1:]
+        lines += negative
     else:
         title = f"rank {rank} · {gallery_label} · d² = {distance:.4g}"
         sub = f"complete decomposition, Σe = {e.sum():.4g} = d²"
