@@ -365,7 +365,7 @@ def test_checkpoint_round_trip_with_attribute_head(tmp_path):
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         checkpoints.save_checkpoint(directory, 8, model_state=model,
                                     meta={"num_classes": 4, "bad": object()})
-    with pytest.raises(FileNotFoundError, match="has no step 5"):
+    with pytest.raises(FileNotFoundError, match="step 5 does not exist"):
         checkpoints.restore_model(directory, config, step=5)
     with pytest.raises(ValueError, match="cannot restore the model of .*ckpt step 7"):
         checkpoints.restore_model(directory, _config(blocks=(1, 2, 1, 1), non_local=(0, 1, 0, 0)))

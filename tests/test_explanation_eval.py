@@ -14,7 +14,7 @@ import pytest
 from reid_jax import explain, progress, synthetic
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, labels_for_pids, load_market_attributes
 from reid_jax.data.market1501 import load_market1501
-from reid_jax.explain import counterfactuals
+from reid_jax.explain import baselines, bootstrap, counterfactuals
 from reid_jax.explain import metrics as em
 from reid_jax.explain import quality as ee
 from reid_jax.explain import table as quality_table
@@ -209,15 +209,24 @@ def test_pair_separations_match_float64_reference():
     complete = np.abs(w64) / np.abs(w64).sum(axis=1, keepdims=True)
     xq, xg = 1 / (1 + np.exp(-q64 @ w64)), 1 / (1 + np.exp(-g64 @ w64))
     scores = (1 - np.abs(xq - xg)) / (0.5 + np.abs(xq - 0.5))
-    ref = {"paper": diff2 @ w64, "complete": diff2 @ complete, "scores": 1 - scores}
+    d = q64 - g64
+    c = np.linalg.lstsq(w64, d.T, rcond=None)[0].T
+    prior = np.linspace(0.0, 1.0, A)
+    ref = {"paper": diff2 @ w64, "complete": diff2 @ complete, "scores": 1 - scores,
+           "projection": c * (d @ w64), "disagreement": xq * (1 - xg) + xg * (1 - xq),
+           "prior": np.broadcast_to(prior, (40, A))}
+    assert set(ref) == set(MODES)
     for mode, expected in ref.items():
-        got = counterfactuals.pair_separations(fq, fg, w, mode, chunk=16)
+        got = counterfactuals.pair_separations(fq, fg, w, mode, chunk=16,
+                                               prior=prior if mode == "prior" else None)
         assert got.shape == (40, A) and got.dtype == np.float32
         np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
     np.testing.assert_allclose(counterfactuals.pair_separations(fq, fg, w, "complete").sum(1),
                                diff2.sum(1), rtol=1e-5)
     with pytest.raises(ValueError, match="mode must be one of"):
         counterfactuals.pair_separations(fq, fg, w, "gemm")
+    with pytest.raises(ValueError, match=r"mode='prior' needs prior of shape \(30,\)"):
+        counterfactuals.pair_separations(fq, fg, w, "prior")
     with pytest.raises(ValueError, match=r"f_gallery \[P, N\]"):
         counterfactuals.pair_separations(fq, fg[:3], w, "paper")
 
@@ -246,7 +255,9 @@ def test_counterfactual_metrics_equal_the_library():
     pairs = counterfactuals.CandidatePairs(pq, pg, (pq + pg) % 4 == 0)
     valid = np.ones(q, bool)
     valid[2] = False
-    out = counterfactuals.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid)
+    prior = rng.random(A)
+    out = counterfactuals.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid,
+                                                 prior=prior, bootstrap_samples=200)
 
     rows = [(qi, ci) for ci, cf in enumerate(cfs) for qi in range(q)
             if valid[qi] and cf.gallery_index in pg[pq == qi]]
@@ -259,13 +270,26 @@ def test_counterfactual_metrics_equal_the_library():
     assert out["num_pairs"] == len(rows) and out["num_away_pairs"] == int(away.sum())
     assert 0 < away.sum() < len(rows)  # both directions occur
     gal = np.asarray([cfs[i].gallery_index for i in rc])
+    counts = bootstrap.resample_counts(c, 200, 0)
     for mode in MODES:
-        s0 = counterfactuals.pair_separations(fq[rq], fg[gal], w, mode)
-        s1 = counterfactuals.pair_separations(fq[rq], fc[rc], w, mode)
-        near = np.where(away[:, None], s0, s1)
-        far = np.where(away[:, None], s1, s0)
-        ref = em.counterfactual_hit_rate(near, far, attr, changed)
+        if mode == "prior":  # no rise: its fixed order is scored
+            far = np.broadcast_to(prior, (len(rows), A))
+            near = np.zeros_like(far)
+        else:
+            s0 = counterfactuals.pair_separations(fq[rq], fg[gal], w, mode)
+            s1 = counterfactuals.pair_separations(fq[rq], fc[rc], w, mode)
+            near = np.where(away[:, None], s0, s1)
+            far = np.where(away[:, None], s1, s0)
+        ref = em.counterfactual_hit_rate(near, far, attr, changed, return_rows=True)
         assert out[mode]["top1"] == ref["top1"] and out[mode]["top3"] == ref["top3"]
+        # The interval resamples counterfactual images: all pairs of one image together.
+        hits = np.bincount(rc, weights=ref["rows"]["top1"], minlength=c)
+        num = np.bincount(rc, minlength=c)
+        rates = (counts @ hits) / (counts @ num)
+        assert out[mode]["intervals"]["top1"] == pytest.approx(
+            list(np.percentile(rates, [2.5, 97.5])))
+        lo, hi = out[mode]["intervals"]["top3"]
+        assert lo <= out[mode]["top3"] <= hi
         assert out[mode]["mean_rank"] == ref["mean_rank"]
         assert out["per_attribute"][f"{mode}_top1"] == [
             ref["per_attribute"][nm]["top1"] for nm in ATTRIBUTE_NAMES]
@@ -274,6 +298,10 @@ def test_counterfactual_metrics_equal_the_library():
         assert out["subsets"]["towards"][f"{mode}_top1"] == sub["top1"]
     assert out["chance"] == ref["chance"]
     assert len(out["per_attribute"]["pairs"]) == A
+    # The prior's top-1 is its largest entry: a hit where that attribute changed.
+    assert out["prior"]["top1"] == pytest.approx(np.mean(changed[:, np.argmax(prior)]))
+    without = counterfactuals.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid)
+    assert "prior" not in without and without["paper"]["top1"] == out["paper"]["top1"]
     with pytest.raises(ValueError, match="f_counterfactual must have shape"):
         counterfactuals.counterfactual_metrics(fq, fg, fc[:-1], w, cfs, pairs, lq)
 
@@ -289,6 +317,14 @@ def _data_ids(data):
                 gallery_pids=data.gallery.pids, gallery_cams=data.gallery.cameras)
 
 
+def _prior(rng):
+    """A training prior of 6 random identities with 3 images each (random embeddings)."""
+    ids = rng.integers(0, 2, (6, A))
+    pids = np.repeat(np.arange(1, 7), 3)
+    return baselines.training_prior(ids, features=rng.normal(size=(18, 16)), pids=pids,
+                                    image_labels=ids[pids - 1], k=4)
+
+
 def test_label_metrics_equal_the_library():
     rng = np.random.default_rng(2)
     fq = rng.normal(size=(5, 16)).astype(np.float32)
@@ -298,27 +334,52 @@ def test_label_metrics_equal_the_library():
     vg = np.ones(11, bool)
     vg[[0, 4]] = False
     ids = _no_removal_ids(5, 11)
-    auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, **ids)
+    prior = _prior(rng)
+    auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, prior=prior,
+                                  bootstrap_samples=100, **ids)
     assert set(auroc) == {"all_pairs", "top4", "per_attribute"}
     assert set(amd) == {"all_pairs", "top4", "per_attribute"}
-    for mode in MODES:
+    counts = bootstrap.resample_counts(5, 100, 0)
+    base = {}
+    for mode in ("prior", *MODES):
+        fixed = {"all": prior.all_pairs, "top": prior.neighbours} if mode == "prior" else {}
         full = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
-                                            threshold=0.3)
+                                            threshold=0.3, prior=fixed.get("all"))
         top = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3,
-                                **ids)
-        for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
+                                prior=fixed.get("top"), **ids)
+        for key in em.AMD_RATIOS:
             assert amd["all_pairs"][mode][key] == full[key]
             assert amd["top4"][mode][key] == top[key]
             assert amd["all_pairs"]["chance"][key] == full["chance"][key]
+        sums = top["groups"]["amd"]
+        base = base or sums  # the prior comes first
+        assert amd["top4"][mode]["intervals"] == bootstrap.amd_intervals(sums, counts)
+        if mode != "prior":
+            assert amd["top4"][mode]["minus_prior"] == bootstrap.amd_intervals(sums, counts,
+                                                                               base)
+        lo, hi = amd["all_pairs"][mode]["intervals"]["ex_map_d"]
+        assert lo <= full["ex_map_d"] <= hi
         assert amd["per_attribute"][f"top4_{mode}_ap_d"] == [
             top["per_attribute"][nm]["ap_d"] for nm in ATTRIBUTE_NAMES]
-        if mode == "scores":
-            assert auroc["all_pairs"]["confident"]["auroc"] == full["auroc"]["auroc"]
-            assert auroc["top4"]["confident"]["auroc"] == top["auroc"]["auroc"]
+        if mode in em.SCORE_MODES:
+            assert auroc["all_pairs"]["confident"][mode]["pooled"] == full["auroc"]["auroc"]
+            assert auroc["top4"]["confident"][mode]["pooled"] == top["auroc"]["auroc"]
+            assert auroc["top4"]["confident"][mode]["macro"] == top["auroc"]["macro"]
     assert amd["all_pairs"]["num_pairs"] == 5 * 9
+    labels_only = em.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=4, valid_gallery=vg,
+                                    prior=prior.all_pairs, **ids)
+    assert amd["top4"]["prior_labels"]["ex_map_d"] == labels_only["ex_map_d"]
+    assert "prior_labels" not in amd["all_pairs"]
     every = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg,
                               threshold=0.0, **ids)["auroc"]
-    assert auroc["top4"]["all_attributes"]["auroc"] == every["auroc"]
+    assert auroc["top4"]["all_attributes"]["scores"]["pooled"] == every["auroc"]
+    # The constant baseline: every entry of attribute a scores its training agreement rate.
+    agree = np.zeros((2, A))
+    for a in range(A):
+        entries = every["per_attribute"][ATTRIBUTE_NAMES[a]]
+        agree[:, a] = entries["num_positive"], entries["num_negative"]
+    assert auroc["top4"]["all_attributes"]["prior"]["pooled"] == pytest.approx(
+        float(em.constant_auroc(agree[0], agree[1], prior.agreement)))
     assert every["num_positive"] + every["num_negative"] == 5 * 4 * A - A * int(
         (~vg[np.asarray(explain.explain_rankings(fq, fg, w, k=4).indices)]).sum())
     assert all(len(v) == A for v in auroc["per_attribute"].values())
@@ -380,9 +441,11 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
     monkeypatch.setattr(em, "streamed_amd_over_gallery", count_streamed)
     monkeypatch.setattr(em, "amd_over_top_k", count_top_k)
     with caplog.at_level(logging.INFO):
-        auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, **ids)
+        auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3,
+                                      prior=_prior(rng), bootstrap_samples=50, **ids)
     # One all-pairs pass and one ranking per mode: the t = 0 AUROC comes with the scores pass.
-    assert calls == {"streamed": list(MODES), "top_k": list(MODES)}
+    # (and the label-only prior on the top k)
+    assert calls == {"streamed": list(MODES), "top_k": [*MODES, "prior"]}
     for mode in MODES:
         assert f"AMD over all pairs ({mode}): 5/5 queries (100.0%)" in caplog.text
         assert f"AMD over the top 4 ranks ({mode})" in caplog.text
@@ -395,17 +458,20 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
     plain = np.argsort(d2, axis=1, kind="stable")[:, :4]
     assert amd["top4"]["num_pairs"] == int(vg[top].sum()) != int(vg[plain].sum())
     for mode in MODES:
+        if mode == "prior":
+            continue
         ref = top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3, **ids)
-        for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
+        for key in em.AMD_RATIOS:
             assert amd["top4"][mode][key] == ref[key]
     every_top = top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg, threshold=0.0, **ids)
     every_all = streamed(fq, fg, w, lq, lg, "scores", valid_gallery=vg, threshold=0.0)
     for scope, ref in (("top4", every_top["auroc"]), ("all_pairs", every_all["auroc"])):
-        for key in ("auroc", "num_positive", "num_negative"):
+        assert auroc[scope]["all_attributes"]["scores"]["pooled"] == ref["auroc"]
+        for key in ("num_positive", "num_negative"):
             assert auroc[scope]["all_attributes"][key] == ref[key]
-    assert auroc["all_pairs"]["all_attributes"]["max_binning_error"] == every_all["auroc"][
-        "max_binning_error"]
-    assert auroc["per_attribute"]["top4_all_attributes"] == [
+    assert auroc["all_pairs"]["all_attributes"]["scores"]["max_binning_error"] == every_all[
+        "auroc"]["max_binning_error"]
+    assert auroc["per_attribute"]["top4_all_attributes_scores"] == [
         every_top["auroc"]["per_attribute"][n]["auroc"] for n in ATTRIBUTE_NAMES]
 
 
@@ -424,8 +490,8 @@ def _walk(prefix, value, out):
 
 def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
     m = run.metrics
-    assert set(m) == {"format", "attribute_names", "settings", "data", "counterfactual",
-                      "auroc", "amd"}
+    assert set(m) == {"format", "attribute_names", "settings", "data", "prior",
+                      "counterfactual", "auroc", "amd"}
     assert m["format"] == quality_table.FORMAT and m["attribute_names"] == list(ATTRIBUTE_NAMES)
     with open(run.json_path) as f:
         assert json.load(f) == m
@@ -435,9 +501,13 @@ def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
     assert sorted(os.listdir(out_dir)) == ["embeddings", "explanation_metrics.json",
                                            "explanation_metrics.md"]
     flat = _walk("", m, {})
-    for path, value in flat.items():  # readable by reid_jax.explain.report: numbers or [A] arrays
+    for path, value in flat.items():  # readable by reid_jax.explain.report
         assert value is None or isinstance(value, (int, float, str, list)), path
-        if isinstance(value, list) and path not in ("/attribute_names",):
+        if path.startswith("/prior/attribute_order") or path == "/attribute_names":
+            assert sorted(value) == sorted(ATTRIBUTE_NAMES), path
+        elif isinstance(value, list) and "interval" in path or "/minus_prior/" in path:
+            assert value is None or (len(value) == 2 and value[0] <= value[1]), path
+        elif isinstance(value, list):  # per attribute
             assert len(value) == A and all(v is None or isinstance(v, (int, float))
                                            for v in value), path
     cf = m["counterfactual"]
@@ -446,12 +516,17 @@ def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
     assert sum(cf["per_attribute"]["pairs"]) == cf["num_pairs"] > NUM_CF
     for mode in MODES:
         assert 0 <= cf[mode]["top1"] <= cf[mode]["top3"] <= 1
-        assert set(m["amd"]["all_pairs"][mode]) == {"ex_precision_d", "ex_map_d",
-                                                    "ex_precision_s", "ex_map_s"}
+        lo, hi = cf[mode]["intervals"]["top1"]
+        assert lo <= cf[mode]["top1"] <= hi
+        assert set(m["amd"]["all_pairs"][mode]) == {*em.AMD_RATIOS, "intervals"} | (
+            set() if mode == "prior" else {"minus_prior"})
     assert 0 < cf["chance"]["top1"] < cf["chance"]["top3"] < 1
+    assert m["prior"]["num_identities"] == DATA.num_train_ids
+    assert m["prior"]["neighbours"] is not None and m["prior"]["k"] == K
+    assert m["settings"]["bootstrap_samples"] == 1000
     table = run.table.splitlines()
-    assert table[0].startswith("| metric | n | eq. 3.2 (paper) | complete decomposition")
-    assert sum(line.startswith("| ") for line in table) == 1 + 2 + 4 + 8
+    assert table[0].startswith("| metric | n | prior (fixed order) | chance | eq. 3.2 (paper)")
+    assert sum(line.startswith("| ") for line in table) == 1 + 2 + 8 + 12
 
 
 def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
@@ -470,7 +545,16 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
     top = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=K, valid_query=vq, valid_gallery=vg,
                             **_data_ids(data))
     assert m["amd"][f"top{K}"]["scores"]["ex_precision_s"] == top["ex_precision_s"]
-    assert m["auroc"][f"top{K}"]["confident"]["auroc"] == top["auroc"]["auroc"]
+    assert m["auroc"][f"top{K}"]["confident"]["scores"]["pooled"] == top["auroc"]["auroc"]
+    # The prior: the training split's identity labels and its images' nearest neighbours.
+    attrs = load_market_attributes(os.path.join(dataset, "market_attribute.mat"))
+    identities = attrs.labels("train")
+    assert m["prior"]["all_pairs"] == pytest.approx(
+        baselines.difference_rates(identities).tolist())
+    prior_top = np.asarray(m["prior"]["neighbours"])
+    top_prior = em.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=K, valid_query=vq,
+                                  valid_gallery=vg, prior=prior_top, **_data_ids(data))
+    assert m["amd"][f"top{K}"]["prior"]["ex_map_d"] == top_prior["ex_map_d"]
 
     # The counterfactual part: same pairs, same images, same embeddings.
     files = [os.path.basename(p) for p in data.gallery.paths]
@@ -482,7 +566,8 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
               batch_size=CONFIG["data"]["eval_batch_size"],
               loader_config=embeddings.eval_loader_config(CONFIG))
     f_cf = embeddings.embed_images(model, [cf.jpeg for cf in made.accepted], **kw)
-    ref = counterfactuals.counterfactual_metrics(fq, fg, f_cf, w, made.accepted, pairs, lq, vq)
+    ref = counterfactuals.counterfactual_metrics(fq, fg, f_cf, w, made.accepted, pairs, lq, vq,
+                                                 prior=prior_top)
     for key in (*MODES, "chance", "subsets", "num_pairs", "num_away_pairs"):
         assert m["counterfactual"][key] == ref[key], key
     for key, values in ref["per_attribute"].items():
@@ -543,7 +628,7 @@ def test_errors(dataset, checkpoints_dir, tmp_path):
 def _tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "evaluate_explanations.py"), *args],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
 def test_cli(dataset, checkpoints_dir, tmp_path):

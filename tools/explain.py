@@ -2,8 +2,8 @@ r"""Explains the re-id rankings of many queries: JSONL records and an HTML repor
 
   python tools/explain.py --checkpoint=WORKDIR/checkpoints --config=configs/agw_market1501.py \
       --data_root=DATA --output_dir=/tmp/explain [--num_queries=100 | --query_files=a.jpg,b.jpg] \
-      [--k=10] [--threshold=0.4] [--mode=paper|complete] [--order=query|worst_ap] \
-      [--error_ranks=1,3,10] [--report_queries=50]
+      [--k=10] [--threshold=0.4] [--mode=paper|complete|projection|disagreement] \
+      [--order=query|worst_ap] [--error_ranks=1,3,10] [--report_queries=50]
 
 The settings come from the config's ``explain`` section (reid_jax/explain/settings.py; the
 checkpoint's stored config unless --config is given); each flag overrides one field, and so
@@ -46,8 +46,10 @@ _THRESHOLD = flags.DEFINE_string(
     "threshold", None, "Confidence threshold t_a in [0, 0.5): one value, or 30 comma-separated "
     "(one per attribute); |x_a - 0.5| > t_a selects attribute a (config.explain.threshold, 0.4).")
 _MODE = flags.DEFINE_enum("mode", None, list(settings.MODES),
-                          "paper: eq. 3.2; complete: the decomposition that sums to the distance "
-                          "(config.explain.mode, paper).")
+                          "paper: eq. 3.2; complete: the decomposition that sums to the distance; "
+                          "projection: the distance along the attribute directions, with the "
+                          "remainder as its own part; disagreement: the probability that the "
+                          "labels differ (config.explain.mode, paper).")
 _ORDER = flags.DEFINE_enum("order", None, list(settings.ORDERS),
                            "query: file-name order; worst_ap: lowest average precision first "
                            "(config.explain.order, query).")

@@ -2,7 +2,8 @@
 
 ``from reid_jax import explain`` gives the jitted kernels (:mod:`reid_jax.explain.kernels`):
 :func:`explain_rankings`, :func:`attribute_errors`, :func:`matching_scores`,
-:func:`confident_attributes`, :func:`check_finite` and :data:`DEFAULT_THRESHOLD`.
+:func:`projection_contributions`, :func:`disagreement_probabilities`,
+:func:`confident_attributes`, :func:`check_finite`, :data:`MODES` and :data:`DEFAULT_THRESHOLD`.
 
 The modules of the package, from the bottom up:
 
@@ -18,7 +19,9 @@ The modules of the package, from the bottom up:
 
 from reid_jax.explain.kernels import (
     DEFAULT_THRESHOLD,
+    ERROR_MODES,
     METHODS,
+    MODES,
     RankingExplanation,
     attribute_errors,
     check_finite,
@@ -26,14 +29,20 @@ from reid_jax.explain.kernels import (
     complete_weights,
     confident_attributes,
     default_mesh,
+    disagreement_probabilities,
     explain_rankings,
     matching_scores,
+    projection_contributions,
+    projection_weights,
     recompute_ratio,
+    resolve_mode,
 )
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "ERROR_MODES",
     "METHODS",
+    "MODES",
     "RankingExplanation",
     "attribute_errors",
     "check_finite",
@@ -41,7 +50,11 @@ __all__ = [
     "complete_weights",
     "confident_attributes",
     "default_mesh",
+    "disagreement_probabilities",
     "explain_rankings",
     "matching_scores",
+    "projection_contributions",
+    "projection_weights",
     "recompute_ratio",
+    "resolve_mode",
 ]

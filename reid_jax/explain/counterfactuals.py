@@ -6,8 +6,9 @@ whether an explanation points at the change (``docs/design.md``, "Explanations m
 * :func:`make_counterfactuals` — re-renders gallery images of those pairs with one attribute
   changed, round-robin over attributes, keeping only visible changes.
 * :func:`pair_separations` — every explanation's "this attribute separates q and g" score.
-* :func:`counterfactual_metrics` — the hit rates (``reid_jax.explain.metrics``) of the three
-  separations on the pairs of every counterfactual.
+* :func:`counterfactual_metrics` — the hit rates (``reid_jax.explain.metrics``) of every
+  separation and of the prior on the pairs of every counterfactual, with 95 % intervals by a
+  bootstrap over the counterfactual images (``reid_jax.explain.bootstrap``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from reid_jax import explain, retrieval, synthetic
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
+from reid_jax.explain import bootstrap
 from reid_jax.explain import metrics as em
 from reid_jax.explain.table import HIT_RANKS, MODES
 from reid_jax.synthetic.render import blur_radius
@@ -277,7 +279,8 @@ def make_counterfactuals(
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-pair separations: e_a (eq. 3.2, either mode) or 1 - s_a (eq. 3.1).
+# Per-pair separations: e_a (eq. 3.2, either mode), the projection contributions, 1 - s_a
+# (eq. 3.1), the disagreement probability, or the fixed prior.
 
 
 @jax.jit
@@ -291,21 +294,35 @@ def _pair_scores(xq: jax.Array, xg: jax.Array) -> jax.Array:
 
 
 @jax.jit
+def _pair_disagreement(xq: jax.Array, xg: jax.Array) -> jax.Array:
+    return jax.vmap(lambda a, b: explain.disagreement_probabilities(a, b[None])[0])(xq, xg)
+
+
+@jax.jit
 def _pair_errors(fq: jax.Array, fg: jax.Array, w: jax.Array) -> jax.Array:
     return jax.vmap(lambda q, g: explain.attribute_errors(q, g[None], w, method="direct")[0])(
         fq, fg)
 
 
+@jax.jit
+def _pair_projection(fq: jax.Array, fg: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.vmap(lambda q, g: explain.projection_contributions(q, g[None], w)[0][0])(fq, fg)
+
+
 def pair_separations(f_query: Any, f_gallery: Any, weights: Any, mode: str, *,
-                     chunk: int = 4096) -> np.ndarray:
+                     prior: Any | None = None, chunk: int = 4096) -> np.ndarray:
     """The explanation's "this attribute separates q and g" score of row-aligned pairs.
 
     Args:
       f_query, f_gallery: ``[P, N]``, row ``i`` is one pair.
       weights: ``[N, A]`` attribute weights ``W``.
-      mode: ``"paper"``: ``e_a`` of eq. 3.2 (``reid_jax.explain.attribute_errors``, direct
-        form); ``"complete"``: the complete decomposition; ``"scores"``: ``1 - s_a`` with
-        ``s_a`` eq. 3.1 of ``x = sigmoid(f @ W)``.
+      mode: one of ``metrics.MODES``: ``"paper"``: ``e_a`` of eq. 3.2
+        (``reid_jax.explain.attribute_errors``, direct form); ``"complete"``: the complete
+        decomposition; ``"projection"``: the projection contributions
+        (``reid_jax.explain.projection_contributions``); ``"scores"``: ``1 - s_a`` with ``s_a``
+        eq. 3.1 of ``x = sigmoid(f @ W)``; ``"disagreement"``: the probability that the labels
+        differ; ``"prior"``: ``prior`` on every row.
+      prior: ``[A]``, for ``mode="prior"``.
       chunk: pairs per kernel call.
 
     Returns:
@@ -319,6 +336,11 @@ def pair_separations(f_query: Any, f_gallery: Any, weights: Any, mode: str, *,
     if fq.shape != fg.shape or fq.ndim != 2 or w.ndim != 2 or w.shape[0] != fq.shape[1]:
         raise ValueError(f"expected f_query [P, N], f_gallery [P, N], weights [N, A]; got "
                          f"{fq.shape}, {fg.shape}, {w.shape}")
+    if mode == "prior":
+        if prior is None or np.shape(prior) != (w.shape[1],):
+            raise ValueError(f"mode='prior' needs prior of shape ({w.shape[1]},), got "
+                             f"{None if prior is None else np.shape(prior)}")
+        return np.broadcast_to(np.asarray(prior, np.float32), (fq.shape[0], w.shape[1])).copy()
     if mode == "complete":
         w = explain.complete_weights(w)
     parts = []
@@ -326,6 +348,10 @@ def pair_separations(f_query: Any, f_gallery: Any, weights: Any, mode: str, *,
         q, g = jnp.asarray(fq[lo:lo + chunk]), jnp.asarray(fg[lo:lo + chunk])
         if mode == "scores":
             parts.append(1.0 - _pair_scores(_probabilities(q, w), _probabilities(g, w)))
+        elif mode == "disagreement":
+            parts.append(_pair_disagreement(_probabilities(q, w), _probabilities(g, w)))
+        elif mode == "projection":
+            parts.append(_pair_projection(q, g, w))
         else:
             parts.append(_pair_errors(q, g, w))
     if not parts:
@@ -350,8 +376,18 @@ def counterfactual_metrics(
     pairs: CandidatePairs,
     labels_query: Any,
     valid_query: Any | None = None,
+    *,
+    prior: Any | None = None,
+    bootstrap_samples: int = bootstrap.DEFAULT_SAMPLES,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Hit rates of the counterfactuals for the three separations (module docstring, part 1).
+    """Hit rates of the counterfactuals for every separation (module docstring, part 1).
+
+    The ``prior`` explanation ranks the attributes of every pair by the same fixed ``prior``:
+    it has no rise, so its ranking itself is scored (a hit: a changed attribute among its top
+    ``m``).  Every rate comes with a 95 % interval by a bootstrap over the counterfactual
+    images (all pairs of one image are resampled together; ``bootstrap_samples`` replicates
+    seeded by ``seed``, the same for every separation).
 
     Args:
       f_query: ``[Q, N]``; f_gallery: ``[G, N]`` embeddings of the dataset files.
@@ -362,11 +398,13 @@ def counterfactual_metrics(
         gallery image is paired with.
       labels_query: ``[Q, A]`` ground-truth labels of the queries.
       valid_query: bool ``[Q]``, queries with labels (default all).
+      prior: ``[A]`` the prior's separation (default: the prior is left out).
 
     Returns:
       ``{"num_pairs", "num_true_match_pairs", "num_away_pairs", <mode>: {"top1", "top3",
-      "mean_rank"}, "chance": {...}, "subsets": {...}, "per_attribute": {...}}``; see
-      :func:`reid_jax.explain.metrics.counterfactual_hit_rate` for the definitions.
+      "mean_rank", "intervals": {"top1", "top3"}}, "chance": {...}, "subsets": {...},
+      "per_attribute": {...}}``; see :func:`reid_jax.explain.metrics.counterfactual_hit_rate`
+      for the definitions.
     """
     fq = np.asarray(f_query, np.float32)
     fg = np.asarray(f_gallery, np.float32)
@@ -407,15 +445,26 @@ def counterfactual_metrics(
     subset_out: dict[str, dict[str, Any]] = {
         name: {"num_pairs": int(mask.sum())} for name, mask in subsets.items()}
     per_attribute: dict[str, list[Any]] = {}
-    for mode in MODES:
-        s_orig = pair_separations(fq[q], fg[gallery], weights, mode)
-        s_cf = pair_separations(fq[q], fc[c], weights, mode)
-        near = np.where(away[:, None], s_orig, s_cf)
-        far = np.where(away[:, None], s_cf, s_orig)
-        res = em.counterfactual_hit_rate(near, far, attribute, changed, top=HIT_RANKS)
+    counts = bootstrap.resample_counts(len(counterfactuals), bootstrap_samples, seed)
+    modes = [m for m in MODES if m != "prior" or prior is not None]
+    for mode in modes:
+        if mode == "prior":  # a fixed order: its own ranking is scored
+            far = pair_separations(fq[q], fg[gallery], weights, mode, prior=prior)
+            near = np.zeros_like(far)
+        else:
+            s_orig = pair_separations(fq[q], fg[gallery], weights, mode)
+            s_cf = pair_separations(fq[q], fc[c], weights, mode)
+            near = np.where(away[:, None], s_orig, s_cf)
+            far = np.where(away[:, None], s_cf, s_orig)
+        res = em.counterfactual_hit_rate(near, far, attribute, changed, top=HIT_RANKS,
+                                         return_rows=True)
         out[mode] = {**{f"top{m}": res[f"top{m}"] for m in HIT_RANKS},
-                     "mean_rank": res["mean_rank"]}
-        if mode == MODES[0]:
+                     "mean_rank": res["mean_rank"],
+                     "intervals": {f"top{m}": bootstrap.ratio_interval(
+                         *bootstrap.grouped_means(res["rows"][f"top{m}"], c,
+                                                  len(counterfactuals)), counts)
+                         for m in HIT_RANKS}}
+        if mode == modes[0]:
             out["chance"] = res["chance"]
             per_attribute["pairs"] = _per_attribute(res, "count")
         for m in HIT_RANKS:
@@ -425,7 +474,7 @@ def counterfactual_metrics(
                 sub = em.counterfactual_hit_rate(near[mask], far[mask], attribute[mask],
                                                  changed[mask], top=(1,))
                 subset_out[name][f"{mode}_top1"] = sub["top1"]
-                if mode == MODES[0]:
+                if mode == modes[0]:
                     subset_out[name]["chance_top1"] = sub["chance"]["top1"]
             else:
                 subset_out[name][f"{mode}_top1"] = None

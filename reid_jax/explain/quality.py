@@ -1,12 +1,17 @@
 """Explanation quality measured on a dataset: the logic of ``tools/evaluate_explanations.py``.
 
 The paper (Specker) shows its explanations; this module measures them on the test split of a
-Market-1501-layout data root (``docs/design.md``, "Explanations measured"), for both
-explanations of the ranking — eq. 3.2 (``mode="paper"``) and its complete decomposition
-(``"complete"``) — and, where a metric applies, for the matching scores of eq. 3.1 (``"scores"``:
-separation ``1 - s_a``). The metric definitions live in :mod:`reid_jax.explain.metrics`, the
-pairs and counterfactual images in :mod:`reid_jax.explain.counterfactuals`; this module runs
-the measurement (:func:`measure`) and writes the results.
+Market-1501-layout data root (``docs/design.md``, "Explanations measured"), for every
+explanation of ``metrics.MODES`` — eq. 3.2 (``mode="paper"``), its complete decomposition
+(``"complete"``), the projection onto the attribute directions (``"projection"``), the matching
+scores of eq. 3.1 (``"scores"``: separation ``1 - s_a``) and the probability that the labels
+differ (``"disagreement"``) — against two baselines: the fixed ``prior`` order of the training
+split (``reid_jax.explain.baselines``, which needs the training images' embeddings too) and
+chance; every value with a 95 % interval by a bootstrap over queries or counterfactual images
+(``reid_jax.explain.bootstrap``; ``docs/design.md``, "Baselines" and "Intervals"). The metric
+definitions live in :mod:`reid_jax.explain.metrics`, the pairs and counterfactual images in
+:mod:`reid_jax.explain.counterfactuals`; this module runs the measurement (:func:`measure`) and
+writes the results.
 
 1. **Counterfactual hit rate** (synthetic data roots only, they hold ``synthetic_meta.json``).
    Pairs: every query with its true matches (same identity, another camera: the Market-1501
@@ -34,12 +39,13 @@ the measurement (:func:`measure`) and writes the results.
    The rise is ``sep(q, far) - sep(q, near)``; a hit at ``m`` is a changed label among the top
    ``m`` attributes by rise (:func:`reid_jax.explain.metrics.counterfactual_hit_rate`,
    with its tie rule and chance level).
-2. **AUROC of matching scores** for ground-truth agreement of query and gallery labels, over all
-   labelled query x gallery pairs (streamed) and over the top-``k`` ranks; for the query's
-   confident attributes (threshold ``t``, the entries the paper displays) and for all attributes
-   (``t = 0``).
-3. **AMD Ex-Precision / Ex-mAP** (``_d``, ``_s``) over all labelled pairs and over the top ``k``
-   ranks, for the three separations, with chance levels
+2. **AUROC of matching scores** (eq. 3.1's and the agreement probability) for ground-truth
+   agreement of query and gallery labels, over all labelled query x gallery pairs (streamed)
+   and over the top-``k`` ranks; for the query's confident attributes (threshold ``t``, the
+   entries the paper displays) and for all attributes (``t = 0``); pooled and as the mean of the
+   per-attribute AUROCs, beside the constant per-attribute baseline.
+3. **AMD Ex-Precision / Ex-mAP** (``_d``, ``_s`` and ``_s`` by AMD's rule) over all labelled
+   pairs and over the top ``k`` ranks, for every separation and the prior, with chance levels
    (:func:`~reid_jax.explain.metrics.streamed_amd_over_gallery`,
    :func:`~reid_jax.explain.metrics.amd_over_top_k`; the top ``k`` there is the ranking of
    the report, ``reid_jax.explain.run``: the Market-1501 protocol removes gallery images with
@@ -74,9 +80,9 @@ from reid_jax.data.attributes import (
     load_market_attributes,
 )
 from reid_jax.data.market1501 import SPLIT_FOLDERS
+from reid_jax.explain import baselines, bootstrap, settings
 from reid_jax.explain import counterfactuals as cfs
 from reid_jax.explain import metrics as em
-from reid_jax.explain import settings
 from reid_jax.explain.table import FORMAT, MODES, markdown_table
 from reid_jax.progress import ProgressLog
 from reid_jax.synthetic.render import IMAGE_HEIGHT, IMAGE_WIDTH
@@ -93,8 +99,23 @@ def _per_attribute(result: dict[str, Any], key: str) -> list[Any]:
     return [result["per_attribute"][n][key] for n in ATTRIBUTE_NAMES]
 
 
-_AMD_KEYS = ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s")
-_AUROC_KEYS = ("auroc", "num_positive", "num_negative")
+_AMD_KEYS = tuple(em.AMD_RATIOS)
+
+
+def _auroc_entry(result: dict[str, Any], groups: dict[str, Any], counts: np.ndarray,
+                 level: float) -> dict[str, Any]:
+    """Pooled and macro AUROC of one matching score with their intervals."""
+    entry = {
+        "pooled": result["auroc"],
+        "pooled_interval": bootstrap.histogram_auroc_interval(
+            *groups["pooled"], counts, result["auroc"], level),
+        "macro": result["macro"],
+        "macro_interval": bootstrap.macro_auroc_interval(
+            *groups["attribute"], counts, result["macro"], level),
+    }
+    if result.get("max_binning_error") is not None:
+        entry["max_binning_error"] = result["max_binning_error"]
+    return entry
 
 
 def label_metrics(
@@ -110,66 +131,110 @@ def label_metrics(
     query_cams: Any,
     gallery_pids: Any,
     gallery_cams: Any,
+    prior: baselines.TrainingPrior,
     k: int = DEFAULT_K,
     threshold: Any = explain.DEFAULT_THRESHOLD,
+    bootstrap_samples: int = bootstrap.DEFAULT_SAMPLES,
+    seed: int = 0,
+    level: float = bootstrap.LEVEL,
     log_interval: float = 30.0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """AUROC of matching scores and AMD metrics over all pairs and over the top ``k`` ranks.
+    """AUROC of matching scores and AMD metrics over all pairs and over the top ``k`` ranks,
+    for every explanation of ``metrics.MODES`` and the baselines, with 95 % intervals by a
+    bootstrap over queries.
 
-    One all-pairs pass per mode (``streamed_amd_over_gallery``; the ``scores`` pass also
-    accumulates the all-attributes AUROC, ``t = 0``) with a :class:`ProgressLog` every
-    ``log_interval`` seconds, and one top-``k`` ranking per mode under the Market-1501
-    protocol (``amd_over_top_k`` with the pids and cameras: the pairs the report shows).
+    One all-pairs pass per mode (``streamed_amd_over_gallery``; the passes of the
+    ``metrics.SCORE_MODES`` also accumulate their matching score's AUROC for all attributes,
+    ``t = 0``) with a :class:`ProgressLog` every ``log_interval`` seconds, and one top-``k``
+    ranking per mode under the Market-1501 protocol (``amd_over_top_k`` with the pids and
+    cameras: the pairs the report shows).  The ``prior`` explanation is ``prior.all_pairs``
+    over all pairs and ``prior.ranked`` over the top ``k``; the constant AUROC baseline scores
+    every entry of attribute ``a`` with ``prior.agreement[a]``.  Every mode of a scope is
+    resampled with the same counts (``bootstrap_samples`` replicates of the queries, seeded by
+    ``seed``), so ``minus_prior`` — an explanation minus the prior — is a paired interval.
 
     Returns:
-      ``(auroc, amd)``: ``auroc = {"all_pairs": {"confident": ..., "all_attributes": ...},
-      "top{k}": {...}, "per_attribute": {...: [A]}}`` and ``amd = {"all_pairs": {"num_pairs",
-      "num_pairs_d", "num_pairs_s", <mode>: {ex_precision_d, ex_map_d, ex_precision_s,
-      ex_map_s}, "chance": {...}}, "top{k}": {...}, "per_attribute": {...: [A]}}``.
+      ``(auroc, amd)``: ``auroc = {scope: {"confident" | "all_attributes": {"num_positive",
+      "num_negative", <score mode>: {"pooled", "pooled_interval", "macro", "macro_interval"},
+      "prior": {"pooled", "pooled_interval", "macro"}}}, "per_attribute": {...: [A]}}`` and
+      ``amd = {scope: {"num_pairs", "num_pairs_d", "num_pairs_s", "num_pairs_s_amd", <mode>:
+      {<metric>, "intervals": {<metric>: [lo, hi]}, "minus_prior": {<metric>: [lo, hi]}},
+      "chance": {...}}, "per_attribute": {...: [A]}}`` with scopes ``all_pairs`` and
+      ``top{k}`` and the metrics of ``metrics.AMD_RATIOS``; with neighbour rates, ``top{k}``
+      also holds ``prior_labels``: the all-pairs (label-only) order on the top ``k``.
     """
     args = (f_query, f_gallery, weights, labels_query, labels_gallery)
     masks = dict(valid_query=valid_query, valid_gallery=valid_gallery)
     ids = dict(query_pids=query_pids, query_cams=query_cams, gallery_pids=gallery_pids,
                gallery_cams=gallery_cams)
-    scopes = {"all_pairs": {}, f"top{k}": {}}
+    top = f"top{k}"
+    scopes: dict[str, dict[str, Any]] = {"all_pairs": {}, top: {}}
+    fixed = {"all_pairs": prior.all_pairs, top: prior.ranked}
     for mode in MODES:
         # Matching-score AUROC for all attributes: t = 0 selects every attribute (x != 0.5).
-        extra = (0.0,) if mode == "scores" else ()
+        extra = (0.0,) if mode in em.SCORE_MODES else ()
         scopes["all_pairs"][mode] = em.streamed_amd_over_gallery(
             *args, mode, threshold=threshold, extra_thresholds=extra,
+            prior=fixed["all_pairs"] if mode == "prior" else None,
             progress=ProgressLog(f"AMD over all pairs ({mode})", interval=log_interval),
             **masks)
         t0 = time.perf_counter()
-        scopes[f"top{k}"][mode] = em.amd_over_top_k(
-            *args, mode, k=k, threshold=threshold, extra_thresholds=extra, **ids, **masks)
+        scopes[top][mode] = em.amd_over_top_k(
+            *args, mode, k=k, threshold=threshold, extra_thresholds=extra,
+            prior=fixed[top] if mode == "prior" else None, **ids, **masks)
         logging.info("AMD over the top %d ranks (%s): %.1f s", k, mode,
                      time.perf_counter() - t0)
-    every = {scope: results["scores"]["extra_auroc"][0] for scope, results in scopes.items()}
+    # The label-only order on the top k too, to show what knowing "near neighbour" adds.
+    labels_only = (em.amd_over_top_k(*args, "prior", k=k, threshold=threshold,
+                                     prior=prior.all_pairs, **ids, **masks)
+                   if prior.neighbours is not None else None)
 
+    num_queries = int(np.shape(f_query)[0])
+    counts = bootstrap.resample_counts(num_queries, bootstrap_samples, seed)
     auroc: dict[str, Any] = {}
     amd: dict[str, Any] = {}
     auroc_attr: dict[str, list[Any]] = {}
     amd_attr: dict[str, list[Any]] = {}
     for scope, results in scopes.items():
-        confident = results["scores"]["auroc"]
-        auroc[scope] = {
-            "confident": {key: confident[key] for key in _AUROC_KEYS},
-            "all_attributes": {key: every[scope][key] for key in _AUROC_KEYS},
-        }
-        if "max_binning_error" in confident:
-            auroc[scope]["confident"]["max_binning_error"] = confident["max_binning_error"]
-            auroc[scope]["all_attributes"]["max_binning_error"] = every[scope][
-                "max_binning_error"]
-        auroc_attr[f"{scope}_confident"] = _per_attribute(confident, "auroc")
-        auroc_attr[f"{scope}_all_attributes"] = _per_attribute(every[scope], "auroc")
-        paper = results["paper"]
-        entry: dict[str, Any] = {key: paper[key] for key in ("num_pairs", "num_pairs_d",
-                                                               "num_pairs_s")}
+        auroc[scope] = {}
+        for i, which in enumerate(("confident", "all_attributes")):
+            first = results[em.SCORE_MODES[0]]
+            result = first["auroc"] if i == 0 else first["extra_auroc"][0]
+            entry: dict[str, Any] = {"num_positive": result["num_positive"],
+                                     "num_negative": result["num_negative"]}
+            for mode in em.SCORE_MODES:
+                r = results[mode]["auroc"] if i == 0 else results[mode]["extra_auroc"][0]
+                groups = results[mode]["groups"]["auroc"][i]
+                entry[mode] = _auroc_entry(r, groups, counts, level)
+                auroc_attr[f"{scope}_{which}_{mode}"] = _per_attribute(r, "auroc")
+            # The constant baseline: entries of attribute a all score prior.agreement[a].
+            pos, neg = (h.sum(axis=-1) for h in first["groups"]["auroc"][i]["attribute"])
+            point = em.constant_auroc(pos.sum(0), neg.sum(0), prior.agreement)
+            entry["prior"] = {
+                "pooled": None if np.isnan(point) else float(point),
+                "pooled_interval": bootstrap.constant_auroc_interval(
+                    pos, neg, prior.agreement, counts, level),
+                "macro": 0.5,  # a constant ties every entry of an attribute
+            }
+            auroc[scope][which] = entry
+        base = results["prior"]["groups"]["amd"]
+        first = results[MODES[0]]
+        amd_entry: dict[str, Any] = {key: first[key] for key in (
+            "num_pairs", "num_pairs_d", "num_pairs_s", "num_pairs_s_amd")}
         for mode in MODES:
-            entry[mode] = {key: results[mode][key] for key in _AMD_KEYS}
-        entry["chance"] = {key: paper["chance"][key] for key in _AMD_KEYS}
-        amd[scope] = entry
-        amd_attr[f"{scope}_differ_count"] = _per_attribute(paper, "count_d")
+            sums = results[mode]["groups"]["amd"]
+            amd_entry[mode] = {key: results[mode][key] for key in _AMD_KEYS}
+            amd_entry[mode]["intervals"] = bootstrap.amd_intervals(sums, counts, level=level)
+            if mode != "prior":
+                amd_entry[mode]["minus_prior"] = bootstrap.amd_intervals(sums, counts, base,
+                                                                         level=level)
+        amd_entry["chance"] = {key: first["chance"][key] for key in _AMD_KEYS}
+        if scope == top and labels_only is not None:
+            amd_entry["prior_labels"] = {key: labels_only[key] for key in _AMD_KEYS}
+            amd_entry["prior_labels"]["intervals"] = bootstrap.amd_intervals(
+                labels_only["groups"]["amd"], counts, level=level)
+        amd[scope] = amd_entry
+        amd_attr[f"{scope}_differ_count"] = _per_attribute(first, "count_d")
         for mode in MODES:
             for key in ("precision_d", "ap_d"):
                 amd_attr[f"{scope}_{mode}_{key}"] = _per_attribute(results[mode], key)
@@ -231,7 +296,27 @@ def _attribute_labels(path: str, pids_query: np.ndarray, pids_gallery: np.ndarra
         raise ValueError(f"{path} has no labels for the test identities of this data root "
                          f"({int(vq.sum())} labelled queries, {int(vg.sum())} labelled gallery "
                          "images)")
-    return lq, vq, lg, vg
+    return attrs, lq, vq, lg, vg
+
+
+def _training_prior(attrs: Any, path: str, train: Any, features: np.ndarray | None,
+                    k: int) -> baselines.TrainingPrior:
+    """The baselines from the training split: its identities' labels, and its images'
+    embeddings for the neighbour rates (left out when the data root has no training images)."""
+    identity_labels = attrs.labels("train")
+    if identity_labels.shape[0] < 2:
+        raise ValueError(f"{path} labels {identity_labels.shape[0]} training identities; the "
+                         "prior baseline needs at least 2")
+    if features is None or len(train) == 0:
+        logging.info("no training images: the top-k prior is the all-pairs prior")
+        return baselines.training_prior(identity_labels, k=k)
+    labels, has = labels_for_pids(attrs, train.pids, "train")
+    if np.unique(train.pids[has]).size < 2:
+        logging.info("fewer than 2 labelled training identities among the training images: "
+                     "the top-k prior is the all-pairs prior")
+        return baselines.training_prior(identity_labels, k=k)
+    return baselines.training_prior(identity_labels, features=features[has],
+                                    pids=train.pids[has], image_labels=labels[has], k=k)
 
 
 def measure(
@@ -248,6 +333,7 @@ def measure(
     min_changed_pixels: int | None = None,
     pixel_tolerance: int | None = None,
     seed: int | None = None,
+    bootstrap_samples: int | None = None,
     embed_fn: Callable[[list[bytes]], np.ndarray] | None = None,
 ) -> MeasurementResult:
     """Measures the explanations of a checkpoint on the test split of ``data_root``.
@@ -269,7 +355,9 @@ def measure(
       threshold: confident-attribute threshold in ``[0, 0.5)`` (scalar or ``[A]``).
       num_counterfactuals: counterfactual images to make (0: skip that part).
       min_changed_pixels, pixel_tolerance, seed: see
-        ``reid_jax.explain.counterfactuals.make_counterfactuals``.
+        ``reid_jax.explain.counterfactuals.make_counterfactuals`` (``seed`` also seeds the
+        bootstrap).
+      bootstrap_samples: replicates of the bootstrap behind the intervals.
       embed_fn: embeds a list of JPEG bytes ``-> [n, N]`` (default: the checkpoint's model with
         the eval transform of ``config``).
 
@@ -281,7 +369,8 @@ def measure(
     config = embeddings.restore_config(checkpoint, config)
     opts = settings.explain_settings(
         config, k=k, threshold=threshold, num_counterfactuals=num_counterfactuals,
-        min_changed_pixels=min_changed_pixels, pixel_tolerance=pixel_tolerance, seed=seed)
+        min_changed_pixels=min_changed_pixels, pixel_tolerance=pixel_tolerance, seed=seed,
+        bootstrap_samples=bootstrap_samples)
     k = opts.k
     output_dir = os.path.abspath(os.fspath(output_dir))
     data = sources.load_dataset(root, config, need_queries=True)
@@ -291,7 +380,8 @@ def measure(
     weights = np.asarray(head.kernel[...], np.float32)
     attributes_file = os.path.abspath(os.fspath(
         attributes_file or os.path.join(root, synthetic.ATTRIBUTE_FILE)))
-    lq, vq, lg, vg = _attribute_labels(attributes_file, data.query.pids, data.gallery.pids)
+    attrs, lq, vq, lg, vg = _attribute_labels(attributes_file, data.query.pids,
+                                              data.gallery.pids)
 
     model, _ = checkpoints.restore_model(checkpoint, config)
     if head.embedding_dim != model.feature_dim:
@@ -299,16 +389,20 @@ def measure(
                          f"{head.embedding_dim}, the model produces {model.feature_dim}")
     cache_dir = os.fspath(cache_dir) if cache_dir else os.path.join(
         output_dir, settings.EMBEDDINGS_NAME)
-    emb = embeddings.split_embeddings(model, config, data, ("query", "gallery"), cache_dir)
+    splits = ("query", "gallery", "train") if len(data.train) else ("query", "gallery")
+    emb = embeddings.split_embeddings(model, config, data, splits, cache_dir)
     fq, fg = emb["query"].features, emb["gallery"].features
-    logging.info("embeddings of %d queries and %d gallery images ready (%.1f s)", len(fq),
-                 len(fg), time.perf_counter() - start)
+    logging.info("embeddings of %d queries, %d gallery and %d training images ready (%.1f s)",
+                 len(fq), len(fg), len(data.train), time.perf_counter() - start)
+    prior = _training_prior(attrs, attributes_file, data.train,
+                            emb["train"].features if "train" in emb else None, k)
 
     t0 = time.perf_counter()
     auroc, amd = label_metrics(fq, fg, weights, lq, lg, vq, vg, query_pids=data.query.pids,
                                query_cams=data.query.cameras, gallery_pids=data.gallery.pids,
-                               gallery_cams=data.gallery.cameras, k=k,
-                               threshold=opts.threshold)
+                               gallery_cams=data.gallery.cameras, prior=prior, k=k,
+                               threshold=opts.threshold,
+                               bootstrap_samples=opts.bootstrap_samples, seed=opts.seed)
     logging.info("AUROC and AMD metrics over all pairs and the top %d: %.1f s", k,
                  time.perf_counter() - t0)
 
@@ -335,7 +429,7 @@ def measure(
             root, data, fq, fg, weights, lq, vq, k=k, embed_fn=embed_fn,
             num_counterfactuals=opts.num_counterfactuals,
             min_changed_pixels=opts.min_changed_pixels, pixel_tolerance=opts.pixel_tolerance,
-            seed=opts.seed)
+            seed=opts.seed, prior=prior.ranked, bootstrap_samples=opts.bootstrap_samples)
 
     metrics = {
         "format": FORMAT,
@@ -350,6 +444,8 @@ def measure(
             "min_changed_pixels": opts.min_changed_pixels,
             "pixel_tolerance": opts.pixel_tolerance,
             "seed": opts.seed,
+            "bootstrap_samples": opts.bootstrap_samples,
+            "interval_level": bootstrap.LEVEL,
         },
         "data": {
             "synthetic": bool(synthetic_root),
@@ -358,6 +454,7 @@ def measure(
             "num_labelled_queries": int(vq.sum()),
             "num_labelled_gallery": int(vg.sum()),
         },
+        "prior": prior.json(ATTRIBUTE_NAMES),
         "counterfactual": counterfactual,
         "auroc": auroc,
         "amd": amd,
@@ -372,7 +469,8 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
                          weights: np.ndarray, lq: np.ndarray, vq: np.ndarray, *, k: int,
                          embed_fn: Callable[[list[bytes]], np.ndarray],
                          num_counterfactuals: int, min_changed_pixels: int,
-                         pixel_tolerance: int, seed: int) -> dict[str, Any]:
+                         pixel_tolerance: int, seed: int, prior: np.ndarray,
+                         bootstrap_samples: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     gallery_files = [os.path.join(SPLIT_FOLDERS["gallery"], os.path.basename(p))
                      for p in data.gallery.paths]
@@ -389,7 +487,9 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
     t1 = time.perf_counter()
     f_cf = np.asarray(embed_fn([cf.jpeg for cf in made.accepted]), np.float32)
     t2 = time.perf_counter()
-    out = cfs.counterfactual_metrics(fq, fg, f_cf, weights, made.accepted, pairs, lq, vq)
+    out = cfs.counterfactual_metrics(fq, fg, f_cf, weights, made.accepted, pairs, lq, vq,
+                                     prior=prior, bootstrap_samples=bootstrap_samples,
+                                     seed=seed)
     logging.info("counterfactuals: %d rendered (%d rejected as barely visible) in %.1f s, "
                  "embedded in %.1f s, %d pairs scored in %.1f s", int(made.tried.sum()),
                  int(made.rejected.sum()), t1 - t0, t2 - t1, out["num_pairs"],

@@ -67,7 +67,26 @@ DISPLAY_RULES: dict[str, str] = {
         "Error composition, complete mode (beyond the paper): weights |w_na| / sum_b |w_nb|, so "
         "every contribution is non-negative and they sum exactly to the squared distance. This "
         "is a different decomposition from eq. 3.2; do not compare the two."),
+    "projection_pie": (
+        "Error composition, projection mode (beyond the paper): the difference f^q - f^g is "
+        "projected onto the attribute directions by least squares, f^q - f^g = W c + r; "
+        "attribute a contributes c_a (W^T (f^q - f^g))_a and the remainder |r|^2 — the part of "
+        "the distance no attribute direction explains — is its own grey slice. Contributions "
+        "and remainder sum exactly to the squared distance; a contribution is negative only "
+        "where correlated attribute directions oppose (listed beside the pie)."),
+    "disagreement_bars": (
+        "Disagreement mode (beyond the paper): the bars give, per attribute, the probability "
+        "that the two persons' labels differ, x^q (1 - x^g) + x^g (1 - x^q) with the attribute "
+        "probabilities x of both images. It ranks which attributes tell the two apart; it is "
+        "not a decomposition of the distance."),
 }
+_MODE_RULE = {"paper": "paper_pie", "complete": "complete_pie", "projection": "projection_pie",
+              "disagreement": "disagreement_bars"}
+_MODE_WHAT = {"paper": "positive part of eq. 3.2 (negative contributions listed beside it)",
+              "complete": "complete decomposition (sums to d²)",
+              "projection": "projection onto the attribute directions, remainder as its own "
+                            "slice (sums to d²)",
+              "disagreement": "probability that the labels differ (not a decomposition)"}
 _ORDER_TEXT = {"query": "query order (file names)", "worst_ap": "worst average precision first"}
 
 
@@ -133,8 +152,7 @@ _ENV = _environment()
 
 
 def _rules(mode: str) -> list[str]:
-    keys = ["confident_attributes", "absent", "matching_scores", "frames",
-            "paper_pie" if mode == "paper" else "complete_pie"]
+    keys = ["confident_attributes", "absent", "matching_scores", "frames", _MODE_RULE[mode]]
     return [DISPLAY_RULES[k] for k in keys]
 
 
@@ -185,8 +203,7 @@ def _query_view(record: dict[str, Any], *, thumbs: Callable[[str, int, str], str
                           "percent": score_percent(s), "color": _score_color(s)})
         attributes.append({"display": att["display"], "probability": att["probability"],
                            "cells": cells})
-    what = ("positive part of eq. 3.2 (negative contributions listed beside it)"
-            if mode == "paper" else "complete decomposition (sums to d²)")
+    what = _MODE_WHAT[mode]
     figs = []
     for rank in error_ranks:
         if rank > k:
@@ -268,10 +285,16 @@ def _quality_view(metrics: dict[str, Any], summary: dict[str, Any],
     for row in table.rows:
         # Groups: counterfactuals; AUROC over all pairs, over the top k; AMD likewise.
         row_family = (row.metric.split()[0], "all pairs" in row.metric)
-        present = [v for v in row.values if v is not None]
-        rows.append({"metric": row.metric, "n": row.n, "cells": row.values,
-                     "chance": row.chance, "skipped": row.skipped,
-                     "best": max(present) if len(present) > 1 else None,
+        # Bold: the best explanation of the row; the baselines (prior, chance) are set apart.
+        explained = row.values[len(quality_table.BASELINES):]
+        present = [v for v in explained if v is not None]
+        best = max(present) if len(present) > 1 else None
+        cells = [{"text": text,
+                  "css": ("chance" if i < len(quality_table.BASELINES) else
+                          "best" if best is not None and v == best else "")}
+                 for i, (v, text) in enumerate(zip(row.values, row.cells, strict=True))]
+        rows.append({"metric": row.metric, "n": row.n, "cells": cells,
+                     "skipped": row.skipped,
                      "new_group": family is not None and row_family != family})
         family = row_family
 
@@ -391,9 +414,11 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
 
     def figures(record: dict, rank: int) -> str:
         gal = record["gallery"]
+        remainder = record["remainder"][rank - 1] if mode == "projection" else None
         fig = error_figure(record["errors"][rank - 1], gal["distance"][rank - 1], mode=mode,
                            rank=rank, gallery_label=f"id {gal['pid'][rank - 1]:04d} cam "
-                                                    f"{gal['camera'][rank - 1]}", names=names)
+                                                    f"{gal['camera'][rank - 1]}", names=names,
+                           remainder=remainder)
         rel = f"fig/errors-{record['position'] + 1:05d}-rank{rank:02d}.png"
         save_png(fig, os.path.join(report_dir, rel))
         return rel

@@ -9,8 +9,10 @@ For the chosen queries of a Market-1501-layout data root this module
 2. orders the queries (``query``: file-name order; ``worst_ap``: lowest AP first, the order in
    which a user triages failures; queries without a valid match last);
 3. explains the top ``k`` of every query with the jitted kernels of ``reid_jax.explain``
-   (section 3 of the paper: confident query attributes, matching scores of eq. 3.1, attribute
-   errors of eq. 3.2 or their complete decomposition), again in query chunks;
+   (section 3 of the paper: confident query attributes, matching scores of eq. 3.1, and the
+   mode's explanation: attribute errors of eq. 3.2, their complete decomposition, the
+   projection onto the attribute directions with its remainder, or the probability that the
+   labels differ), again in query chunks;
 4. writes ``explanations.jsonl`` (one record per query, see :func:`make_record`),
    ``summary.json`` and the HTML report ``report/`` (``reid_jax.explain.report``).
 
@@ -62,6 +64,10 @@ MODE_EQUATIONS = {
     "paper": "eq. 3.2: e_a = sum_n (f_n^q - f_n^g)^2 w_na (signed; does not sum to the distance)",
     "complete": "complete decomposition: e_a = sum_n (f_n^q - f_n^g)^2 |w_na| / sum_b |w_nb| "
                 "(non-negative; sums to the squared distance)",
+    "projection": "projection: f^q - f^g = W c + r (least squares); e_a = c_a (W^T (f^q - f^g))_a "
+                  "and the remainder |r|^2 sum to the squared distance",
+    "disagreement": "disagreement: e_a = x_a^q (1 - x_a^g) + x_a^g (1 - x_a^q), the probability "
+                    "that the labels differ (not a decomposition of the distance)",
 }
 
 
@@ -209,6 +215,8 @@ class QueryExplanation(NamedTuple):
     gallery: int64 ``[k']`` gallery indices.  distances: float32 ``[k']``.
     attributes_query: float32 ``[A]``.  selected: bool ``[A]``.
     attributes_gallery, scores, errors: float32 ``[k', A]`` (kernel outputs, unchanged).
+    remainder: float32 ``[k']`` (``distance - sum_a errors``; see
+    ``reid_jax.explain.RankingExplanation``).
     """
 
     gallery: np.ndarray
@@ -218,11 +226,12 @@ class QueryExplanation(NamedTuple):
     attributes_gallery: np.ndarray
     scores: np.ndarray
     errors: np.ndarray
+    remainder: np.ndarray
 
 
 def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
                     query_pids: np.ndarray, query_cams: np.ndarray, gallery_pids: np.ndarray,
-                    gallery_cams: np.ndarray, *, k: int, threshold: Any, complete: bool,
+                    gallery_cams: np.ndarray, *, k: int, threshold: Any, mode: str,
                     chunk: int = 256, gallery_chunk: int = 1024,
                     progress: ProgressBar | None = None, fetch: int | None = None
                     ) -> Iterator[QueryExplanation]:
@@ -242,7 +251,7 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
     t = jnp.asarray(threshold, jnp.float32)
     for start, stop, rows in retrieval.padded_chunks(np.asarray(f_query, np.float32), chunk):
         out = explain.explain_rankings(jnp.asarray(rows), fg, w, k=fetch, threshold=t,
-                                       complete=complete, gallery_chunk=gallery_chunk)
+                                       mode=mode, gallery_chunk=gallery_chunk)
         n = stop - start
         out = type(out)(*(np.asarray(x)[:n] for x in out))
         keep = retrieval.kept_in_ranking(out.indices, query_pids[start:stop],
@@ -254,7 +263,7 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
                 gallery=idx[pos], distances=out.distances[i][pos],
                 attributes_query=out.attributes_query[i], selected=out.selected[i],
                 attributes_gallery=out.attributes_gallery[i][pos], scores=out.scores[i][pos],
-                errors=out.errors[i][pos])
+                errors=out.errors[i][pos], remainder=out.remainder[i][pos])
         if progress is not None:
             progress.update(stop - start)
 
@@ -275,8 +284,11 @@ def make_record(position: int, query: int, queries: Split, gallery: Split,
     ``query_probabilities`` [A] (``sigmoid(f_q @ W)``, order of ``ATTRIBUTE_NAMES``),
     ``selected_attributes`` [S] of {``attribute``, ``display`` (``!name`` when absent),
     ``index``, ``probability``}, ``gallery_probabilities`` [k' x S], ``matching_scores``
-    [k' x S] (eq. 3.1, raw: may exceed 1), ``error_mode`` (``paper`` / ``complete``),
-    ``errors`` [k' x A] (eq. 3.2 or the complete decomposition; order of ``ATTRIBUTE_NAMES``).
+    [k' x S] (eq. 3.1, raw: may exceed 1), ``error_mode`` (a mode of
+    ``reid_jax.explain.MODES``), ``errors`` [k' x A] (the mode's explanation: eq. 3.2, the
+    complete decomposition, the projection contributions or the disagreement probabilities;
+    order of ``ATTRIBUTE_NAMES``), and for ``projection`` ``remainder`` [k'] (``|r|^2``; with
+    the ``errors`` it sums to the distance).
     """
     ex = explanation
     ap, inp, first, num = metrics
@@ -309,6 +321,7 @@ def make_record(position: int, query: int, queries: Split, gallery: Split,
         "matching_scores": ex.scores[:, sel].tolist(),
         "error_mode": mode,
         "errors": ex.errors.tolist(),
+        **({"remainder": ex.remainder.tolist()} if mode == "projection" else {}),
     }
 
 
@@ -507,7 +520,7 @@ def run(
         bar = ProgressBar(len(selected), "explain", enabled=progress)
         explanations = explain_queries(
             fq[ordering], fg_device, w, qp[ordering], qc[ordering], gp, gc, k=k,
-            threshold=opts.threshold, complete=opts.mode == "complete", chunk=opts.query_chunk,
+            threshold=opts.threshold, mode=opts.mode, chunk=opts.query_chunk,
             gallery_chunk=opts.gallery_chunk, progress=bar)
         with open(os.path.join(staging, JSONL_NAME), "w", encoding="utf-8") as f:
             for position, (pos, ex) in enumerate(zip(ordering, explanations, strict=True)):

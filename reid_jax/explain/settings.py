@@ -27,9 +27,11 @@ from reid_jax import config_sections
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.explain import kernels
 
-# How the error composition (eq. 3.2) is formed: the paper's signed form, or the complete
-# decomposition that sums to the squared distance (docs/design.md, "Two error compositions").
-MODES = ("paper", "complete")
+# What an explanation run shows beside the matching scores: the paper's signed eq. 3.2, the
+# complete decomposition that sums to the squared distance, the projection onto the attribute
+# directions with its remainder, or the probability that the labels differ (docs/design.md,
+# "Two error compositions", "The attribute projection", "Explanations that beat the prior").
+MODES = kernels.MODES
 # Query order of the JSONL and the report: file names, or lowest average precision first.
 ORDERS = ("query", "worst_ap")
 DEFAULT_ERROR_RANKS = (1, 3, 10)
@@ -49,7 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
     * ``k`` (10): ranks explained per query.
     * ``threshold`` (0.4): ``t_a`` of the confident query attributes, ``|x_a - 0.5| > t_a``;
       one number or one per attribute (a tuple of 30), each in ``[0, 0.5)``.
-    * ``mode`` ("paper"): ``paper`` (eq. 3.2) or ``complete`` (the complete decomposition).
+    * ``mode`` ("paper"): ``paper`` (eq. 3.2), ``complete`` (the complete decomposition),
+      ``projection`` (the distance along the attribute directions, with a remainder) or
+      ``disagreement`` (the probability that the labels differ).
     * ``order`` ("query"): ``query`` (file names) or ``worst_ap`` (lowest AP first).
     * ``error_ranks`` ((1, 3, 10)): ranks whose error composition the report draws (those
       ``<= k``).
@@ -58,7 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
     * ``gallery_chunk`` (1024): gallery rows per streamed block of the kernels.
     * ``rank_chunk`` (128): queries per block of the AP / CMC ranking pass.
     * ``num_counterfactuals`` (900), ``min_changed_pixels`` (64), ``pixel_tolerance`` (25),
-      ``seed`` (0): the counterfactual benchmark of ``tools/evaluate_explanations.py``.
+      ``seed`` (0): the counterfactual benchmark of ``tools/evaluate_explanations.py``
+      (``seed`` also seeds its bootstrap).
+    * ``bootstrap_samples`` (1000): replicates of the bootstrap behind the 95 % intervals of
+      ``tools/evaluate_explanations.py`` (``reid_jax.explain.bootstrap``).
     """
     c = ml_collections.ConfigDict()
     c.k = 10
@@ -74,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.min_changed_pixels = 64
     c.pixel_tolerance = 25
     c.seed = 0
+    c.bootstrap_samples = 1000
     return c
 
 
@@ -98,6 +106,7 @@ class ExplainSettings:
     min_changed_pixels: int
     pixel_tolerance: int
     seed: int
+    bootstrap_samples: int = 1000
 
     def threshold_json(self) -> float | list[float]:
         """The threshold as JSON (a number, or one per attribute)."""
@@ -207,7 +216,8 @@ def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
         num_counterfactuals=_count("num_counterfactuals", values["num_counterfactuals"]),
         min_changed_pixels=_count("min_changed_pixels", values["min_changed_pixels"]),
         pixel_tolerance=int(values["pixel_tolerance"]),
-        seed=_count("seed", values["seed"]))
+        seed=_count("seed", values["seed"]),
+        bootstrap_samples=_int("bootstrap_samples", values["bootstrap_samples"], 1))
 
 
 __all__ = [
