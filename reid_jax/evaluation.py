@@ -1,6 +1,7 @@
 """Re-identification ranking metrics and person-attribute-recognition metrics (NumPy, host side).
 
-Ranking (DESIGN.md §3, Market-1501 protocol as in ReID-Survey / torchreid ``eval_market1501``):
+Ranking (docs/design.md, "Ranking and the Market-1501 protocol"; as in ReID-Survey / torchreid
+``eval_market1501``):
 
 * For each query, gallery images with the query's pid **and** the query's camera are removed.
 * Gallery images with pid ``-1`` are junk and removed for every query.  (A query with pid ``-1``

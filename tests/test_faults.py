@@ -425,3 +425,22 @@ def test_bfloat16_inputs_are_computed_in_float32(caplog):
     np.testing.assert_array_equal(np.asarray(low.indices), np.asarray(ref.indices))
     np.testing.assert_allclose(np.asarray(low.errors), np.asarray(ref.errors), rtol=1e-6,
                                atol=1e-7)
+
+
+def test_a_killed_dataset_writer_leaves_nothing_for_the_next_run(tmp_path):
+    """A writer killed with SIGKILL cannot clean up; the next run removes its temporary folders
+    (those of live processes are kept) and writes the dataset."""
+    from reid_jax import synthetic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".data.tmp-{dead.pid}.x1y2", tmp_path / f".data.old-{dead.pid}.z3"]
+    live = tmp_path / f".data.tmp-{os.getpid()}.keep"
+    for folder in (*stale, live):
+        (folder / "bounding_box_train").mkdir(parents=True)
+    config = synthetic.DatasetConfig(num_train_ids=2, num_test_ids=2, images_per_id=4,
+                                     num_distractors=0, num_junk=0)
+    synthetic.generate_dataset(tmp_path / "data", config)
+    assert not any(p.exists() for p in stale)
+    assert live.exists() and (tmp_path / "data" / "synthetic_meta.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", live.name])

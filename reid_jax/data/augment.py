@@ -63,7 +63,7 @@ class ImageLoadError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """The AGW recipe (DESIGN.md §3); defaults are the reference's.
+    """The AGW recipe (docs/training.md, "Augmentation"); defaults are the reference's.
 
     Attributes:
       height: output height H.

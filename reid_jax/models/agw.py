@@ -1,7 +1,7 @@
 """AGW (Ye et al., "Deep Learning for Person Re-identification: A Survey and Outlook").
 
 ``AGW = ResNet-50 (last stride 1, non-local) -> GeM -> BNNeck -> identity classifier`` as the
-ReID-Survey reference implementation has it (DESIGN.md section 3)::
+ReID-Survey reference implementation has it (docs/design.md, "AGW as the reference has it")::
 
     feature_map = backbone(images)                 # [B, h, w, D]
     pre_bn      = GeM_p(feature_map)               # [B, D]   triplet / center losses
@@ -222,7 +222,7 @@ class AGW(nnx.Module):
 
 def retrieval_embedding(outputs: AGWOutputs, normalize: bool = True, *,
                         feature: str = "post_bn") -> jax.Array:
-    """The retrieval embedding ``f`` of DESIGN.md section 2: ``[B, D]`` float32.
+    """The retrieval embedding ``f`` (docs/design.md, "One embedding is ranked, classified and explained"): ``[B, D]`` float32.
 
     ``f`` is the one tensor that is ranked (squared Euclidean distance), fed to the attribute
     head (``x = sigmoid(f @ W)``) and explained (eq. 3.2), so explanations explain the ranking

@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from reid_jax.atomic_io import public_mode
+from reid_jax.atomic_io import public_mode, remove_stale
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.synthetic import render as sr
 from reid_jax.synthetic.render import Camera, Occluder, Person, Scene, render
@@ -56,8 +56,8 @@ ATTRIBUTE_FILE = "market_attribute.mat"
 NUM_CAMERAS = 6
 
 # Per-identity attribute statistics of the REAL Market-1501 training split (751 identities),
-# conditioned on gender, embedded so the project runs without ../shared. Computed once with
-#   m = scipy.io.loadmat("../shared/data/market1501/market_attribute.mat")["market_attribute"]
+# conditioned on gender, embedded so the project runs without the label file. Computed once with
+#   m = scipy.io.loadmat("market_attribute.mat")["market_attribute"]
 #   tr = m[0, 0]["train"][0, 0]; g = tr["gender"].ravel() == 2
 # counting, per gender, identities with value 2 (hair, clothes, up, hat, backpack, bag,
 # handbag), ``down`` == 2 given clothes == 1 (dress) / == 2 (pants) as (positives, total),
@@ -569,7 +569,11 @@ def generate_dataset(output_dir: str | os.PathLike, config: DatasetConfig, *,
     meta = plan_dataset(config)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    # Temporary folders carry the writer's pid: those of a killed run are removed here.
+    for kind in ("tmp", "old"):
+        remove_stale(parent, f".{os.path.basename(output_dir)}.{kind}-")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-{os.getpid()}.",
+                           dir=parent)
     public_mode(tmp, folder=True)  # mkdtemp makes it private; the dataset is for everyone
     try:
         for folder in SPLIT_FOLDERS.values():
@@ -632,7 +636,7 @@ def _replace(tmp: str, output_dir: str, overwrite: bool) -> None:
     old = None
     if os.path.isdir(output_dir):
         if os.listdir(output_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-",
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-{os.getpid()}.",
                                    dir=os.path.dirname(output_dir))
             os.rename(output_dir, os.path.join(old, "dataset"))
         else:

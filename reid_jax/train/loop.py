@@ -23,7 +23,7 @@ Resuming is exact: the state holds every array a step reads and writes, the lear
 function of the step, and batch ``s`` is a pure function of ``(data, config, seed, s)``, so a
 run killed after a checkpoint and restarted ends with the same weights as an uninterrupted run.
 
-The loss (DESIGN.md section 3)::
+The loss (docs/training.md, "Losses")::
 
     out   = AGW(images)                                   # train mode: batch statistics
     loss  = CE_ls(out.logits, y; eps=0.1)                 # identity loss on the BNNeck output
@@ -221,7 +221,7 @@ def evaluate_model(
 
     Embeddings are the retrieval embeddings of ``reid_jax.embeddings.extract`` (eval mode,
     batches of ``batch_size`` split over ``mesh``; ``config.model.retrieval_feature``, by default
-    post-BN, L2-normalised), distances squared Euclidean (DESIGN.md section 3); metrics from
+    post-BN, L2-normalised), distances squared Euclidean (docs/design.md, "AGW as the reference has it"); metrics from
     ``reid_jax.evaluation.retrieval_metrics``.
 
     Args:

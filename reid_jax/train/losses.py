@@ -2,7 +2,7 @@
 
 Pure ``jax.numpy`` functions of arrays, usable under ``jit``, ``grad`` and ``vmap``. They follow
 the reference AGW code (ReID-Survey, Ye et al., ``modeling/layer/triplet_loss.py`` and the
-``CenterLoss`` it trains with) term by term, so numbers are comparable; DESIGN.md §3 lists the
+``CenterLoss`` it trains with) term by term, so numbers are comparable; docs/training.md ("Losses") lists the
 recipe. Inputs of a lower precision (bfloat16) are computed in float32; float64 stays float64.
 
 * :func:`cross_entropy_label_smooth` -- identity loss on the BNNeck classifier logits.
@@ -28,7 +28,7 @@ import optax
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-# Reference recipe values (DESIGN.md §3).
+# Reference recipe values (docs/training.md, "Losses").
 LABEL_SMOOTH_EPSILON = 0.1
 CENTER_LOSS_WEIGHT = 5e-4
 CENTER_LEARNING_RATE = 0.5
