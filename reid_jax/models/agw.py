@@ -222,7 +222,8 @@ class AGW(nnx.Module):
 
 def retrieval_embedding(outputs: AGWOutputs, normalize: bool = True, *,
                         feature: str = "post_bn") -> jax.Array:
-    """The retrieval embedding ``f`` (docs/design.md, "One embedding is ranked, classified and explained"): ``[B, D]`` float32.
+    """The retrieval embedding ``f``: ``[B, D]`` float32 (docs/design.md, "One embedding is
+    ranked, classified and explained").
 
     ``f`` is the one tensor that is ranked (squared Euclidean distance), fed to the attribute
     head (``x = sigmoid(f @ W)``) and explained (eq. 3.2), so explanations explain the ranking

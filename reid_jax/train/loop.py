@@ -221,8 +221,8 @@ def evaluate_model(
 
     Embeddings are the retrieval embeddings of ``reid_jax.embeddings.extract`` (eval mode,
     batches of ``batch_size`` split over ``mesh``; ``config.model.retrieval_feature``, by default
-    post-BN, L2-normalised), distances squared Euclidean (docs/design.md, "AGW as the reference has it"); metrics from
-    ``reid_jax.evaluation.retrieval_metrics``.
+    post-BN, L2-normalised), distances squared Euclidean (docs/design.md, "AGW as the reference
+    has it"); metrics from ``reid_jax.evaluation.retrieval_metrics``.
 
     Args:
       model: an ``AGW`` (e.g. from ``checkpoints.restore_model``) or a training state.
