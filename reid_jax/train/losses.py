@@ -3,7 +3,8 @@
 Pure ``jax.numpy`` functions of arrays, usable under ``jit``, ``grad`` and ``vmap``. They follow
 the reference AGW code (ReID-Survey, Ye et al., ``modeling/layer/triplet_loss.py`` and the
 ``CenterLoss`` it trains with) term by term, so numbers are comparable; docs/training.md
-("Losses") lists the recipe. Inputs of a lower precision (bfloat16) are computed in float32; float64 stays float64.
+("Losses") lists the recipe. Inputs of a lower precision (bfloat16) are computed in float32;
+float64 stays float64.
 
 * :func:`cross_entropy_label_smooth` -- identity loss on the BNNeck classifier logits.
 * :func:`weighted_regularized_triplet` -- AGW's triplet on the pre-BN feature (soft margin,
