@@ -3,16 +3,18 @@ r"""AGW on Market-1501: the reference recipe (ReID-Survey ``configs/AGW_baseline
   python tools/train.py --config=configs/agw_market1501.py --workdir=/tmp/agw_market \
       --config.data.root=/data/Market-1501-v15.09.15 --config.init_from=/ckpt/resnet50_imagenet
 
-Every field (DESIGN.md section 3 for the recipe):
+Every field (docs/design.md, "AGW as the reference has it", for the recipe):
 
-- ``data``: ``root`` (the folder with ``bounding_box_train/``, ``query/``,
-  ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x ``k`` images per
-  batch (16 x 4 = 64), ``num_workers`` / ``prefetch`` / ``backend`` of the input pipeline,
-  ``eval_batch_size``; reader options of the folder (``reid_jax.embeddings.load_dataset``):
-  ``verify_images`` (False; True: decode every image once while reading the folder and fail on
-  one that does not) and ``skip_undecodable`` (False; with ``verify_images``: leave such images
-  out instead, logged). Any ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``,
-  ``pad``, ``erase_prob``, ...) may be added here to override the reference augmentation.
+- ``data``: ``source`` ("folder" | "tfds", ``reid_jax.data.sources``; with "tfds" also
+  ``tfds_data_dir`` and ``tfds_config``), ``root`` (the folder with ``bounding_box_train/``,
+  ``query/``, ``bounding_box_test/``), ``height`` x ``width`` (256 x 128), ``p`` identities x
+  ``k`` images per batch (16 x 4 = 64), ``num_workers`` / ``prefetch`` / ``backend`` of the
+  input pipeline, ``eval_batch_size``; reader options of the folder
+  (``reid_jax.embeddings.load_dataset``): ``verify_images`` (False; True: decode every image
+  once while reading the folder and fail on one that does not) and ``skip_undecodable``
+  (False; with ``verify_images``: leave such images out instead, logged). Any
+  ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``, ``pad``, ``erase_prob``, ...)
+  may be added here to override the reference augmentation.
 - ``model``: ``reid_jax.models.agw.default_model_config`` (ResNet-50, last stride 1, non-local
   blocks (0, 2, 3, 0), GeM p=3, the reference's quirks); ``model.dtype`` follows ``dtype``.
   ``model.retrieval_feature`` ("post_bn" | "pre_bn") and ``model.normalize_feature`` (True)
@@ -34,7 +36,18 @@ Every field (DESIGN.md section 3 for the recipe):
 - ``init_from``: a checkpoint directory from ``tools/convert_torch.py`` (torchvision's ImageNet
   ResNet-50: ``--input=resnet50-19c8e357.pth``) whose backbone initialises the model; empty =
   random initialisation (the published 87.8 mAP needs the ImageNet weights).
-- ``dtype``: ``float32`` or ``bfloat16`` (backbone compute; parameters stay float32).
+- ``dtype``: ``float32``, ``bfloat16`` (backbone compute; parameters, optimizer state and
+  BatchNorm statistics stay float32) or ``float64`` (parity tests; needs ``jax.enable_x64``).
+  docs/training.md, "Precision".
+- ``attributes``: how ``tools/train_attributes.py`` trains the attribute head on the frozen
+  embedding (``reid_jax.train.attribute_training.default_config``: epochs, learning_rate,
+  batch_size, weight_decay, seed).
+- ``explain``: the settings of ``tools/explain.py`` and ``tools/evaluate_explanations.py``
+  (``reid_jax.explain.settings.default_config``: k, threshold, mode, order, error_ranks,
+  report_queries, chunk sizes, the counterfactual benchmark).
+
+The tools that read a checkpoint use the config stored in it, so these sections travel with the
+model; their flags (``--k``, ``--threshold``, ``--epochs``, ...) override single fields.
 
 Note: one revision of the reference yml says ``MAX_EPOCHS: 160``; the AGW paper's recipe and
 this project use 120 (nothing changes after epoch 70 but the length).
@@ -42,7 +55,9 @@ this project use 120 (nothing changes after epoch 70 but the length).
 
 import ml_collections
 
+from reid_jax.explain import settings as explain_settings
 from reid_jax.models.agw import default_model_config
+from reid_jax.train import attribute_training
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -52,14 +67,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""
 
     config.data = ml_collections.ConfigDict()
+    # "folder": read the image files under data.root; "tfds": the market1501 TFDS array_record
+    # files in data.tfds_data_dir ("" = ~/tensorflow_datasets), config data.tfds_config ("real",
+    # or "synthetic" for tools/make_synthetic.py folders), prepared from data.root if missing.
+    # Same images, labels and embeddings; tfds reads 3 large files (docs/scaling.md).
+    config.data.source = "folder"
+    config.data.tfds_data_dir = ""
+    config.data.tfds_config = "real"
     config.data.root = ""
     config.data.height = 256
     config.data.width = 128
     config.data.p = 16
     config.data.k = 4
-    config.data.num_workers = 4
-    config.data.prefetch = 4
-    config.data.backend = "thread"
+    # The GPU recipe: grain worker processes, about the host's cores minus two (a GPU at 2,500
+    # images/s needs several cores of decoding and augmentation, which threads cannot share
+    # under the GIL; docs/scaling.md, "Input pipeline"). prefetch is per worker with grain.
+    config.data.num_workers = 12
+    config.data.prefetch = 2
+    config.data.backend = "grain"
     config.data.eval_batch_size = 128
     config.data.verify_images = False
     config.data.skip_undecodable = False
@@ -90,4 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_epochs = 40
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
+
+    config.attributes = attribute_training.default_config()
+    config.explain = explain_settings.default_config()
     return config

@@ -11,12 +11,14 @@ from configs import agw_market1501
 
 def get_config() -> ml_collections.ConfigDict:
     config = agw_market1501.get_config()
+    config.data.tfds_config = "synthetic"  # used with --config.data.source=tfds
     config.data.height = 64
     config.data.width = 32
     config.data.pad = 4
     config.data.p = 4
     config.data.k = 2
     config.data.num_workers = 0
+    config.data.backend = "thread"
     config.data.eval_batch_size = 16
 
     config.model.width = 8

@@ -26,7 +26,10 @@ import csv
 import io
 import math
 import os
+import re
 import warnings
+import zipfile
+import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -557,8 +560,17 @@ def write_analysis(weights: Any, names: Sequence[str], output_dir: str | os.Path
         if image_paths is None:
             raise ValueError("write_analysis: features given without image_paths")
         f = check_features(features, image_paths, w.shape[0])
+        if components is None and (isinstance(num_selective, bool) or num_selective < 1):
+            raise ValueError(f"num_selective must be a positive integer (components to draw), "
+                             f"got {num_selective!r}")
         drawn = (_parse_components(components, w.shape[0]) if components is not None
                  else most_selective_components(w, num_selective).tolist())
+        # Figures of components this run does not draw are from an earlier run: remove them,
+        # so the folder holds one analysis.
+        keep = {f"component_{n}.png" for n in drawn}
+        for name in os.listdir(out) if os.path.isdir(out) else ():
+            if re.fullmatch(r"component_\d+\.png", name) and name not in keep:
+                os.remove(os.path.join(out, name))
         for n in drawn:
             files.append(component_figure(f[:, n], image_paths, w[n], names,
                                           os.path.join(out, f"component_{n}.png"),
@@ -622,7 +634,7 @@ def load_features_npz(path: str | os.PathLike, data_root: str | None = None) -> 
         raise FileNotFoundError(f"features file not found: {path}")
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated or foreign
         raise ValueError(f"{path}: not a readable .npz ({e}); expected {FEATURE_KEYS}") from e
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise ValueError(f"{path}: a single array, not an .npz; expected {FEATURE_KEYS}")
@@ -636,7 +648,8 @@ def load_features_npz(path: str | os.PathLike, data_root: str | None = None) -> 
             features = z["features"]
             labels = z["attribute_labels"] if "attribute_labels" in z.files else None
             probabilities = z["attributes"] if "attributes" in z.files else None
-        except ValueError as e:  # e.g. object arrays, which need pickle
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            # object arrays (which need pickle), or a damaged member
             raise ValueError(f"{path}: {e}") from e
     if raw_paths.ndim != 1:
         raise ValueError(f"{path}: 'paths' must be [G], got shape {raw_paths.shape}")

@@ -1,7 +1,11 @@
 """Orbax checkpoint helpers shared by training, conversion and the tools.
 
 A *checkpoint directory* is an orbax ``CheckpointManager`` directory: one subfolder per step
-(``DIR/<step>/``), each written atomically by orbax (a step folder exists only once complete).
+(``DIR/<step>/``), each written atomically by orbax. Only *committed* steps count: a step folder
+whose commit record (orbax's ``_CHECKPOINT_METADATA``) is missing — a save that was killed, a
+folder made by hand — is never taken as a step (:func:`committed_steps`), and a committed step
+whose files are damaged is reported as :class:`DamagedCheckpointError` naming the step and the
+previous one to use instead.
 Every step holds these items (``ocp.args.Composite``):
 
 - ``"model"`` (``MODEL_ITEM``): the ``nnx.State`` of the AGW model, i.e. ``nnx.state(model)``:
@@ -19,7 +23,7 @@ Typical use::
     save_checkpoint(d, 0, model_state=nnx.state(model), meta={"num_classes": 751,
                                                               "config": config.to_dict()})
     model, meta = restore_model(d, config)        # latest step, eval() not yet applied
-    head = restore_attribute_head(d)              # ValueError if the step has no head
+    head = restore_attribute_head(d)              # NoAttributeHeadError without a head
 
 ``restore_model`` also serves ``config.init_from``: restore the converted ImageNet checkpoint and
 copy its backbone with ``nnx.update(new_model.backbone, nnx.state(restored.backbone))``.
@@ -27,8 +31,10 @@ copy its backbone with ``nnx.update(new_model.backbone, nnx.state(restored.backb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -45,6 +51,20 @@ META_ITEM = "meta"
 NO_HEAD_HINT = ("Run tools/train_attributes.py on this checkpoint first. A tools/train.py run "
                 "writes its steps without the attribute head (training changes the embedding): "
                 "train the head again after training (tools/train_attributes.py).")
+
+
+# Orbax writes this file into a step folder when the save is complete.
+COMMIT_FILE = "_CHECKPOINT_METADATA"
+
+
+class DamagedCheckpointError(ValueError):
+    """A committed step cannot be read (truncated or corrupted files); the message names it and
+    the previous committed step."""
+
+
+class NoAttributeHeadError(ValueError):
+    """A checkpoint step has no attribute head; the message names the step and says what to do
+    (:data:`NO_HEAD_HINT`). A ``ValueError``, so tools report it as a user error."""
 
 
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -146,28 +166,71 @@ def save_checkpoint(
     return os.path.join(directory, str(step))
 
 
-def latest_step(directory: str | os.PathLike) -> int | None:
-    """The newest complete step in ``directory``; None if it is missing or has no checkpoint."""
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
-        return None
-    manager = open_manager(directory, read_only=True)
+def _step_folders(directory: str) -> list[int]:
     try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n) for n in names
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
-def _resolve_step(manager: ocp.CheckpointManager, directory: str, step: int | None) -> int:
-    steps = manager.all_steps()
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps of ``directory`` whose save completed (commit record present), ascending."""
+    directory = os.path.abspath(os.fspath(directory))
+    return [s for s in _step_folders(directory)
+            if os.path.isfile(os.path.join(directory, str(s), COMMIT_FILE))]
+
+
+def uncommitted_steps(directory: str | os.PathLike) -> list[int]:
+    """Step folders of ``directory`` without a commit record (interrupted saves), ascending."""
+    directory = os.path.abspath(os.fspath(directory))
+    return [s for s in _step_folders(directory)
+            if not os.path.isfile(os.path.join(directory, str(s), COMMIT_FILE))]
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest committed step in ``directory``; None if it is missing or has none."""
+    steps = committed_steps(directory)
+    return steps[-1] if steps else None
+
+
+def _resolve_step(manager: ocp.CheckpointManager | None, directory: str, step: int | None) -> int:
+    steps = committed_steps(directory)
+    partial = uncommitted_steps(directory)
     if not steps:
-        raise FileNotFoundError(f"checkpoint directory {directory} holds no checkpoint")
+        extra = (f" (step folders {partial} have no commit record {COMMIT_FILE}: interrupted "
+                 "saves)" if partial else "")
+        raise FileNotFoundError(f"checkpoint directory {directory} holds no checkpoint{extra}")
     if step is None:
-        return manager.latest_step()
+        return steps[-1]
     if step not in steps:
+        what = ("is an incomplete save (no commit record)" if step in partial
+                else "does not exist")
         raise FileNotFoundError(
-            f"checkpoint directory {directory} has no step {step} (steps: {sorted(steps)})")
+            f"checkpoint directory {directory}: step {step} {what} (steps: {steps})")
     return step
+
+
+def _previous(directory: str, step: int) -> str:
+    earlier = [s for s in committed_steps(directory) if s < step]
+    return (f"use --step={earlier[-1]} (the previous committed step)" if earlier
+            else "no earlier committed step exists")
+
+
+@contextlib.contextmanager
+def _reading(directory: str, step: int, what: str) -> Iterator[None]:
+    """Turns a failure to read ``what`` of a committed step into :class:`DamagedCheckpointError`."""
+    try:
+        yield
+    except (NoAttributeHeadError, DamagedCheckpointError):
+        raise
+    except Exception as e:  # noqa: BLE001 (tensorstore and orbax raise many kinds)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpointError(
+            f"checkpoint {directory} step {step}: its {what} cannot be read "
+            f"({type(e).__name__}: {first}); if the step is damaged, "
+            f"{_previous(directory, step)}") from e
 
 
 def resolve_step(directory: str | os.PathLike, step: int | None = None) -> int:
@@ -194,8 +257,9 @@ def restore_meta(directory: str | os.PathLike, step: int | None = None) -> dict[
     manager = open_manager(directory, read_only=True)
     try:
         step = _resolve_step(manager, directory, step)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            **{META_ITEM: ocp.args.JsonRestore()}))
+        with _reading(directory, step, "meta"):
+            restored = manager.restore(step, args=ocp.args.Composite(
+                **{META_ITEM: ocp.args.JsonRestore()}))
         return dict(restored[META_ITEM])
     finally:
         manager.close()
@@ -210,6 +274,16 @@ def has_attribute_head(directory: str | os.PathLike, step: int | None = None) ->
         return ATTRIBUTE_HEAD_ITEM in _items_at(manager, step)
     finally:
         manager.close()
+
+
+def _same_model(config: Any, saved_config: dict[str, Any]) -> bool:
+    """Whether ``config`` builds the model that ``saved_config`` built (``config.model``)."""
+    try:
+        ours = json.loads(json.dumps(model_kwargs(config)))
+        theirs = json.loads(json.dumps(model_kwargs(ml_collections.ConfigDict(saved_config))))
+    except Exception:  # noqa: BLE001 (an unreadable stored config: not the same)
+        return False
+    return ours == theirs
 
 
 def restore_model(
@@ -230,8 +304,9 @@ def restore_model(
     manager = open_manager(directory, read_only=True)
     try:
         step = _resolve_step(manager, directory, step)
-        meta = dict(manager.restore(step, args=ocp.args.Composite(
-            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
+        with _reading(directory, step, "meta"):
+            meta = dict(manager.restore(step, args=ocp.args.Composite(
+                **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
         if config is None:
             if "config" not in meta:
                 raise ValueError(f"{directory} step {step}: meta has no 'config'; pass config")
@@ -241,12 +316,17 @@ def restore_model(
             raise ValueError(f"{directory} step {step}: meta has no int 'num_classes'")
         abstract = nnx.eval_shape(lambda: AGW.from_config(config, num_classes, nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract)
+        saved_config = meta.get("config") if isinstance(meta.get("config"), dict) else None
+        same_model = saved_config is not None and _same_model(config, saved_config)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 **{MODEL_ITEM: ocp.args.StandardRestore(abstract_state)}))
-        except (ValueError, KeyError, TypeError) as e:
-            saved = meta.get("config", {}).get("model") if isinstance(
-                meta.get("config"), dict) else None
+        except Exception as e:  # noqa: BLE001 (sorted below)
+            if same_model or not isinstance(e, (ValueError, KeyError, TypeError)):
+                # The model it was saved from is the one built: the files are at fault.
+                with _reading(directory, step, "model weights"):
+                    raise
+            saved = saved_config.get("model") if saved_config else None
             raise ValueError(
                 f"cannot restore the model of {directory} step {step} into the model built from "
                 f"config.model={model_kwargs(config)} (checkpoint's config.model: {saved}): {e}"
@@ -263,27 +343,30 @@ def restore_attribute_head(
     """Restores the ``AttributeHead`` of ``step`` (default: latest) of ``directory``.
 
     Raises:
-      ValueError: the step has no attribute head (train one with tools/train_attributes.py).
+      NoAttributeHeadError: the step has no attribute head (train one with
+        tools/train_attributes.py).
     """
     directory = os.path.abspath(os.fspath(directory))
     manager = open_manager(directory, read_only=True)
     try:
         step = _resolve_step(manager, directory, step)
         if ATTRIBUTE_HEAD_ITEM not in _items_at(manager, step):
-            raise ValueError(
+            raise NoAttributeHeadError(
                 f"checkpoint {directory} step {step} has no attribute head "
                 f"(items: {sorted(_items_at(manager, step))}). {NO_HEAD_HINT}"
             )
-        meta = dict(manager.restore(step, args=ocp.args.Composite(
-            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
+        with _reading(directory, step, "meta"):
+            meta = dict(manager.restore(step, args=ocp.args.Composite(
+                **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM])
         dims = meta.get("attribute_head")
         if not isinstance(dims, dict):
             raise ValueError(f"{directory} step {step}: meta has no 'attribute_head' dims")
         abstract = nnx.eval_shape(lambda: AttributeHead(
             dims["embedding_dim"], dims["num_attributes"], rngs=nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            **{ATTRIBUTE_HEAD_ITEM: ocp.args.StandardRestore(abstract_state)}))
+        with _reading(directory, step, "attribute head"):
+            restored = manager.restore(step, args=ocp.args.Composite(
+                **{ATTRIBUTE_HEAD_ITEM: ocp.args.StandardRestore(abstract_state)}))
         return nnx.merge(graphdef, restored[ATTRIBUTE_HEAD_ITEM])
     finally:
         manager.close()

@@ -1,6 +1,6 @@
 """Import PyTorch state dicts of the reference AGW code and of torchvision's ResNet-50.
 
-Two key layouts are understood (DESIGN.md section 3):
+Two key layouts are understood (``docs/design.md``, "AGW as the reference has it"):
 
 - ``"agw"`` (ReID-Survey ``Baseline`` with ``resnet50_nl``): ``base.conv1.weight``,
   ``base.bn1.*``, ``base.layer{1..4}.{j}.{conv,bn}{1,2,3}.*``, ``base.layer3.0.downsample.{0,1}.*``,

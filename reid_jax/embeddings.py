@@ -1,6 +1,8 @@
-"""Inference: retrieval embeddings of images, cached per split, for training and the tools.
+"""From a checkpoint to arrays: retrieval embeddings of images (cached per split) and the
+attribute head's weights, for training's evaluation and every tool.
 
-The embedding returned here is **the** retrieval embedding of DESIGN.md section 2: the tensor
+The embedding returned here is **the** retrieval embedding (``docs/design.md``, "One embedding
+is ranked, classified and explained"): the tensor
 that ``config.model.retrieval_feature`` / ``normalize_feature`` name (default: AGW's
 post-BNNeck feature, L2-normalised; ``reid_jax.models.agw.retrieval_embedding`` documents the
 choice), applied by the model itself (``AGW.retrieval_embedding``). It is the tensor that is
@@ -14,7 +16,7 @@ explained (eq. 3.2), so every tool takes it from here.
   ImageNet normalisation, as the reference's test transform). Eval mode means BatchNorm uses
   running statistics, so rows never interact and padding cannot change a feature. Progress
   (images/s, ETA) is logged every ``log_every_seconds``. This is the only jitted eval
-  forward: training's periodic evaluation (``reid_jax.train.loop.evaluate``, data parallel
+  forward: training's periodic evaluation (``reid_jax.train.loop.evaluate_model``, data parallel
   over its mesh), the tools and the counterfactual embedding of
   ``reid_jax.explain.quality`` all go through it.
 * :func:`cached_embeddings`: an ``.npz`` cache (``paths`` + ``features``) keyed by a JSON
@@ -23,10 +25,11 @@ explained (eq. 3.2), so every tool takes it from here.
 * :func:`load_split_embeddings` / :func:`split_embeddings`: the embeddings of Market-1501
   splits (``query``, ``gallery``, ``train``) of a checkpoint, with pids and cameras, cached. This
   is the entry point of ``tools/evaluate.py``, ``tools/train_attributes.py``,
-  ``tools/explain.py`` and ``tools/analyze.py``; its signature and :class:`SplitEmbeddings`
-  are kept stable.
-* :func:`load_dataset`: ``load_market1501`` with the reader options of ``config.data``
-  (``verify_images``, ``skip_undecodable``); training and the tools read the data through it.
+  ``tools/explain.py``, ``tools/evaluate_explanations.py`` and ``tools/analyze.py``. They take
+  the dataset a run scanned once (``reid_jax.data.sources.load_dataset``), so every part of a
+  run sees the same image lists.
+* :func:`head_weights`: ``W [N, A]`` of a checkpoint's attribute head
+  (``reid_jax.checkpoints.NoAttributeHeadError`` when the step has none).
 
 The cache key is a fingerprint of the model's weights (SHA-256 over every array of
 ``nnx.state(model)``), ``config.model``, the model's retrieval feature settings, the eval image
@@ -43,6 +46,8 @@ import functools
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -54,20 +59,20 @@ from absl import logging
 from flax import nnx
 
 from reid_jax import atomic_io, checkpoints
-from reid_jax.data import augment
+from reid_jax.data import augment, sources
 from reid_jax.data import loader as loader_lib
 from reid_jax.data.market1501 import (
     IMAGE_EXTENSIONS,
     SPLIT_FOLDERS,
     Market1501,
-    load_market1501,
+    config_data_section,
 )
 from reid_jax.models.agw import AGW, model_kwargs
 from reid_jax.models.attribute_head import AttributeHead
 from reid_jax.progress import ProgressLog
 
 # Output names of :func:`extract`.
-FEATURES = "features"  # [n, D] the retrieval embedding (DESIGN.md §2; default post-BN, L2-normed)
+FEATURES = "features"  # [n, D] the retrieval embedding (default post-BN, L2-normed)
 POST_BN = "post_bn"  # [n, D] post-BN before normalisation
 PRE_BN = "pre_bn"  # [n, D] GeM feature before BNNeck
 ATTRIBUTES = "attributes"  # [n, A] attribute probabilities sigmoid(features @ W)
@@ -113,7 +118,7 @@ def eval_loader_config(
     fields take the AGW defaults (256 x 128, bilinear, ImageNet mean/std). ``num_workers``
     defaults to ``config.data.num_workers`` or the loader's default.
     """
-    data = _data_section(config)
+    data = config_data_section(config)
     kwargs = {}
     for name in _EVAL_IMAGE_FIELDS:
         if name in data and data[name] is not None:
@@ -128,46 +133,9 @@ def eval_loader_config(
     return loader_lib.LoaderConfig(num_workers=num_workers, augment=aug)
 
 
-def _data_section(config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> Mapping:
-    """``config.data`` (``{}`` when ``config`` or the section is missing)."""
-    data = config.get("data") if config is not None and hasattr(config, "get") else None
-    return data if data is not None else {}
-
-
-def dataset_options(config: ml_collections.ConfigDict | Mapping[str, Any] | None
-                    ) -> dict[str, bool]:
-    """``load_market1501`` reader options of ``config.data``: ``verify_images``,
-    ``skip_undecodable`` (both False when missing).
-
-    ``verify_images`` decodes every image once while the folder is read and fails on one that
-    does not decode; ``skip_undecodable`` (needs ``verify_images``) leaves such images out
-    instead (logged, ``Split.undecodable_skipped``).
-
-    Raises:
-      ValueError: a value that is not a bool, or ``skip_undecodable`` without ``verify_images``.
-    """
-    data = _data_section(config)
-    options = {}
-    for name in ("verify_images", "skip_undecodable"):
-        value = data.get(name, False)
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"config.data.{name} must be a bool, got {value!r}")
-        options[name] = bool(value)
-    if options["skip_undecodable"] and not options["verify_images"]:
-        raise ValueError("config.data.skip_undecodable=True needs config.data.verify_images=True "
-                         "(images are only decoded while reading the folder when verified)")
-    return options
-
-
-def load_dataset(data_root: str | os.PathLike,
-                 config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> Market1501:
-    """``load_market1501(data_root, **dataset_options(config))``: the data the tools read."""
-    return load_market1501(data_root, **dataset_options(config))
-
-
 def eval_batch_size(config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> int:
     """``config.data.eval_batch_size``, or ``DEFAULT_BATCH_SIZE`` when it is not set."""
-    return int(_data_section(config).get("eval_batch_size", DEFAULT_BATCH_SIZE))
+    return int(config_data_section(config).get("eval_batch_size", DEFAULT_BATCH_SIZE))
 
 
 def eval_image_settings(loader_config: loader_lib.LoaderConfig) -> dict[str, Any]:
@@ -307,9 +275,9 @@ def extract(
                              f"of mesh axis {axis!r}")
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         image_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-        state = jax.device_put(state, replicated)
+        state = loader_lib.put_replicated(state, replicated)
         if head_kernel is not None:
-            head_kernel = jax.device_put(head_kernel, replicated)
+            head_kernel = loader_lib.put_replicated(head_kernel, replicated)
         forward = _forward_on_mesh(mesh)
 
     n = len(items)
@@ -418,7 +386,8 @@ def _read_cache(path: str, key: str, paths: np.ndarray) -> dict[str, np.ndarray]
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError) as e:  # a truncated or foreign file
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        # A truncated or foreign file: the cache is recomputed.
         logging.warning("embedding cache %s is unreadable (%s); recomputing", path, e)
         return None
     if "key" not in arrays or "paths" not in arrays or FEATURES not in arrays:
@@ -508,7 +477,7 @@ def cache_dir_option(cache_dir: str | os.PathLike | None,
 def split_embeddings(
     model: AGW,
     config: ml_collections.ConfigDict | Mapping[str, Any] | None,
-    data_root: str | os.PathLike,
+    data: Market1501 | str | os.PathLike,
     splits: Sequence[str] = ("query", "gallery"),
     cache_dir: str | os.PathLike | None = None,
     *,
@@ -516,13 +485,14 @@ def split_embeddings(
     mesh: jax.sharding.Mesh | None = None,
     num_workers: int | None = None,
 ) -> dict[str, SplitEmbeddings]:
-    """Retrieval embeddings of Market-1501 ``splits`` of ``data_root`` by ``model`` (cached).
+    """Retrieval embeddings of Market-1501 ``splits`` of ``data`` by ``model`` (cached).
 
     Args:
       model: the AGW model (used through an eval-mode view; never changed).
-      config: its config (``config.data`` gives the image settings and the reader options of
-        :func:`load_dataset`, ``config.model`` enters the cache key); None: AGW's defaults.
-      data_root: a Market-1501-layout folder (real or ``tools/make_synthetic.py``).
+      config: its config (``config.data`` gives the image settings and the reader options,
+        ``config.model`` enters the cache key); None: AGW's defaults.
+      data: the dataset as the run scanned it (``load_dataset(root, config)``), or a
+        Market-1501-layout folder, which is then scanned here with ``config``'s reader options.
       splits: any of 'query', 'gallery', 'train'.
       cache_dir: folder of ``<split>.npz`` caches; None: no caching.
       batch_size: default ``config.data.eval_batch_size`` or 64.
@@ -535,7 +505,8 @@ def split_embeddings(
     for split in splits:
         if split not in SPLIT_FOLDERS:
             raise ValueError(f"unknown split {split!r}; expected some of {tuple(SPLIT_FOLDERS)}")
-    data = load_dataset(data_root, config)
+    if not isinstance(data, Market1501):
+        data = sources.load_dataset(data, config)
     loader_config = eval_loader_config(config, num_workers=num_workers)
     height, width = loader_config.augment.height, loader_config.augment.width
     if batch_size is None:
@@ -559,13 +530,13 @@ def split_embeddings(
                 "retrieval": {"feature": model.retrieval_feature,
                               "normalize": model.normalize_feature},
                 "image": eval_image_settings(loader_config),
-                "files": files_fingerprint(s.paths),
+                "files": files_fingerprint(s.source_files),
                 "outputs": [FEATURES],
             })
 
-        def compute(paths: tuple[str, ...] = s.paths, name: str = split) -> dict[str, np.ndarray]:
+        def compute(items: Sequence[Any] = s.items, name: str = split) -> dict[str, np.ndarray]:
             return extract(
-                model, paths, height=height, width=width, batch_size=batch_size,
+                model, items, height=height, width=width, batch_size=batch_size,
                 mesh=mesh, loader_config=loader_config, description=f"{name} embeddings")
 
         arrays = cached_embeddings(cache_path, key_info, compute)
@@ -578,7 +549,7 @@ def split_embeddings(
 def load_split_embeddings(
     checkpoint_dir: str | os.PathLike,
     config: ml_collections.ConfigDict | None,
-    data_root: str | os.PathLike,
+    data: Market1501 | str | os.PathLike,
     splits: Sequence[str] = ("query", "gallery"),
     cache_dir: str | os.PathLike | None = None,
     *,
@@ -596,7 +567,7 @@ def load_split_embeddings(
     Args:
       checkpoint_dir: the checkpoint directory (e.g. ``WORKDIR/checkpoints``).
       config: the model's config; None: the config stored in the checkpoint.
-      data_root: Market-1501-layout folder.
+      data: the scanned dataset, or a Market-1501-layout folder (see :func:`split_embeddings`).
       splits: any of 'query', 'gallery', 'train'.
       cache_dir: folder for ``<split>.npz`` caches (``default_cache_dir(checkpoint_dir)`` is
         what the tools use); None: no caching.
@@ -612,8 +583,39 @@ def load_split_embeddings(
     model, meta = checkpoints.restore_model(checkpoint_dir, config, step)
     if config is None:
         config = ml_collections.ConfigDict(meta.get("config", {}))
-    return split_embeddings(model, config, data_root, splits, cache_dir, batch_size=batch_size,
+    return split_embeddings(model, config, data, splits, cache_dir, batch_size=batch_size,
                             mesh=mesh, num_workers=num_workers)
+
+
+def restore_config(checkpoint_dir: str | os.PathLike, config: Any = None,
+                   step: int | None = None) -> ml_collections.ConfigDict:
+    """``config`` if given, else the config stored with the checkpoint step (default: latest)."""
+    if config is not None:
+        return config
+    return ml_collections.ConfigDict(checkpoints.restore_meta(checkpoint_dir, step).get(
+        "config", {}))
+
+
+def head_weights(checkpoint_dir: str | os.PathLike, step: int | None = None) -> np.ndarray:
+    """float32 ``W [N, A]`` of the attribute head of ``step`` (default: latest).
+
+    Raises:
+      reid_jax.checkpoints.NoAttributeHeadError: the step has no head (the message says how
+        to train one).
+    """
+    head = checkpoints.restore_attribute_head(checkpoint_dir, step)
+    return np.asarray(head.kernel[...], np.float32)
+
+
+def query_gallery_embeddings(checkpoint_dir: str | os.PathLike, config: Any, data: Market1501,
+                             cache_dir: str | os.PathLike | None, *, step: int | None = None
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """float32 query ``[Q, N]`` and gallery ``[G, N]`` embeddings of ``data`` by the model of a
+    checkpoint (cached in ``cache_dir``), rows in the order of ``data.query`` / ``data.gallery``.
+    """
+    out = load_split_embeddings(checkpoint_dir, config, data, ("query", "gallery"), cache_dir,
+                                step=step)
+    return out["query"].features, out["gallery"].features
 
 
 def resolve_data_root(

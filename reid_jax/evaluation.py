@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from reid_jax import retrieval
-from reid_jax.retrieval import JUNK_PID
 
 CMC_LENGTH = 50  # entries of the CMC curve that retrieval_metrics reports
 REPORTED_RANKS = (1, 5, 10)  # CMC ranks retrieval_metrics reports as rank1, rank5, rank10
@@ -167,33 +166,129 @@ def _lower_bound(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) 
     return lo
 
 
+def _order_keys(block: np.ndarray) -> np.ndarray | None:
+    """uint32 ``[R, G]`` keys in the order of ``block``'s values (equal values, equal keys), or
+    None when the values do not fit in 32 bits (float64 that is not float32, wide integers).
+
+    Floats: the IEEE bit pattern with the sign bit flipped for positives and every bit flipped
+    for negatives orders like the values; ``-0.0`` is first made ``+0.0`` (they are equal).
+    Integers: the offset from the block's minimum, when the range fits in 32 bits.
+    """
+    if np.issubdtype(block.dtype, np.floating):
+        as32 = block.astype(np.float32)
+        if block.dtype.itemsize > 4 and not np.array_equal(as32, block):
+            return None
+        as32 += np.float32(0.0)  # -0.0 + 0.0 == +0.0
+        bits = as32.view(np.uint32)
+        mask = bits >> np.uint32(31)
+        mask *= np.uint32(0x7FFFFFFF)
+        mask |= np.uint32(0x80000000)
+        bits ^= mask
+        return bits
+    low, high = int(block.min()), int(block.max())
+    if high - low >= 2**32:
+        return None
+    return (block.astype(np.int64) - low).astype(np.uint32)
+
+
+def _sorted_positions(block: np.ndarray, rows: np.ndarray, cols: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Position of ``block[rows[i], cols[i]]`` in its row's stable order, and whether it is tied.
+
+    One ``O(G log G)`` sort per row, however many entries are asked for and however many values
+    are tied (docs/scaling.md, "Evaluation at scale"): each value is packed with its column into
+    one uint64 ``key << 32 | column``, so the keys are distinct and sort like ``(value,
+    column)``; a binary search then finds each entry. Values that do not fit in 32 bits fall back
+    to a stable argsort, the same order.
+
+    Args:
+      block: [R, G] distances.
+      rows, cols: [M] entries (rows index ``block``).
+    Returns:
+      int64 [M] positions in [0, G); bool [M], True where another value of the row is equal.
+    """
+    num_g = block.shape[1]
+    keys = _order_keys(block)
+    if keys is None:
+        order = np.argsort(block, axis=1, kind="stable")
+        inverse = np.empty_like(order)
+        np.put_along_axis(inverse, order, np.arange(num_g)[None, :], axis=1)
+        position = inverse[rows, cols].astype(np.int64)
+        ranked = np.take_along_axis(block, order, axis=1)
+        values = block[rows, cols]
+        before = ranked[rows, np.maximum(position - 1, 0)]
+        after = ranked[rows, np.minimum(position + 1, num_g - 1)]
+    else:
+        packed = np.empty(block.shape, np.uint64)
+        words = packed.view(np.uint32).reshape(*block.shape, 2)
+        high, low = (1, 0) if np.little_endian else (0, 1)
+        words[..., high] = keys
+        words[..., low] = np.arange(num_g, dtype=np.uint32)
+        del keys
+        wanted = packed[rows, cols]
+        packed.sort(axis=1)
+        position = _lower_bound(packed, rows, wanted)
+        values = wanted >> np.uint64(32)
+        before = packed[rows, np.maximum(position - 1, 0)] >> np.uint64(32)
+        after = packed[rows, np.minimum(position + 1, num_g - 1)] >> np.uint64(32)
+    tied = ((position > 0) & (before == values)) | ((position + 1 < num_g) & (after == values))
+    return position, tied
+
+
 def _stable_positions(
-    dist: np.ndarray, sorted_rows: np.ndarray, rows: np.ndarray, cols: np.ndarray
-) -> np.ndarray:
+    dist: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, sort_values_first: bool = True,
+    rows_per_block: int = 64,
+) -> tuple[np.ndarray, float]:
     """0-based position of ``dist[rows[i], cols[i]]`` in its row's stable ascending order.
 
-    Position = #(values below) + #(equal values at a smaller column).  The second term is only
-    computed for the (rare) entries with an equal value elsewhere in the row.
+    Position = #(values below) + #(equal values at a smaller column). With
+    ``sort_values_first`` the rows are sorted by value (the fastest sort) and each entry found
+    by a binary search; that is exact unless its value occurs more than once in the row. Only
+    rows holding such a tied entry are sorted again by ``(value, column)``
+    (:func:`_sorted_positions`). Without it, every row is sorted by ``(value, column)`` at once
+    (cheaper when most rows have ties). Either way ``O(G log G)`` per row, ``rows_per_block``
+    rows at a time.
 
     Args:
       dist: [C, G] distances.
-      sorted_rows: [C, G] ``np.sort(dist, axis=1)``.
       rows, cols: [M] entries.
+      sort_values_first: see above; the result is the same.
+      rows_per_block: rows per ``(value, column)`` sort (bounds the extra memory).
     Returns:
-      [M] int64 in [0, G).
+      int64 [M] positions in [0, G), and the fraction of the rows with entries that hold a tied
+      entry (a caller's hint for ``sort_values_first`` of its next call).
     """
     num_g = dist.shape[1]
-    values = dist[rows, cols]
-    position = _lower_bound(sorted_rows, rows, values)
-    # sorted_rows[row, position] == value; a tie exists iff the next one is equal too.
-    nxt = np.minimum(position + 1, num_g - 1)
-    tied = np.flatnonzero((position + 1 < num_g) & (sorted_rows[rows, nxt] == values))
-    columns = np.arange(num_g)
-    for start in range(0, tied.size, 256):  # [256, G] booleans at a time
-        t = tied[start : start + 256]
-        equal_before = (dist[rows[t]] == values[t, None]) & (columns < cols[t, None])
-        position[t] += equal_before.sum(axis=1)
-    return position
+    position = np.zeros(rows.shape, np.int64)
+    if rows.size == 0:
+        return position, 0.0
+    entry_rows = np.unique(rows)
+    if sort_values_first:
+        sorted_rows = np.sort(dist, axis=1)
+        values = dist[rows, cols]
+        position = _lower_bound(sorted_rows, rows, values)
+        # sorted_rows[row, position] == value; a tie exists iff the next one is equal too.
+        nxt = np.minimum(position + 1, num_g - 1)
+        todo = np.flatnonzero((position + 1 < num_g) & (sorted_rows[rows, nxt] == values))
+        del sorted_rows
+        resort_rows = np.unique(rows[todo])
+        tied_fraction = resort_rows.size / entry_rows.size
+    else:
+        todo = np.arange(rows.size)
+        resort_rows = entry_rows
+        tied_rows: list[np.ndarray] = []
+    local = np.searchsorted(resort_rows, rows[todo])  # row of each entry within resort_rows
+    for lo in range(0, resort_rows.size, rows_per_block):
+        hi = min(lo + rows_per_block, resort_rows.size)
+        here = (local >= lo) & (local < hi)
+        entries = todo[here]
+        position[entries], tied = _sorted_positions(
+            dist[resort_rows[lo:hi]], local[here] - lo, cols[entries])
+        if not sort_values_first:
+            tied_rows.append(rows[entries[tied]])
+    if not sort_values_first:
+        tied_fraction = np.unique(np.concatenate(tied_rows)).size / entry_rows.size
+    return position, tied_fraction
 
 
 def _same_pid_pairs(
@@ -247,7 +342,10 @@ def _per_query(dist: np.ndarray, qp: np.ndarray, gp: np.ndarray, qc: np.ndarray,
                gc: np.ndarray, query_chunk_size: int) -> dict[str, np.ndarray]:
     """:func:`per_query_rank_metrics` on validated inputs."""
     num_q, num_g = dist.shape
-    kept = np.flatnonzero(gp != JUNK_PID)  # junk is removed for every query, up front
+    # The protocol rule is retrieval.excluded: what it removes for every query (junk) is dropped
+    # up front; of the rest, only images with the query's pid can be removed, and those are
+    # exactly the pairs a match is looked for among.
+    kept = np.flatnonzero(~retrieval.excluded_for_every_query(gp))
     all_kept = kept.size == num_g
     gp, gc = gp[kept], gc[kept]
     g = kept.size
@@ -256,19 +354,24 @@ def _per_query(dist: np.ndarray, qp: np.ndarray, gp: np.ndarray, qc: np.ndarray,
 
     out = {"ap": np.full(num_q, np.nan), "inp": np.full(num_q, np.nan),
            "first_rank": np.zeros(num_q, np.int64), "num_matches": np.zeros(num_q, np.int64)}
+    tied_fraction = 0.0
     for start in range(0, num_q if g else 0, query_chunk_size):
         stop = min(start + query_chunk_size, num_q)
         d = dist[start:stop] if all_kept else np.take(dist[start:stop], kept, axis=1)  # [C, g]
         d = np.ascontiguousarray(d)
         pid_rows, pid_cols = _same_pid_pairs(qp[start:stop], gallery_by_pid, gp_sorted)
-        same_cam = qc[start:stop][pid_rows] == gc[pid_cols]
-        match_rows, match_cols = pid_rows[~same_cam], pid_cols[~same_cam]
+        removed = retrieval.excluded(qp[start:stop][pid_rows], qc[start:stop][pid_rows],
+                                     gp[pid_cols], gc[pid_cols])
+        match_rows = pid_rows[~removed]
         if match_rows.size == 0:
             continue
-        removed_rows, removed_cols = pid_rows[same_cam], pid_cols[same_cam]
-        sorted_rows = np.sort(d, axis=1)
-        match_pos = _stable_positions(d, sorted_rows, match_rows, match_cols)
-        removed_pos = _stable_positions(d, sorted_rows, removed_rows, removed_cols)
+        # Positions of matches and removed images in the row's stable order, in one pass. When
+        # most rows of the last chunk had ties (a gallery with duplicates), sort by (value,
+        # column) straight away (docs/scaling.md, "Evaluation at scale").
+        positions, tied_fraction = _stable_positions(
+            d, pid_rows, pid_cols, sort_values_first=tied_fraction <= 0.5)
+        match_pos, removed_pos = positions[~removed], positions[removed]
+        removed_rows = pid_rows[removed]
 
         # Rank (1-based) of each match in the filtered gallery: position - removed before it + 1.
         removed_keys = np.sort(removed_rows * g + removed_pos)
@@ -308,9 +411,11 @@ def rank_metrics(
 
     No full ``argsort``: per chunk of queries the rows are sorted by value (``np.sort``), and
     only the matches and the removed same-camera images are located in that order by a
-    vectorised binary search (ties resolved by gallery index, as a stable argsort).  The rank
-    of a match in the filtered gallery is its position minus the removed images before it.
-    Peak extra memory is a few ``[query_chunk_size, G]`` arrays.
+    vectorised binary search.  Rows where such an image's distance occurs more than once are
+    sorted by ``(distance, gallery index)`` packed into one uint64 (a stable argsort's order),
+    so a query costs ``O(G log G)`` however many ties its row holds (docs/scaling.md,
+    "Evaluation at scale").  The rank of a match in the filtered gallery is its position minus
+    the removed images before it.  Peak extra memory is a few ``[query_chunk_size, G]`` arrays.
 
     Args:
       distances: [Q, G] query-gallery distances (NumPy or JAX array; smaller = more similar).

@@ -40,7 +40,7 @@ def squared_distances(f_query: jax.Array, f_gallery: jax.Array) -> jax.Array:
     """
     q2 = jnp.sum(jnp.square(f_query), axis=-1)
     g2 = jnp.sum(jnp.square(f_gallery), axis=-1)
-    qg = jnp.matmul(f_query, f_gallery.T, precision=PRECISION)
+    qg = jnp.matmul(f_gallery, f_query.T, precision=PRECISION).T
     return jnp.maximum(q2[:, None] + g2[None, :] - 2.0 * qg, 0.0)
 
 
@@ -91,7 +91,17 @@ def distance_matrix(f_query: Any, f_gallery: Any, chunk: int = 1024) -> np.ndarr
 def excluded(query_pid: Any, query_cam: Any, gallery_pid: Any, gallery_cam: Any) -> Any:
     """The protocol's rule, elementwise with broadcasting: True where the gallery image is
     removed from the query's ranking (same identity *and* same camera as the query, or junk)."""
-    return ((gallery_pid == query_pid) & (gallery_cam == query_cam)) | (gallery_pid == JUNK_PID)
+    return (((gallery_pid == query_pid) & (gallery_cam == query_cam))
+            | excluded_for_every_query(gallery_pid))
+
+
+def excluded_for_every_query(gallery_pid: Any) -> Any:
+    """The part of :func:`excluded` that does not depend on the query: junk (pid ``-1``).
+
+    Whatever else a gallery image is removed for needs the query's identity, so an image kept by
+    this one is removed from a query's ranking only if it has the query's pid (a ranking code
+    may drop these columns once and test the same-pid pairs with :func:`excluded`)."""
+    return gallery_pid == JUNK_PID
 
 
 def check_ids(query_pids: Any, query_cams: Any, gallery_pids: Any, gallery_cams: Any,
@@ -170,6 +180,6 @@ def first_kept(indices: Any, query_pids: Any, query_cams: Any, gallery_pids: Any
 
 __all__ = [
     "DISTRACTOR_PID", "JUNK_PID", "PRECISION", "check_ids", "distance_chunks", "distance_matrix",
-    "excluded", "excluded_mask", "first_kept", "kept_in_ranking", "padded_chunks",
-    "removed_counts", "squared_distances",
+    "excluded", "excluded_for_every_query", "excluded_mask", "first_kept", "kept_in_ranking",
+    "padded_chunks", "removed_counts", "squared_distances",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from configs import agw_market1501
 from reid_jax import checkpoints, embeddings, evaluation, synthetic
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
@@ -31,11 +31,7 @@ DATA = synthetic.DatasetConfig(num_train_ids=5, num_test_ids=4, images_per_id=4,
 
 def _config(root: str) -> ml_collections.ConfigDict:
     """The reference config (optimizer, loss) with a tiny model and 32 x 16 images."""
-    path = os.path.join(REPO, "configs", "agw_market1501.py")
-    spec = importlib.util.spec_from_file_location("agw_market1501_for_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = agw_market1501.get_config()
     config.data.root = root
     config.data.height, config.data.width = 32, 16
     config.data.num_workers = 0

@@ -2,10 +2,12 @@
 
 import io
 import math
+import random
 
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats
 
 from reid_jax.data import augment as A
 
@@ -242,3 +244,149 @@ def test_defaults_are_the_agw_recipe():
     # ReID-Survey builds RandomErasing with mean=cfg.INPUT.PIXEL_MEAN (ImageNet's mean).
     assert cfg.erase_fill == A.IMAGENET_MEAN == (0.485, 0.456, 0.406)
     assert cfg.interpolation == "bilinear"
+
+
+# ------------------------------------- distributions against the reference's random draws
+#
+# The reference draws with Python's ``random`` (RandomErasing) and torch (flip, crop corner);
+# ours with numpy. The streams differ, so the semantics are compared as distributions: our
+# train_transform's decisions, read back from its output, against draws of the reference's own
+# code below (written from ReID-Survey's ``RandomErasing.__call__`` and torchvision's
+# ``RandomHorizontalFlip`` / ``RandomCrop.get_params``). Seeds are fixed (deterministic tests);
+# tolerances are stated per check.
+
+N_DRAWS = 3000
+
+
+def _reference_erasing(rnd: random.Random, height: int, width: int, probability=0.5,
+                       sl=0.02, sh=0.4, r1=0.3):
+    """``RandomErasing.__call__``'s rectangle, or None (not erased / nothing fit in 100)."""
+    if rnd.uniform(0, 1) >= probability:
+        return None
+    for _ in range(100):
+        area = height * width
+        target_area = rnd.uniform(sl, sh) * area
+        aspect_ratio = rnd.uniform(r1, 1 / r1)
+        h = int(round(math.sqrt(target_area * aspect_ratio)))
+        w = int(round(math.sqrt(target_area / aspect_ratio)))
+        if w < width and h < height:
+            x1 = rnd.randint(0, height - h)
+            y1 = rnd.randint(0, width - w)
+            return x1, y1, h, w
+    return None
+
+
+def _reference_flip_crop(torch, gen, pad: int):
+    """torchvision: ``torch.rand(1) < 0.5`` flip, then ``RandomCrop.get_params`` on the image
+    padded by ``pad``: ``torch.randint(0, h - th + 1)``, i.e. uniform over 0..2 * pad."""
+    flip = bool(torch.rand(1, generator=gen) < 0.5)
+    top = int(torch.randint(0, 2 * pad + 1, size=(1,), generator=gen))
+    left = int(torch.randint(0, 2 * pad + 1, size=(1,), generator=gen))
+    return flip, top, left
+
+
+def _our_erasing(cfg, n):
+    """Our erased rectangles (None where nothing was erased), read back from the output."""
+    black = Image.new("RGB", (cfg.width, cfg.height))
+    fill = np.float32(cfg.erase_fill)
+    boxes = []
+    for slot in range(n):
+        hit = np.all(A.train_transform(black, A.image_rng(5, 0, slot), cfg) == fill, axis=-1)
+        if not hit.any():
+            boxes.append(None)
+            continue
+        rows, cols = np.nonzero(hit)
+        top, left = rows.min(), cols.min()
+        h, w = rows.max() - top + 1, cols.max() - left + 1
+        assert hit.sum() == h * w, "the erased region must be one rectangle"
+        boxes.append((int(top), int(left), int(h), int(w)))
+    return boxes
+
+
+def _ks_same(a, b, name):
+    """Two-sample Kolmogorov-Smirnov: the distributions may not differ at p < 1e-3."""
+    result = stats.ks_2samp(a, b)
+    assert result.pvalue > 1e-3, (name, result)
+
+
+def test_erasing_distribution_matches_the_reference():
+    """p 0.5, area U(0.02, 0.4) of H x W, aspect U(0.3, 1/0.3), corner uniform, fill = mean."""
+    cfg = A.AugmentConfig(height=64, width=32, flip_prob=0.0, pad=0)
+    ours = _our_erasing(cfg, N_DRAWS)
+    rnd = random.Random(0)
+    theirs = [_reference_erasing(rnd, 64, 32) for _ in range(N_DRAWS)]
+    erased_ours = sum(b is not None for b in ours) / N_DRAWS
+    erased_ref = sum(b is not None for b in theirs) / N_DRAWS
+    # Rate: both near 0.5 (at 64 x 32 a rectangle almost always fits within 100 attempts);
+    # 5 binomial standard errors of the difference.
+    assert abs(erased_ours - erased_ref) <= 5 * math.sqrt(2 * 0.25 / N_DRAWS)
+    ours_boxes = np.array([b for b in ours if b is not None], float)
+    ref_boxes = np.array([b for b in theirs if b is not None], float)
+    for name, column in (("h", 2), ("w", 3)):
+        _ks_same(ours_boxes[:, column], ref_boxes[:, column], name)
+    _ks_same(ours_boxes[:, 2] * ours_boxes[:, 3], ref_boxes[:, 2] * ref_boxes[:, 3], "area")
+    _ks_same(ours_boxes[:, 2] / ours_boxes[:, 3], ref_boxes[:, 2] / ref_boxes[:, 3], "aspect")
+    # The corner, relative to its range (uniform over 0..H - h and 0..W - w).
+    for name, column, size, extent in (("top", 0, 64, 2), ("left", 1, 32, 3)):
+        rel_ours = ours_boxes[:, column] / (size - ours_boxes[:, extent] + 1)
+        rel_ref = ref_boxes[:, column] / (size - ref_boxes[:, extent] + 1)
+        _ks_same(rel_ours, rel_ref, name)
+
+
+def test_erasing_retry_rule_matches_the_reference():
+    """Up to 100 attempts, then no erasing: on a 100 x 2 image one attempt fits with
+    probability ~1 %, so ~63 % of the erasing draws find a rectangle (10 attempts: ~10 %,
+    unlimited: 100 %)."""
+    cfg = A.AugmentConfig(height=100, width=2, flip_prob=0.0, pad=0, erase_prob=1.0)
+    ours = _our_erasing(cfg, 1500)
+    rnd = random.Random(1)
+    theirs = [_reference_erasing(rnd, 100, 2, probability=1.0) for _ in range(1500)]
+    fit_ours = sum(b is not None for b in ours) / len(ours)
+    fit_ref = sum(b is not None for b in theirs) / len(theirs)
+    assert 0.3 < fit_ref < 0.9  # the rule is what decides here
+    assert abs(fit_ours - fit_ref) <= 5 * math.sqrt(2 * fit_ref * (1 - fit_ref) / len(ours))
+    # Where nothing fits at all, nothing is erased (and the image is intact).
+    assert A.erase_box(np.random.default_rng(0), 100, 1) is None
+    cfg = A.AugmentConfig(height=100, width=1, flip_prob=0.0, pad=0, erase_prob=1.0)
+    assert all(b is None for b in _our_erasing(cfg, 50))
+
+
+def _coded_image(h=64, w=32):
+    """R = 4 * row, G = 8 * column, B = 255: every pixel names its source; padding is black."""
+    rows, cols = np.mgrid[0:h, 0:w]
+    return np.stack([rows * 4, cols * 8, np.full((h, w), 255)], -1).astype(np.uint8)
+
+
+def test_flip_and_crop_distribution_matches_the_reference():
+    """Flip 0.5; pad 10 + crop corner uniform over the 21 x 21 positions, independent."""
+    torch = pytest.importorskip("torch")
+    cfg = A.AugmentConfig(height=64, width=32, pad=10, erase_prob=0.0)
+    image = Image.fromarray(_coded_image())
+    mean, std = np.array(cfg.mean), np.array(cfg.std)
+    flips, tops, lefts = [], [], []
+    for slot in range(N_DRAWS):
+        out = A.train_transform(image, A.image_rng(6, 1, slot), cfg)
+        pixels = np.rint((out * std + mean) * 255).astype(int)
+        # Two horizontal neighbours that are both image (not padding): their source columns
+        # tell the flip, their source position the crop corner.
+        pairs = np.argwhere((pixels[:, :-1, 2] == 255) & (pixels[:, 1:, 2] == 255))
+        i, j = pairs[len(pairs) // 2]
+        src_row, src_col = pixels[i, j, 0] // 4, pixels[i, j, 1] // 8
+        flipped = pixels[i, j + 1, 1] // 8 < src_col
+        flips.append(flipped)
+        tops.append(src_row - i + 10)
+        lefts.append((31 - src_col if flipped else src_col) - j + 10)
+    gen = torch.Generator().manual_seed(0)
+    ref = np.array([_reference_flip_crop(torch, gen, 10) for _ in range(N_DRAWS)])
+    # Flip rate: 5 binomial standard errors of the difference.
+    assert abs(np.mean(flips) - ref[:, 0].mean()) <= 5 * math.sqrt(2 * 0.25 / N_DRAWS)
+    for name, ours, theirs in (("top", tops, ref[:, 1]), ("left", lefts, ref[:, 2])):
+        ours = np.asarray(ours)
+        assert ours.min() >= 0 and ours.max() <= 20, name
+        # Uniform over 0..20 on both sides: chi-square against uniform at p > 1e-3.
+        for values in (ours, theirs):
+            counts = np.bincount(values, minlength=21)
+            assert stats.chisquare(counts).pvalue > 1e-3, (name, counts)
+    # The corner's two coordinates are drawn independently (contingency test, 3 x 3 bins).
+    table = np.histogram2d(tops, lefts, bins=3, range=[[0, 21], [0, 21]])[0]
+    assert stats.chi2_contingency(table).pvalue > 1e-3

@@ -382,3 +382,69 @@ def test_per_query_rank_metrics_means_are_rank_metrics():
     assert per["ap"][valid].mean() == pytest.approx(want["mAP"], abs=1e-12)
     assert per["inp"][valid].mean() == pytest.approx(want["mINP"], abs=1e-12)
     assert (per["first_rank"][valid] == 1).mean() == pytest.approx(want["cmc"][0], abs=1e-12)
+
+
+# ---------------------------------------------------------------- ranking: tie-heavy galleries
+def tiled_problem(seed, tiles, num_q=20, num_g=90, dtype=np.float32):
+    """A gallery repeated ``tiles`` times: every value of a row occurs ``tiles`` times."""
+    dist, qp, gp, qc, gc = random_problem(seed, num_q=num_q, num_g=num_g)
+    return (np.tile(dist.astype(dtype), (1, tiles)), qp, np.tile(gp, tiles), qc,
+            np.tile(gc, tiles))
+
+
+@pytest.mark.parametrize("tiles", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_rank_metrics_tiled_gallery(tiles, dtype):
+    dist, qp, gp, qc, gc = tiled_problem(tiles, tiles, dtype=dtype)
+    expected = reference_rank_metrics(dist, qp, gp, qc, gc)
+    for chunk in (3, 256):
+        assert_same(rank_metrics(dist, qp, gp, qc, gc, query_chunk_size=chunk), expected)
+    assert_same(rank_metrics_loop(dist, qp, gp, qc, gc), expected)
+
+
+def test_rank_metrics_ties_of_values_beyond_32_bits():
+    # float64 values that are not float32 and int64 with a range over 2^32: the stable-argsort
+    # fallback of the tie resolution.
+    rng = np.random.default_rng(11)
+    base = rng.random((15, 50)) * (1 + 1e-12)
+    qp, gp = rng.integers(1, 4, 15), rng.integers(-1, 4, 150)
+    qc, gc = rng.integers(0, 2, 15), rng.integers(0, 2, 150)
+    for dist in (np.tile(base, (1, 3)), np.tile((base * 2**40).astype(np.int64), (1, 3))):
+        expected = reference_rank_metrics(dist, qp, gp, qc, gc)
+        assert_same(rank_metrics(dist, qp, gp, qc, gc, query_chunk_size=4), expected)
+
+
+def test_rank_metrics_signed_zero_negative_and_infinite_ties():
+    # -0.0 == +0.0 ties (broken by index), negative values and +-inf tie groups.
+    row = np.array([0.0, -0.0, np.inf, -1.5, -0.0, np.inf, -1.5, 0.0, -np.inf, -np.inf])
+    dist = np.stack([row, row[::-1], -row]).astype(np.float32)
+    qp, qc = [1, 2, 1], [0, 0, 1]
+    gp = [1, 2, 1, 2, 1, 2, 1, 2, 1, 2]
+    gc = [0, 1, 1, 0, 1, 1, 0, 1, 1, 1]
+    expected = reference_rank_metrics(dist, qp, gp, qc, gc, max_rank=10)
+    assert_same(rank_metrics(dist, qp, gp, qc, gc, max_rank=10), expected)
+    assert_same(rank_metrics_loop(dist, qp, gp, qc, gc, max_rank=10), expected)
+    for ints in (np.array([[3, -2, 3, 0, -2, 3, 0, 0, 1, 1]], np.int8),
+                 np.array([[2**31 - 1, -(2**31), 2**31 - 1, 0, -(2**31), 0, 5, 5, 0, 1]])):
+        expected = reference_rank_metrics(ints, [1], gp, [0], gc, max_rank=10)
+        assert_same(rank_metrics(ints, [1], gp, [0], gc, max_rank=10), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
+def test_stable_positions_are_the_stable_argsort(dtype):
+    # The position of any entry is its index in a stable argsort of its row, ties or not.
+    rng = np.random.default_rng(5)
+    dist = rng.integers(-3, 4, (70, 33)).astype(dtype)  # about 5 entries per value in a row
+    dist[::2] = rng.permutation(np.arange(33)).astype(dtype)  # every other row without ties
+    if np.issubdtype(dtype, np.floating):
+        dist[1::4] += 1e-300 if dtype == np.float64 else 0  # float64 beyond float32: fallback
+    rows = np.repeat(np.arange(70), 33)
+    cols = np.tile(np.arange(33), 70)
+    want = np.argsort(np.argsort(dist, axis=1, kind="stable"), axis=1, kind="stable")
+    for first in (True, False):
+        got, tied_fraction = evaluation._stable_positions(
+            dist, rows, cols, sort_values_first=first, rows_per_block=16)
+        np.testing.assert_array_equal(got, want[rows, cols])
+        assert tied_fraction == pytest.approx(0.5)
+    got, tied_fraction = evaluation._stable_positions(dist, rows[::2], cols[::2])
+    np.testing.assert_array_equal(got, want[rows[::2], cols[::2]])

@@ -41,15 +41,41 @@ def ref_scale(fq, fg, w):  # sum_n (f^q - f^g)^2 |w_na|: the scale errors are me
     return ref_errors(fq, fg, np.abs(w))
 
 
-def ref_explain(fq, fg, w, k, t, complete=False):
+def ref_projection(fq, fg, w):
+    """Least squares d = W c + r per pair (minimum-norm c); contributions c_a (W^T d)_a [Q, G, A]
+    and the remainder |r|^2 [Q, G]."""
+    fq, fg, w = (np.asarray(a, np.float64) for a in (fq, fg, w))
+    d = fq[:, None] - fg[None]  # [Q, G, N]
+    c = np.linalg.lstsq(w, d.reshape(-1, w.shape[0]).T, rcond=None)[0].T.reshape(
+        d.shape[:2] + (w.shape[1],))
+    r = d - c @ w.T
+    return c * (d @ w), (r ** 2).sum(-1)
+
+
+def ref_disagreement(xq, xg):  # P(labels differ), xq [A], xg [G, A]
+    xq, xg = np.asarray(xq, np.float64), np.asarray(xg, np.float64)
+    return xq[None] * (1 - xg) + xg * (1 - xq[None])
+
+
+def ref_explain(fq, fg, w, k, t, complete=False, mode=None):
+    mode = mode or ("complete" if complete else "paper")
     fq, fg, w = (np.asarray(a, np.float64) for a in (fq, fg, w))
     d = ((fq[:, None] - fg[None]) ** 2).sum(-1)
     idx = np.argsort(d, axis=1, kind="stable")[:, :k]
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))
     xq, xg = sig(fq @ w), sig(fg @ w)
-    errors = ref_errors(fq, fg, w, complete)
+    remainder = None
+    if mode == "projection":
+        errors, remainder = ref_projection(fq, fg, w)
+    elif mode == "disagreement":
+        errors = np.stack([ref_disagreement(xq[i], xg) for i in range(len(fq))])
+    else:
+        errors = ref_errors(fq, fg, w, mode == "complete")
+    if remainder is None:
+        remainder = (d - errors.sum(-1)) if mode != "disagreement" else np.full(d.shape, np.nan)
     rows = np.arange(len(fq))[:, None]
     return dict(
+        remainder=remainder[rows, idx],
         indices=idx,
         distances=d[rows, idx],
         attributes_query=xq,
@@ -291,6 +317,110 @@ def assert_explanation(got, want, scale_errors):
         np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.selected, want["selected"])
     assert_within_scale(got.errors, want["errors"], scale_errors)
+    if want.get("remainder") is not None and got.remainder is not None:
+        rem = want["remainder"]
+        if np.isnan(rem).all():
+            assert np.isnan(np.asarray(got.remainder)).all()
+        else:
+            assert_within_scale(got.remainder, rem,
+                                np.asarray(scale_errors).sum(-1) + want["distances"])
+
+
+class TestProjectionAndDisagreement:
+    def test_projection_matches_reference_and_sums_to_the_distance(self):
+        fq, fg, w = make_data(30, g=40)
+        p, r = ex.projection_contributions(fq, fg, w)
+        want_p, want_r = ref_projection(fq, fg, w)
+        d2 = ((fq[:, None].astype(np.float64) - fg[None]) ** 2).sum(-1)
+        assert p.shape == (12, 40, 7) and r.shape == (12, 40)
+        assert_within_scale(p, want_p, d2[..., None], rtol=1e-4)
+        assert_within_scale(r, want_r, d2, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(p, np.float64).sum(-1) + np.asarray(r), d2,
+                                   rtol=1e-5, atol=1e-6)
+        assert float(np.min(r)) >= -1e-6  # |r|^2: nothing negative beyond rounding
+        np.testing.assert_array_equal(np.asarray(p)[:, :, 0], 0.0)  # W's zero column
+        for i in range(3):  # identical pairs: exactly zero
+            np.testing.assert_array_equal(np.asarray(p)[i, i], 0.0)
+            assert float(r[i, i]) == 0.0
+        # One query, jit and vmap.
+        p1, r1 = jax.jit(ex.projection_contributions)(fq[4], fg, w)
+        np.testing.assert_allclose(p1, np.asarray(p)[4], rtol=1e-5, atol=1e-7)
+        pv, rv = jax.vmap(lambda q: ex.projection_contributions(q, fg, w))(fq)
+        np.testing.assert_allclose(pv, p, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(rv, r, rtol=1e-5, atol=1e-7)
+
+    @pytest.mark.parametrize("method", ["auto", "direct", "gemm"])
+    def test_all_pairs_projection_including_near_duplicates(self, method):
+        fq, fg, w = make_data(31)
+        got = ex.attribute_errors(fq, fg, w, mode="projection", method=method,
+                                  query_chunk=5, gallery_chunk=64)
+        want, _ = ref_projection(fq, fg, w)
+        d2 = ((fq[:, None].astype(np.float64) - fg[None]) ** 2).sum(-1)
+        far = d2 > ex.recompute_ratio(fq.shape[1]) * 2  # unit vectors: |fq|^2 + |fg|^2 = 2
+        if method == "gemm":  # cancels for near pairs; fine elsewhere
+            assert_within_scale(np.asarray(got)[far], want[far], d2[far][:, None])
+        else:
+            assert_within_scale(got, want, d2[..., None] + 1e-12)
+            for i in range(3):
+                np.testing.assert_array_equal(np.asarray(got)[i, i], 0.0)
+
+    def test_disagreement_matches_reference(self):
+        rng = np.random.default_rng(32)
+        xq = rng.random((4, 6)).astype(np.float32)
+        xg = rng.random((9, 6)).astype(np.float32)
+        xg[0] = [0, 1, 0.5, 0, 1, 0.25]
+        got = ex.disagreement_probabilities(xq, xg)
+        want = np.stack([ref_disagreement(q, xg) for q in xq])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert float(np.min(got)) >= 0.0 and float(np.max(got)) <= 1.0
+        np.testing.assert_allclose(ex.disagreement_probabilities(xq[1], xg), want[1], atol=1e-7)
+        v = jax.jit(jax.vmap(lambda q: ex.disagreement_probabilities(q, xg)))(xq)
+        np.testing.assert_allclose(v, want, rtol=1e-6, atol=1e-7)
+        # Certain and opposite: 1; certain and equal: 0.
+        np.testing.assert_allclose(ex.disagreement_probabilities(
+            np.array([1.0, 0.0, 1.0]), np.array([[0.0, 1.0, 1.0]])), [[1.0, 1.0, 0.0]])
+        with pytest.raises(ValueError, match="attribute counts differ"):
+            ex.disagreement_probabilities(xq, xg[:, :5])
+        with pytest.raises(ValueError, match=r"x_gallery must be \[G, A\]"):
+            ex.disagreement_probabilities(xq, xg[0])
+
+    @pytest.mark.parametrize("mode", ex.MODES)
+    def test_explain_rankings_modes_match_reference(self, mode):
+        fq, fg, w = make_data(33)
+        got = ex.explain_rankings(fq, fg, w, k=5, threshold=0.3, mode=mode, gallery_chunk=32)
+        want = ref_explain(fq, fg, w, 5, 0.3, mode=mode)
+        rows = np.arange(12)[:, None]
+        if mode in ("paper", "complete"):
+            scale = ref_scale(fq, fg, ex.complete_weights(w) if mode == "complete" else w)
+            scale = scale[rows, want["indices"]]
+        elif mode == "projection":
+            scale = np.broadcast_to(want["distances"][..., None], want["errors"].shape) + 1e-12
+        else:
+            scale = np.full(want["errors"].shape, 1e-3)  # probabilities: 1e-6 absolute
+        assert_explanation(got, want, scale)
+        jitted = jax.jit(lambda q: ex.explain_rankings(q, fg, w, k=5, threshold=0.3, mode=mode,
+                                                       gallery_chunk=32))
+        assert_explanation(jitted(fq), want, scale)
+        v = jax.vmap(lambda q: ex.explain_rankings(q, fg, w, k=5, threshold=0.3, mode=mode,
+                                                   gallery_chunk=32))(fq.reshape(2, 6, -1))
+        assert_explanation(jax.tree.map(lambda x: x.reshape(12, *x.shape[2:]), v), want, scale)
+        if mode == "projection":  # contributions and remainder sum to the distance
+            total = np.asarray(got.errors, np.float64).sum(-1) + np.asarray(got.remainder)
+            np.testing.assert_allclose(total, got.distances, rtol=1e-5, atol=1e-6)
+            assert float(np.min(got.remainder)) >= -1e-6
+
+    def test_complete_keyword_and_mode(self):
+        fq, fg, w = make_data(34, g=20)
+        a = ex.explain_rankings(fq, fg, w, k=3, complete=True)
+        b = ex.explain_rankings(fq, fg, w, k=3, mode="complete")
+        np.testing.assert_array_equal(a.errors, b.errors)
+        np.testing.assert_allclose(a.remainder, 0.0, atol=1e-5)
+        with pytest.raises(ValueError, match="complete=True contradicts mode='paper'"):
+            ex.explain_rankings(fq, fg, w, k=3, complete=True, mode="paper")
+        with pytest.raises(ValueError, match="mode must be one of"):
+            ex.explain_rankings(fq, fg, w, k=3, mode="pie")
+        with pytest.raises(ValueError, match="mode must be one of"):
+            ex.attribute_errors(fq, fg, w, mode="disagreement")
 
 
 class TestExplainRankings:

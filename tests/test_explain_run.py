@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reid_jax import evaluation, explain, retrieval
+from reid_jax import evaluation, explain, progress, retrieval
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
-from reid_jax.explain import report
+from reid_jax.explain import report, settings
 from reid_jax.explain import run as explain_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,13 +288,13 @@ def test_query_selection(market, tmp_path):
 
 
 def test_threshold_parsing():
-    assert explain_run.parse_threshold("0.25") == 0.25
-    t = explain_run.parse_threshold(",".join(["0.1"] * A))
+    assert settings.parse_threshold("0.25") == 0.25
+    t = settings.parse_threshold(",".join(["0.1"] * A))
     assert t.shape == (A,) and np.all(t == 0.1)
     with pytest.raises(ValueError, match="has 2 values"):
-        explain_run.parse_threshold("0.1,0.2")
+        settings.parse_threshold("0.1,0.2")
     with pytest.raises(ValueError, match="must be a number"):
-        explain_run.parse_threshold("high")
+        settings.parse_threshold("high")
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_interrupted_run_leaves_previous_outputs(market, tmp_path, monkeypatch):
 
 def test_progress_bar_reports_rate_and_eta():
     stream = io.StringIO()
-    bar = explain_run.ProgressBar(10, "explain", stream=stream)
+    bar = progress.ProgressBar(10, "explain", stream=stream)
     bar.update(4)
     bar.update(6)
     text = stream.getvalue()

@@ -11,11 +11,14 @@ import sys
 import numpy as np
 import pytest
 
-from reid_jax import explain, synthetic
+from reid_jax import explain, progress, synthetic
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, labels_for_pids, load_market_attributes
 from reid_jax.data.market1501 import load_market1501
+from reid_jax.explain import baselines, bootstrap, counterfactuals
 from reid_jax.explain import metrics as em
 from reid_jax.explain import quality as ee
+from reid_jax.explain import table as quality_table
+from reid_jax.explain.table import MODES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A = len(ATTRIBUTE_NAMES)
@@ -62,7 +65,7 @@ def checkpoints_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(dataset, checkpoints_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    result = ee.evaluate(checkpoint=checkpoints_dir / "with_head", data_root=dataset,
+    result = ee.measure(checkpoint=checkpoints_dir / "with_head", data_root=dataset,
                          output_dir=out, k=K, num_counterfactuals=NUM_CF)
     return result
 
@@ -99,7 +102,7 @@ def test_ranked_pairs_match_a_float64_reference():
     fq, fg = rng.normal(size=(q, n)), rng.normal(size=(g, n))
     qp, qc = rng.integers(1, 4, q), rng.integers(1, 4, q)
     gp, gc = rng.integers(-1, 4, g), rng.integers(1, 4, g)
-    pairs = ee.ranked_pairs(fq, fg, qp, qc, gp, gc, k, query_chunk=3)
+    pairs = counterfactuals.ranked_pairs(fq, fg, qp, qc, gp, gc, k, query_chunk=3)
     expected = set()
     for i in range(q):
         d = np.sum((fq[i] - fg) ** 2, axis=1)
@@ -112,9 +115,9 @@ def test_ranked_pairs_match_a_float64_reference():
     np.testing.assert_array_equal(pairs.true_match, gp[pairs.gallery] == qp[pairs.query])
     assert (gp[pairs.gallery] > 0).all()
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
-        ee.ranked_pairs(fq, fg, qp, qc, gp, gc, 0)
+        counterfactuals.ranked_pairs(fq, fg, qp, qc, gp, gc, 0)
     with pytest.raises(ValueError, match="gallery_pids/gallery_cams must have shape"):
-        ee.ranked_pairs(fq, fg, qp, qc, gp[:-1], gc, k)
+        counterfactuals.ranked_pairs(fq, fg, qp, qc, gp[:-1], gc, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,11 +128,11 @@ def test_planned_value():
     labels = np.zeros(A, np.uint8)
     labels[ATTRIBUTE_NAMES.index("upred")] = 1
     labels[ATTRIBUTE_NAMES.index("age2")] = 1
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("backpack")) == (True, None)
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("upred")) == (False, 1)
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("upblue")) == (True, 1)
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("age2")) == (False, 1)
-    assert ee.planned_value(labels, ATTRIBUTE_NAMES.index("age4")) == (True, 1)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("backpack")) == (True, None)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("upred")) == (False, 1)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("upblue")) == (True, 1)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("age2")) == (False, 1)
+    assert counterfactuals.planned_value(labels, ATTRIBUTE_NAMES.index("age4")) == (True, 1)
 
 
 def _gallery(dataset):
@@ -140,7 +143,7 @@ def _gallery(dataset):
 
 def test_make_counterfactuals(dataset):
     data, files, persons = _gallery(dataset)
-    made = ee.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
+    made = counterfactuals.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
     assert len(made.accepted) == NUM_CF
     counts = np.bincount([cf.attribute for cf in made.accepted], minlength=A)
     # Round-robin: every attribute whose candidates did not run out gets its share.
@@ -158,32 +161,33 @@ def test_make_counterfactuals(dataset):
             cf.labels_after,
             synthetic.person_labels(synthetic.change_attribute(person, name, cf.value)))
         assert cf.changed_labels[cf.attribute] and 1 <= cf.changed_labels.sum() <= 2
-        assert cf.changed_pixels >= ee.DEFAULT_MIN_CHANGED_PIXELS
+        assert cf.changed_pixels >= counterfactuals.DEFAULT_MIN_CHANGED_PIXELS
         # The stored JPEG is what render_counterfactual gives for that change.
         np.testing.assert_array_equal(
             synthetic.decode_jpeg(cf.jpeg),
             synthetic.render_counterfactual(dataset, files[cf.gallery_index], name, cf.value))
-    again = ee.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
+    again = counterfactuals.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
     assert [(c.gallery_index, c.attribute) for c in again.accepted] == [
         (c.gallery_index, c.attribute) for c in made.accepted]
 
 
 def test_invisible_changes_are_rejected(dataset):
     _, files, persons = _gallery(dataset)
-    made = ee.make_counterfactuals(dataset, files, persons[:2], 5, min_changed_pixels=10**6)
+    made = counterfactuals.make_counterfactuals(dataset, files, persons[:2], 5,
+                                                min_changed_pixels=10**6)
     assert made.accepted == []
     np.testing.assert_array_equal(made.rejected, made.tried)
     assert made.tried.sum() == made.candidates.sum() > 0  # every candidate was tried once
     with pytest.raises(ValueError, match="num_counterfactuals must be >= 0"):
-        ee.make_counterfactuals(dataset, files, persons, -1)
+        counterfactuals.make_counterfactuals(dataset, files, persons, -1)
     with pytest.raises(ValueError, match="pixel_tolerance"):
-        ee.make_counterfactuals(dataset, files, persons, 1, pixel_tolerance=300)
+        counterfactuals.make_counterfactuals(dataset, files, persons, 1, pixel_tolerance=300)
     data = load_market1501(dataset)
     distractor = [i for i, p in enumerate(data.gallery.pids)
                   if p == 0 and synthetic.image_record(dataset, files[i])[0] is None]
     if distractor:
         with pytest.raises(ValueError, match="shows no person"):
-            ee.make_counterfactuals(dataset, files, distractor, 1)
+            counterfactuals.make_counterfactuals(dataset, files, distractor, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,17 +209,26 @@ def test_pair_separations_match_float64_reference():
     complete = np.abs(w64) / np.abs(w64).sum(axis=1, keepdims=True)
     xq, xg = 1 / (1 + np.exp(-q64 @ w64)), 1 / (1 + np.exp(-g64 @ w64))
     scores = (1 - np.abs(xq - xg)) / (0.5 + np.abs(xq - 0.5))
-    ref = {"paper": diff2 @ w64, "complete": diff2 @ complete, "scores": 1 - scores}
+    d = q64 - g64
+    c = np.linalg.lstsq(w64, d.T, rcond=None)[0].T
+    prior = np.linspace(0.0, 1.0, A)
+    ref = {"paper": diff2 @ w64, "complete": diff2 @ complete, "scores": 1 - scores,
+           "projection": c * (d @ w64), "disagreement": xq * (1 - xg) + xg * (1 - xq),
+           "prior": np.broadcast_to(prior, (40, A))}
+    assert set(ref) == set(MODES)
     for mode, expected in ref.items():
-        got = ee.pair_separations(fq, fg, w, mode, chunk=16)
+        got = counterfactuals.pair_separations(fq, fg, w, mode, chunk=16,
+                                               prior=prior if mode == "prior" else None)
         assert got.shape == (40, A) and got.dtype == np.float32
         np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
-    np.testing.assert_allclose(ee.pair_separations(fq, fg, w, "complete").sum(1),
+    np.testing.assert_allclose(counterfactuals.pair_separations(fq, fg, w, "complete").sum(1),
                                diff2.sum(1), rtol=1e-5)
     with pytest.raises(ValueError, match="mode must be one of"):
-        ee.pair_separations(fq, fg, w, "gemm")
+        counterfactuals.pair_separations(fq, fg, w, "gemm")
+    with pytest.raises(ValueError, match=r"mode='prior' needs prior of shape \(30,\)"):
+        counterfactuals.pair_separations(fq, fg, w, "prior")
     with pytest.raises(ValueError, match=r"f_gallery \[P, N\]"):
-        ee.pair_separations(fq, fg[:3], w, "paper")
+        counterfactuals.pair_separations(fq, fg[:3], w, "paper")
 
 
 def test_counterfactual_metrics_equal_the_library():
@@ -234,15 +247,17 @@ def test_counterfactual_metrics_equal_the_library():
         after[a] ^= 1
         if i % 3 == 0:  # a colour-like change flips a second label
             after[(a + 1) % A] ^= 1
-        cfs.append(ee.Counterfactual(gallery_index=i % g, attribute=a, value=None,
+        cfs.append(counterfactuals.Counterfactual(gallery_index=i % g, attribute=a, value=None,
                                      labels_before=before, labels_after=after,
                                      changed_pixels=100, jpeg=b""))
     pq = np.repeat(np.arange(q), g)
     pg = np.tile(np.arange(g), q)
-    pairs = ee.CandidatePairs(pq, pg, (pq + pg) % 4 == 0)
+    pairs = counterfactuals.CandidatePairs(pq, pg, (pq + pg) % 4 == 0)
     valid = np.ones(q, bool)
     valid[2] = False
-    out = ee.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid)
+    prior = rng.random(A)
+    out = counterfactuals.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid,
+                                                 prior=prior, bootstrap_samples=200)
 
     rows = [(qi, ci) for ci, cf in enumerate(cfs) for qi in range(q)
             if valid[qi] and cf.gallery_index in pg[pq == qi]]
@@ -255,13 +270,26 @@ def test_counterfactual_metrics_equal_the_library():
     assert out["num_pairs"] == len(rows) and out["num_away_pairs"] == int(away.sum())
     assert 0 < away.sum() < len(rows)  # both directions occur
     gal = np.asarray([cfs[i].gallery_index for i in rc])
-    for mode in ee.MODES:
-        s0 = ee.pair_separations(fq[rq], fg[gal], w, mode)
-        s1 = ee.pair_separations(fq[rq], fc[rc], w, mode)
-        near = np.where(away[:, None], s0, s1)
-        far = np.where(away[:, None], s1, s0)
-        ref = em.counterfactual_hit_rate(near, far, attr, changed)
+    counts = bootstrap.resample_counts(c, 200, 0)
+    for mode in MODES:
+        if mode == "prior":  # no rise: its fixed order is scored
+            far = np.broadcast_to(prior, (len(rows), A))
+            near = np.zeros_like(far)
+        else:
+            s0 = counterfactuals.pair_separations(fq[rq], fg[gal], w, mode)
+            s1 = counterfactuals.pair_separations(fq[rq], fc[rc], w, mode)
+            near = np.where(away[:, None], s0, s1)
+            far = np.where(away[:, None], s1, s0)
+        ref = em.counterfactual_hit_rate(near, far, attr, changed, return_rows=True)
         assert out[mode]["top1"] == ref["top1"] and out[mode]["top3"] == ref["top3"]
+        # The interval resamples counterfactual images: all pairs of one image together.
+        hits = np.bincount(rc, weights=ref["rows"]["top1"], minlength=c)
+        num = np.bincount(rc, minlength=c)
+        rates = (counts @ hits) / (counts @ num)
+        assert out[mode]["intervals"]["top1"] == pytest.approx(
+            list(np.percentile(rates, [2.5, 97.5])))
+        lo, hi = out[mode]["intervals"]["top3"]
+        assert lo <= out[mode]["top3"] <= hi
         assert out[mode]["mean_rank"] == ref["mean_rank"]
         assert out["per_attribute"][f"{mode}_top1"] == [
             ref["per_attribute"][nm]["top1"] for nm in ATTRIBUTE_NAMES]
@@ -270,8 +298,12 @@ def test_counterfactual_metrics_equal_the_library():
         assert out["subsets"]["towards"][f"{mode}_top1"] == sub["top1"]
     assert out["chance"] == ref["chance"]
     assert len(out["per_attribute"]["pairs"]) == A
+    # The prior's top-1 is its largest entry: a hit where that attribute changed.
+    assert out["prior"]["top1"] == pytest.approx(np.mean(changed[:, np.argmax(prior)]))
+    without = counterfactuals.counterfactual_metrics(fq, fg, fc, w, cfs, pairs, lq, valid)
+    assert "prior" not in without and without["paper"]["top1"] == out["paper"]["top1"]
     with pytest.raises(ValueError, match="f_counterfactual must have shape"):
-        ee.counterfactual_metrics(fq, fg, fc[:-1], w, cfs, pairs, lq)
+        counterfactuals.counterfactual_metrics(fq, fg, fc[:-1], w, cfs, pairs, lq)
 
 
 def _no_removal_ids(q, g):
@@ -285,6 +317,14 @@ def _data_ids(data):
                 gallery_pids=data.gallery.pids, gallery_cams=data.gallery.cameras)
 
 
+def _prior(rng):
+    """A training prior of 6 random identities with 3 images each (random embeddings)."""
+    ids = rng.integers(0, 2, (6, A))
+    pids = np.repeat(np.arange(1, 7), 3)
+    return baselines.training_prior(ids, features=rng.normal(size=(18, 16)), pids=pids,
+                                    image_labels=ids[pids - 1], k=4)
+
+
 def test_label_metrics_equal_the_library():
     rng = np.random.default_rng(2)
     fq = rng.normal(size=(5, 16)).astype(np.float32)
@@ -294,27 +334,52 @@ def test_label_metrics_equal_the_library():
     vg = np.ones(11, bool)
     vg[[0, 4]] = False
     ids = _no_removal_ids(5, 11)
-    auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, **ids)
+    prior = _prior(rng)
+    auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, prior=prior,
+                                  bootstrap_samples=100, **ids)
     assert set(auroc) == {"all_pairs", "top4", "per_attribute"}
     assert set(amd) == {"all_pairs", "top4", "per_attribute"}
-    for mode in ee.MODES:
+    counts = bootstrap.resample_counts(5, 100, 0)
+    base = {}
+    for mode in ("prior", *MODES):
+        fixed = {"all": prior.all_pairs, "top": prior.neighbours} if mode == "prior" else {}
         full = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
-                                            threshold=0.3)
+                                            threshold=0.3, prior=fixed.get("all"))
         top = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3,
-                                **ids)
-        for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
+                                prior=fixed.get("top"), **ids)
+        for key in em.AMD_RATIOS:
             assert amd["all_pairs"][mode][key] == full[key]
             assert amd["top4"][mode][key] == top[key]
             assert amd["all_pairs"]["chance"][key] == full["chance"][key]
+        sums = top["groups"]["amd"]
+        base = base or sums  # the prior comes first
+        assert amd["top4"][mode]["intervals"] == bootstrap.amd_intervals(sums, counts)
+        if mode != "prior":
+            assert amd["top4"][mode]["minus_prior"] == bootstrap.amd_intervals(sums, counts,
+                                                                               base)
+        lo, hi = amd["all_pairs"][mode]["intervals"]["ex_map_d"]
+        assert lo <= full["ex_map_d"] <= hi
         assert amd["per_attribute"][f"top4_{mode}_ap_d"] == [
             top["per_attribute"][nm]["ap_d"] for nm in ATTRIBUTE_NAMES]
-        if mode == "scores":
-            assert auroc["all_pairs"]["confident"]["auroc"] == full["auroc"]["auroc"]
-            assert auroc["top4"]["confident"]["auroc"] == top["auroc"]["auroc"]
+        if mode in em.SCORE_MODES:
+            assert auroc["all_pairs"]["confident"][mode]["pooled"] == full["auroc"]["auroc"]
+            assert auroc["top4"]["confident"][mode]["pooled"] == top["auroc"]["auroc"]
+            assert auroc["top4"]["confident"][mode]["macro"] == top["auroc"]["macro"]
     assert amd["all_pairs"]["num_pairs"] == 5 * 9
+    labels_only = em.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=4, valid_gallery=vg,
+                                    prior=prior.all_pairs, **ids)
+    assert amd["top4"]["prior_labels"]["ex_map_d"] == labels_only["ex_map_d"]
+    assert "prior_labels" not in amd["all_pairs"]
     every = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg,
                               threshold=0.0, **ids)["auroc"]
-    assert auroc["top4"]["all_attributes"]["auroc"] == every["auroc"]
+    assert auroc["top4"]["all_attributes"]["scores"]["pooled"] == every["auroc"]
+    # The constant baseline: every entry of attribute a scores its training agreement rate.
+    agree = np.zeros((2, A))
+    for a in range(A):
+        entries = every["per_attribute"][ATTRIBUTE_NAMES[a]]
+        agree[:, a] = entries["num_positive"], entries["num_negative"]
+    assert auroc["top4"]["all_attributes"]["prior"]["pooled"] == pytest.approx(
+        float(em.constant_auroc(agree[0], agree[1], prior.agreement)))
     assert every["num_positive"] + every["num_negative"] == 5 * 4 * A - A * int(
         (~vg[np.asarray(explain.explain_rankings(fq, fg, w, k=4).indices)]).sum())
     assert all(len(v) == A for v in auroc["per_attribute"].values())
@@ -323,7 +388,7 @@ def test_label_metrics_equal_the_library():
 def test_progress_log_reports_rate_and_eta():
     now = [100.0]
     lines = []
-    log = ee.ProgressLog("AMD over all pairs (paper)", interval=30.0, clock=lambda: now[0],
+    log = progress.ProgressLog("AMD over all pairs (paper)", interval=30.0, clock=lambda: now[0],
                          log=lambda fmt, *args: lines.append(fmt % args))
     now[0] = 110.0
     log(32, 128)  # within the interval: silent
@@ -340,10 +405,10 @@ def test_progress_log_reports_rate_and_eta():
     assert lines[1] == ("AMD over all pairs (paper): 128/128 queries (100.0%), 0.0 queries/s, "
                         "ETA 0:00:00, elapsed 1:00:00")
     instant = []
-    ee.ProgressLog("x", clock=lambda: 5.0, log=lambda fmt, *a: instant.append(fmt % a))(3, 3)
+    progress.ProgressLog("x", clock=lambda: 5.0, log=lambda fmt, *a: instant.append(fmt % a))(3, 3)
     assert instant == ["x: 3/3 queries (100.0%), -- queries/s, ETA 0:00:00, elapsed 0:00:00"]
     with pytest.raises(ValueError, match="interval must be >= 0"):
-        ee.ProgressLog("x", interval=-1)
+        progress.ProgressLog("x", interval=-1)
 
 
 def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, caplog):
@@ -376,10 +441,12 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
     monkeypatch.setattr(em, "streamed_amd_over_gallery", count_streamed)
     monkeypatch.setattr(em, "amd_over_top_k", count_top_k)
     with caplog.at_level(logging.INFO):
-        auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3, **ids)
+        auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3,
+                                      prior=_prior(rng), bootstrap_samples=50, **ids)
     # One all-pairs pass and one ranking per mode: the t = 0 AUROC comes with the scores pass.
-    assert calls == {"streamed": list(ee.MODES), "top_k": list(ee.MODES)}
-    for mode in ee.MODES:
+    # (and the label-only prior on the top k)
+    assert calls == {"streamed": list(MODES), "top_k": [*MODES, "prior"]}
+    for mode in MODES:
         assert f"AMD over all pairs ({mode}): 5/5 queries (100.0%)" in caplog.text
         assert f"AMD over the top 4 ranks ({mode})" in caplog.text
     assert "ETA 0:00:00" in caplog.text
@@ -390,18 +457,21 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
     top = np.argsort(np.where(removed, np.inf, d2), axis=1, kind="stable")[:, :4]
     plain = np.argsort(d2, axis=1, kind="stable")[:, :4]
     assert amd["top4"]["num_pairs"] == int(vg[top].sum()) != int(vg[plain].sum())
-    for mode in ee.MODES:
+    for mode in MODES:
+        if mode == "prior":
+            continue
         ref = top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3, **ids)
-        for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
+        for key in em.AMD_RATIOS:
             assert amd["top4"][mode][key] == ref[key]
     every_top = top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg, threshold=0.0, **ids)
     every_all = streamed(fq, fg, w, lq, lg, "scores", valid_gallery=vg, threshold=0.0)
     for scope, ref in (("top4", every_top["auroc"]), ("all_pairs", every_all["auroc"])):
-        for key in ("auroc", "num_positive", "num_negative"):
+        assert auroc[scope]["all_attributes"]["scores"]["pooled"] == ref["auroc"]
+        for key in ("num_positive", "num_negative"):
             assert auroc[scope]["all_attributes"][key] == ref[key]
-    assert auroc["all_pairs"]["all_attributes"]["max_binning_error"] == every_all["auroc"][
-        "max_binning_error"]
-    assert auroc["per_attribute"]["top4_all_attributes"] == [
+    assert auroc["all_pairs"]["all_attributes"]["scores"]["max_binning_error"] == every_all[
+        "auroc"]["max_binning_error"]
+    assert auroc["per_attribute"]["top4_all_attributes_scores"] == [
         every_top["auroc"]["per_attribute"][n]["auroc"] for n in ATTRIBUTE_NAMES]
 
 
@@ -420,34 +490,43 @@ def _walk(prefix, value, out):
 
 def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
     m = run.metrics
-    assert set(m) == {"format", "attribute_names", "settings", "data", "counterfactual",
-                      "auroc", "amd"}
-    assert m["format"] == ee.FORMAT and m["attribute_names"] == list(ATTRIBUTE_NAMES)
+    assert set(m) == {"format", "attribute_names", "settings", "data", "prior",
+                      "counterfactual", "auroc", "amd"}
+    assert m["format"] == quality_table.FORMAT and m["attribute_names"] == list(ATTRIBUTE_NAMES)
     with open(run.json_path) as f:
         assert json.load(f) == m
     with open(run.markdown_path) as f:
-        assert f.read() == run.table == ee.markdown_table(m)
+        assert f.read() == run.table == quality_table.markdown_table(m)
     out_dir = os.path.dirname(run.json_path)
     assert sorted(os.listdir(out_dir)) == ["embeddings", "explanation_metrics.json",
                                            "explanation_metrics.md"]
     flat = _walk("", m, {})
-    for path, value in flat.items():  # readable by reid_jax.explain.report: numbers or [A] arrays
+    for path, value in flat.items():  # readable by reid_jax.explain.report
         assert value is None or isinstance(value, (int, float, str, list)), path
-        if isinstance(value, list) and path not in ("/attribute_names",):
+        if path.startswith("/prior/attribute_order") or path == "/attribute_names":
+            assert sorted(value) == sorted(ATTRIBUTE_NAMES), path
+        elif isinstance(value, list) and "interval" in path or "/minus_prior/" in path:
+            assert value is None or (len(value) == 2 and value[0] <= value[1]), path
+        elif isinstance(value, list):  # per attribute
             assert len(value) == A and all(v is None or isinstance(v, (int, float))
                                            for v in value), path
     cf = m["counterfactual"]
     assert cf["num_counterfactuals"] == NUM_CF and m["data"]["synthetic"] is True
     assert sum(cf["per_attribute"]["counterfactuals"]) == NUM_CF
     assert sum(cf["per_attribute"]["pairs"]) == cf["num_pairs"] > NUM_CF
-    for mode in ee.MODES:
+    for mode in MODES:
         assert 0 <= cf[mode]["top1"] <= cf[mode]["top3"] <= 1
-        assert set(m["amd"]["all_pairs"][mode]) == {"ex_precision_d", "ex_map_d",
-                                                    "ex_precision_s", "ex_map_s"}
+        lo, hi = cf[mode]["intervals"]["top1"]
+        assert lo <= cf[mode]["top1"] <= hi
+        assert set(m["amd"]["all_pairs"][mode]) == {*em.AMD_RATIOS, "intervals"} | (
+            set() if mode == "prior" else {"minus_prior"})
     assert 0 < cf["chance"]["top1"] < cf["chance"]["top3"] < 1
+    assert m["prior"]["num_identities"] == DATA.num_train_ids
+    assert m["prior"]["neighbours"] is not None and m["prior"]["k"] == K
+    assert m["settings"]["bootstrap_samples"] == 1000
     table = run.table.splitlines()
-    assert table[0].startswith("| metric | n | eq. 3.2 (paper) | complete decomposition")
-    assert sum(line.startswith("| ") for line in table) == 1 + 2 + 4 + 8
+    assert table[0].startswith("| metric | n | prior (fixed order) | chance | eq. 3.2 (paper)")
+    assert sum(line.startswith("| ") for line in table) == 1 + 2 + 8 + 12
 
 
 def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
@@ -466,20 +545,30 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
     top = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=K, valid_query=vq, valid_gallery=vg,
                             **_data_ids(data))
     assert m["amd"][f"top{K}"]["scores"]["ex_precision_s"] == top["ex_precision_s"]
-    assert m["auroc"][f"top{K}"]["confident"]["auroc"] == top["auroc"]["auroc"]
+    assert m["auroc"][f"top{K}"]["confident"]["scores"]["pooled"] == top["auroc"]["auroc"]
+    # The prior: the training split's identity labels and its images' nearest neighbours.
+    attrs = load_market_attributes(os.path.join(dataset, "market_attribute.mat"))
+    identities = attrs.labels("train")
+    assert m["prior"]["all_pairs"] == pytest.approx(
+        baselines.difference_rates(identities).tolist())
+    prior_top = np.asarray(m["prior"]["neighbours"])
+    top_prior = em.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=K, valid_query=vq,
+                                  valid_gallery=vg, prior=prior_top, **_data_ids(data))
+    assert m["amd"][f"top{K}"]["prior"]["ex_map_d"] == top_prior["ex_map_d"]
 
     # The counterfactual part: same pairs, same images, same embeddings.
     files = [os.path.basename(p) for p in data.gallery.paths]
-    pairs = ee.ranked_pairs(fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
-                            data.gallery.cameras, K)
-    made = ee.make_counterfactuals(dataset, files, np.unique(pairs.gallery), NUM_CF)
+    pairs = counterfactuals.ranked_pairs(fq, fg, data.query.pids, data.query.cameras,
+                                         data.gallery.pids, data.gallery.cameras, K)
+    made = counterfactuals.make_counterfactuals(dataset, files, np.unique(pairs.gallery), NUM_CF)
     model, _ = checkpoints.restore_model(checkpoints_dir / "with_head", None)
     kw = dict(height=CONFIG["data"]["height"], width=CONFIG["data"]["width"],
               batch_size=CONFIG["data"]["eval_batch_size"],
               loader_config=embeddings.eval_loader_config(CONFIG))
     f_cf = embeddings.embed_images(model, [cf.jpeg for cf in made.accepted], **kw)
-    ref = ee.counterfactual_metrics(fq, fg, f_cf, w, made.accepted, pairs, lq, vq)
-    for key in (*ee.MODES, "chance", "subsets", "num_pairs", "num_away_pairs"):
+    ref = counterfactuals.counterfactual_metrics(fq, fg, f_cf, w, made.accepted, pairs, lq, vq,
+                                                 prior=prior_top)
+    for key in (*MODES, "chance", "subsets", "num_pairs", "num_away_pairs"):
         assert m["counterfactual"][key] == ref[key], key
     for key, values in ref["per_attribute"].items():
         assert m["counterfactual"]["per_attribute"][key] == values, key
@@ -495,7 +584,7 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
 def test_real_market_root_skips_counterfactuals(run, dataset, checkpoints_dir, tmp_path):
     real = tmp_path / "market"
     shutil.copytree(dataset, real, ignore=shutil.ignore_patterns(synthetic.META_FILE))
-    out = ee.evaluate(checkpoint=checkpoints_dir / "with_head", data_root=real,
+    out = ee.measure(checkpoint=checkpoints_dir / "with_head", data_root=real,
                       output_dir=tmp_path / "out", k=K, num_counterfactuals=NUM_CF)
     cf = out.metrics["counterfactual"]
     assert set(cf) == {"skipped"} and "not a synthetic data root" in cf["skipped"]
@@ -511,24 +600,24 @@ def test_errors(dataset, checkpoints_dir, tmp_path):
     ok = dict(checkpoint=checkpoints_dir / "with_head", data_root=dataset,
               output_dir=tmp_path / "o", num_counterfactuals=0)
     with pytest.raises(ValueError, match="no attribute head.*Run tools/train_attributes.py"):
-        ee.evaluate(**{**ok, "checkpoint": checkpoints_dir / "no_head"})
+        ee.measure(**{**ok, "checkpoint": checkpoints_dir / "no_head"})
     with pytest.raises(FileNotFoundError, match="data root .*nowhere does not exist"):
-        ee.evaluate(**{**ok, "data_root": tmp_path / "nowhere"})
+        ee.measure(**{**ok, "data_root": tmp_path / "nowhere"})
     with pytest.raises(ValueError, match="no data root"):
-        ee.evaluate(**{**ok, "data_root": None})
+        ee.measure(**{**ok, "data_root": None})
     with pytest.raises(FileNotFoundError, match="no attribute labels.*--attributes_file"):
-        ee.evaluate(**ok, attributes_file=tmp_path / "missing.mat")
+        ee.measure(**ok, attributes_file=tmp_path / "missing.mat")
     with pytest.raises(ValueError, match=r"threshold must lie in \[0, 0.5\)"):
-        ee.evaluate(**ok, threshold=0.5)
+        ee.measure(**ok, threshold=0.5)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
-        ee.evaluate(**ok, k=0)
+        ee.measure(**ok, k=0)
     with pytest.raises(ValueError, match="exceeds the"):
-        ee.evaluate(**ok, k=10**6)
+        ee.measure(**ok, k=10**6)
     with pytest.raises(ValueError, match="num_counterfactuals must be >= 0"):
-        ee.evaluate(**{**ok, "num_counterfactuals": -1})
+        ee.measure(**{**ok, "num_counterfactuals": -1})
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no query images"):
-        ee.evaluate(**{**ok, "data_root": tmp_path / "empty"})
+        ee.measure(**{**ok, "data_root": tmp_path / "empty"})
     assert not os.path.exists(tmp_path / "o" / ee.JSON_NAME)  # nothing written on failure
 
 
@@ -539,7 +628,7 @@ def test_errors(dataset, checkpoints_dir, tmp_path):
 def _tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "evaluate_explanations.py"), *args],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
 def test_cli(dataset, checkpoints_dir, tmp_path):

@@ -48,13 +48,18 @@ def reference_amd(sep, lq, lg, valid=None, *, brute_force_ties: bool):
     sep = np.asarray(sep, np.float64)
     p, a = sep.shape
     valid = np.ones(p, bool) if valid is None else valid
-    out = {"prec_d": [], "ap_d": [], "prec_s": [], "ap_s": []}
+    out = {"prec_d": [], "ap_d": [], "prec_s": [], "ap_s": [], "prec_s_amd": [], "ap_s_amd": []}
     per = {key: np.zeros(a) for key in ("cnt_d", "top_d", "rp_d", "cnt_s", "top_s", "rp_s")}
     for i in range(p):
         if not valid[i]:
             continue
         diff = lq[i] != lg[i]
         k = int(diff.sum())
+        if k == 0:  # AMD's rule: over-shared attributes (share of the positive part > 2 / A)
+            pos = np.maximum(sep[i], 0.0)
+            over = int(np.sum(pos > 2.0 / a * pos.sum())) if pos.sum() > 0 else 0
+            out["prec_s_amd"].append(1.0 - over / a)
+            out["ap_s_amd"].append(1.0 - over / a)
         for tag, rel, descending, use in (("d", diff, True, k > 0),
                                           ("s", ~diff, False, 0 < k < a)):
             if not use:
@@ -66,6 +71,9 @@ def reference_amd(sep, lq, lg, valid=None, *, brute_force_ties: bool):
             res = [_plain_pair(o, rel) for o in orders]
             out[f"prec_{tag}"].append(np.mean([r[0] for r in res]))
             out[f"ap_{tag}"].append(np.mean([r[1] for r in res]))
+            if tag == "s":
+                out["prec_s_amd"].append(out["prec_s"][-1])
+                out["ap_s_amd"].append(out["ap_s"][-1])
             per[f"cnt_{tag}"] += rel
             per[f"top_{tag}"] += rel * np.mean([r[2] for r in res], axis=0)
             per[f"rp_{tag}"] += rel * np.mean([r[3] for r in res], axis=0)
@@ -73,13 +81,16 @@ def reference_amd(sep, lq, lg, valid=None, *, brute_force_ties: bool):
     return {
         "ex_precision_d": mean(out["prec_d"]), "ex_map_d": mean(out["ap_d"]),
         "ex_precision_s": mean(out["prec_s"]), "ex_map_s": mean(out["ap_s"]),
+        "ex_precision_s_amd": mean(out["prec_s_amd"]), "ex_map_s_amd": mean(out["ap_s_amd"]),
         "num_pairs_d": len(out["prec_d"]), "num_pairs_s": len(out["prec_s"]),
+        "num_pairs_s_amd": len(out["prec_s_amd"]),
         **per,
     }
 
 
 def _assert_matches(got, ref, names, atol=1e-5):
-    for key in ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s"):
+    assert got["num_pairs_s_amd"] == ref["num_pairs_s_amd"]
+    for key in em.AMD_RATIOS:
         if ref[key] is None:
             assert got[key] is None, key
         else:
@@ -125,6 +136,57 @@ def test_amd_hand_case():
     assert per["d"]["precision_s"] == 1.0 and per["b"]["precision_s"] == 0.0
     assert got["differing_histogram"] == [0, 0, 1, 0, 0]
     json.dumps(got)  # JSON-ready
+
+
+def test_amds_rule_for_pairs_whose_labels_all_agree():
+    # A = 4, 2/A = 0.5: shares (0.6, 0.2, 0.2, 0) -> 1 over-shared -> 3/4; a negative entry
+    # has no share; no positive part -> none over-shared -> 1; equal shares -> none.
+    sep = np.array([[3.0, 1.0, 1.0, 0.0],
+                    [-5.0, 2.0, 2.0, 0.0],
+                    [-1.0, -2.0, 0.0, 0.0],
+                    [1.0, 1.0, 1.0, 1.0],
+                    [3.0, 2.0, 1.0, 0.0]], np.float32)
+    lab = np.zeros((5, 4), np.uint8)
+    lg = lab.copy()
+    lg[4] = [1, 0, 1, 0]  # the hand case: S = {1, 3}
+    got = em.amd_metrics(sep, lab, lg)
+    np.testing.assert_array_equal(np.asarray(em.over_shared(sep[:4])),
+                                  [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert got["num_pairs_s"] == 1 and got["num_pairs_s_amd"] == 5
+    want = (0.75 + 1 + 1 + 1 + 0.5) / 5
+    assert got["ex_precision_s_amd"] == pytest.approx(want)
+    assert got["ex_map_s_amd"] == pytest.approx((0.75 + 3 + (1.0 + 2.0 / 3.0) / 2.0) / 5)
+    # An all-tied ranking has no over-shared attribute: chance counts those pairs as 1.
+    tied = em.amd_metrics(np.zeros((5, 4), np.float32), lab, lg)
+    assert tied["ex_precision_s_amd"] == pytest.approx(tied["chance"]["ex_precision_s_amd"])
+    assert tied["ex_map_s_amd"] == pytest.approx(tied["chance"]["ex_map_s_amd"])
+
+
+def test_group_sums_add_up_and_give_every_metric():
+    rng = np.random.default_rng(5)
+    p, a, groups = 90, 6, 7
+    sep = rng.normal(size=(p, a)).astype(np.float32)
+    lq, lg = _labels(rng, p, a), _labels(rng, p, a)
+    lg[:10] = lq[:10]
+    g = rng.integers(0, groups, p)
+    acc = em.AmdAccumulator(a, num_groups=groups, block=16)
+    for start in range(0, p, 40):
+        rows = slice(start, start + 40)
+        acc.update(sep[rows], lq[rows], lg[rows], groups=g[rows])
+    whole = acc.result()
+    sums = acc.group_sums()
+    assert set(sums) == set(em.GROUP_KEYS) and all(v.shape == (groups,) for v in sums.values())
+    for metric, (num, den) in em.AMD_RATIOS.items():
+        assert sums[num].sum() / sums[den].sum() == pytest.approx(whole[metric], abs=1e-6)
+    # The sums of one group are that group's pairs alone.
+    one = em.amd_metrics(sep[g == 3], lq[g == 3], lg[g == 3])
+    assert sums["ap_d"][3] / sums["num_pairs_d"][3] == pytest.approx(one["ex_map_d"], abs=1e-6)
+    with pytest.raises(ValueError, match=r"groups \[P\] are required"):
+        acc.update(sep, lq, lg)
+    with pytest.raises(ValueError, match=r"groups must lie in \[0, 7\)"):
+        acc.update(sep, lq, lg, groups=g + 1)
+    with pytest.raises(ValueError, match="keeps none"):
+        em.AmdAccumulator(a).update(sep, lq, lg, groups=g)
 
 
 def test_amd_perfect_and_reversed_explanations():
@@ -392,16 +454,28 @@ def _gallery_case(seed=9, q=5, g=9, n=16, a=5):
     return fq, fg, w, _labels(rng, q, a), _labels(rng, g, a)
 
 
+PRIOR = np.array([0.5, 0.1, 0.3, 0.2, 0.4])
+
+
 def _separation64(fq, fg, w, mode):
+    """float64 separation ``[Q, G, A]``, matching score (or None) and query probabilities."""
     fq, fg, w = (x.astype(np.float64) for x in (fq, fg, w))
-    d2 = np.square(fq[:, None, :] - fg[None, :, :])  # [Q, G, N]
+    diff = fq[:, None, :] - fg[None, :, :]  # [Q, G, N]
+    xq, xg = 1 / (1 + np.exp(-fq @ w)), 1 / (1 + np.exp(-fg @ w))
     if mode == "scores":
-        xq, xg = 1 / (1 + np.exp(-fq @ w)), 1 / (1 + np.exp(-fg @ w))
         s = (1 - np.abs(xq[:, None] - xg[None])) / (0.5 + np.abs(xq[:, None] - 0.5))
         return 1.0 - s, s, xq
+    if mode == "disagreement":
+        p = xq[:, None] * (1 - xg[None]) + xg[None] * (1 - xq[:, None])
+        return p, 1.0 - p, xq
+    if mode == "prior":
+        return np.broadcast_to(PRIOR, diff.shape[:2] + (w.shape[1],)).copy(), None, None
+    if mode == "projection":  # least squares d = W c + r; c_a (W^T d)_a
+        c = np.linalg.lstsq(w, diff.reshape(-1, w.shape[0]).T, rcond=None)[0].T
+        return (c.reshape(diff.shape[:2] + (-1,)) * (diff @ w)), None, None
     if mode == "complete":
         w = np.abs(w) / np.abs(w).sum(axis=1, keepdims=True)
-    return d2 @ w, None, None
+    return np.square(diff) @ w, None, None
 
 
 @pytest.mark.parametrize("mode", em.MODES)
@@ -411,9 +485,10 @@ def test_streamed_over_gallery_matches_reference(mode):
     vg = np.ones(g, bool)
     vg[3] = False
     sep, scores, xq = _separation64(fq, fg, w, mode)
-    if mode != "scores":  # the identical pair: exactly tied in both
+    if mode in ("paper", "complete", "projection"):  # the identical pair: exactly tied
         sep[0, 0] = 0.0
     got = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
+                                       prior=PRIOR if mode == "prior" else None,
                                        query_chunk=2, block=8)
     pairs_q = np.repeat(lq, g, axis=0)
     pairs_g = np.tile(lg, (q, 1))
@@ -421,14 +496,23 @@ def test_streamed_over_gallery_matches_reference(mode):
     ref = reference_amd(sep.reshape(q * g, a), pairs_q, pairs_g, valid, brute_force_ties=True)
     assert got["mode"] == mode and got["num_pairs"] == q * int(vg.sum())
     _assert_matches(got, ref, got["per_attribute"].keys(), atol=1e-5)
-    if mode == "scores":
+    # Per-query sums: query i's pairs alone.
+    sums = got["groups"]["amd"]
+    one = reference_amd(sep[1], lq[[1] * g], lg, vg, brute_force_ties=True)
+    assert sums["num_pairs_d"][1] == one["num_pairs_d"]
+    assert sums["ap_d"][1] / sums["num_pairs_d"][1] == pytest.approx(one["ex_map_d"], abs=1e-5)
+    if mode in em.SCORE_MODES:
         selected = np.abs(xq - 0.5) > 0.4
         sel = np.broadcast_to(selected[:, None, :], (q, g, a)) & vg[None, :, None]
         agree = lq[:, None, :] == lg[None, :, :]
         exact = _pairwise_auroc(scores[sel], agree[sel])
         assert abs(got["auroc"]["auroc"] - exact) <= got["auroc"]["max_binning_error"] + 1e-9
+        pooled_pos, pooled_neg = got["groups"]["auroc"][0]["pooled"]
+        assert pooled_pos.shape == (q, 256)
+        assert pooled_pos.sum() == (sel & agree).sum() and pooled_neg.sum() == (sel & ~agree).sum()
+        assert pooled_pos[2].sum() == (sel & agree)[2].sum()
     else:
-        assert "auroc" not in got
+        assert "auroc" not in got and got["groups"]["auroc"] == []
 
 
 def _no_removal_ids(q, g):
@@ -437,7 +521,7 @@ def _no_removal_ids(q, g):
                 gallery_pids=np.arange(100, 100 + g), gallery_cams=np.ones(g, np.int64))
 
 
-@pytest.mark.parametrize("mode", ["paper", "scores"])
+@pytest.mark.parametrize("mode", ["paper", "projection", "scores", "disagreement", "prior"])
 def test_amd_over_top_k_matches_reference(mode):
     fq, fg, w, lq, lg = _gallery_case(seed=10, g=12)
     q, k = fq.shape[0], 4
@@ -447,14 +531,16 @@ def test_amd_over_top_k_matches_reference(mode):
     vq = np.array([True, True, False, True, True])
     rows = np.repeat(np.arange(q), k)
     pair_sep = sep[rows, top.ravel()]
-    if mode != "scores":
+    if mode in ("paper", "projection"):
         pair_sep[0] = 0.0  # query 0's first match is its identical copy: all tied
     got = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_query=vq,
+                            prior=PRIOR if mode == "prior" else None,
                             **_no_removal_ids(q, fg.shape[0]))
     ref = reference_amd(pair_sep, lq[rows], lg[top.ravel()], vq[rows], brute_force_ties=True)
     assert got["k"] == k and got["num_pairs"] == k * int(vq.sum())
     _assert_matches(got, ref, got["per_attribute"].keys(), atol=1e-5)
-    if mode == "scores":
+    assert got["groups"]["amd"]["num_pairs_d"].sum() == ref["num_pairs_d"]
+    if mode in em.SCORE_MODES:
         sel = (np.abs(xq - 0.5) > 0.4)[rows] & vq[rows, None]
         agree = lq[rows] == lg[top.ravel()]
         pair_scores = scores[rows, top.ravel()]
@@ -466,6 +552,12 @@ def test_gallery_errors():
     fq, fg, w, lq, lg = _gallery_case()
     with pytest.raises(ValueError, match="mode must be one of"):
         em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "full")
+    with pytest.raises(ValueError, match="mode='prior' needs prior"):
+        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "prior")
+    with pytest.raises(ValueError, match=r"prior must have shape \(5,\)"):
+        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "prior", prior=PRIOR[:4])
+    with pytest.raises(ValueError, match="prior applies to mode='prior' only"):
+        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "paper", prior=PRIOR)
     with pytest.raises(ValueError, match=r"labels_gallery must have shape \(9, 5\)"):
         em.streamed_amd_over_gallery(fq, fg, w, lq, lg[:-1])
     with pytest.raises(ValueError, match="query_chunk must be >= 1"):
@@ -524,12 +616,13 @@ def test_amd_over_top_k_uses_the_protocol_ranking(mode):
     rows = np.repeat(np.arange(q), k)
     valid = vg[top.ravel()]
     got = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_gallery=vg,
-                            extra_thresholds=(0.0,) if mode == "scores" else (), **ids)
+                            extra_thresholds=(0.0,) if mode in em.SCORE_MODES else (),
+                            prior=PRIOR if mode == "prior" else None, **ids)
     ref = reference_amd(sep[rows, top.ravel()], lq[rows], lg[top.ravel()], valid,
                         brute_force_ties=True)
     assert got["k"] == k and got["num_pairs"] == int(valid.sum())
     _assert_matches(got, ref, got["per_attribute"].keys(), atol=1e-5)
-    if mode == "scores":
+    if mode in em.SCORE_MODES:
         agree = lq[rows] == lg[top.ravel()]
         pair_scores = scores[rows, top.ravel()]
         for t, result in ((0.4, got["auroc"]), (0.0, got["extra_auroc"][0])):
@@ -574,7 +667,7 @@ def test_top_k_pairs_are_those_of_explain_run():
     assert ok.all()
     ours = np.take_along_axis(ranked, cols, 1)
     report = [ex.gallery for ex in explain_run.explain_queries(
-        fq, fg, w, qp, qc, gp, gc, k=k, threshold=0.4, complete=False)]
+        fq, fg, w, qp, qc, gp, gc, k=k, threshold=0.4, mode="paper")]
     np.testing.assert_array_equal(ours, np.stack(report))
     np.testing.assert_array_equal(ours, _protocol_ranking64(fq, fg, ids, k)[0])
 
@@ -587,9 +680,9 @@ def test_top_k_and_extra_threshold_errors():
         em.amd_over_top_k(fq, fg, w, lq, lg, **{**ids, "gallery_cams": np.ones(14)})
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, G=14\]"):
         em.amd_over_top_k(fq, fg, w, lq, lg, k=0, **ids)
-    with pytest.raises(ValueError, match="apply to mode='scores' only"):
+    with pytest.raises(ValueError, match=r"apply to modes \(.scores., .disagreement.\) only"):
         em.amd_over_top_k(fq, fg, w, lq, lg, "paper", extra_thresholds=(0.0,), **ids)
-    with pytest.raises(ValueError, match="apply to mode='scores' only"):
+    with pytest.raises(ValueError, match=r"apply to modes \(.scores., .disagreement.\) only"):
         em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "complete", extra_thresholds=(0.0,))
     with pytest.raises(ValueError, match=r"threshold must lie in \[0, 0.5\)"):
         em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", extra_thresholds=(0.7,))

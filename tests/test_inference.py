@@ -16,7 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from reid_jax import checkpoints, embeddings, synthetic
-from reid_jax.data import augment
+from reid_jax.data import augment, sources
 from reid_jax.data.market1501 import load_market1501
 from reid_jax.models.agw import AGW
 from reid_jax.models.attribute_head import AttributeHead
@@ -261,16 +261,16 @@ def test_checkpoint_config_sets_the_retrieval_embedding(dataset, tmp_path):
 
 
 def test_dataset_options_from_config(dataset, model, tmp_path):
-    assert embeddings.dataset_options(None) == {"verify_images": False, "skip_undecodable": False}
-    assert embeddings.dataset_options(tiny_config()) == {"verify_images": False,
+    assert sources.reader_options(None) == {"verify_images": False, "skip_undecodable": False}
+    assert sources.reader_options(tiny_config()) == {"verify_images": False,
                                                         "skip_undecodable": False}
     config = tiny_config()
     config.data.skip_undecodable = True
     with pytest.raises(ValueError, match="skip_undecodable=True needs config.data.verify_images"):
-        embeddings.dataset_options(config)
+        sources.reader_options(config)
     config.data.verify_images = "yes"
     with pytest.raises(ValueError, match="config.data.verify_images must be a bool, got 'yes'"):
-        embeddings.dataset_options(config)
+        sources.reader_options(config)
 
     # A copy of the data with one query image that does not decode (a valid Market-1501 name).
     root = tmp_path / "market"
@@ -284,12 +284,12 @@ def test_dataset_options_from_config(dataset, model, tmp_path):
     with pytest.raises(ValueError, match="image does not decode: .*0999_c1s1_000001_00.jpg"):
         embeddings.split_embeddings(model, verify, root, ("query",))
     verify.data.skip_undecodable = True
-    data = embeddings.load_dataset(root, verify)
+    data = sources.load_dataset(root, verify)
     assert data.query.undecodable_skipped == (broken,)
     out = embeddings.split_embeddings(model, verify, root, ("query",))
     assert out["query"].paths == query.paths and broken not in out["query"].paths
     # Without the options the folder lists the broken image, and embedding it fails (named).
-    assert broken in embeddings.load_dataset(root, tiny_config(str(root))).query.paths
+    assert broken in sources.load_dataset(root, tiny_config(str(root))).query.paths
     with pytest.raises(augment.ImageLoadError, match="0999_c1s1_000001_00.jpg"):
         embeddings.split_embeddings(model, tiny_config(str(root)), root, ("query",))
 

@@ -72,6 +72,7 @@ def test_same_batches_for_any_worker_count_and_backend(dataset):
             {"num_workers": 1, "prefetch": 1, "images_per_task": 1},
             {"num_workers": 3, "prefetch": 3, "images_per_task": 4},
             {"num_workers": 2, "backend": "process"},
+            {"num_workers": 2, "backend": "grain", "prefetch": 1},
         ]
     ]
     for run in runs[1:]:
@@ -140,7 +141,7 @@ def test_eval_batches_pad_last_batch_with_mask(dataset):
     assert all(b["mask"].all() for b in _collect(L.eval_batches(items[:8], 4, config=_config())))
 
 
-@pytest.mark.parametrize("backend", ["thread", "process"])
+@pytest.mark.parametrize("backend", ["thread", "process", "grain"])
 def test_worker_error_names_the_file_and_shuts_down(dataset, tmp_path, backend):
     paths, labels = dataset
     broken = tmp_path / "0003_c2s1_000777_00.jpg"
@@ -263,3 +264,39 @@ def test_read_image_bytes_roundtrip_matches_path(dataset):
     np.testing.assert_array_equal(
         np.asarray(A.read_image(buf.getvalue())), np.asarray(A.read_image(paths[0]))
     )
+
+
+def test_grain_backend_resumes_and_pads_like_the_threads(dataset):
+    paths, labels = dataset
+    grain = _config(backend="grain", num_workers=2, prefetch=1)
+    full = _collect(L.train_batches(paths, labels, config=_config(), seed=2, stop_step=6))
+    resumed = L.train_batches(paths, labels, config=grain, seed=2, start_step=4, stop_step=6)
+    assert len(resumed) == 2
+    got = _collect(resumed)
+    assert resumed.step == 6 and len(got) == 2
+    for a, b in zip(full[4:], got, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    want = _collect(L.eval_batches(paths, 4, config=_config()))
+    got = _collect(L.eval_batches(paths, 4, config=grain))
+    assert len(got) == len(want) == 8
+    for a, b in zip(want, got, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_each_process_loads_its_rows_of_the_global_batch(dataset):
+    paths, labels = dataset
+    config = _config(num_workers=0)
+    whole = _collect(L.train_batches(paths, labels, config=config, seed=7, stop_step=3))
+    parts = [_collect(L.train_batches(paths, labels, config=config, seed=7, stop_step=3,
+                                      process_index=i, process_count=3)) for i in range(3)]
+    for step, batch in enumerate(whole):
+        for key in batch:
+            joined = np.concatenate([part[step][key] for part in parts])
+            np.testing.assert_array_equal(joined, batch[key], err_msg=f"step {step} {key}")
+    assert parts[0][0]["image"].shape == (2, 32, 16, 3)
+    with pytest.raises(ValueError, match="P \\* K = 6 must be divisible by the 4 processes"):
+        L.train_batches(paths, labels, config=config, seed=0, process_count=4)
+    with pytest.raises(ValueError, match="process_index=2 is not in \\[0, process_count=2\\)"):
+        L.train_batches(paths, labels, config=config, seed=0, process_index=2, process_count=2)

@@ -167,6 +167,17 @@ def test_bf16_option_runs_and_tracks_float32():
     assert float(cos.min()) > 0.99
 
 
+def test_float64_model_needs_64_bit_jax_and_is_float64_throughout():
+    with pytest.raises(ValueError, match=r"model dtype 'float64' needs 64-bit JAX"):
+        AGW(5, **TINY, dtype="float64", rngs=nnx.Rngs(0))
+    with jax.enable_x64(True):
+        model = nnx.eval_shape(lambda: AGW(5, **TINY, dtype="float64", rngs=nnx.Rngs(0)))
+        assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.float64)}
+        out = nnx.eval_shape(lambda m, x: m(x), model,
+                             jax.ShapeDtypeStruct((2, 64, 32, 3), jnp.float32))
+        assert {x.dtype for x in out} == {jnp.dtype(jnp.float64)}
+
+
 def test_from_config_and_errors():
     config = ml_collections.ConfigDict({"model": default_model_config()})
     config.model.width = 8
@@ -345,9 +356,10 @@ def test_bnneck_eval_uses_running_stats_train_updates_them():
     bm, bv = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
     train_ref = (x - bm) / np.sqrt(bv + 1e-5) * scale + bias
     np.testing.assert_allclose(neck(jnp.asarray(x)), train_ref, rtol=1e-4, atol=1e-5)
-    # torch momentum 0.1 == flax momentum 0.9 (flax keeps the biased batch variance).
+    # torch momentum 0.1 == flax momentum 0.9; the running variance takes the *unbiased* batch
+    # variance, as torch's (the forward pass above normalised with the biased one).
     np.testing.assert_allclose(neck.bn.mean[...], 0.9 * mean + 0.1 * bm, rtol=1e-5)
-    np.testing.assert_allclose(neck.bn.var[...], 0.9 * var + 0.1 * bv, rtol=1e-5)
+    np.testing.assert_allclose(neck.bn.var[...], 0.9 * var + 0.1 * bv * 6 / 5, rtol=1e-5)
     np.testing.assert_allclose(neck.bias[...], bias, rtol=1e-6)  # untouched
     assert neck.bn.bias is None
     assert not isinstance(neck.bias, nnx.Param)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import markupsafe
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,11 +14,17 @@ from PIL import Image
 from reid_jax import explain
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import Split
-from reid_jax.explain import quality, report
+from reid_jax.explain import report
 from reid_jax.explain import run as explain_run
+from reid_jax.explain import table as quality_table
 
 A = len(ATTRIBUTE_NAMES)
 ODD = "<script>&\"'.jpg"
+
+
+def esc(text: str) -> str:
+    """``text`` as the report's autoescaping writes it (markupsafe: ``'`` is ``&#39;``)."""
+    return str(markupsafe.escape(text))
 
 
 def _split(folder: str, name: str, files: list[str], pids: list[int], cams: list[int]) -> Split:
@@ -48,7 +55,7 @@ def _records(root, mode: str = "paper", num_queries: int = 3, k: int = 4):
     fg[7] = fq[0] + 0.01 * fg[7]  # the odd gallery name ranks first for the odd query
     fg[0] = fq[1] + 0.01 * fg[0]
     w = (2 * rng.normal(size=(n, A))).astype(np.float32)
-    out = explain.explain_rankings(fq, fg, w, k=k, threshold=0.2, complete=mode == "complete")
+    out = explain.explain_rankings(fq, fg, w, k=k, threshold=0.2, mode=mode)
     records = []
     for i in range(num_queries):
         ex = explain_run.QueryExplanation(
@@ -56,7 +63,8 @@ def _records(root, mode: str = "paper", num_queries: int = 3, k: int = 4):
             attributes_query=np.asarray(out.attributes_query[i]),
             selected=np.asarray(out.selected[i]),
             attributes_gallery=np.asarray(out.attributes_gallery[i]),
-            scores=np.asarray(out.scores[i]), errors=np.asarray(out.errors[i]))
+            scores=np.asarray(out.scores[i]), errors=np.asarray(out.errors[i]),
+            remainder=np.asarray(out.remainder[i]))
         records.append(explain_run.make_record(i, i, queries, gallery, ex,
                                                (0.5, 0.25, 2, 3), mode))
     return records
@@ -89,8 +97,8 @@ def test_odd_file_names_are_escaped(tmp_path):
     html_text = _pages(out)
     assert "<script" not in html_text and "<b>.jpg" not in html_text
     assert "<i>paper" not in html_text
-    assert "&lt;script&gt;&amp;&quot;&#x27;.jpg" in html_text
-    assert "a&amp;b&quot;c&#x27;.jpg" in html_text and "q1_&lt;b&gt;.jpg" in html_text
+    assert esc(ODD) == "&lt;script&gt;&amp;&#34;&#39;.jpg" and esc(ODD) in html_text
+    assert esc("a&b\"c'.jpg") in html_text and "q1_&lt;b&gt;.jpg" in html_text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
     # Thumbnails are named by split and index, never by file name.
     sources = re.findall(r'src="([^"]+)"', html_text)
@@ -115,7 +123,7 @@ def test_query_rows_show_clipped_scores_and_frames(tmp_path):
         frames = re.findall(r'class="thumb (hit|miss)"', section)
         assert frames == ["hit" if t else "miss" for t in r["gallery"]["true_match"]]
     assert any(s > 1 for r in records for row in r["matching_scores"] for s in row)
-    assert "clipped at 100 %" in page and "&#x27;!&#x27; before an attribute" in page
+    assert "clipped at 100 %" in page and esc("'!' before an attribute") in page
 
 
 def test_score_percent_clips_at_100():
@@ -169,6 +177,37 @@ def test_error_figure_complete_mode_sums_to_distance():
     np.testing.assert_allclose(shares[0], e[-1] / e.sum(), rtol=1e-9)  # the largest first
 
 
+def test_error_figure_projection_mode_has_a_remainder_slice():
+    e = np.zeros(A)
+    e[:3] = [3.0, 2.0, 1.0]
+    e[3] = -0.5  # correlated directions that oppose
+    fig = report.error_figure(e, 10.0, mode="projection", rank=2, gallery_label="x",
+                              remainder=4.5)
+    text = _texts(fig)
+    assert "projection: Σp = 5.5 along the attributes + remainder 4.5 = d²" in text
+    assert "negative (pull together)" in text and "-0.5" in text
+    assert f"{ATTRIBUTE_NAMES[0]:<10} 3 (30.0%)" in text  # share of d²
+    sizes = np.array([3.0, 2.0, 1.0, 4.5])
+    np.testing.assert_allclose(_wedge_shares(fig), sizes / sizes.sum(), rtol=1e-9)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == [*ATTRIBUTE_NAMES[:3], "remainder"]
+    with pytest.raises(ValueError, match="remainder is given with mode='projection'"):
+        report.error_figure(e, 10.0, mode="projection", rank=2, gallery_label="x")
+    with pytest.raises(ValueError, match="remainder is given with mode='projection'"):
+        report.error_figure(e, 10.0, mode="complete", rank=2, gallery_label="x", remainder=1.0)
+
+
+def test_error_figure_disagreement_mode_draws_bars():
+    p = np.linspace(0.0, 0.9, A)
+    fig = report.error_figure(p, 1.5, mode="disagreement", rank=1, gallery_label="x")
+    text = _texts(fig)
+    assert "not a decomposition of d²" in text
+    bars = sorted(r.get_width() for r in fig.axes[0].patches)
+    np.testing.assert_allclose(bars, 100 * np.sort(p)[-10:], rtol=1e-9)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[-1] == ATTRIBUTE_NAMES[-1]  # the largest on top
+
+
 def test_error_figure_edge_cases():
     text = _texts(report.error_figure(-np.ones(A), 0.0, mode="paper", rank=1, gallery_label="x"))
     assert "no positive" in text and "total -30" in text
@@ -201,6 +240,26 @@ def test_paging_summary_and_metrics_tables(tmp_path, monkeypatch):
     assert len(os.listdir(out / "fig")) == 1 + 2 * 5  # metrics + ranks 1 and 4 per query
 
 
+@pytest.mark.parametrize("mode", ["projection", "disagreement"])
+def test_report_of_the_modes_beyond_the_paper(tmp_path, mode):
+    records = _records(tmp_path / "data", mode=mode)
+    assert ("remainder" in records[0]) == (mode == "projection")
+    if mode == "projection":  # contributions and remainder sum to the distance
+        for r in records:
+            total = np.asarray(r["errors"]).sum(1) + np.asarray(r["remainder"])
+            np.testing.assert_allclose(total, r["gallery"]["distance"], rtol=1e-4, atol=1e-5)
+    out = tmp_path / "report"
+    report.write_report(out, _summary(mode=mode), records, data_root=tmp_path / "data")
+    index = open(out / "index.html", encoding="utf-8").read()
+    page = open(out / "queries.html", encoding="utf-8").read()
+    if mode == "projection":
+        assert "remainder |r|^2" in index and "remainder as its own slice" in page
+    else:
+        assert "not a decomposition of the distance" in index
+        assert "probability that the labels differ" in page
+    assert len(os.listdir(out / "fig")) == 1 + 2 * 3  # metrics; ranks 1 and 4 of 3 queries
+
+
 def test_write_report_errors(tmp_path):
     records = _records(tmp_path / "data")
     os.makedirs(tmp_path / "exists")
@@ -217,71 +276,126 @@ def test_write_report_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The explanation-quality table (the layout of tools/evaluate_explanations.py).
 
-MODES = ("paper", "complete", "scores")
-AMD_KEYS = ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s")
+AMD_KEYS = ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s", "ex_precision_s_amd",
+            "ex_map_s_amd")
+EXPLAINED = ("paper", "complete", "projection", "scores", "disagreement")
 
 
 def _eval_metrics(k: int = 3, skipped: str | None = None, seed: int = 0) -> dict:
-    """``explanation_metrics.json`` of ``quality.evaluate``'s layout, random values."""
+    """``explanation_metrics.json`` of ``quality.measure``'s layout, random values."""
     rng = np.random.default_rng(seed)
     rate = lambda: float(rng.uniform(0.01, 0.99))
+
+    def rated():  # a value with its interval around it
+        v = rate()
+        return v, [v - 0.01, v + 0.02]
+
     top = f"top{k}"
     if skipped is None:
-        counterfactual = {
-            "num_counterfactuals": 60, "num_rejected_invisible": 7, "num_pairs": 123,
-            **{m: {"top1": rate(), "top3": rate(), "mean_rank": 5.0}
-               for m in (*MODES, "chance")},
+        counterfactual = {"num_counterfactuals": 60, "num_rejected_invisible": 7,
+                          "num_pairs": 123}
+        for m in ("prior", *EXPLAINED):
+            (t1, i1), (t3, i3) = rated(), rated()
+            counterfactual[m] = {"top1": t1, "top3": t3, "mean_rank": 5.0,
+                                 "intervals": {"top1": i1, "top3": i3}}
+        counterfactual.update({
+            "chance": {"top1": rate(), "top3": rate(), "mean_rank": 12.0},
             "subsets": {"true_match": {"num_pairs": 50, "paper_top1": 0.25, "chance_top1": 0.125},
                         "<odd>": {"num_pairs": 73, "paper_top1": 0.5, "chance_top1": 0.0625}},
             "per_attribute": {"counterfactuals": [2] * A,
                               "paper_top1": [0.5] * (A - 1) + [0.375]},
-        }
+        })
     else:
         counterfactual = {"skipped": skipped}
-    auroc = {scope: {which: {"auroc": rate(), "num_positive": int(rng.integers(1, 999)),
-                             "num_negative": int(rng.integers(1, 999)),
-                             "max_binning_error": 0.01}
-                     for which in ("confident", "all_attributes")}
+
+    def auroc_entry():
+        entry = {"num_positive": int(rng.integers(1, 999)),
+                 "num_negative": int(rng.integers(1, 999))}
+        for m in ("scores", "disagreement"):
+            (p, pi), (mac, mi) = rated(), rated()
+            entry[m] = {"pooled": p, "pooled_interval": pi, "macro": mac, "macro_interval": mi,
+                        "max_binning_error": 0.01}
+        p, pi = rated()
+        entry["prior"] = {"pooled": p, "pooled_interval": pi, "macro": 0.5}
+        return entry
+
+    auroc = {scope: {which: auroc_entry() for which in ("confident", "all_attributes")}
              for scope in ("all_pairs", top)}
-    auroc["per_attribute"] = {"all_pairs_confident": [None] + [0.625] * (A - 1)}
-    amd = {scope: {"num_pairs": 500, "num_pairs_d": int(rng.integers(1, 499)),
-                   "num_pairs_s": int(rng.integers(1, 499)),
-                   **{m: {key: rate() for key in AMD_KEYS} for m in (*MODES, "chance")}}
-           for scope in ("all_pairs", top)}
+    auroc["per_attribute"] = {"all_pairs_confident_scores": [None] + [0.625] * (A - 1)}
+
+    def amd_entry():
+        entry = {"num_pairs": 500, "num_pairs_d": int(rng.integers(1, 499)),
+                 "num_pairs_s": int(rng.integers(1, 499)),
+                 "num_pairs_s_amd": int(rng.integers(1, 499))}
+        for m in ("prior", *EXPLAINED):
+            values = {key: rated() for key in AMD_KEYS}
+            entry[m] = {key: v for key, (v, _) in values.items()}
+            entry[m]["intervals"] = {key: i for key, (_, i) in values.items()}
+        entry["chance"] = {key: rate() for key in AMD_KEYS}
+        return entry
+
+    amd = {scope: amd_entry() for scope in ("all_pairs", top)}
     amd["per_attribute"] = {"all_pairs_differ_count": list(range(A))}
-    return {"format": quality.FORMAT, "attribute_names": list(ATTRIBUTE_NAMES),
+    return {"format": quality_table.FORMAT, "attribute_names": list(ATTRIBUTE_NAMES),
             "settings": {"checkpoint": "/ckpt/<b>", "data_root": "/data/<root>", "k": k,
-                         "threshold": 0.3},
+                         "threshold": 0.3, "interval_level": 0.95},
             "data": {"synthetic": True, "num_queries": 3, "num_gallery": 8,
                      "num_labelled_queries": 3, "num_labelled_gallery": 7},
+            "prior": {"num_identities": 11, "k": k},
             "counterfactual": counterfactual, "auroc": auroc, "amd": amd}
 
 
 def _reference_rows(m: dict) -> list[list[str]]:
-    """The table of the JSON, written out here: metric, n, paper, complete, scores, chance."""
+    """The table of the JSON, written out here: metric, n, prior, chance, the explanations."""
     k = m["settings"]["k"]
-    pct = lambda v: "–" if v is None else f"{100.0 * v:.1f}"
+    pct = lambda v: f"{100.0 * v:.1f}"
+
+    def cell(v, interval=None):
+        if v is None:
+            return "—"
+        return pct(v) if interval is None else f"{pct(v)} [{pct(interval[0])}, {pct(interval[1])}]"
+
     rows = []
     cf = m["counterfactual"]
     if "skipped" not in cf:
         for t in (1, 3):
-            rows.append([f"counterfactual hit rate, top-{t}", str(cf["num_pairs"])]
-                        + [pct(cf[mode][f"top{t}"]) for mode in (*MODES, "chance")])
+            key = f"top{t}"
+            rows.append([f"counterfactual hit rate, top-{t}", str(cf["num_pairs"]),
+                         cell(cf["prior"][key], cf["prior"]["intervals"][key]),
+                         cell(cf["chance"][key])]
+                        + [cell(cf[e][key], cf[e]["intervals"][key]) for e in EXPLAINED])
     for scope, name in (("all_pairs", "all pairs"), (f"top{k}", f"top-{k}")):
         for which, wname in (("confident", "confident attributes"),
                              ("all_attributes", "all attributes")):
             a = m["auroc"][scope][which]
-            rows.append([f"matching-score AUROC, {name}, {wname}",
-                         str(a["num_positive"] + a["num_negative"]), "–", "–", pct(a["auroc"]),
-                         "50.0"])
+            n = str(a["num_positive"] + a["num_negative"])
+            rows.append([f"matching-score AUROC pooled, {name}, {wname}", n,
+                         cell(a["prior"]["pooled"], a["prior"]["pooled_interval"]), "50.0",
+                         "—", "—", "—",
+                         cell(a["scores"]["pooled"], a["scores"]["pooled_interval"]),
+                         cell(a["disagreement"]["pooled"],
+                              a["disagreement"]["pooled_interval"])])
+            rows.append([f"matching-score AUROC mean per attribute, {name}, {wname}", n,
+                         "50.0", "50.0", "—", "—", "—",
+                         cell(a["scores"]["macro"], a["scores"]["macro_interval"]),
+                         cell(a["disagreement"]["macro"], a["disagreement"]["macro_interval"])])
+    titles = ("Ex-Precision_d", "Ex-mAP_d", "Ex-Precision_s", "Ex-mAP_s",
+              "Ex-Precision_s (AMD rule)", "Ex-mAP_s (AMD rule)")
+    counts = ("num_pairs_d", "num_pairs_d", "num_pairs_s", "num_pairs_s", "num_pairs_s_amd",
+              "num_pairs_s_amd")
     for scope, name in (("all_pairs", "all pairs"), (f"top{k}", f"top-{k}")):
         d = m["amd"][scope]
-        for key, title in zip(AMD_KEYS, ("Ex-Precision_d", "Ex-mAP_d", "Ex-Precision_s",
-                                         "Ex-mAP_s"), strict=True):
-            n = d["num_pairs_d"] if key.endswith("_d") else d["num_pairs_s"]
-            rows.append([f"AMD {title}, {name}", str(n)]
-                        + [pct(d[mode][key]) for mode in (*MODES, "chance")])
+        for key, title, count in zip(AMD_KEYS, titles, counts, strict=True):
+            rows.append([f"AMD {title}, {name}", str(d[count]),
+                         cell(d["prior"][key], d["prior"]["intervals"][key]),
+                         cell(d["chance"][key])]
+                        + [cell(d[e][key], d[e]["intervals"][key]) for e in EXPLAINED])
     return rows
+
+
+COLUMN_TITLES = ["metric", "n", "prior (fixed order)", "chance", "eq. 3.2 (paper)",
+                 "complete decomposition", "projection + remainder", "eq. 3.1 (1 - s)",
+                 "P(labels differ)"]
 
 
 def _html_table(index: str, css: str) -> list[list[str]]:
@@ -292,22 +406,22 @@ def _html_table(index: str, css: str) -> list[list[str]]:
 
 def test_summary_table_rows_are_the_json_values():
     m = _eval_metrics(k=4)
-    table = quality.summary_table(m)
-    assert table.columns == ("metric", "n", "eq. 3.2 (paper)", "complete decomposition",
-                             "eq. 3.1 (1 - s)", "chance")
-    shown = [[r.metric, str(r.n)] + ["–" if v is None else f"{100.0 * v:.1f}"
-                                     for v in (*r.values, r.chance)] for r in table.rows]
-    assert shown == _reference_rows(m)
+    table = quality_table.summary_table(m)
+    assert list(table.columns) == COLUMN_TITLES
+    shown = [[r.metric, str(r.n), *r.cells] for r in table.rows]
+    assert shown == _reference_rows(m) and len(shown) == 2 + 8 + 12
     # The markdown table is built from the same rows (em dash for "does not apply").
-    md = quality.markdown_table(m).splitlines()
+    md = quality_table.markdown_table(m).splitlines()
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:2 + len(shown)]]
-    assert body == [[c.replace("–", "—") for c in r] for r in _reference_rows(m)]
+    assert body == _reference_rows(m)
     assert md[2 + len(shown)] == "" and "|x - 0.5| > 0.3" in md[3 + len(shown)]
-    skipped = quality.summary_table(_eval_metrics(skipped="no meta"))
+    assert "95 % intervals" in md[3 + len(shown)] and "11 training identities" in md[4 + len(
+        shown)]
+    skipped = quality_table.summary_table(_eval_metrics(skipped="no meta"))
     assert skipped.rows[0].skipped == "no meta" and skipped.rows[0].n is None
     assert "Counterfactuals skipped: no meta" in skipped.legend
     with pytest.raises(KeyError, match="auroc"):
-        quality.summary_table({k: v for k, v in m.items() if k != "auroc"})
+        quality_table.summary_table({k: v for k, v in m.items() if k != "auroc"})
 
 
 def test_explanation_quality_table_details_and_json_copy(tmp_path):
@@ -319,15 +433,16 @@ def test_explanation_quality_table_details_and_json_copy(tmp_path):
                         records, data_root=tmp_path / "data")
     index = open(out / "index.html", encoding="utf-8").read()
     rows = _html_table(index, "list metrics")
-    assert rows[0] == ["metric", "n", "eq. 3.2 (paper)", "complete decomposition",
-                       "eq. 3.1 (1 - s)", "chance"]
+    assert rows[0] == COLUMN_TITLES
     assert rows[1:] == _reference_rows(m)
-    # The best explanation of each row is bold; rows with one value (AUROC) have none.
+    # The best explanation of each row is bold (the baselines never); grey: the baselines.
     table = index.split('<table class="list metrics">')[1].split("</table>")[0]
-    bold = re.findall(r'<td class="num best">([\d.]+)</td>', table)
-    expected = [max((v for v in r[2:5] if v != "–"), key=float)
-                for r in rows[1:] if sum(v != "–" for v in r[2:5]) > 1]
-    assert bold == expected and len(bold) == 2 + 8
+    bold = re.findall(r'<td class="num best">([\d.]+) \[', table)
+    value = lambda c: float(c.split(" ")[0])
+    expected = [max((c for c in r[4:] if c != "—"), key=value).split(" ")[0]
+                for r in rows[1:] if sum(c != "—" for c in r[4:]) > 1]
+    assert bold == expected and len(bold) == 2 + 8 + 12
+    assert table.count('<td class="num chance">') == 2 * (2 + 8 + 12)
     # Escaped text, the run's checkpoint (no warning), the data root that is not the run's.
     assert "/ckpt/&lt;b&gt;" in index and "not this run's checkpoint" not in index
     assert "not this run's data root" not in index  # both /data/<root>
@@ -358,7 +473,7 @@ def test_explanation_quality_skipped_counterfactuals_and_other_run(tmp_path):
     rows = _html_table(index, "list metrics")
     assert rows[1] == ["counterfactual hit rate", "–",
                        "skipped: &lt;script&gt;no synthetic_meta.json&lt;/script&gt;"]
-    assert 'colspan="4"' in index and "<script" not in index
+    assert 'colspan="7"' in index and "<script" not in index
     assert rows[2:] == _reference_rows(m)
     assert "not this run's checkpoint" in index and "not this run's data root" in index
     assert "Counterfactuals skipped: &lt;script&gt;" in index
@@ -372,14 +487,14 @@ def test_explanation_quality_falls_back_to_generic_tables(tmp_path):
     report.write_report(out, _summary(explanation_metrics=m), records,
                         data_root=tmp_path / "data")
     index = open(out / "index.html", encoding="utf-8").read()
-    assert "Not the layout of tools/evaluate_explanations.py (KeyError: &#x27;num_pairs_d&#x27;)" \
+    assert esc("Not the layout of tools/evaluate_explanations.py (KeyError: 'num_pairs_d')") \
         in index
     assert "list metrics" not in index and "amd / all_pairs / num_pairs" in index
     out2 = tmp_path / "report2"
     report.write_report(out2, _summary(explanation_metrics={"format": "other/2", "x": 0.5}),
                         records, data_root=tmp_path / "data")
     index = open(out2 / "index.html", encoding="utf-8").read()
-    assert "format &#x27;other/2&#x27;, not &#x27;reid_jax.explain.metrics/1&#x27;" in index
+    assert esc("format 'other/2', not 'reid_jax.explanation_metrics/2'") in index
     assert "<td>x</td><td class=\"num\">0.5</td>" in index
     # No metrics: no copy, the hint.
     out3 = tmp_path / "report3"

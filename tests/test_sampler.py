@@ -1,4 +1,15 @@
-"""Tests of the P x K identity sampler (reid_jax/data/sampler.py)."""
+"""Tests of the P x K identity sampler (reid_jax/data/sampler.py).
+
+The distribution tests compare epochs of ours with epochs of ReID-Survey's
+``RandomIdentitySampler`` (re-implemented below from its source, with its own random streams):
+batches per epoch and each identity's and image's share of an epoch. Tolerances are stated
+in standard errors of the difference over ``EPOCHS`` epochs; seeds are fixed, so the tests are
+deterministic.
+"""
+
+import collections
+import copy
+import random
 
 import numpy as np
 import pytest
@@ -126,3 +137,112 @@ def test_len_is_upper_bound_and_steps_walk_epochs_in_order():
     assert fresh.locate(n0 - 1) == (0, n0 - 1)
     assert fresh.locate(n0) == (1, 0)
     assert fresh.locate(n0 + epochs[1].shape[0] + 2) == (2, 2)
+
+
+# ------------------------------------------------- distribution against the reference sampler
+
+
+def _reference_epoch(labels, p, k, rnd: random.Random, np_rnd: np.random.RandomState):
+    """ReID-Survey ``RandomIdentitySampler.__iter__`` (data/samplers/triplet_sampler.py), as
+    written there: Python's ``random`` for shuffles and identity draws, numpy for the
+    with-replacement draw of identities with fewer than K images. Returns the image indices
+    of one epoch (a multiple of P * K long)."""
+    index_dic = collections.defaultdict(list)
+    for index, pid in enumerate(labels):
+        index_dic[int(pid)].append(index)
+    pids = list(index_dic.keys())
+    batch_idxs_dict = collections.defaultdict(list)
+    for pid in pids:
+        idxs = copy.deepcopy(index_dic[pid])
+        if len(idxs) < k:
+            idxs = [int(i) for i in np_rnd.choice(idxs, size=k, replace=True)]
+        rnd.shuffle(idxs)
+        batch_idxs = []
+        for idx in idxs:
+            batch_idxs.append(idx)
+            if len(batch_idxs) == k:
+                batch_idxs_dict[pid].append(batch_idxs)
+                batch_idxs = []
+    avai_pids = copy.deepcopy(pids)
+    final_idxs = []
+    while len(avai_pids) >= p:
+        selected_pids = rnd.sample(avai_pids, p)
+        for pid in selected_pids:
+            batch_idxs = batch_idxs_dict[pid].pop(0)
+            final_idxs.extend(batch_idxs)
+            if len(batch_idxs_dict[pid]) == 0:
+                avai_pids.remove(pid)
+    return final_idxs
+
+
+def _reference_length(labels, k):
+    """The reference's ``__len__`` before its first epoch: images, sum of max(n, K) - remainder."""
+    length = 0
+    for n in np.unique(labels, return_counts=True)[1]:
+        num = max(int(n), k)
+        length += num - num % k
+    return length
+
+
+# Market-1501-like skew: a few identities under K images, many with remainders, some large.
+SKEWED_COUNTS = np.random.default_rng(7).integers(1, 30, size=40)
+EPOCHS = 400
+
+
+@pytest.fixture(scope="module")
+def epochs_both():
+    """EPOCHS epochs of ours (seeded epochs 0..) and of the reference (seeded Random(e))."""
+    labels = _labels(SKEWED_COUNTS)
+    p, k = 6, 4
+    ours = [pk_batches(labels, p, k, seed=3, epoch=e).ravel() for e in range(EPOCHS)]
+    theirs = [np.asarray(_reference_epoch(labels, p, k, random.Random(e),
+                                          np.random.RandomState(e))) for e in range(EPOCHS)]
+    return labels, p, k, ours, theirs
+
+
+def test_epoch_length_distribution_matches_the_reference(epochs_both):
+    labels, p, k, ours, theirs = epochs_both
+    ours_len = np.array([idx.size // (p * k) for idx in ours])
+    ref_len = np.array([len(idx) // (p * k) for idx in theirs])
+    assert all(len(idx) % (p * k) == 0 for idx in theirs)
+    # Same distribution of batches per epoch: means within 5 standard errors of the difference
+    # (deterministic seeds; a different identity draw, e.g. weighted by chunks left, moves the
+    # mean by many standard errors), and the same range of lengths.
+    se = np.sqrt(ours_len.var() / EPOCHS + ref_len.var() / EPOCHS)
+    assert abs(ours_len.mean() - ref_len.mean()) <= 5 * se, (ours_len.mean(), ref_len.mean())
+    assert abs(ours_len.std() - ref_len.std()) <= 0.25 * ref_len.std() + 1e-9
+    assert ref_len.std() > 0  # the length does vary: the comparison is not of constants
+    # The nominal length: the reference's image estimate in whole batches, an upper bound.
+    nominal = RandomIdentitySampler(labels, p, k, seed=3)
+    assert len(nominal) == _reference_length(labels, k) // (p * k)
+    assert ours_len.max() <= len(nominal) and ref_len.max() <= len(nominal)
+
+
+def test_identity_and_image_coverage_match_the_reference(epochs_both):
+    labels, p, k, ours, theirs = epochs_both
+    ids = np.unique(labels)
+
+    def chunks_per_epoch(epochs):  # [EPOCHS, ids]: chunks of K images each identity gave
+        return np.stack([np.bincount(np.searchsorted(ids, labels[idx]), minlength=ids.size) // k
+                         for idx in epochs])
+
+    ours_c, ref_c = chunks_per_epoch(ours), chunks_per_epoch(theirs)
+    available = np.maximum(np.bincount(np.searchsorted(ids, labels)), k) // k
+    assert (ours_c <= available).all() and (ref_c <= available).all()
+    se = np.sqrt(ours_c.var(0) / EPOCHS + ref_c.var(0) / EPOCHS) + 1e-12
+    z = np.abs(ours_c.mean(0) - ref_c.mean(0)) / se
+    assert z.max() <= 5, (z.max(), ours_c.mean(0), ref_c.mean(0))
+    # Fraction of an epoch's available chunks used: the same on both sides.
+    used_ours, used_ref = ours_c.sum(1) / available.sum(), ref_c.sum(1) / available.sum()
+    assert abs(used_ours.mean() - used_ref.mean()) <= 5 * np.sqrt(
+        used_ours.var() / EPOCHS + used_ref.var() / EPOCHS)
+    # Within an identity every image is used equally often (shuffled chunks, remainder
+    # dropped at random; with replacement below K).
+    uses = np.bincount(np.concatenate(ours), minlength=labels.size).astype(float)
+    for pid in ids:
+        members = np.flatnonzero(labels == pid)
+        if members.size >= 2:
+            counts = uses[members]
+            expected = counts.mean()
+            chi2 = ((counts - expected) ** 2 / expected).sum()
+            assert chi2 <= members.size - 1 + 5 * np.sqrt(2 * (members.size - 1)), (pid, counts)

@@ -6,7 +6,7 @@ The training runs use ``configs/agw_tiny.py`` on a tiny synthetic Market-1501 fo
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import logging as logging_std
 import math
@@ -40,10 +40,7 @@ STEPS = 6  # length of the resumption runs
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return importlib.import_module(f"configs.{name}").get_config()
 
 
 def tiny_config(root: str, **overrides) -> ml_collections.ConfigDict:
@@ -400,7 +397,7 @@ def test_straight_run_outputs(straight_run, tiny_root):
     assert meta["num_classes"] == 8 and meta["step"] == STEPS
     config = ml_collections.ConfigDict(meta["config"])
     data = load_market1501(tiny_root)
-    again = loop.evaluate(model, data, loop.loader_config(config),
+    again = loop.evaluate_model(model, data, loop.loader_config(config),
                                loop.create_mesh(), config.data.eval_batch_size)
     assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
     assert again["rank1"] == pytest.approx(metrics["rank1"], abs=1e-6)
@@ -458,7 +455,7 @@ def test_attribute_head_warning_names_the_step_and_the_fix(tmp_path):
     assert loop.attribute_head_warning(directory, 4, start=10, total_steps=10) is None
     assert loop.attribute_head_warning(directory, 3, start=3, total_steps=10) is None
     assert "train the head again after training (tools/train_attributes.py)" in (
-        loop.NO_HEAD_HINT)
+        checkpoints.NO_HEAD_HINT)
 
 
 def test_training_on_after_the_attribute_head_warns_and_drops_it(straight_run, tiny_root,

@@ -24,13 +24,12 @@ printed as one line and exit with status 1.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import analysis
+from reid_jax import analysis, cli, embeddings
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, load_market_attributes, positive_ratios
 from reid_jax.synthetic.dataset import ATTRIBUTE_FILE
 
@@ -63,17 +62,9 @@ _CACHE_DIR = flags.DEFINE_string(
     "CHECKPOINT/embedding_cache, shared with tools/evaluate.py; '' disables the cache).")
 
 
-def _checkpoint_weights(checkpoint: str) -> np.ndarray:
-    from reid_jax.checkpoints import restore_attribute_head
-
-    return np.asarray(restore_attribute_head(checkpoint).kernel[...])
-
-
 def _checkpoint_gallery_features(checkpoint: str, config, data_root: str, batch_size: int,
                                  cache_dir: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
     """The retrieval embedding ([G, N], what is ranked and explained) of every gallery image."""
-    from reid_jax import embeddings
-
     gallery = embeddings.load_split_embeddings(
         checkpoint, config, data_root, ("gallery",),
         embeddings.cache_dir_option(cache_dir, checkpoint), batch_size=batch_size)["gallery"]
@@ -85,15 +76,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (_WEIGHTS.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --weights=W.npy or --checkpoint=DIR")
-    try:
-        _analyze()
-    except (ValueError, OSError) as e:  # OSError: missing or unreadable files
-        sys.exit(f"tools/analyze.py: error: {e}")
+    _analyze()
 
 
 def _analyze() -> None:
     weights = (np.load(_WEIGHTS.value, allow_pickle=False) if _WEIGHTS.value
-               else _checkpoint_weights(_CHECKPOINT.value))
+               else embeddings.head_weights(_CHECKPOINT.value))
     names = ATTRIBUTE_NAMES
     analysis.check_weights(weights, names)
 
@@ -146,4 +134,4 @@ def _analyze() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,11 +1,13 @@
 r"""Benchmarks the explanation kernels and re-id metrics at Market-1501 size.
 
-Measures, in one run, as ratios to their floors (issue 2):
+Measures, in one run, as ratios to their floors:
 
 * top-``k`` ``explain_rankings`` for all queries x the whole gallery vs the bare distance GEMM;
 * all-pairs ``attribute_errors`` (methods ``auto``, ``direct``, ``gemm``) vs a GEMM with the same
   FLOPs (``Q*A x N @ N x G``), with pairs/s, peak memory, and the accuracy of each method against
   a float64 reference on a block that holds identical and near-duplicate pairs;
+* the cost of the input check that ``explain_rankings`` runs by default on concrete arrays
+  (``validate=None``) against ``validate=False``;
 * ``rank_metrics`` vs a plain per-query numpy loop (same numbers);
 * attribute maps (``reid_jax.explain.maps``) for the top-``k`` of one query, every attribute,
   both images of every pair, vs one eval forward pass of the same ``k + 1`` images, on the
@@ -29,8 +31,10 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from reid_jax import atomic_io, cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_query", 3368, "Queries (Market-1501: 3,368).")
@@ -55,7 +59,26 @@ flags.DEFINE_string("maps_checkpoint", None,
                     "a randomly initialised model of --maps_config (the cost does not depend "
                     "on the weights).")
 flags.DEFINE_integer("maps_steps", None, "Quadrature nodes of the maps (default: the library's).")
+flags.DEFINE_enum("precision", "highest", ["highest", "default"],
+                  "Matmul precision of the kernels and distances: 'highest' (full float32 "
+                  "products, what reid_jax.retrieval.PRECISION ships) or 'default' (the "
+                  "backend's fastest: TF32 / bfloat16 passes on GPUs and TPUs), to measure "
+                  "what the full precision costs and what it buys on near-duplicate pairs.")
 flags.DEFINE_string("measure", "", "Internal: run one measurement and print it as JSON.")
+flags.DEFINE_string("json", None, "Also write the measurements to this JSON file.")
+
+
+def _set_precision() -> None:
+    """Applies --precision to the kernels (read when they are traced, so before any call)."""
+    import jax
+
+    from reid_jax import retrieval
+    from reid_jax.explain import kernels
+
+    precision = {"highest": jax.lax.Precision.HIGHEST,
+                 "default": jax.lax.Precision.DEFAULT}[FLAGS.precision]
+    retrieval.PRECISION = precision
+    kernels._PRECISION = precision
 
 
 def _unit(rng, n, d):
@@ -92,14 +115,17 @@ def _measure(name: str) -> dict:
 
     from reid_jax import explain
 
-    q_all = FLAGS.num_query if name in ("distance_gemm", "explain") else FLAGS.pairs_queries
+    full = ("distance_gemm", "explain", "explain_unchecked")
+    q_all = FLAGS.num_query if name in full else FLAGS.pairs_queries
     fq, fg, w = (jnp.asarray(x) for x in _data(q_all))
     if name == "distance_gemm":
         f = jax.jit(lambda a, b: jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None]
                     - 2.0 * a @ b.T)
         run = lambda: f(fq, fg)
-    elif name == "explain":
+    elif name == "explain":  # the default: inputs checked for NaN / Inf first
         run = lambda: explain.explain_rankings(fq, fg, w, k=FLAGS.k)
+    elif name == "explain_unchecked":
+        run = lambda: explain.explain_rankings(fq, fg, w, k=FLAGS.k, validate=False)
     elif name == "attribute_gemm":
         lhs = jnp.asarray(np.random.default_rng(1).standard_normal(
             (q_all * FLAGS.num_attributes, FLAGS.dim), dtype=np.float32))
@@ -120,7 +146,7 @@ def _run_child(name: str) -> dict:
     argv = [sys.executable, __file__, f"--measure={name}"] + [
         f"--{k}={getattr(FLAGS, k)}" for k in
         ("num_query", "num_gallery", "dim", "num_attributes", "k", "pairs_queries", "repeats",
-         "seed")
+         "seed", "precision")
     ]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -213,7 +239,7 @@ def _maps_model():
     return model, jnp.asarray(weights, jnp.float32), h, w
 
 
-def _maps_bench() -> None:
+def _maps_bench() -> dict:
     """Maps for the top-k of one query vs one forward pass of the same k + 1 images."""
     import jax.numpy as jnp
 
@@ -255,10 +281,15 @@ def _maps_bench() -> None:
     total = res["evidence"][0] + res["contributions"][0]
     print(f"goal: evidence + contribution maps of the top-{k}, both images, <= 40x the forward: "
           f"{total / fwd:.1f}x ({'met' if total / fwd <= 40 else 'NOT met'})")
+    return {"height": h, "width": w, "k": k, "A": a, "steps": steps,
+            "seconds": {name: r[0] for name, r in res.items()},
+            "first_call_seconds": {name: r[1] for name, r in res.items()},
+            "ratio_to_forward": total / fwd}
 
 
 def main(argv):
     del argv
+    _set_precision()
     if FLAGS.measure:
         print(json.dumps(_measure(FLAGS.measure)))
         return
@@ -268,22 +299,26 @@ def main(argv):
 
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    summary = {"precision": FLAGS.precision, "device": jax.devices()[0].device_kind}
     if FLAGS.kernels:
-        _kernels_bench(explain)
+        summary["kernels"] = _kernels_bench(explain)
     if FLAGS.rank_metrics:
-        _rank_metrics_print()
+        summary["rank_metrics"] = _rank_metrics_print()
     if FLAGS.maps:
-        _maps_bench()
+        summary["maps"] = _maps_bench()
+    if FLAGS.json:
+        atomic_io.write_text(FLAGS.json, json.dumps(summary, indent=1) + "\n")
 
 
-def _kernels_bench(explain) -> None:
+def _kernels_bench(explain) -> dict:
     """explain_rankings and attribute_errors at --num_query x --num_gallery, in subprocesses."""
     q, g, n, a, qs = (FLAGS.num_query, FLAGS.num_gallery, FLAGS.dim, FLAGS.num_attributes,
                       FLAGS.pairs_queries)
     print(f"sizes: Q={q} G={g} N={n} A={a} k={FLAGS.k}; all-pairs on {qs} queries x {g}; "
-          f"recompute ratio {explain.recompute_ratio(n):.3f}")
-    names = ["distance_gemm", "explain", "attribute_gemm", "errors_auto", "errors_direct",
-             "errors_gemm"]
+          f"recompute ratio {explain.recompute_ratio(n):.3f}; matmul precision "
+          f"{FLAGS.precision}")
+    names = ["distance_gemm", "explain", "explain_unchecked", "attribute_gemm", "errors_auto",
+             "errors_direct", "errors_gemm"]
     res = {}
     for name in names:
         res[name] = _run_child(name)
@@ -300,6 +335,10 @@ def _kernels_bench(explain) -> None:
     e = res["explain"]["seconds"]
     rows.append((f"explain_rankings top-{FLAGS.k}", e, e / dg, f"{q * g / e / 1e6:.1f} Mpairs/s",
                  res["explain"]["peak_rss_mib"], f"{acc['explain_rankings']['all_pairs']:.1e}"))
+    eu = res["explain_unchecked"]["seconds"]
+    rows.append((f"explain_rankings top-{FLAGS.k}, validate=False", eu, eu / dg,
+                 f"{q * g / eu / 1e6:.1f} Mpairs/s", res["explain_unchecked"]["peak_rss_mib"],
+                 "-"))
     rows.append(("attribute GEMM, same FLOPs (floor)", ag, 1.0,
                  f"{flops_a / ag / 1e9:.0f} GFLOP/s", res["attribute_gemm"]["peak_rss_mib"], "-"))
     for m in explain.METHODS:
@@ -319,9 +358,16 @@ def _kernels_bench(explain) -> None:
           f"({'met' if e / dg <= 1.5 else 'NOT met'}); attribute_errors(auto) <= 1.5x GEMM and "
           f"error <= 1e-3: {auto_ratio:.2f}x, {acc['auto']['all_pairs']:.1e} "
           f"({'met' if auto_met else 'NOT met'})")
+    overhead = 100.0 * (e / eu - 1.0)
+    print(f"input check (validate, the default on concrete arrays): {overhead:+.1f} % of "
+          f"explain_rankings (goal < 2 %: {'met' if overhead < 2 else 'NOT met'})")
+    return {"sizes": {"Q": q, "G": g, "N": n, "A": a, "k": FLAGS.k, "pairs_queries": qs},
+            "seconds": {name: r["seconds"] for name, r in res.items()},
+            "peak_rss_mib": {name: r["peak_rss_mib"] for name, r in res.items()},
+            "max_relative_error": acc, "validate_overhead_percent": overhead}
 
 
-def _rank_metrics_print() -> None:
+def _rank_metrics_print() -> dict:
     rm = _rank_metrics_bench()
     speed = rm["loop_s"] / rm["vectorised_s"]
     print()
@@ -331,6 +377,8 @@ def _rank_metrics_print() -> None:
     print(f"| per-query numpy loop | {rm['loop_s']:.3f} |")
     print(f"speed-up {speed:.1f}x (goal >= 10x: {'met' if speed >= 10 else 'NOT met'}); "
           f"max |difference| {rm['max_abs_diff']:.1e}")
+    return rm
+
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,7 +16,9 @@ L2-normalised) on one batch of ``--eval_batch_size`` random images (default: the
 (``lower(...).compile()``), then ``--warmup`` untimed and ``--steps`` timed batches.
 
 Data loading is not included in either (``tools/bench_pipeline.py`` measures the input
-pipeline). Prints a table; ``--json`` also writes the rows.
+pipeline, ``tools/bench_extract.py`` extraction end to end). ``peak_memory_gib`` is the
+device's peak memory in use after the train steps (accelerators only). Prints a table;
+``--json`` also writes the rows.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from reid_jax import embeddings
+from reid_jax import cli, embeddings
 from reid_jax.models.agw import AGW
 from reid_jax.train import loop, schedules
 from reid_jax.train.state import create_train_state
@@ -49,6 +51,14 @@ _EVAL_BATCH_SIZE = flags.DEFINE_integer(
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 751, "Identities of the classifier.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Override config.dtype (float32 / bfloat16).")
 _JSON = flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
+_EXTRACTION = flags.DEFINE_bool("extraction", True, "Also time the feature-extraction forward.")
+
+
+def peak_memory_gib() -> float | None:
+    """Peak bytes in use on the first device so far (GPU / TPU), in GiB; None on the CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2**30, 2)
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
@@ -99,6 +109,7 @@ def bench_config(config: ml_collections.ConfigDict, batch_size: int, steps: int,
         "image": f"{h}x{w}", "dtype": config.dtype, "batch": batch_size,
         "params_M": round(params / 1e6, 2), "compile_s": round(compile_s, 1),
         "step_s": round(step_s, 3), "images_per_s": round(batch_size / step_s, 1),
+        "peak_memory_gib": peak_memory_gib(),
     }
 
 
@@ -155,14 +166,17 @@ def main(argv: list[str]) -> None:
         eval_batch = _EVAL_BATCH_SIZE.value or int(
             config.data.get("eval_batch_size", embeddings.DEFAULT_BATCH_SIZE))
         row = {"config": os.path.basename(path),
-               **bench_config(config, batch, _STEPS.value, _WARMUP.value, _NUM_CLASSES.value),
-               **bench_extraction(config, eval_batch, _STEPS.value, _WARMUP.value,
-                                  _NUM_CLASSES.value)}
+               **bench_config(config, batch, _STEPS.value, _WARMUP.value, _NUM_CLASSES.value)}
+        if _EXTRACTION.value:
+            row.update(bench_extraction(config, eval_batch, _STEPS.value, _WARMUP.value,
+                                        _NUM_CLASSES.value))
         rows.append(row)
         print(json.dumps(row), flush=True)
     header = ("config", "width", "blocks", "image", "dtype", "batch", "params_M", "compile_s",
-              "step_s", "images_per_s", "extract_batch", "extract_compile_s", "extract_batch_s",
-              "extract_images_per_s")
+              "step_s", "images_per_s", "peak_memory_gib")
+    if _EXTRACTION.value:
+        header += ("extract_batch", "extract_compile_s", "extract_batch_s",
+                   "extract_images_per_s")
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
     print("  ".join(h.ljust(n) for h, n in zip(header, widths, strict=True)))
     for r in rows:
@@ -173,4 +187,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

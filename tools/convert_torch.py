@@ -16,7 +16,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import convert_torch
+from reid_jax import cli, convert_torch
 
 _INPUT = flags.DEFINE_string("input", None, "PyTorch state dict (.pth).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Checkpoint directory to write.", required=True)
@@ -38,4 +38,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

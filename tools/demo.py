@@ -22,9 +22,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from reid_jax import atomic_io
+from reid_jax import atomic_io, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(REPO, "tools")
@@ -36,9 +36,14 @@ flags.DEFINE_string("config", os.path.join(REPO, "configs", "agw_synthetic.py"),
 flags.DEFINE_integer("num_train_ids", 60, "Synthetic training identities.")
 flags.DEFINE_integer("num_test_ids", 60, "Synthetic test identities.")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic dataset.")
-flags.DEFINE_integer("head_epochs", 200, "Epochs of attribute-head training.")
-flags.DEFINE_float("head_lr", 1e-2, "Learning rate of attribute-head training.")
-flags.DEFINE_string("threshold", "0.4", "Confidence threshold t of the explanations.")
+# Unset: the config's own value (configs/agw_synthetic.py: attributes.epochs 200,
+# attributes.learning_rate 1e-2, explain.threshold 0.4).
+flags.DEFINE_integer("head_epochs", None, "Epochs of attribute-head training "
+                     "(default: config.attributes.epochs).")
+flags.DEFINE_float("head_lr", None, "Learning rate of attribute-head training "
+                   "(default: config.attributes.learning_rate).")
+flags.DEFINE_string("threshold", None, "Confidence threshold t of the explanations "
+                    "(default: config.explain.threshold).")
 flags.DEFINE_multi_string("train_override", [],
                           "Extra `--config.X=Y` overrides for tools/train.py (repeatable).")
 
@@ -52,6 +57,11 @@ def _run(step: str, tool: str, *args: str) -> None:
         raise SystemExit(f"demo step '{step}' failed (exit {proc.returncode}); fix the error "
                          f"above and run the demo again: finished steps are reused.")
     print(f"=== {step} done in {time.time() - t0:.0f} s", flush=True)
+
+
+def _given(**values) -> list[str]:
+    """``--name=value`` for the flags the user set (the others come from the config)."""
+    return [f"--{name}={value}" for name, value in values.items() if value is not None]
 
 
 def _skip(step: str, why: str) -> None:
@@ -113,7 +123,7 @@ def main(argv):
         _skip("attribute head", "the checkpoint has one")
     else:
         _run("attribute head", "train_attributes.py", f"--checkpoint={checkpoint}",
-             f"--data_root={data}", f"--epochs={FLAGS.head_epochs}", f"--lr={FLAGS.head_lr}")
+             f"--data_root={data}", *_given(epochs=FLAGS.head_epochs, lr=FLAGS.head_lr))
 
     record = _Record(os.path.join(work, "demo_steps.json"))
     key = {"checkpoint_step": checkpoints.latest_step(checkpoint)}
@@ -121,10 +131,11 @@ def main(argv):
                f"--data_root={data}", f"--output={evaluation}")
     record.run("measure explanations", os.path.join(explain_dir, "explanation_metrics.json"), key,
                "evaluate_explanations.py", f"--checkpoint={checkpoint}", f"--data_root={data}",
-               f"--output_dir={explain_dir}", f"--threshold={FLAGS.threshold}")
+               f"--output_dir={explain_dir}", *_given(threshold=FLAGS.threshold))
     record.run("explain rankings", os.path.join(explain_dir, "report", "index.html"), key,
                "explain.py", f"--checkpoint={checkpoint}", f"--data_root={data}",
-               f"--output_dir={explain_dir}", "--order=worst_ap", f"--threshold={FLAGS.threshold}")
+               f"--output_dir={explain_dir}", "--order=worst_ap",
+               *_given(threshold=FLAGS.threshold))
     record.run("analysis", os.path.join(analysis_dir, "table_4_1.md"), key, "analyze.py",
                f"--checkpoint={checkpoint}", f"--data_root={data}",
                f"--output_dir={analysis_dir}")
@@ -147,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

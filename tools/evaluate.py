@@ -24,9 +24,9 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import atomic_io, checkpoints, embeddings, evaluation
+from reid_jax import atomic_io, checkpoints, cli, embeddings, evaluation
 from reid_jax.data import attributes as attributes_lib
-from reid_jax.train import attribute_training, loop
+from reid_jax.train import attribute_training
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
                                   required=True)
@@ -49,7 +49,7 @@ REPORTED_RANKS = evaluation.REPORTED_RANKS
 OUTPUT_FILE = "evaluation.json"
 
 
-def evaluate(
+def evaluate_checkpoint(
     checkpoint_dir: str,
     config: Any,
     data_root: str,
@@ -90,7 +90,7 @@ def evaluate(
                 head, attrs, [query, gallery])
     else:
         logging.info("checkpoint step %d has no attribute head: re-id metrics only. %s", step,
-                     loop.NO_HEAD_HINT)
+                     checkpoints.NO_HEAD_HINT)
     return {"reid": reid, "attributes": attribute_result,
             "checkpoint": {"directory": directory, "step": int(step)},
             "data_root": os.path.abspath(data_root)}
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     cache_dir = embeddings.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
-    result = evaluate(_CHECKPOINT.value, config, data_root,
+    result = evaluate_checkpoint(_CHECKPOINT.value, config, data_root,
                       attributes_file=_ATTRIBUTES_FILE.value, step=_STEP.value,
                       cache_dir=cache_dir, batch_size=_BATCH_SIZE.value)
     print(f"re-id, checkpoint {result['checkpoint']['directory']} step "
@@ -128,4 +128,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -2,8 +2,12 @@ r"""Explains the re-id rankings of many queries: JSONL records and an HTML repor
 
   python tools/explain.py --checkpoint=WORKDIR/checkpoints --config=configs/agw_market1501.py \
       --data_root=DATA --output_dir=/tmp/explain [--num_queries=100 | --query_files=a.jpg,b.jpg] \
-      [--k=10] [--threshold=0.4] [--mode=paper|complete] [--order=query|worst_ap] \
-      [--error_ranks=1,3,10] [--report_queries=50]
+      [--k=10] [--threshold=0.4] [--mode=paper|complete|projection|disagreement] \
+      [--order=query|worst_ap] [--error_ranks=1,3,10] [--report_queries=50]
+
+The settings come from the config's ``explain`` section (reid_jax/explain/settings.py; the
+checkpoint's stored config unless --config is given); each flag overrides one field, and so
+does ``--config.explain.FIELD=VALUE`` with --config.
 
 Queries: every query by default; --num_queries=N takes the FIRST N query files by file name (not
 the N worst; --order then orders those), --query_files names them.
@@ -18,12 +22,12 @@ tools/screenshot_report.sh.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
+from reid_jax import cli, embeddings
 from reid_jax.explain import run as explain_run
+from reid_jax.explain import settings
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Orbax checkpoint directory with an attribute head.", required=True)
@@ -36,24 +40,43 @@ _NUM_QUERIES = flags.DEFINE_integer(
     "num_queries", None, "Explain the FIRST N query files by file name (not the N worst; "
     "--order then orders those N). Default: every query.")
 _QUERY_FILES = flags.DEFINE_list("query_files", None, "Explain these query files (base names).")
-_K = flags.DEFINE_integer("k", 10, "Ranks explained per query.")
+# Defaults of these flags: config.explain (reid_jax.explain.settings.default_config).
+_K = flags.DEFINE_integer("k", None, "Ranks explained per query (config.explain.k, 10).")
 _THRESHOLD = flags.DEFINE_string(
-    "threshold", "0.4", "Confidence threshold t_a in [0, 0.5): one value, or 30 comma-separated "
-    "(one per attribute). |x_a - 0.5| > t_a selects attribute a.")
-_MODE = flags.DEFINE_enum("mode", "paper", list(explain_run.MODES),
-                          "paper: eq. 3.2; complete: the decomposition that sums to the distance.")
-_ORDER = flags.DEFINE_enum("order", "query", list(explain_run.ORDERS),
-                           "query: file-name order; worst_ap: lowest average precision first.")
+    "threshold", None, "Confidence threshold t_a in [0, 0.5): one value, or 30 comma-separated "
+    "(one per attribute); |x_a - 0.5| > t_a selects attribute a (config.explain.threshold, 0.4).")
+_MODE = flags.DEFINE_enum("mode", None, list(settings.MODES),
+                          "paper: eq. 3.2; complete: the decomposition that sums to the distance; "
+                          "projection: the distance along the attribute directions, with the "
+                          "remainder as its own part; disagreement: the probability that the "
+                          "labels differ (config.explain.mode, paper).")
+_ORDER = flags.DEFINE_enum("order", None, list(settings.ORDERS),
+                           "query: file-name order; worst_ap: lowest average precision first "
+                           "(config.explain.order, query).")
 _ERROR_RANKS = flags.DEFINE_list(
-    "error_ranks", None, "Ranks whose error composition is drawn (default: 1,3,10 up to k).")
+    "error_ranks", None, "Ranks whose error composition is drawn (config.explain.error_ranks: "
+    "1,3,10 up to k).")
 _REPORT_QUERIES = flags.DEFINE_integer(
-    "report_queries", 50, "Queries drawn in the HTML report (-1: all); the JSONL has all.")
+    "report_queries", None, "Queries drawn in the HTML report, -1: all; the JSONL has all "
+    "(config.explain.report_queries, 50).")
 _EXPLANATION_METRICS = flags.DEFINE_string(
     "explanation_metrics", None, "explanation_metrics.json to show on the summary page "
     "(default: OUTPUT_DIR/explanation_metrics.json when it exists).")
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Embedding cache folder (default: OUTPUT_DIR/embeddings).")
-_QUERY_CHUNK = flags.DEFINE_integer("query_chunk", 256, "Queries per kernel call.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace explanations.jsonl, summary.json or report/ in --output_dir "
+    "when this tool did not write them (they are moved aside to NAME.replaced-<time>); without "
+    "it such an output folder is refused.")
+_QUERY_CHUNK = flags.DEFINE_integer(
+    "query_chunk", None, "Queries per kernel call (config.explain.query_chunk, 256).")
+
+
+def _rank(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--error_ranks must be ranks (integers), got {text!r}") from None
 
 
 def main(argv: list[str]) -> None:
@@ -63,22 +86,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give --num_queries or --query_files, not both")
     queries = _NUM_QUERIES.value if _NUM_QUERIES.value is not None else (
         _QUERY_FILES.value or "all")
-    try:
-        from reid_jax import embeddings
-
-        threshold = explain_run.parse_threshold(_THRESHOLD.value)
-        error_ranks = None if _ERROR_RANKS.value is None else [int(r) for r in _ERROR_RANKS.value]
-        data_root = embeddings.resolve_data_root(_DATA_ROOT.value, _CONFIG.value,
-                                                _CHECKPOINT.value)
-        result = explain_run.run(
-            checkpoint=_CHECKPOINT.value, config=_CONFIG.value, data_root=data_root,
-            output_dir=_OUTPUT_DIR.value, queries=queries, k=_K.value, threshold=threshold,
-            mode=_MODE.value, order=_ORDER.value, error_ranks=error_ranks,
-            report_queries=None if _REPORT_QUERIES.value < 0 else _REPORT_QUERIES.value,
-            explanation_metrics=_EXPLANATION_METRICS.value, cache_dir=_CACHE_DIR.value,
-            query_chunk=_QUERY_CHUNK.value)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"tools/explain.py: error: {e}")
+    error_ranks = (None if _ERROR_RANKS.value is None
+                   else [_rank(r) for r in _ERROR_RANKS.value])
+    data_root = embeddings.resolve_data_root(_DATA_ROOT.value, _CONFIG.value, _CHECKPOINT.value)
+    result = explain_run.run(
+        checkpoint=_CHECKPOINT.value, config=_CONFIG.value, data_root=data_root,
+        output_dir=_OUTPUT_DIR.value, queries=queries, k=_K.value, threshold=_THRESHOLD.value,
+        mode=_MODE.value, order=_ORDER.value, error_ranks=error_ranks,
+        report_queries=_REPORT_QUERIES.value, query_chunk=_QUERY_CHUNK.value,
+        explanation_metrics=_EXPLANATION_METRICS.value, cache_dir=_CACHE_DIR.value,
+        overwrite=_OVERWRITE.value)
     s = result.summary
     print(f"explained {s['num_queries']} queries ({s['num_valid_queries']} with a valid match): "
           f"mAP {100 * s['mAP']:.2f} %, Rank-1 {100 * s['cmc'][0]:.2f} %, "
@@ -88,4 +105,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,7 +7,7 @@ Writes an ``.npz`` with
 
 - ``paths``: str [n], absolute paths of the images below --image_dir (recursive, sorted);
 - ``features``: float32 [n, N], the retrieval embedding (what is ranked and explained;
-  DESIGN.md section 2; ``config.model.retrieval_feature``, by default post-BN, L2-normalised);
+  docs/design.md; ``config.model.retrieval_feature``, by default post-BN, L2-normalised);
 - when the checkpoint step has an attribute head: ``attributes`` float32 [n, 30] probabilities
   ``sigmoid(features @ W)`` and ``attribute_names`` str [30];
 - with --pre_bn: ``pre_bn`` float32 [n, N], the GeM feature before BNNeck.
@@ -24,9 +24,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import atomic_io, checkpoints, embeddings
+from reid_jax import atomic_io, checkpoints, cli, embeddings
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
-from reid_jax.train import loop
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
                                   required=True)
@@ -62,7 +61,7 @@ def extract_folder(checkpoint_dir: str, config, image_dir: str, output: str, *,
         head = checkpoints.restore_attribute_head(checkpoint_dir, step)
     else:
         logging.info("checkpoint has no attribute head: writing features only. %s",
-                     loop.NO_HEAD_HINT)
+                     checkpoints.NO_HEAD_HINT)
     loader_config = embeddings.eval_loader_config(config)
     if batch_size is None:
         batch_size = embeddings.eval_batch_size(config)
@@ -92,4 +91,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

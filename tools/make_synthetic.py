@@ -15,7 +15,7 @@ import json
 
 from absl import app, flags
 
-from reid_jax import synthetic
+from reid_jax import cli, synthetic
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Dataset root to create.", required=True)
 _NUM_TRAIN_IDS = flags.DEFINE_integer("num_train_ids", 60, "Identities in bounding_box_train.")
@@ -54,4 +54,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -4,18 +4,23 @@ r"""Trains AGW: flags -> ``reid_jax.train.loop.train_and_evaluate(config, workdi
       --config.data.root=/data/Market-1501-v15.09.15 --config.init_from=/ckpt/resnet50
 
 Any config field can be overridden (``--config.num_epochs=5``, ``--config.data.p=8``). Running
-the same command again resumes from the latest checkpoint in ``workdir/checkpoints``. Multi-host:
-add ``--jax_distributed`` on every host (see ``reid_jax/loop.py``).
+the same command again resumes from the latest checkpoint in ``workdir/checkpoints``. Ctrl-C or
+SIGTERM (preemption) finishes the current step, saves it and stops with one line saying where;
+a second Ctrl-C stops at once. Multi-host:
+add ``--jax_distributed`` on every host (see ``reid_jax/train/loop.py`` and docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from reid_jax import cli
 from reid_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -38,12 +43,23 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+        # Barriers through the coordination service, which waits for late processes (orbax's
+        # default is a device collective, which on CPU gives up after 30 s); and every process
+        # starts together (docs/scaling.md, "Multi-host training").
+        if not flags.FLAGS["experimental_orbax_use_distributed_barrier"].present:
+            flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+        ocp.multihost.sync_global_processes("tools/train.py: every process started")
     loop.quiet_orbax_logging()
     logging.info("config:\n%s", _CONFIG.value)
-    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except loop.TrainingInterrupted as e:
+        # Saved and stopped cleanly (preemption, Ctrl-C): one line, the signal's exit status.
+        print(f"tools/train.py: stopped by {e}", file=sys.stderr, flush=True)
+        raise SystemExit(130 if e.signal_name == "SIGINT" else 143) from None
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "cmc"}, indent=1))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from reid_jax import embeddings
+from reid_jax import cli, embeddings
 from reid_jax.train import attribute_training
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory of the re-id "
@@ -36,17 +36,17 @@ _DATA_ROOT = flags.DEFINE_string(
     "data_root", None, "Market-1501-layout folder (default: the config's data.root).")
 _ATTRIBUTES_FILE = flags.DEFINE_string(
     "attributes_file", None, "market_attribute.mat (default: DATA_ROOT/market_attribute.mat).")
-_EPOCHS = flags.DEFINE_integer("epochs", attribute_training.HeadTrainConfig.epochs,
-                               "Passes over the training embeddings.")
-_LR = flags.DEFINE_float("lr", attribute_training.HeadTrainConfig.learning_rate,
-                         "Adam learning rate.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", attribute_training.HeadTrainConfig.batch_size,
-                                   "Embeddings per training step.")
+# Defaults of these flags: config.attributes (reid_jax.train.attribute_training.default_config).
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Passes over the training embeddings "
+                               "(config.attributes.epochs, 30).")
+_LR = flags.DEFINE_float("lr", None, "Adam learning rate (config.attributes.learning_rate, 1e-3).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Embeddings per training step "
+                                   "(config.attributes.batch_size, 64).")
 _WEIGHT_DECAY = flags.DEFINE_float(
-    "weight_decay", attribute_training.HeadTrainConfig.weight_decay,
-    "AdamW decoupled weight decay (0: Adam).")
-_SEED = flags.DEFINE_integer("seed", attribute_training.HeadTrainConfig.seed,
-                             "Head initialisation and shuffling seed.")
+    "weight_decay", None, "AdamW decoupled weight decay, 0: Adam (config.attributes.weight_decay, "
+    "0).")
+_SEED = flags.DEFINE_integer("seed", None, "Head initialisation and shuffling seed "
+                             "(config.attributes.seed, 0).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of the re-id model (default: latest).")
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Embedding cache folder (default: CHECKPOINT/embedding_cache; "
@@ -67,9 +67,13 @@ def main(argv: list[str]) -> None:
         data_root = embeddings.resolve_data_root(_DATA_ROOT.value, config, _CHECKPOINT.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    train_config = attribute_training.HeadTrainConfig(
-        epochs=_EPOCHS.value, learning_rate=_LR.value, batch_size=_BATCH_SIZE.value,
-        weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value)
+    try:
+        train_config = attribute_training.head_train_config(
+            embeddings.restore_config(_CHECKPOINT.value, config, _STEP.value),
+            epochs=_EPOCHS.value, learning_rate=_LR.value, batch_size=_BATCH_SIZE.value,
+            weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     cache_dir = embeddings.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
     result = attribute_training.train_attributes(
         _CHECKPOINT.value, config, data_root, attributes_file=_ATTRIBUTES_FILE.value,
@@ -85,4 +89,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -23,7 +23,10 @@ Guarantees:
 Backends: ``"thread"`` (default) runs workers as threads writing straight into the batch
 buffer (PIL's decode and resize, and numpy's larger array operations, release the GIL);
 ``"process"`` runs them in spawned processes (no GIL, but every image crosses a pipe);
-``num_workers=0`` runs everything in the calling thread (for debugging).
+``"grain"`` hands whole batches to ``grain``'s worker processes (``mp_prefetch``: each worker
+builds a batch from its step number alone and passes it back through shared memory; no GIL,
+the choice for many cores, see docs/scaling.md, "Input pipeline"); ``num_workers=0`` runs
+everything in the calling thread (for debugging). Every backend gives the same batches.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from reid_jax.data.sampler import RandomIdentitySampler
 
 Batch = dict[str, np.ndarray]
 
-_BACKENDS = ("thread", "process")
+_BACKENDS = ("thread", "process", "grain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +57,8 @@ class LoaderConfig:
       k: images per identity in a training batch.
       num_workers: parallel workers; 0 runs in the calling thread.
       prefetch: batches prepared ahead of the consumer (bounds memory: each in-flight train
-        batch is ``P*K*H*W*3*4`` bytes, 25 MB at 64 x 256 x 128).
-      backend: ``"thread"`` or ``"process"``.
+        batch is ``P*K*H*W*3*4`` bytes, 25 MB at 64 x 256 x 128); with ``"grain"``, per worker.
+      backend: ``"thread"``, ``"process"`` or ``"grain"``.
       images_per_task: images one worker handles per task.
       augment: the augmentation recipe (also gives H, W, mean and std for evaluation).
     """
@@ -122,6 +125,61 @@ class _Plan:
     size: int  # rows of the batch (padded rows beyond len(items) stay zero)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrainPlans:
+    """Batch ``step`` of a training run (this process's rows) as a plan; picklable."""
+
+    items: Sequence[Any]
+    labels: np.ndarray  # int32 [N]
+    sampler: RandomIdentitySampler
+    seed: int
+    first: int  # this process's first row of the global batch
+    rows: int
+
+    def __call__(self, step: int) -> _Plan:
+        index = self.sampler.batch(step)[self.first:self.first + self.rows]
+        return _Plan(
+            fields={"label": self.labels[index], "index": index.copy()},
+            items=[self.items[int(i)] for i in index],
+            seeds=[(self.seed, step, self.first + slot) for slot in range(index.size)],
+            size=index.size,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalPlans:
+    """Evaluation batch ``b`` (padded to ``batch_size``) as a plan; picklable."""
+
+    items: Sequence[Any]
+    batch_size: int
+
+    def __call__(self, b: int) -> _Plan:
+        lo = b * self.batch_size
+        real = min(self.batch_size, len(self.items) - lo)
+        index = np.full(self.batch_size, -1, np.int32)
+        index[:real] = np.arange(lo, lo + real, dtype=np.int32)
+        return _Plan(
+            fields={"index": index, "mask": index >= 0},
+            items=[self.items[i] for i in range(lo, lo + real)],
+            seeds=None,
+            size=self.batch_size,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadBatch:
+    """Plan number ``i`` read and transformed into a batch: what a grain worker runs."""
+
+    plans: Any  # _TrainPlans | _EvalPlans
+    config: augment.AugmentConfig
+
+    def __call__(self, i: int) -> Batch:
+        plan = self.plans(int(i))
+        out = np.zeros((plan.size, self.config.height, self.config.width, 3), np.float32)
+        augment.load_transform(plan.items, self.config, plan.seeds, out[:len(plan.items)])
+        return {"image": out, **plan.fields}
+
+
 def _load_into(
     items: list[Any],
     config: augment.AugmentConfig,
@@ -147,9 +205,13 @@ class ReidLoader:
         config: LoaderConfig,
         length: int | None,
         step: int | None = None,
+        grain_batches: tuple[Any, int, int | None] | None = None,
     ) -> None:
         self._plans = plans
         self._config = config
+        # (plans by number, first number, stop): the batches come from grain's workers.
+        self._grain_batches = grain_batches
+        self._grain_iterator: Any = None
         self._length = length
         self.step = step
         self.sampler: RandomIdentitySampler | None = None
@@ -182,7 +244,7 @@ class ReidLoader:
     def _pool(self) -> cf.Executor:
         if self._executor is None:
             n = self._config.num_workers
-            if self._config.backend == "thread":
+            if self._config.backend != "process":
                 self._executor = cf.ThreadPoolExecutor(n, thread_name_prefix="reid_loader")
             else:
                 # spawn, not fork: forking a process that runs JAX's threads can deadlock.
@@ -217,9 +279,30 @@ class ReidLoader:
                 break
             self._submit(plan)
 
+    def _next_from_grain(self) -> Batch:
+        if self._grain_iterator is None:
+            self._grain_iterator = _grain_iterator(self._config, *self._grain_batches)
+        return next(self._grain_iterator)
+
     def __next__(self) -> Batch:
         if self._closed:
             raise StopIteration
+        if self._grain_batches is not None and self._config.num_workers > 0:
+            try:
+                batch = self._next_from_grain()
+            except StopIteration:
+                self.close()
+                raise
+            except BaseException as e:
+                self.close()
+                if isinstance(e, augment.ImageLoadError):
+                    raise
+                if "ImageLoadError" in repr(e):  # raised in a worker: name it the same way
+                    raise augment.ImageLoadError(str(e)) from e
+                raise
+            if self.step is not None:
+                self.step += 1
+            return batch
         try:
             self._fill()
             if not self._queue:
@@ -249,9 +332,41 @@ class ReidLoader:
             for _, fut in futures:
                 fut.cancel()
         self._queue.clear()
+        if self._grain_iterator is not None:
+            close = getattr(self._grain_iterator, "close", None)
+            if close is not None:
+                close()
+            self._grain_iterator = None
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+
+
+def _grain_iterator(config: LoaderConfig, plans: Any, start: int, stop: int | None) -> Any:
+    """Batches ``start, start + 1, ...`` (to ``stop``) of ``plans`` from grain's workers.
+
+    Each element is one whole batch, built in a worker process from its number alone (the
+    sampler and the per-image seeds make it a pure function of the number), so the stream is
+    the same for any worker count and resumes at any number (docs/scaling.md, "Input
+    pipeline").
+    """
+    try:
+        import grain
+    except ImportError as e:
+        raise ImportError("LoaderConfig.backend='grain' needs the grain package "
+                          "(pip install grain)") from e
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        # grain reads its own absl flags; outside an absl app (a notebook, pytest) take their
+        # defaults, as app.run would.
+        flags.FLAGS.mark_as_parsed()
+    # An endless stream is a range far beyond any run (grain indexes it lazily).
+    stop = start + 2**40 if stop is None else stop
+    dataset = grain.MapDataset.range(start, stop).map(_LoadBatch(plans, config.augment))
+    options = grain.MultiprocessingOptions(num_workers=config.num_workers,
+                                           per_worker_buffer_size=config.prefetch)
+    return iter(dataset.to_iter_dataset().mp_prefetch(options))
 
 
 def _as_config(config: LoaderConfig | Mapping[str, Any] | None) -> LoaderConfig:
@@ -277,8 +392,16 @@ def train_batches(
     seed: int,
     start_step: int = 0,
     stop_step: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> ReidLoader:
     """P x K training batches with the AGW augmentation, from global step ``start_step``.
+
+    With several processes (multi-host data parallelism) each loads only its own rows of every
+    global batch: process ``i`` of ``n`` gets rows ``[i * B/n, (i + 1) * B/n)``, the same images
+    with the same random draws (keyed by the global slot) as those rows of the one-process
+    batch, so the global batch is the same however many processes load it
+    (docs/scaling.md, "Multi-host input").
 
     Args:
       items: [N] images (paths, encoded bytes, uint8 arrays, or records with an ``"image"``
@@ -289,10 +412,14 @@ def train_batches(
       seed: the run's seed.
       start_step: first global step to produce (the restored checkpoint's step).
       stop_step: produce steps ``start_step .. stop_step - 1``; None for an endless stream.
+      process_index, process_count: this process and the number of processes
+        (``jax.process_index()``, ``jax.process_count()``); ``P * K`` must be divisible by
+        ``process_count``.
 
     Returns:
       A :class:`ReidLoader` yielding ``{"image": float32[B, H, W, 3], "label": int32[B],
-      "index": int32[B]}`` with ``B = P * K``; ``index`` points into ``items``.
+      "index": int32[B]}`` with ``B = P * K / process_count`` (this process's rows);
+      ``index`` points into ``items``.
       ``loader.sampler.locate(step)`` gives ``(epoch, batch in epoch)`` of a step.
     """
     config = _as_config(config)
@@ -307,23 +434,27 @@ def train_batches(
         raise ValueError(f"train_batches: start_step must be >= 0, got {start_step}")
     if stop_step is not None and stop_step < start_step:
         raise ValueError(f"train_batches: stop_step={stop_step} < start_step={start_step}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"train_batches: process_index={process_index} is not in "
+                         f"[0, process_count={process_count})")
+    if config.batch_size % process_count:
+        raise ValueError(f"train_batches: the global batch P * K = {config.batch_size} must be "
+                         f"divisible by the {process_count} processes loading it")
     sampler = RandomIdentitySampler(labels, config.p, config.k, seed=seed)
-    labels32 = labels.astype(np.int32)
+    rows = config.batch_size // process_count
+    by_step = _TrainPlans(items, labels.astype(np.int32), sampler, seed,
+                          process_index * rows, rows)
 
     def plans() -> Iterator[_Plan]:
         step = start_step
         while stop_step is None or step < stop_step:
-            index = sampler.batch(step)
-            yield _Plan(
-                fields={"label": labels32[index], "index": index.copy()},
-                items=[items[int(i)] for i in index],
-                seeds=[(seed, step, slot) for slot in range(index.size)],
-                size=index.size,
-            )
+            yield by_step(step)
             step += 1
 
     length = None if stop_step is None else stop_step - start_step
-    loader = ReidLoader(plans(), config, length, step=start_step)
+    loader = ReidLoader(plans(), config, length, step=start_step,
+                        grain_batches=(by_step, start_step, stop_step)
+                        if config.backend == "grain" else None)
     loader.sampler = sampler
     return loader
 
@@ -350,21 +481,12 @@ def eval_batches(
     _check_items(items, "eval_batches")
     if batch_size < 1:
         raise ValueError(f"eval_batches: batch_size must be >= 1, got {batch_size}")
-    n = len(items)
-
-    def plans() -> Iterator[_Plan]:
-        for lo in range(0, n, batch_size):
-            real = min(batch_size, n - lo)
-            index = np.full(batch_size, -1, np.int32)
-            index[:real] = np.arange(lo, lo + real, dtype=np.int32)
-            yield _Plan(
-                fields={"index": index, "mask": index >= 0},
-                items=[items[i] for i in range(lo, lo + real)],
-                seeds=None,
-                size=batch_size,
-            )
-
-    return ReidLoader(plans(), config, -(-n // batch_size))
+    num_batches = -(-len(items) // batch_size)
+    by_number = _EvalPlans(items, batch_size)
+    plans = (by_number(b) for b in range(num_batches))
+    return ReidLoader(plans, config, num_batches,
+                      grain_batches=(by_number, 0, num_batches)
+                      if config.backend == "grain" else None)
 
 
 def batch_sharding(axis_name: str = "data") -> Any:
@@ -439,3 +561,25 @@ def global_to_device(batch: Batch, sharding: Any = None) -> dict[str, Any]:
             value = value[pid * rows:(pid + 1) * rows]
         local[key] = value
     return to_device(local, sharding)
+
+
+def put_replicated(tree: Any, sharding: Any) -> Any:
+    """Places a pytree whose values are the same on every process on the devices of ``sharding``.
+
+    With one process this is ``jax.device_put``. With several, ``jax.device_put`` of host values
+    first checks with a cross-process collective, one per leaf, that every process passes the
+    same value; a slow process then makes the others time out (gloo waits 30 s) and a model has
+    hundreds of leaves. Here each process builds its own shards from its own copy
+    (``jax.make_array_from_callback``), which the deterministic initialisation makes equal
+    (docs/scaling.md, "Multi-host training").
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf: Any) -> Any:
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)

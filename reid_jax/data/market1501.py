@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import logging
@@ -100,6 +101,9 @@ class Split:
       junk_left_out: images with pid -1 not included.
       distractors_left_out: pid 0 images not included (train and query only).
       undecodable_skipped: paths skipped because they did not decode (``skip_undecodable``).
+      records: None for a folder; for the TFDS source (``reid_jax.data.sources``) the split's
+        data source, record ``i`` holding image ``i`` (``paths[i]`` then only names it).
+      record_files: the array_record files ``records`` are read from (TFDS source only).
     """
 
     name: str
@@ -114,9 +118,22 @@ class Split:
     junk_left_out: int = 0
     distractors_left_out: int = 0
     undecodable_skipped: tuple[str, ...] = ()
+    records: Any = None
+    record_files: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def items(self) -> Sequence[Any]:
+        """What the input pipeline reads, image ``i`` at ``items[i]``: ``records`` when set (TFDS
+        records with the encoded image), else ``paths``."""
+        return self.paths if self.records is None else self.records
+
+    @property
+    def source_files(self) -> tuple[str, ...]:
+        """The files the images are read from: ``record_files`` or ``paths``."""
+        return self.record_files if self.records is not None else self.paths
 
     @property
     def num_images(self) -> int:
@@ -274,3 +291,13 @@ def load_market1501(root: str | os.PathLike, *, verify_images: bool = False,
     data = Market1501(root=root, **splits)
     logging.info("%s", data.summary())
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a data root as a config says.
+
+
+def config_data_section(config: Any) -> Mapping:
+    """``config.data`` (``{}`` when ``config`` or the section is missing)."""
+    data = config.get("data") if config is not None and hasattr(config, "get") else None
+    return data if data is not None else {}

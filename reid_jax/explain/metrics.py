@@ -1,5 +1,5 @@
-"""Explanation quality measured (DESIGN.md §5): counterfactual hit rate, AUROC of matching scores
-and the attribute-consistency metrics of AMD.
+"""Explanation quality measured: counterfactual hit rate, AUROC of matching scores and the
+attribute-consistency metrics of AMD (``docs/design.md``, "Explanations measured").
 
 The paper (Specker) evaluates its explanations qualitatively.  This module measures them:
 
@@ -7,7 +7,9 @@ The paper (Specker) evaluates its explanations qualitatively.  This module measu
   the attribute whose eq. 3.2 contribution rises most (``e_a^cf - e_a^orig``) the changed one?
 * :func:`matching_score_auroc` — do the matching scores of eq. 3.1 separate query/gallery pairs
   whose ground-truth labels agree from pairs whose labels differ (rank-based AUROC)?
-  :class:`AurocAccumulator` is its streamed (histogram) form for all pairs of a large gallery.
+  :class:`AurocAccumulator` is its streamed (histogram) form for all pairs of a large gallery;
+  :func:`constant_auroc` the pooled AUROC of one constant per attribute (the baseline) and
+  :func:`macro_auroc` the mean of the per-attribute AUROCs.
 * :func:`amd_metrics` / :class:`AmdAccumulator` — Ex-Precision and Ex-mAP of AMD (Chen et al.,
   "Explainable person re-identification with attribute-guided metric distillation", ICCV 2021),
   streamed over all query x gallery pairs by :func:`streamed_amd_over_gallery` and over the
@@ -16,18 +18,22 @@ The paper (Specker) evaluates its explanations qualitatively.  This module measu
 
 AMD metrics.  For a pair ``(q, g)`` let ``D`` be the attributes whose ground-truth labels differ,
 ``k = |D|``, and ``S`` the attributes that agree.  An explanation gives every attribute a
-*separation* score ("this attribute separates them"): eq. 3.2's ``e_a`` (``mode="paper"``), its
-complete decomposition (``mode="complete"``) or ``1 - s_a`` with eq. 3.1's matching score
-(``mode="scores"``).  Ranking attributes by separation, descending:
+*separation* score ("this attribute separates them"), one per mode of :data:`MODES`: eq. 3.2's
+``e_a`` (``"paper"``), its complete decomposition (``"complete"``), the projection
+contributions (``"projection"``), ``1 - s_a`` with eq. 3.1's matching score (``"scores"``), the
+probability that the labels differ (``"disagreement"``) or a fixed order (``"prior"``, from
+``reid_jax.explain.baselines``).  Ranking attributes by separation, descending:
 
 * ``Ex-Precision_d = |top-k ∩ D| / k`` and ``Ex-mAP_d`` = average precision of the ranking
   against ``D`` (``AP = (1/k) sum_{a in D} precision at a's rank``), both averaged over the pairs
   with ``k > 0`` (AMD's ``explain_eval``);
 * the same variants ``_s`` rank ascending against ``S`` (top-``|S|`` of the ascending ranking).
-  They are averaged over the pairs with ``0 < |S| < A``.  Deviation from AMD: when all
-  attributes agree (``k = 0``) every ranking scores 1, and AMD's code then subtracts attributes
-  whose share ``sep_a / sum_b sep_b`` exceeds ``2 / A``; a share is undefined for the signed
-  ``e_a`` of eq. 3.2 and for ``1 - s_a`` (both can be negative), so we leave such pairs out.
+  They are averaged over the pairs with ``0 < |S| < A``: when all attributes agree (``k = 0``)
+  every ranking scores 1.  AMD's code scores such pairs by their "over-shared" attributes
+  instead (share above ``2 / A``, :func:`over_shared`); ``ex_precision_s_amd`` /
+  ``ex_map_s_amd`` follow it: the pairs with ``k = 0`` count too, each ``1 - |over| / A`` in
+  both (shares of the positive parts for signed separations; ``docs/design.md``,
+  "Explanations measured").
 * Per attribute (AMD's ``diff_i``/``same_i``, plus AP): ``precision_d[a]`` is the fraction of
   the pairs with ``a in D`` in which ``a`` is ranked within the top ``k``, and ``ap_d[a]`` the
   mean precision at ``a``'s rank over those pairs (``a``'s contribution to ``Ex-mAP_d``: the
@@ -51,7 +57,8 @@ The ``chance`` entries are the same metrics for a ranking that ties all attribut
 ranking), from the histogram of ``k``.
 
 All functions return plain JSON-ready dicts (``None`` where a value is undefined, e.g. an
-attribute that never differs).
+attribute that never differs), except the ``"groups"`` / ``"rows"`` entries: per-query sums and
+per-pair values (NumPy arrays) for the bootstrap of ``reid_jax.explain.bootstrap``.
 """
 
 from __future__ import annotations
@@ -71,7 +78,10 @@ from reid_jax.data.attributes import ATTRIBUTE_NAMES
 Array = jax.Array
 
 # How an explanation's "this attribute separates q and g" score is formed.
-MODES = ("paper", "complete", "scores")
+MODES = ("prior", "paper", "complete", "projection", "scores", "disagreement")
+# The explanations that come with a matching score ("do the labels agree?"), whose AUROC is
+# measured: eq. 3.1's s_a, and the agreement probability 1 - P(labels differ).
+SCORE_MODES = ("scores", "disagreement")
 # Matching scores of eq. 3.1 lie in [0, 2]: numerator in [0, 1], denominator in [0.5, 1].
 SCORE_RANGE = (0.0, 2.0)
 
@@ -159,6 +169,7 @@ def counterfactual_hit_rate(
     *,
     top: Sequence[int] = (1, 3),
     names: Sequence[str] | None = None,
+    return_rows: bool = False,
 ) -> dict[str, Any]:
     """How often the attribute whose error contribution rises most is the changed attribute.
 
@@ -178,6 +189,8 @@ def counterfactual_hit_rate(
         (``labels_cf != labels_orig``); must include ``changed_attribute``.
       top: the ``m`` of the hit rates reported (``top1``, ``top3`` by default).
       names: attribute names (default ``ATTRIBUTE_NAMES`` for ``A = 30``).
+      return_rows: also return ``"rows"``: ``{"top{m}": [P], "mean_rank": [P]}`` per pair
+        (NumPy arrays, not JSON; for a bootstrap over the counterfactual images).
 
     Returns:
       ``{"num_pairs", "top{m}", "mean_rank", "chance": {"top{m}", "mean_rank"},
@@ -244,7 +257,7 @@ def counterfactual_hit_rate(
             entry[f"top{m}"] = float(hits[m][rows].mean()) if n else None
         entry["mean_rank"] = float(rank[rows].mean()) if n else None
         per_attribute[name] = entry
-    return {
+    out = {
         "num_pairs": int(p),
         **{f"top{m}": float(hits[m].mean()) for m in top},
         "mean_rank": float(rank.mean()),
@@ -252,6 +265,9 @@ def counterfactual_hit_rate(
                    "mean_rank": float(chance_rank.mean())},
         "per_attribute": per_attribute,
     }
+    if return_rows:
+        out["rows"] = {**{f"top{m}": hits[m] for m in top}, "mean_rank": rank}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +320,8 @@ def matching_score_auroc(
 
     Returns:
       ``{"auroc", "num_positive", "num_negative", "per_attribute": {name: {"auroc",
-      "num_positive", "num_negative"}}}``; ``auroc`` is ``None`` where a class is empty.
+      "num_positive", "num_negative"}}, "macro"}``; ``auroc`` is ``None`` where a class is
+      empty; ``macro`` is the mean of the defined per-attribute AUROCs.
     """
     s = _finite("scores", _as_2d("scores", scores))
     p, a = s.shape
@@ -320,7 +337,8 @@ def matching_score_auroc(
     return {"auroc": auroc(s[sel], agree[sel]),
             "num_positive": int(agree[sel].sum()),
             "num_negative": int((~agree[sel]).sum()),
-            "per_attribute": per_attribute}
+            "per_attribute": per_attribute,
+            "macro": macro_auroc([v["auroc"] for v in per_attribute.values()])}
 
 
 def _auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[float | None, float | None]:
@@ -335,12 +353,52 @@ def _auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[float | No
     return u / (n_pos * n_neg), bound
 
 
+def histogram_auroc(pos: Any, neg: Any) -> np.ndarray:
+    """AUROC from class histograms ``[..., bins]`` (one bin = ties): float64 ``[...]``, NaN
+    where a class is empty.  Vectorised over leading axes (e.g. bootstrap samples)."""
+    pos = np.asarray(pos, np.float64)
+    neg = np.asarray(neg, np.float64)
+    n_pos, n_neg = pos.sum(-1), neg.sum(-1)
+    u = np.sum(pos * (np.cumsum(neg, axis=-1) - 0.5 * neg), axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def constant_auroc(pos: Any, neg: Any, constants: Any) -> np.ndarray:
+    """Pooled AUROC of a score that is one constant per attribute.
+
+    Args:
+      pos, neg: ``[..., A]`` positive / negative entries per attribute.
+      constants: ``[A]`` the score of each attribute (e.g. its agreement rate).
+
+    Returns:
+      float64 ``[...]``: ``P(c_pos > c_neg) + P(c_pos = c_neg) / 2`` over the pooled entries;
+      NaN where a class is empty.
+    """
+    c = np.asarray(constants, np.float64)
+    values, slot = np.unique(c, return_inverse=True)
+    pos = np.asarray(pos, np.float64)
+    neg = np.asarray(neg, np.float64)
+    onehot = np.zeros((c.size, values.size))
+    onehot[np.arange(c.size), slot.ravel()] = 1.0
+    return histogram_auroc(pos @ onehot, neg @ onehot)
+
+
+def macro_auroc(per_attribute: Sequence[float | None]) -> float | None:
+    """The mean of the per-attribute AUROCs that are defined (``None`` if none is)."""
+    values = [float(v) for v in per_attribute if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _bin_index(s: Array, lo: float, hi: float, bins: int) -> Array:
+    return jnp.clip(jnp.floor((s - lo) / (hi - lo) * bins), 0, bins - 1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("bins",))
 def _histograms(scores, agree, selected, lo, hi, *, bins):
     a = scores.shape[-1]
     s = scores.reshape(-1, a)
-    idx = jnp.clip(jnp.floor((s - lo) / (hi - lo) * bins), 0, bins - 1).astype(jnp.int32)
-    idx = idx + bins * jnp.arange(a, dtype=jnp.int32)[None, :]
+    idx = _bin_index(s, lo, hi, bins) + bins * jnp.arange(a, dtype=jnp.int32)[None, :]
     sel = selected.reshape(-1, a)
     ag = agree.reshape(-1, a)
     size = a * bins
@@ -348,6 +406,28 @@ def _histograms(scores, agree, selected, lo, hi, *, bins):
     neg = jax.ops.segment_sum((sel & ~ag).astype(jnp.int32).ravel(), idx.ravel(), size)
     bad = jnp.sum(sel & ~jnp.isfinite(s))
     return pos.reshape(a, bins), neg.reshape(a, bins), bad
+
+
+@functools.partial(jax.jit, static_argnames=("span", "bins", "attribute_bins"))
+def _group_histograms(scores, agree, selected, groups, lo, hi, *, span, bins, attribute_bins):
+    """Per group (``groups`` in ``[0, span)``): pooled ``[span, bins]`` and per-attribute
+    ``[span, A, attribute_bins]`` class histograms."""
+    a = scores.shape[-1]
+    s = scores.reshape(-1, a)
+    g = groups.reshape(-1)[:, None]
+    sel = selected.reshape(-1, a)
+    ag = agree.reshape(-1, a)
+    pos_w = (sel & ag).astype(jnp.int32).ravel()
+    neg_w = (sel & ~ag).astype(jnp.int32).ravel()
+    pooled = (g * bins + _bin_index(s, lo, hi, bins)).ravel()
+    per_attr = ((g * a + jnp.arange(a, dtype=jnp.int32)[None, :]) * attribute_bins
+                + _bin_index(s, lo, hi, attribute_bins)).ravel()
+    out = []
+    for idx, size, shape in ((pooled, span * bins, (span, bins)),
+                             (per_attr, span * a * attribute_bins, (span, a, attribute_bins))):
+        out.append(jax.ops.segment_sum(pos_w, idx, size).reshape(shape))
+        out.append(jax.ops.segment_sum(neg_w, idx, size).reshape(shape))
+    return tuple(out)
 
 
 class AurocAccumulator:
@@ -358,13 +438,22 @@ class AurocAccumulator:
     reports, next to each AUROC, ``max_binning_error``: the most the binned AUROC can differ
     from the exact one (half the fraction of positive/negative pairs that share a bin).  The
     result is exact when all scores of a bin are equal.
+
+    With ``num_groups`` (e.g. the number of queries) it also keeps per-group histograms for a
+    bootstrap over groups (``reid_jax.explain.bootstrap``): pooled over attributes with
+    ``group_bins`` bins and per attribute with ``group_attribute_bins`` bins (coarser, to bound
+    memory: ``num_groups * (group_bins + A * group_attribute_bins) * 2`` int32 counts).
     """
 
     def __init__(self, num_attributes: int, *, bins: int = 4096,
                  value_range: tuple[float, float] = SCORE_RANGE,
-                 names: Sequence[str] | None = None):
+                 names: Sequence[str] | None = None, num_groups: int = 0,
+                 group_bins: int = 256, group_attribute_bins: int = 32):
         if num_attributes < 1 or bins < 1:
             raise ValueError(f"num_attributes and bins must be >= 1, got {num_attributes}, {bins}")
+        if num_groups < 0 or group_bins < 1 or group_attribute_bins < 1:
+            raise ValueError(f"num_groups must be >= 0 and group bins >= 1, got {num_groups}, "
+                             f"{group_bins}, {group_attribute_bins}")
         lo, hi = (float(v) for v in value_range)
         if not hi > lo:
             raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {value_range}")
@@ -372,9 +461,19 @@ class AurocAccumulator:
         self.names = _names(num_attributes, names)
         self._pos = np.zeros((num_attributes, bins), np.int64)
         self._neg = np.zeros((num_attributes, bins), np.int64)
+        self.num_groups = int(num_groups)
+        self.group_bins, self.group_attribute_bins = int(group_bins), int(group_attribute_bins)
+        g, a = self.num_groups, num_attributes
+        self.group_pooled = (np.zeros((g, self.group_bins), np.int32),
+                             np.zeros((g, self.group_bins), np.int32))
+        self.group_attribute = (np.zeros((g, a, self.group_attribute_bins), np.int32),
+                                np.zeros((g, a, self.group_attribute_bins), np.int32))
 
-    def update(self, scores: Any, agree: Any, selected: Any | None = None) -> AurocAccumulator:
-        """Adds ``[..., A]`` scores, bool agreement and (optional) bool selection."""
+    def update(self, scores: Any, agree: Any, selected: Any | None = None,
+               groups: Any | None = None) -> AurocAccumulator:
+        """Adds ``[..., A]`` scores, bool agreement and (optional) bool selection; ``groups``
+        (int ``[...]`` in ``[0, num_groups)``, e.g. the query of every pair) is required when
+        the accumulator keeps groups."""
         a = self.num_attributes
         if jnp.ndim(scores) < 1 or jnp.shape(scores)[-1] != a:
             raise ValueError(f"scores must have shape [..., {a}], got {jnp.shape(scores)}")
@@ -391,10 +490,36 @@ class AurocAccumulator:
             raise ValueError(f"scores hold {int(bad)} non-finite selected values")
         self._pos += np.asarray(pos, np.int64)
         self._neg += np.asarray(neg, np.int64)
+        if self.num_groups:
+            if groups is None:
+                raise ValueError(f"groups are required: the accumulator keeps {self.num_groups} "
+                                 "groups")
+            g = np.asarray(groups)
+            if g.shape != tuple(jnp.shape(scores)[:-1]) or not np.issubdtype(g.dtype, np.integer):
+                raise ValueError(f"groups must be int of shape {tuple(jnp.shape(scores)[:-1])}, "
+                                 f"got {g.dtype}{list(g.shape)}")
+            if g.size:
+                first, last = int(g.min()), int(g.max())
+                if first < 0 or last >= self.num_groups:
+                    raise ValueError(f"groups must lie in [0, {self.num_groups}), got "
+                                     f"{first}..{last}")
+                span = 1 << (last - first).bit_length()  # few compiled shapes
+                out = _group_histograms(
+                    jnp.asarray(scores), jnp.asarray(agree, bool), sel,
+                    jnp.asarray(g - first, jnp.int32), lo, hi, span=span, bins=self.group_bins,
+                    attribute_bins=self.group_attribute_bins)
+                n = min(span, self.num_groups - first)
+                rows = slice(first, first + n)
+                for target, part in zip((*self.group_pooled, *self.group_attribute), out,
+                                        strict=True):
+                    target[rows] += np.asarray(part)[:n]
+        elif groups is not None:
+            raise ValueError("groups given, but the accumulator keeps none (num_groups=0)")
         return self
 
     def result(self) -> dict[str, Any]:
-        """Like :func:`matching_score_auroc`, plus ``max_binning_error`` per AUROC."""
+        """Like :func:`matching_score_auroc`, plus ``max_binning_error`` per AUROC and
+        ``macro``: the mean of the per-attribute AUROCs."""
         def entry(pos, neg):
             value, bound = _auroc_from_histograms(pos, neg)
             return {"auroc": value, "max_binning_error": bound,
@@ -403,6 +528,7 @@ class AurocAccumulator:
         out = entry(self._pos.sum(0), self._neg.sum(0))
         out["per_attribute"] = {n: entry(self._pos[j], self._neg[j])
                                 for j, n in enumerate(self.names)}
+        out["macro"] = macro_auroc([v["auroc"] for v in out["per_attribute"].values()])
         return out
 
 
@@ -410,8 +536,23 @@ class AurocAccumulator:
 # (3) AMD's Ex-Precision and Ex-mAP, tie-aware, streamed.
 
 _SUM_KEYS = ("num_pairs", "num_pairs_d", "num_pairs_s", "precision_d", "ap_d", "precision_s",
-             "ap_s", "hist_k", "count_d", "top_d", "rank_precision_d", "count_s", "top_s",
-             "rank_precision_s", "non_finite")
+             "ap_s", "num_pairs_s_amd", "precision_s_amd", "ap_s_amd", "hist_k", "count_d",
+             "top_d", "rank_precision_d", "count_s", "top_s", "rank_precision_s", "non_finite")
+_VECTOR_KEYS = ("hist_k", "count_d", "top_d", "rank_precision_d", "count_s", "top_s",
+                "rank_precision_s")
+# Per-pair values whose sums per query the accumulator keeps for the bootstrap
+# (reid_jax.explain.bootstrap): each metric is a ratio of two such sums.
+GROUP_KEYS = ("num_pairs_d", "precision_d", "ap_d", "num_pairs_s", "precision_s", "ap_s",
+              "num_pairs_s_amd", "precision_s_amd", "ap_s_amd")
+# metric -> (numerator, denominator) among GROUP_KEYS.
+AMD_RATIOS = {
+    "ex_precision_d": ("precision_d", "num_pairs_d"),
+    "ex_map_d": ("ap_d", "num_pairs_d"),
+    "ex_precision_s": ("precision_s", "num_pairs_s"),
+    "ex_map_s": ("ap_s", "num_pairs_s"),
+    "ex_precision_s_amd": ("precision_s_amd", "num_pairs_s_amd"),
+    "ex_map_s_amd": ("ap_s_amd", "num_pairs_s_amd"),
+}
 
 
 def _tie_stats(sep: Array, rel: Array) -> tuple[Array, Array, Array, Array]:
@@ -435,8 +576,25 @@ def _expected_terms(T, t, R, r, m, harmonic):
     return in_top, rank_precision
 
 
-def _block_sums(sep: Array, diff: Array, valid: Array) -> dict[str, Array]:
-    """AMD sums of one block of pairs: ``sep [B, A]``, ``diff bool [B, A]``, ``valid [B]``."""
+def over_shared(separation: Array) -> Array:
+    """AMD's over-shared attributes of pairs whose labels all agree: bool ``[..., A]``, the
+    attributes whose share ``max(sep_a, 0) / sum_b max(sep_b, 0)`` exceeds ``2 / A``.
+
+    The share of the positive parts extends AMD's rule (defined for its non-negative
+    contributions) to signed separations; a pair without a positive part has none.
+    """
+    pos = jnp.maximum(separation, 0.0)
+    total = jnp.sum(pos, axis=-1, keepdims=True)
+    return pos * separation.shape[-1] > 2.0 * total
+
+
+def _block_sums(sep: Array, diff: Array, valid: Array) -> tuple[dict[str, Array],
+                                                                  dict[str, Array]]:
+    """AMD sums of one block of pairs: ``sep [B, A]``, ``diff bool [B, A]``, ``valid [B]``.
+
+    Returns ``(sums, per_pair)``: the block's sums, and ``[B]`` per-pair values of
+    :data:`GROUP_KEYS` (0 where a pair does not count).
+    """
     b, a = sep.shape
     dtype = sep.dtype if jnp.issubdtype(sep.dtype, jnp.floating) else jnp.float32
     harmonic = jnp.asarray(harmonic_numbers(a), dtype)
@@ -459,23 +617,35 @@ def _block_sums(sep: Array, diff: Array, valid: Array) -> dict[str, Array]:
     R_s = k_s[:, None] - (T - R) - r_s
     in_top_s, rp_s = _expected_terms(T_s, t, R_s, r_s, k_s, harmonic)
 
-    def pair_mean(values, rel, kk, pairs):  # sum over pairs of (1/k) sum_{a rel} values
+    def pair_mean(values, rel, kk, pairs):  # per pair: (1/k) sum_{a rel} values
         per_pair = jnp.sum(jnp.where(rel, values, 0.0), axis=-1) / jnp.maximum(kk, 1)
-        return jnp.sum(jnp.where(pairs, per_pair, 0.0))
+        return jnp.where(pairs, per_pair, 0.0)
 
     def per_attr(values, rel, pairs):
         return jnp.sum(jnp.where(rel & pairs[:, None], values, 0.0), axis=0)
 
-    rel_d = diff & pair_d[:, None]
-    rel_s = same & pair_s[:, None]
-    return {
-        "num_pairs": jnp.sum(valid, dtype=jnp.int32),
-        "num_pairs_d": jnp.sum(pair_d, dtype=jnp.int32),
-        "num_pairs_s": jnp.sum(pair_s, dtype=jnp.int32),
+    # AMD's rule for pairs whose labels all agree: the over-shared attributes count as misses
+    # of both _s metrics (docs/design.md, "Explanations measured").
+    all_agree = valid & (k == 0)
+    shared_score = 1.0 - jnp.sum(over_shared(sep), axis=-1).astype(dtype) / a
+    precision_s = pair_mean(in_top_s, same, k_s, pair_s)
+    ap_s = pair_mean(rp_s, same, k_s, pair_s)
+    per_pair = {
+        "num_pairs_d": pair_d.astype(dtype),
         "precision_d": pair_mean(in_top_d, diff, k, pair_d),
         "ap_d": pair_mean(rp_d, diff, k, pair_d),
-        "precision_s": pair_mean(in_top_s, same, k_s, pair_s),
-        "ap_s": pair_mean(rp_s, same, k_s, pair_s),
+        "num_pairs_s": pair_s.astype(dtype),
+        "precision_s": precision_s,
+        "ap_s": ap_s,
+        "num_pairs_s_amd": (pair_s | all_agree).astype(dtype),
+        "precision_s_amd": jnp.where(all_agree, shared_score, precision_s),
+        "ap_s_amd": jnp.where(all_agree, shared_score, ap_s),
+    }
+    rel_d = diff & pair_d[:, None]
+    rel_s = same & pair_s[:, None]
+    sums = {key: jnp.sum(value) for key, value in per_pair.items()}
+    sums.update({
+        "num_pairs": jnp.sum(valid, dtype=jnp.int32),
         "hist_k": jnp.zeros(a + 1, jnp.int32).at[k].add(valid.astype(jnp.int32)),
         "count_d": jnp.sum(rel_d, axis=0, dtype=jnp.int32),
         "top_d": per_attr(in_top_d, diff, pair_d),
@@ -484,13 +654,15 @@ def _block_sums(sep: Array, diff: Array, valid: Array) -> dict[str, Array]:
         "top_s": per_attr(in_top_s, same, pair_s),
         "rank_precision_s": per_attr(rp_s, same, pair_s),
         "non_finite": non_finite,
-    }
+    })
+    return sums, per_pair
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
-def _amd_sums(sep: Array, diff: Array, valid: Array, *, block: int) -> dict[str, Array]:
+def _amd_sums(sep: Array, diff: Array, valid: Array, *, block: int
+              ) -> tuple[dict[str, Array], dict[str, Array]]:
     """:func:`_block_sums` over ``[P, A]`` pairs, ``block`` pairs at a time (bounded memory:
-    the tie counts form ``block x A x A`` booleans)."""
+    the tie counts form ``block x A x A`` booleans); per-pair values ``[P]``."""
     p, a = sep.shape
     block = max(1, min(block, p))
     nb = -(-p // block)
@@ -501,13 +673,13 @@ def _amd_sums(sep: Array, diff: Array, valid: Array, *, block: int) -> dict[str,
     blocks = (sep.reshape(nb, block, a), diff.reshape(nb, block, a), valid.reshape(nb, block))
 
     def step(carry, xs):
-        sums = _block_sums(*xs)
-        return jax.tree.map(jnp.add, carry, sums), None
+        sums, per_pair = _block_sums(*xs)
+        return jax.tree.map(jnp.add, carry, sums), per_pair
 
     init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                        jax.eval_shape(_block_sums, *(x[0] for x in blocks)))
-    total, _ = jax.lax.scan(step, init, blocks)
-    return total
+                        jax.eval_shape(_block_sums, *(x[0] for x in blocks))[0])
+    total, per_pair = jax.lax.scan(step, init, blocks)
+    return total, jax.tree.map(lambda x: x.reshape(nb * block)[:p], per_pair)
 
 
 def chance_average_precision(num_relevant: int | np.ndarray, num_attributes: int) -> np.ndarray:
@@ -525,6 +697,10 @@ class AmdAccumulator:
     any number of pairs; memory is that of one ``update`` (see the module docstring for the
     definitions and the tie rule).
 
+    With ``num_groups`` (e.g. the number of queries) it also keeps, per group, the sums of
+    :data:`GROUP_KEYS` (every metric is a ratio of two of them, :data:`AMD_RATIOS`): what a
+    bootstrap over groups resamples (:func:`group_sums`, ``reid_jax.explain.bootstrap``).
+
     Example::
 
         acc = AmdAccumulator(30)
@@ -534,37 +710,63 @@ class AmdAccumulator:
     """
 
     def __init__(self, num_attributes: int, *, names: Sequence[str] | None = None,
-                 block: int = 4096):
+                 block: int = 4096, num_groups: int = 0):
         if num_attributes < 1:
             raise ValueError(f"num_attributes must be >= 1, got {num_attributes}")
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
+        if num_groups < 0:
+            raise ValueError(f"num_groups must be >= 0, got {num_groups}")
         self.num_attributes = int(num_attributes)
         self.names = _names(self.num_attributes, names)
         self.block = int(block)
+        self.num_groups = int(num_groups)
         a = self.num_attributes
         self._sums: dict[str, np.ndarray] = {
             key: np.zeros(a + 1 if key == "hist_k" else (a,), np.float64)
-            if key in ("hist_k", "count_d", "top_d", "rank_precision_d", "count_s", "top_s",
-                       "rank_precision_s") else np.zeros((), np.float64)
+            if key in _VECTOR_KEYS else np.zeros((), np.float64)
             for key in _SUM_KEYS}
+        self._groups = {key: np.zeros(self.num_groups, np.float64) for key in GROUP_KEYS}
 
-    def _add(self, sums: dict[str, Array]) -> None:
+    def _add(self, sums: dict[str, Array], group_sums: dict[str, Any] | None = None,
+             start: int = 0) -> None:
         host = jax.device_get(sums)
         if int(host["non_finite"]):
             raise ValueError(f"separation holds non-finite values in {int(host['non_finite'])} "
                              "valid pairs")
         for key in _SUM_KEYS:
             self._sums[key] = self._sums[key] + np.asarray(host[key], np.float64)
+        if group_sums is not None and self.num_groups:
+            for key in GROUP_KEYS:
+                values = np.asarray(group_sums[key], np.float64)
+                self._groups[key][start:start + values.shape[0]] += values
 
-    def update_differ(self, separation: Any, differ: Any, valid: Any | None = None
-                      ) -> AmdAccumulator:
+    def _groups_of(self, groups: Any, p: int) -> np.ndarray | None:
+        if not self.num_groups:
+            if groups is not None:
+                raise ValueError("groups given, but the accumulator keeps none (num_groups=0)")
+            return None
+        if groups is None:
+            raise ValueError(f"groups [P] are required: the accumulator keeps "
+                             f"{self.num_groups} groups")
+        g = np.asarray(groups)
+        if g.shape != (p,) or not np.issubdtype(g.dtype, np.integer):
+            raise ValueError(f"groups must be int [{p}], got {g.dtype}{list(g.shape)}")
+        if p and (g.min() < 0 or g.max() >= self.num_groups):
+            raise ValueError(f"groups must lie in [0, {self.num_groups}), got "
+                             f"{g.min()}..{g.max()}")
+        return g
+
+    def update_differ(self, separation: Any, differ: Any, valid: Any | None = None,
+                      groups: Any | None = None) -> AmdAccumulator:
         """Adds pairs given the differing-label mask directly.
 
         Args:
           separation: ``[P, A]`` "this attribute separates q and g" scores (e.g. ``e_a``).
           differ: bool ``[P, A]``, ground-truth labels of q and g differ.
           valid: optional bool ``[P]``; pairs outside it are ignored (e.g. no labels).
+          groups: int ``[P]`` in ``[0, num_groups)`` (e.g. the query of every pair); required
+            when the accumulator keeps groups.
         """
         a = self.num_attributes
         if jnp.ndim(separation) != 2 or jnp.shape(separation)[1] != a:
@@ -575,32 +777,44 @@ class AmdAccumulator:
             raise ValueError(f"differ must have shape ({p}, {a}), got {jnp.shape(differ)}")
         if valid is not None and jnp.shape(valid) != (p,):
             raise ValueError(f"valid must have shape ({p},), got {jnp.shape(valid)}")
+        g = self._groups_of(groups, p)
         if p == 0:
             return self
         sep = jnp.asarray(separation)
         if not jnp.issubdtype(sep.dtype, jnp.floating):
             sep = sep.astype(jnp.float32)
         ok = jnp.ones((p,), bool) if valid is None else jnp.asarray(valid, bool)
-        self._add(_amd_sums(sep, jnp.asarray(differ, bool), ok, block=self.block))
+        sums, per_pair = _amd_sums(sep, jnp.asarray(differ, bool), ok, block=self.block)
+        group_sums = None
+        if g is not None:
+            host = jax.device_get(per_pair)
+            group_sums = {key: np.bincount(g, weights=np.asarray(host[key], np.float64),
+                                           minlength=self.num_groups) for key in GROUP_KEYS}
+        self._add(sums, group_sums)
         return self
 
     def update(self, separation: Any, labels_query: Any, labels_gallery: Any,
-               valid: Any | None = None) -> AmdAccumulator:
+               valid: Any | None = None, groups: Any | None = None) -> AmdAccumulator:
         """Adds pairs: row ``i`` of ``separation [P, A]`` explains the pair of
         ``labels_query[i]`` and ``labels_gallery[i]`` (both ``[P, A]`` in {0, 1});
-        ``valid`` optional bool ``[P]``."""
+        ``valid`` optional bool ``[P]``; ``groups`` as in :meth:`update_differ`."""
         if jnp.ndim(separation) != 2 or jnp.shape(separation)[1] != self.num_attributes:
             raise ValueError(f"separation must have shape [P, {self.num_attributes}], got "
                              f"{jnp.shape(separation)}")
         shape = (jnp.shape(separation)[0], self.num_attributes)
         lq = _binary("labels_query", labels_query, shape)
         lg = _binary("labels_gallery", labels_gallery, shape)
-        return self.update_differ(separation, lq != lg, valid)
+        return self.update_differ(separation, lq != lg, valid, groups)
+
+    def group_sums(self) -> dict[str, np.ndarray]:
+        """Per group, the sums of :data:`GROUP_KEYS` (float64 ``[num_groups]`` each; a copy)."""
+        return {key: value.copy() for key, value in self._groups.items()}
 
     def result(self) -> dict[str, Any]:
         """The metrics so far (``None`` where undefined: no pairs of that kind)."""
         s, a = self._sums, self.num_attributes
         n_d, n_s = float(s["num_pairs_d"]), float(s["num_pairs_s"])
+        n_s_amd = float(s["num_pairs_s_amd"])
         hist = s["hist_k"]
         ks = np.arange(a + 1, dtype=np.float64)
         d_pairs = ks > 0
@@ -613,6 +827,12 @@ class AmdAccumulator:
             "ex_map_s": _ratio(np.sum(hist[s_pairs] *
                                       chance_average_precision(a - ks[s_pairs], a)), n_s),
         }
+        # AMD's rule: an all-tied ranking has no over-shared attribute (every share is 1 / A).
+        chance["ex_precision_s_amd"] = _ratio(
+            np.sum(hist[s_pairs] * (a - ks[s_pairs]) / a) + hist[0], n_s_amd)
+        chance["ex_map_s_amd"] = _ratio(
+            np.sum(hist[s_pairs] * chance_average_precision(a - ks[s_pairs], a)) + hist[0],
+            n_s_amd)
         per_attribute = {}
         for j, name in enumerate(self.names):
             cd, cs = float(s["count_d"][j]), float(s["count_s"][j])
@@ -628,10 +848,8 @@ class AmdAccumulator:
             "num_pairs": int(s["num_pairs"]),
             "num_pairs_d": int(n_d),
             "num_pairs_s": int(n_s),
-            "ex_precision_d": _ratio(s["precision_d"], n_d),
-            "ex_map_d": _ratio(s["ap_d"], n_d),
-            "ex_precision_s": _ratio(s["precision_s"], n_s),
-            "ex_map_s": _ratio(s["ap_s"], n_s),
+            "num_pairs_s_amd": int(n_s_amd),
+            **{metric: _ratio(s[num], s[den]) for metric, (num, den) in AMD_RATIOS.items()},
             "chance": chance,
             "differing_histogram": [int(x) for x in hist],
             "per_attribute": per_attribute,
@@ -681,24 +899,43 @@ def _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery, val
 
 @functools.partial(jax.jit, static_argnames=("block",))
 def _chunk_sums(sep, lq, lg, vq, vg, *, block):
-    """All pairs of a query chunk: ``sep [q, G, A]``, labels ``[q, A]``/``[G, A]``."""
+    """All pairs of a query chunk: ``sep [q, G, A]``, labels ``[q, A]``/``[G, A]``; the sums
+    and, per query of the chunk, the sums of :data:`GROUP_KEYS` (``[q]`` each)."""
     q, g, a = sep.shape
     diff = lq[:, None, :] != lg[None, :, :]
     valid = vq[:, None] & vg[None, :]
-    return _amd_sums(sep.reshape(q * g, a), diff.reshape(q * g, a), valid.reshape(q * g),
-                     block=block)
+    sums, per_pair = _amd_sums(sep.reshape(q * g, a), diff.reshape(q * g, a),
+                               valid.reshape(q * g), block=block)
+    return sums, jax.tree.map(lambda x: jnp.sum(x.reshape(q, g), axis=1), per_pair)
 
 
 def _check_thresholds(thresholds: Sequence[Any], num_attributes: int, mode: str) -> list[Any]:
-    """``extra_thresholds`` validated (``reid_jax.explain``'s range check) before any work."""
+    """``extra_thresholds`` validated (the kernels' one range check) before any work."""
     thresholds = list(thresholds)
-    if thresholds and mode != "scores":
+    if thresholds and mode not in SCORE_MODES:
         raise ValueError(f"extra_thresholds select entries of the matching-score AUROC: they "
-                         f"apply to mode='scores' only, got mode={mode!r}")
-    probe = np.full((num_attributes,), 0.5, np.float32)
+                         f"apply to modes {SCORE_MODES} only, got mode={mode!r}")
     for t in thresholds:
-        explain.confident_attributes(probe, np.asarray(t, np.float32))
+        explain.check_threshold(np.asarray(t, np.float64), num_attributes)
     return thresholds
+
+
+def _check_prior(prior: Any, mode: str, num_attributes: int) -> np.ndarray | None:
+    if mode != "prior":
+        if prior is not None:
+            raise ValueError(f"prior applies to mode='prior' only, got mode={mode!r}")
+        return None
+    if prior is None:
+        raise ValueError("mode='prior' needs prior: one separation per attribute [A] "
+                         "(reid_jax.explain.baselines)")
+    p = _finite("prior", np.asarray(prior, np.float64))
+    if p.shape != (num_attributes,):
+        raise ValueError(f"prior must have shape ({num_attributes},), got {p.shape}")
+    return p
+
+
+def _auroc_groups(acc: AurocAccumulator) -> dict[str, Any]:
+    return {"pooled": acc.group_pooled, "attribute": acc.group_attribute}
 
 
 def streamed_amd_over_gallery(
@@ -713,6 +950,7 @@ def streamed_amd_over_gallery(
     valid_gallery: Any | None = None,
     threshold: Any = explain.DEFAULT_THRESHOLD,
     extra_thresholds: Sequence[Any] = (),
+    prior: Any | None = None,
     query_chunk: int = 32,
     gallery_chunk: int = 1024,
     block: int = 4096,
@@ -723,24 +961,29 @@ def streamed_amd_over_gallery(
 
     Queries are processed ``query_chunk`` at a time: the separation scores of the chunk
     (``[query_chunk, G, A]``, on the device) come from :func:`reid_jax.explain.attribute_errors`
-    (``mode="paper"``: eq. 3.2; ``"complete"``: its complete decomposition) or
-    :func:`reid_jax.explain.matching_scores` (``"scores"``: ``1 - s_a``, eq. 3.1) and are
-    reduced to sums on the device; only the sums travel to the host.  Memory is bounded by the
-    chunk (AMD's reference code needs all ``Q x G x A`` at once).
+    (``mode="paper"``: eq. 3.2; ``"complete"``: its complete decomposition; ``"projection"``:
+    the projection contributions), :func:`reid_jax.explain.matching_scores` (``"scores"``:
+    ``1 - s_a``, eq. 3.1), :func:`reid_jax.explain.disagreement_probabilities`
+    (``"disagreement"``) or are the fixed ``prior`` (``"prior"``), and are reduced to sums on
+    the device; only the sums travel to the host.  Memory is bounded by the chunk (AMD's
+    reference code needs all ``Q x G x A`` at once).
 
     Args:
       f_query: ``[Q, N]`` query embeddings (the ranked tensor).
       f_gallery: ``[G, N]`` gallery embeddings.
       weights: ``[N, A]`` attribute-layer weights ``W``.
       labels_query, labels_gallery: ``[Q, A]`` / ``[G, A]`` ground-truth labels in {0, 1}.
-      mode: ``"paper"``, ``"complete"`` or ``"scores"``.
+      mode: one of :data:`MODES`.
       valid_query, valid_gallery: optional bool masks of images with labels (pairs with an
         invalid side are ignored, e.g. distractors and junk).
-      threshold: for ``mode="scores"``, the confident-attribute threshold of the query
-        (section 3.1) that selects the entries of the streamed matching-score AUROC.
-      extra_thresholds: for ``mode="scores"`` only, further thresholds (scalar or ``[A]``)
-        whose matching-score AUROC is accumulated in the same pass (e.g. ``0.0``: every
-        attribute with ``x != 0.5``).
+      threshold: for the :data:`SCORE_MODES`, the confident-attribute threshold of the query
+        (section 3.1) that selects the entries of the streamed AUROC of the mode's matching
+        score (eq. 3.1's ``s_a``, or the agreement probability ``1 - P(differ)``).
+      extra_thresholds: for the :data:`SCORE_MODES` only, further thresholds (scalar or
+        ``[A]``) whose AUROC is accumulated in the same pass (e.g. ``0.0``: every attribute
+        with ``x != 0.5``).
+      prior: ``[A]`` the fixed separation of ``mode="prior"`` (required there, refused
+        elsewhere).
       query_chunk, gallery_chunk: stream sizes (``gallery_chunk`` is passed to
         ``attribute_errors``).
       block: pairs per step of the AMD kernel.
@@ -748,12 +991,16 @@ def streamed_amd_over_gallery(
       progress: optional ``progress(queries_done, Q)`` callback, called after every chunk.
 
     Returns:
-      :meth:`AmdAccumulator.result` plus ``"mode"``; for ``mode="scores"`` also ``"auroc"``,
-      the :class:`AurocAccumulator` result for the selected entries of all pairs, and
-      ``"extra_auroc"``: one such result per ``extra_thresholds`` entry, in order.
+      :meth:`AmdAccumulator.result` plus ``"mode"``; for the :data:`SCORE_MODES` also
+      ``"auroc"``, the :class:`AurocAccumulator` result for the selected entries of all pairs,
+      and ``"extra_auroc"``: one such result per ``extra_thresholds`` entry, in order.  And
+      ``"groups"`` (NumPy arrays, not JSON): per-query sums for a bootstrap over queries —
+      ``"amd"`` (:meth:`AmdAccumulator.group_sums`) and ``"auroc"`` (per AUROC above, its
+      per-query histograms ``{"pooled": (pos, neg), "attribute": (pos, neg)}``).
 
     Raises:
-      ValueError: bad shapes, labels or thresholds; ``extra_thresholds`` with another mode.
+      ValueError: bad shapes, labels or thresholds; ``extra_thresholds`` or ``prior`` with a
+        mode they do not apply to.
     """
     mode = _mode(mode)
     lq, lg, vq, vg = _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery,
@@ -764,16 +1011,18 @@ def streamed_amd_over_gallery(
     if query_chunk < 1:
         raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
     extra = _check_thresholds(extra_thresholds, a, mode)
+    fixed = _check_prior(prior, mode, a)
     explain.check_finite(f_query=f_query, f_gallery=f_gallery, weights=weights)
     fq = jnp.asarray(f_query, jnp.float32)
     fg = jnp.asarray(f_gallery, jnp.float32)
     w = jnp.asarray(weights, jnp.float32)
-    acc = AmdAccumulator(a, names=names, block=block)
-    aurocs = ([AurocAccumulator(a, names=names) for _ in range(1 + len(extra))]
-              if mode == "scores" else [])
-    if mode == "scores":
+    acc = AmdAccumulator(a, names=names, block=block, num_groups=q)
+    aurocs = ([AurocAccumulator(a, names=names, num_groups=q) for _ in range(1 + len(extra))]
+              if mode in SCORE_MODES else [])
+    if mode in SCORE_MODES:
         x_gallery = jax.nn.sigmoid(fg @ w)
     qc = min(int(query_chunk), q)
+    g = lg.shape[0]
     lg_d, vg_d = jnp.asarray(lg), jnp.asarray(vg)
     for start in range(0, q, qc):
         stop = min(start + qc, q)
@@ -781,25 +1030,36 @@ def streamed_amd_over_gallery(
         fq_c = jnp.pad(fq[start:stop], ((0, pad), (0, 0)))
         lq_c = jnp.asarray(np.pad(lq[start:stop], ((0, pad), (0, 0))))
         vq_c = jnp.asarray(np.pad(vq[start:stop], (0, pad)))
-        if mode == "scores":
+        if mode in SCORE_MODES:
             x_query = jax.nn.sigmoid(fq_c @ w)
-            scores = explain.matching_scores(x_query, x_gallery)  # [qc, G, A]
-            sep = 1.0 - scores
+            if mode == "scores":
+                scores = explain.matching_scores(x_query, x_gallery)  # [qc, G, A]
+                sep = 1.0 - scores
+            else:
+                sep = explain.disagreement_probabilities(x_query, x_gallery)
+                scores = 1.0 - sep
             pair_ok = vq_c[:, None] & vg_d[None, :]
             agree = lq_c[:, None, :] == lg_d[None, :, :]
+            groups = np.broadcast_to((start + np.minimum(np.arange(qc), stop - start - 1))
+                                     [:, None], (qc, g))
             for t, auroc_acc in zip([threshold, *extra], aurocs, strict=True):
                 selected = explain.confident_attributes(x_query, t)
-                auroc_acc.update(scores, agree, selected[:, None, :] & pair_ok[:, :, None])
+                auroc_acc.update(scores, agree, selected[:, None, :] & pair_ok[:, :, None],
+                                 groups=groups)
+        elif mode == "prior":
+            sep = jnp.broadcast_to(jnp.asarray(fixed, jnp.float32), (qc, g, a))
         else:
-            sep = explain.attribute_errors(fq_c, fg, w, complete=(mode == "complete"),
-                                           gallery_chunk=gallery_chunk)
-        acc._add(_chunk_sums(sep, lq_c, lg_d, vq_c, vg_d, block=acc.block))
+            sep = explain.attribute_errors(fq_c, fg, w, mode=mode, gallery_chunk=gallery_chunk)
+        sums, per_query = _chunk_sums(sep, lq_c, lg_d, vq_c, vg_d, block=acc.block)
+        n = stop - start
+        acc._add(sums, {key: np.asarray(v)[:n] for key, v in per_query.items()}, start)
         if progress is not None:
             progress(stop, q)
     out = {"mode": mode, **acc.result()}
     if aurocs:
         out["auroc"] = aurocs[0].result()
         out["extra_auroc"] = [x.result() for x in aurocs[1:]]
+    out["groups"] = {"amd": acc.group_sums(), "auroc": [_auroc_groups(x) for x in aurocs]}
     return out
 
 
@@ -820,6 +1080,7 @@ def amd_over_top_k(
     valid_gallery: Any | None = None,
     threshold: Any = explain.DEFAULT_THRESHOLD,
     extra_thresholds: Sequence[Any] = (),
+    prior: Any | None = None,
     gallery_chunk: int = 1024,
     names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
@@ -837,14 +1098,15 @@ def amd_over_top_k(
     Args:
       query_pids, query_cams: int ``[Q]``; gallery_pids, gallery_cams: int ``[G]``.
       k: ranks per query, ``1 <= k <= G``.
-      extra_thresholds: for ``mode="scores"``, further thresholds whose AUROC is computed on
-        the same pairs (one ranking).
+      extra_thresholds: for the :data:`SCORE_MODES`, further thresholds whose AUROC is
+        computed on the same pairs (one ranking).
       Others: as :func:`streamed_amd_over_gallery`.
 
     Returns:
-      :meth:`AmdAccumulator.result` plus ``"mode"`` and ``"k"``; for ``mode="scores"`` also
-      ``"auroc"``: :func:`matching_score_auroc` (exact) over the selected entries of these
-      pairs, and ``"extra_auroc"``: one such result per ``extra_thresholds`` entry.
+      :meth:`AmdAccumulator.result` plus ``"mode"`` and ``"k"``; for the :data:`SCORE_MODES`
+      also ``"auroc"``: :func:`matching_score_auroc` (exact) over the selected entries of these
+      pairs, and ``"extra_auroc"``: one such result per ``extra_thresholds`` entry; and
+      ``"groups"`` as :func:`streamed_amd_over_gallery` has it.
     """
     mode = _mode(mode)
     lq, lg, vq, vg = _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery,
@@ -857,39 +1119,56 @@ def amd_over_top_k(
         raise ValueError(f"k must be an integer in [1, G={g}] (f_gallery "
                          f"{tuple(jnp.shape(f_gallery))}), got {k!r}")
     extra = _check_thresholds(extra_thresholds, a, mode)
+    fixed = _check_prior(prior, mode, a)
     fetch = int(min(g, k + int(retrieval.removed_counts(qp, qc, gp, gc).max(initial=0))))
+    kernel_mode = mode if mode in explain.MODES else "paper"  # the ranking is the same
     ex = explain.explain_rankings(f_query, f_gallery, weights, k=fetch, threshold=threshold,
-                                  complete=(mode == "complete"), gallery_chunk=gallery_chunk,
-                                  validate=True)
+                                  mode=kernel_mode, gallery_chunk=gallery_chunk, validate=True)
     ranked = np.asarray(ex.indices)  # [Q, fetch]
     columns, ok = retrieval.first_kept(ranked, qp, qc, gp, gc, int(k))
     rows = np.arange(q)[:, None]
     idx = ranked[rows, columns].ravel()  # [Q * k]
-    scores = np.asarray(ex.scores)[rows, columns].reshape(q * k, a)
-    sep = (1.0 - scores if mode == "scores"
-           else np.asarray(ex.errors)[rows, columns].reshape(q * k, a))
+    errors = np.asarray(ex.errors)[rows, columns].reshape(q * k, a)
+    if mode == "scores":
+        scores = np.asarray(ex.scores)[rows, columns].reshape(q * k, a)
+        sep = 1.0 - scores
+    elif mode == "disagreement":
+        sep = errors
+        scores = 1.0 - sep
+    elif mode == "prior":
+        sep = np.broadcast_to(fixed, (q * k, a))
+    else:
+        sep = errors
     pair_lq = np.repeat(lq, k, axis=0)
     pair_lg = lg[idx]
     valid = np.repeat(vq, k) & vg[idx] & ok.ravel()
-    acc = AmdAccumulator(a, names=names)
+    groups = np.repeat(np.arange(q), k)
+    acc = AmdAccumulator(a, names=names, num_groups=q)
     out = {"mode": mode, "k": int(k),
-           **acc.update(sep, pair_lq, pair_lg, valid).result()}
-    if mode == "scores":
+           **acc.update(sep, pair_lq, pair_lg, valid, groups=groups).result()}
+    grouped = []
+    if mode in SCORE_MODES:
         x_query = np.asarray(ex.attributes_query)
         aurocs = []
         for i, t in enumerate([threshold, *extra]):
             chosen = np.asarray(ex.selected if i == 0
                                 else explain.confident_attributes(x_query, t))
             selected = np.repeat(chosen, k, axis=0) & valid[:, None]
-            aurocs.append(matching_score_auroc(scores, pair_lq == pair_lg, selected,
-                                               names=names))
+            agree = pair_lq == pair_lg
+            aurocs.append(matching_score_auroc(scores, agree, selected, names=names))
+            binned = AurocAccumulator(a, names=names, num_groups=q)
+            grouped.append(_auroc_groups(binned.update(scores, agree, selected, groups=groups)))
         out["auroc"] = aurocs[0]
         out["extra_auroc"] = aurocs[1:]
+    out["groups"] = {"amd": acc.group_sums(), "auroc": grouped}
     return out
 
 
 __all__ = [
+    "AMD_RATIOS",
+    "GROUP_KEYS",
     "MODES",
+    "SCORE_MODES",
     "SCORE_RANGE",
     "AmdAccumulator",
     "AurocAccumulator",
@@ -897,8 +1176,12 @@ __all__ = [
     "amd_over_top_k",
     "auroc",
     "chance_average_precision",
+    "constant_auroc",
     "counterfactual_hit_rate",
     "harmonic_numbers",
+    "histogram_auroc",
+    "macro_auroc",
     "matching_score_auroc",
+    "over_shared",
     "streamed_amd_over_gallery",
 ]

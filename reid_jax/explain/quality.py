@@ -1,11 +1,17 @@
 """Explanation quality measured on a dataset: the logic of ``tools/evaluate_explanations.py``.
 
 The paper (Specker) shows its explanations; this module measures them on the test split of a
-Market-1501-layout data root (issue 5, DESIGN.md §5), for both explanations of the ranking —
-eq. 3.2 (``mode="paper"``) and its complete decomposition (``"complete"``) — and, where a
-metric applies, for the matching scores of eq. 3.1 (``"scores"``: separation ``1 - s_a``).
-The metric definitions live in :mod:`reid_jax.explain.metrics`; this module picks the pairs,
-makes the counterfactual images and writes the results.
+Market-1501-layout data root (``docs/design.md``, "Explanations measured"), for every
+explanation of ``metrics.MODES`` — eq. 3.2 (``mode="paper"``), its complete decomposition
+(``"complete"``), the projection onto the attribute directions (``"projection"``), the matching
+scores of eq. 3.1 (``"scores"``: separation ``1 - s_a``) and the probability that the labels
+differ (``"disagreement"``) — against two baselines: the fixed ``prior`` order of the training
+split (``reid_jax.explain.baselines``, which needs the training images' embeddings too) and
+chance; every value with a 95 % interval by a bootstrap over queries or counterfactual images
+(``reid_jax.explain.bootstrap``; ``docs/design.md``, "Baselines" and "Intervals"). The metric
+definitions live in :mod:`reid_jax.explain.metrics`, the pairs and counterfactual images in
+:mod:`reid_jax.explain.counterfactuals`; this module runs the measurement (:func:`measure`) and
+writes the results.
 
 1. **Counterfactual hit rate** (synthetic data roots only, they hold ``synthetic_meta.json``).
    Pairs: every query with its true matches (same identity, another camera: the Market-1501
@@ -33,12 +39,13 @@ makes the counterfactual images and writes the results.
    The rise is ``sep(q, far) - sep(q, near)``; a hit at ``m`` is a changed label among the top
    ``m`` attributes by rise (:func:`reid_jax.explain.metrics.counterfactual_hit_rate`,
    with its tie rule and chance level).
-2. **AUROC of matching scores** for ground-truth agreement of query and gallery labels, over all
-   labelled query x gallery pairs (streamed) and over the top-``k`` ranks; for the query's
-   confident attributes (threshold ``t``, the entries the paper displays) and for all attributes
-   (``t = 0``).
-3. **AMD Ex-Precision / Ex-mAP** (``_d``, ``_s``) over all labelled pairs and over the top ``k``
-   ranks, for the three separations, with chance levels
+2. **AUROC of matching scores** (eq. 3.1's and the agreement probability) for ground-truth
+   agreement of query and gallery labels, over all labelled query x gallery pairs (streamed)
+   and over the top-``k`` ranks; for the query's confident attributes (threshold ``t``, the
+   entries the paper displays) and for all attributes (``t = 0``); pooled and as the mean of the
+   per-attribute AUROCs, beside the constant per-attribute baseline.
+3. **AMD Ex-Precision / Ex-mAP** (``_d``, ``_s`` and ``_s`` by AMD's rule) over all labelled
+   pairs and over the top ``k`` ranks, for every separation and the prior, with chance levels
    (:func:`~reid_jax.explain.metrics.streamed_amd_over_gallery`,
    :func:`~reid_jax.explain.metrics.amd_over_top_k`; the top ``k`` there is the ranking of
    the report, ``reid_jax.explain.run``: the Market-1501 protocol removes gallery images with
@@ -53,21 +60,19 @@ shape ``reid_jax.explain.report`` shows) and ``explanation_metrics.md`` (the REA
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, explain, retrieval, synthetic
+from reid_jax import atomic_io, checkpoints, embeddings, explain, synthetic
+from reid_jax.data import sources
 from reid_jax.data.attributes import (
     ATTRIBUTE_NAMES,
     NUM_ATTRIBUTES,
@@ -75,423 +80,42 @@ from reid_jax.data.attributes import (
     load_market_attributes,
 )
 from reid_jax.data.market1501 import SPLIT_FOLDERS
+from reid_jax.explain import baselines, bootstrap, settings
+from reid_jax.explain import counterfactuals as cfs
 from reid_jax.explain import metrics as em
-from reid_jax.explain import run as explain_run
+from reid_jax.explain.table import FORMAT, MODES, markdown_table
 from reid_jax.progress import ProgressLog
-from reid_jax.synthetic.render import IMAGE_HEIGHT, IMAGE_WIDTH, blur_radius
+from reid_jax.synthetic.render import IMAGE_HEIGHT, IMAGE_WIDTH
 
-FORMAT = "reid_jax.explain.metrics/1"
-JSON_NAME = explain_run.METRICS_NAME  # "explanation_metrics.json", read by tools/explain.py
-MARKDOWN_NAME = "explanation_metrics.md"
-MODES = em.MODES  # ("paper", "complete", "scores")
-MODE_TITLES = {"paper": "eq. 3.2 (paper)", "complete": "complete decomposition",
-               "scores": "eq. 3.1 (1 - s)"}
-HIT_RANKS = (1, 3)
-DEFAULT_K = 10
-DEFAULT_NUM_COUNTERFACTUALS = 900
-DEFAULT_MIN_CHANGED_PIXELS = 64
-DEFAULT_PIXEL_TOLERANCE = 25
-# Binary attributes are toggled; the others (colours, age groups) are set to 1.
-_TOGGLED = ("backpack", "bag", "handbag", "clothes", "down", "up", "hair", "hat", "gender")
-_ORIGINALS_CACHED = 512  # original renders kept for the visibility test (LRU)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pairs.
-
-
-class CandidatePairs(NamedTuple):
-    """Query/gallery pairs of the counterfactual test, sorted by (query, gallery).
-
-    Attributes:
-      query: int ``[P]`` query indices.
-      gallery: int ``[P]`` gallery indices.
-      true_match: bool ``[P]``, same identity (another camera).
-    """
-
-    query: np.ndarray
-    gallery: np.ndarray
-    true_match: np.ndarray
-
-
-def ranked_pairs(f_query: Any, f_gallery: Any, query_pids: Any, query_cams: Any,
-                 gallery_pids: Any, gallery_cams: Any, k: int = DEFAULT_K, *,
-                 query_chunk: int = 256) -> CandidatePairs:
-    """Every query's true matches and its ``k`` best-ranked gallery images.
-
-    Ranking: squared Euclidean distance of ``f_query [Q, N]`` and ``f_gallery [G, N]``, the
-    Market-1501 protocol (gallery images with the query's pid *and* camera left out).  Only
-    gallery images of labelled identities (pid > 0) take part: distractors (0) and junk (-1)
-    are neither ranked here nor paired.  True matches are all gallery images with the query's
-    pid from another camera, ranked or not.
-
-    Returns:
-      :class:`CandidatePairs`, one row per distinct pair.
-    """
-    fq = np.asarray(f_query, np.float32)
-    fg = np.asarray(f_gallery, np.float32)
-    if fq.ndim != 2 or fg.ndim != 2 or fq.shape[1] != fg.shape[1]:
-        raise ValueError(f"f_query [Q, N] and f_gallery [G, N] must share N, got {fq.shape}, "
-                         f"{fg.shape}")
-    qp, qc, gp, gc = retrieval.check_ids(query_pids, query_cams, gallery_pids, gallery_cams,
-                                         fq.shape[0], fg.shape[0])
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    queries, galleries = [], []
-    for start, stop, d in retrieval.distance_chunks(fq, fg, query_chunk):
-        # The protocol, and no image without labels (distractors) in the ranking.
-        excluded = (retrieval.excluded(qp[start:stop, None], qc[start:stop, None], gp[None, :],
-                                       gc[None, :]) | (gp[None, :] == retrieval.DISTRACTOR_PID))
-        d = np.where(excluded, np.inf, d)
-        order = np.argsort(d, axis=1, kind="stable")[:, :k]
-        for row in range(stop - start):
-            ranked = order[row][np.isfinite(d[row, order[row]])]
-            matches = np.flatnonzero(~excluded[row] & (gp == qp[start + row]))
-            chosen = np.union1d(ranked, matches)
-            queries.append(np.full(chosen.size, start + row, np.int64))
-            galleries.append(chosen.astype(np.int64))
-    q = np.concatenate(queries) if queries else np.zeros(0, np.int64)
-    g = np.concatenate(galleries) if galleries else np.zeros(0, np.int64)
-    return CandidatePairs(q, g, gp[g] == qp[q])
-
-
-# ---------------------------------------------------------------------------------------------
-# Counterfactual images.
-
-
-@dataclasses.dataclass(frozen=True)
-class Counterfactual:
-    """A gallery image re-rendered with one attribute changed.
-
-    Attributes:
-      gallery_index: index into the gallery split.
-      attribute: index into ``ATTRIBUTE_NAMES`` of the attribute asked to change.
-      value: ``None`` (toggled) or 1 (set).
-      labels_before, labels_after: uint8 ``[A]`` ground-truth labels of the person before and
-        after the change.
-      changed_pixels: pixels that changed visibly inside the attribute's region.
-      jpeg: the counterfactual image as the dataset stores images (JPEG bytes).
-    """
-
-    gallery_index: int
-    attribute: int
-    value: int | None
-    labels_before: np.ndarray
-    labels_after: np.ndarray
-    changed_pixels: int
-    jpeg: bytes
-
-    @property
-    def changed_labels(self) -> np.ndarray:
-        """bool ``[A]``: the labels the change flipped (includes ``attribute``)."""
-        return self.labels_before != self.labels_after
-
-
-def planned_value(labels: np.ndarray, attribute: int) -> tuple[bool, int | None]:
-    """``(possible, value)``: how ``attribute`` of a person with ``labels [A]`` is changed.
-
-    Binary attributes are toggled (``value=None``); a colour or age group is set to 1, which is
-    only a change when its label is 0 (``possible=False`` otherwise).  Neither needs the
-    generator's random choice, so the labels after the change are known.
-    """
-    name = ATTRIBUTE_NAMES[attribute]
-    if name in _TOGGLED:
-        return True, None
-    return (not bool(labels[attribute])), 1
-
-
-class CounterfactualSet(NamedTuple):
-    """What :func:`make_counterfactuals` made.
-
-    Attributes:
-      accepted: the kept counterfactuals, in the order they were made.
-      tried: int ``[A]`` changes rendered per attribute.
-      rejected: int ``[A]`` changes rejected as barely visible.
-      candidates: int ``[A]`` gallery images on which the attribute could be changed.
-    """
-
-    accepted: list[Counterfactual]
-    tried: np.ndarray
-    rejected: np.ndarray
-    candidates: np.ndarray
-
-
-def _changed_pixels(before: np.ndarray, after: np.ndarray, region: np.ndarray,
-                    tolerance: int) -> int:
-    diff = np.abs(after.astype(np.int16) - before.astype(np.int16)).max(axis=-1)
-    return int(np.sum((diff > tolerance) & region))
-
-
-def make_counterfactuals(
-    dataset_dir: str | os.PathLike,
-    gallery_files: Sequence[str],
-    gallery_indices: Sequence[int],
-    num_counterfactuals: int,
-    *,
-    seed: int = 0,
-    min_changed_pixels: int = DEFAULT_MIN_CHANGED_PIXELS,
-    pixel_tolerance: int = DEFAULT_PIXEL_TOLERANCE,
-) -> CounterfactualSet:
-    """Re-renders gallery images with one attribute changed, round-robin over attributes.
-
-    Args:
-      dataset_dir: a synthetic data root (holding ``synthetic_meta.json``).
-      gallery_files: the gallery split's file paths (or base names), indexed by
-        ``gallery_indices``.
-      gallery_indices: the gallery images that may be changed (each shows a person).
-      num_counterfactuals: how many to keep (fewer when the candidates run out).
-      seed: seeds the order of attributes and images.
-      min_changed_pixels: a change is kept when at least this many pixels change visibly.
-      pixel_tolerance: a pixel changes visibly when a channel moves by more than this (0..255,
-        before JPEG).
-
-    Returns:
-      :class:`CounterfactualSet`.
-    """
-    if num_counterfactuals < 0:
-        raise ValueError(f"num_counterfactuals must be >= 0, got {num_counterfactuals}")
-    if min_changed_pixels < 0 or not 0 <= pixel_tolerance < 255:
-        raise ValueError(f"min_changed_pixels must be >= 0 and pixel_tolerance in [0, 255), got "
-                         f"{min_changed_pixels}, {pixel_tolerance}")
-    meta = synthetic.load_meta(dataset_dir)
-    quality = int(meta["config"]["jpeg_quality"])
-    a_count = NUM_ATTRIBUTES
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
-    indices = np.unique(np.asarray(gallery_indices, np.int64))
-    labels: dict[int, np.ndarray] = {}
-    radius: dict[int, int] = {}
-    for g in indices.tolist():
-        try:
-            person, scene, _ = synthetic.image_record(dataset_dir, gallery_files[g])
-        except KeyError as e:
-            raise ValueError(f"{synthetic.META_FILE} of {dataset_dir} does not describe the "
-                             f"gallery image {gallery_files[g]} (was the data root changed "
-                             "after it was generated?)") from e
-        if person is None:
-            raise ValueError(f"{os.path.basename(gallery_files[g])} shows no person; it cannot "
-                             "be changed")
-        labels[g] = synthetic.person_labels(person)
-        radius[g] = blur_radius(scene)
-    candidates = []
-    for a in range(a_count):
-        possible = [g for g in indices.tolist() if planned_value(labels[g], a)[0]]
-        candidates.append([possible[i] for i in rng.permutation(len(possible))])
-    attribute_order = rng.permutation(a_count)
-    next_candidate = np.zeros(a_count, np.int64)
-    tried = np.zeros(a_count, np.int64)
-    rejected = np.zeros(a_count, np.int64)
-    originals: collections.OrderedDict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = (
-        collections.OrderedDict())
-
-    def original(g: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        if g in originals:
-            originals.move_to_end(g)
-            return originals[g]
-        image, masks = synthetic.render_counterfactual(dataset_dir, gallery_files[g], None,
-                                                       jpeg=False, return_masks=True)
-        originals[g] = (image, {part: m > 0 for part, m in masks.items()})
-        if len(originals) > _ORIGINALS_CACHED:
-            originals.popitem(last=False)
-        return originals[g]
-
-    accepted: list[Counterfactual] = []
-    while len(accepted) < num_counterfactuals:
-        progressed = False
-        for a in attribute_order.tolist():
-            if len(accepted) >= num_counterfactuals:
-                break
-            name = ATTRIBUTE_NAMES[a]
-            while next_candidate[a] < len(candidates[a]):
-                g = candidates[a][next_candidate[a]]
-                next_candidate[a] += 1
-                progressed = True
-                _, value = planned_value(labels[g], a)
-                before, masks_before = original(g)
-                after, masks_after = synthetic.render_counterfactual(
-                    dataset_dir, gallery_files[g], name, value, jpeg=False, return_masks=True)
-                tried[a] += 1
-                region = synthetic.attribute_region(masks_before, masks_after, name, radius[g])
-                changed = _changed_pixels(before, after, region, pixel_tolerance)
-                if changed < min_changed_pixels:
-                    rejected[a] += 1
-                    continue
-                person, _, _ = synthetic.image_record(dataset_dir, gallery_files[g])
-                labels_after = synthetic.person_labels(
-                    synthetic.change_attribute(person, name, value))
-                accepted.append(Counterfactual(
-                    gallery_index=int(g), attribute=int(a), value=value,
-                    labels_before=labels[g], labels_after=labels_after,
-                    changed_pixels=changed, jpeg=synthetic.encode_jpeg(after, quality)))
-                break
-        if not progressed:
-            break
-    return CounterfactualSet(accepted, tried, rejected,
-                             np.asarray([len(c) for c in candidates], np.int64))
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-pair separations: e_a (eq. 3.2, either mode) or 1 - s_a (eq. 3.1).
-
-
-@jax.jit
-def _probabilities(f: jax.Array, w: jax.Array) -> jax.Array:
-    return jax.nn.sigmoid(f @ w)
-
-
-@jax.jit
-def _pair_scores(xq: jax.Array, xg: jax.Array) -> jax.Array:
-    return jax.vmap(lambda a, b: explain.matching_scores(a, b[None])[0])(xq, xg)
-
-
-@jax.jit
-def _pair_errors(fq: jax.Array, fg: jax.Array, w: jax.Array) -> jax.Array:
-    return jax.vmap(lambda q, g: explain.attribute_errors(q, g[None], w, method="direct")[0])(
-        fq, fg)
-
-
-def pair_separations(f_query: Any, f_gallery: Any, weights: Any, mode: str, *,
-                     chunk: int = 4096) -> np.ndarray:
-    """The explanation's "this attribute separates q and g" score of row-aligned pairs.
-
-    Args:
-      f_query, f_gallery: ``[P, N]``, row ``i`` is one pair.
-      weights: ``[N, A]`` attribute weights ``W``.
-      mode: ``"paper"``: ``e_a`` of eq. 3.2 (``reid_jax.explain.attribute_errors``, direct
-        form); ``"complete"``: the complete decomposition; ``"scores"``: ``1 - s_a`` with
-        ``s_a`` eq. 3.1 of ``x = sigmoid(f @ W)``.
-      chunk: pairs per kernel call.
-
-    Returns:
-      float32 ``[P, A]``.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    fq = np.asarray(f_query, np.float32)
-    fg = np.asarray(f_gallery, np.float32)
-    w = jnp.asarray(weights, jnp.float32)
-    if fq.shape != fg.shape or fq.ndim != 2 or w.ndim != 2 or w.shape[0] != fq.shape[1]:
-        raise ValueError(f"expected f_query [P, N], f_gallery [P, N], weights [N, A]; got "
-                         f"{fq.shape}, {fg.shape}, {w.shape}")
-    if mode == "complete":
-        w = explain.complete_weights(w)
-    parts = []
-    for lo in range(0, fq.shape[0], chunk):
-        q, g = jnp.asarray(fq[lo:lo + chunk]), jnp.asarray(fg[lo:lo + chunk])
-        if mode == "scores":
-            parts.append(1.0 - _pair_scores(_probabilities(q, w), _probabilities(g, w)))
-        else:
-            parts.append(_pair_errors(q, g, w))
-    if not parts:
-        return np.zeros((0, w.shape[1]), np.float32)
-    return np.asarray(jnp.concatenate(parts), np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# (1) Counterfactual hit rate.
-
-
-def _per_attribute(result: dict[str, Any], key: str) -> list[Any]:
-    return [result["per_attribute"][n][key] for n in ATTRIBUTE_NAMES]
-
-
-def counterfactual_metrics(
-    f_query: Any,
-    f_gallery: Any,
-    f_counterfactual: Any,
-    weights: Any,
-    counterfactuals: Sequence[Counterfactual],
-    pairs: CandidatePairs,
-    labels_query: Any,
-    valid_query: Any | None = None,
-) -> dict[str, Any]:
-    """Hit rates of the counterfactuals for the three separations (module docstring, part 1).
-
-    Args:
-      f_query: ``[Q, N]``; f_gallery: ``[G, N]`` embeddings of the dataset files.
-      f_counterfactual: ``[C, N]`` embeddings of ``counterfactuals`` (same order).
-      weights: ``[N, A]``.
-      counterfactuals: from :func:`make_counterfactuals`.
-      pairs: from :func:`ranked_pairs`; each counterfactual is paired with every query its
-        gallery image is paired with.
-      labels_query: ``[Q, A]`` ground-truth labels of the queries.
-      valid_query: bool ``[Q]``, queries with labels (default all).
-
-    Returns:
-      ``{"num_pairs", "num_true_match_pairs", "num_away_pairs", <mode>: {"top1", "top3",
-      "mean_rank"}, "chance": {...}, "subsets": {...}, "per_attribute": {...}}``; see
-      :func:`reid_jax.explain.metrics.counterfactual_hit_rate` for the definitions.
-    """
-    fq = np.asarray(f_query, np.float32)
-    fg = np.asarray(f_gallery, np.float32)
-    fc = np.asarray(f_counterfactual, np.float32)
-    if fc.shape != (len(counterfactuals), fg.shape[1]):
-        raise ValueError(f"f_counterfactual must have shape [{len(counterfactuals)}, "
-                         f"{fg.shape[1]}], got {fc.shape}")
-    lq = np.asarray(labels_query)
-    vq = np.ones(fq.shape[0], bool) if valid_query is None else np.asarray(valid_query, bool)
-    by_gallery: dict[int, list[int]] = collections.defaultdict(list)
-    for i, g in enumerate(pairs.gallery.tolist()):
-        if vq[pairs.query[i]]:
-            by_gallery[g].append(i)
-    rows_q, rows_c, rows_true = [], [], []
-    for c, cf in enumerate(counterfactuals):
-        for i in by_gallery.get(cf.gallery_index, ()):
-            rows_q.append(int(pairs.query[i]))
-            rows_c.append(c)
-            rows_true.append(bool(pairs.true_match[i]))
-    if not rows_q:
-        raise ValueError("no query is paired with a counterfactual gallery image")
-    q = np.asarray(rows_q)
-    c = np.asarray(rows_c)
-    true_match = np.asarray(rows_true)
-    attribute = np.asarray([cf.attribute for cf in counterfactuals])[c]
-    before = np.stack([cf.labels_before for cf in counterfactuals])[c]
-    changed = np.stack([cf.changed_labels for cf in counterfactuals])[c]
-    gallery = np.asarray([cf.gallery_index for cf in counterfactuals])[c]
-    rows = np.arange(q.size)
-    # The counterfactual moves away from the query when the original agrees with it.
-    away = lq[q, attribute] == before[rows, attribute]
-
-    out: dict[str, Any] = {"num_pairs": int(q.size),
-                           "num_true_match_pairs": int(true_match.sum()),
-                           "num_away_pairs": int(away.sum())}
-    subsets = {"true_match": true_match, "false_match": ~true_match,
-               "away": away, "towards": ~away}
-    subset_out: dict[str, dict[str, Any]] = {
-        name: {"num_pairs": int(mask.sum())} for name, mask in subsets.items()}
-    per_attribute: dict[str, list[Any]] = {}
-    for mode in MODES:
-        s_orig = pair_separations(fq[q], fg[gallery], weights, mode)
-        s_cf = pair_separations(fq[q], fc[c], weights, mode)
-        near = np.where(away[:, None], s_orig, s_cf)
-        far = np.where(away[:, None], s_cf, s_orig)
-        res = em.counterfactual_hit_rate(near, far, attribute, changed, top=HIT_RANKS)
-        out[mode] = {**{f"top{m}": res[f"top{m}"] for m in HIT_RANKS},
-                     "mean_rank": res["mean_rank"]}
-        if mode == MODES[0]:
-            out["chance"] = res["chance"]
-            per_attribute["pairs"] = _per_attribute(res, "count")
-        for m in HIT_RANKS:
-            per_attribute[f"{mode}_top{m}"] = _per_attribute(res, f"top{m}")
-        for name, mask in subsets.items():
-            if mask.any():
-                sub = em.counterfactual_hit_rate(near[mask], far[mask], attribute[mask],
-                                                 changed[mask], top=(1,))
-                subset_out[name][f"{mode}_top1"] = sub["top1"]
-                if mode == MODES[0]:
-                    subset_out[name]["chance_top1"] = sub["chance"]["top1"]
-            else:
-                subset_out[name][f"{mode}_top1"] = None
-    out["subsets"] = subset_out
-    out["per_attribute"] = per_attribute
-    return out
+JSON_NAME = settings.METRICS_NAME  # "explanation_metrics.json", read by tools/explain.py
+MARKDOWN_NAME = settings.METRICS_MARKDOWN_NAME
+DEFAULT_K = cfs.DEFAULT_K
 
 
 # ---------------------------------------------------------------------------------------------
 # (2) + (3) AUROC of matching scores and AMD metrics over all pairs and the top k.
 
-_AMD_KEYS = ("ex_precision_d", "ex_map_d", "ex_precision_s", "ex_map_s")
-_AUROC_KEYS = ("auroc", "num_positive", "num_negative")
+def _per_attribute(result: dict[str, Any], key: str) -> list[Any]:
+    return [result["per_attribute"][n][key] for n in ATTRIBUTE_NAMES]
+
+
+_AMD_KEYS = tuple(em.AMD_RATIOS)
+
+
+def _auroc_entry(result: dict[str, Any], groups: dict[str, Any], counts: np.ndarray,
+                 level: float) -> dict[str, Any]:
+    """Pooled and macro AUROC of one matching score with their intervals."""
+    entry = {
+        "pooled": result["auroc"],
+        "pooled_interval": bootstrap.histogram_auroc_interval(
+            *groups["pooled"], counts, result["auroc"], level),
+        "macro": result["macro"],
+        "macro_interval": bootstrap.macro_auroc_interval(
+            *groups["attribute"], counts, result["macro"], level),
+    }
+    if result.get("max_binning_error") is not None:
+        entry["max_binning_error"] = result["max_binning_error"]
+    return entry
 
 
 def label_metrics(
@@ -507,66 +131,110 @@ def label_metrics(
     query_cams: Any,
     gallery_pids: Any,
     gallery_cams: Any,
+    prior: baselines.TrainingPrior,
     k: int = DEFAULT_K,
     threshold: Any = explain.DEFAULT_THRESHOLD,
+    bootstrap_samples: int = bootstrap.DEFAULT_SAMPLES,
+    seed: int = 0,
+    level: float = bootstrap.LEVEL,
     log_interval: float = 30.0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """AUROC of matching scores and AMD metrics over all pairs and over the top ``k`` ranks.
+    """AUROC of matching scores and AMD metrics over all pairs and over the top ``k`` ranks,
+    for every explanation of ``metrics.MODES`` and the baselines, with 95 % intervals by a
+    bootstrap over queries.
 
-    One all-pairs pass per mode (``streamed_amd_over_gallery``; the ``scores`` pass also
-    accumulates the all-attributes AUROC, ``t = 0``) with a :class:`ProgressLog` every
-    ``log_interval`` seconds, and one top-``k`` ranking per mode under the Market-1501
-    protocol (``amd_over_top_k`` with the pids and cameras: the pairs the report shows).
+    One all-pairs pass per mode (``streamed_amd_over_gallery``; the passes of the
+    ``metrics.SCORE_MODES`` also accumulate their matching score's AUROC for all attributes,
+    ``t = 0``) with a :class:`ProgressLog` every ``log_interval`` seconds, and one top-``k``
+    ranking per mode under the Market-1501 protocol (``amd_over_top_k`` with the pids and
+    cameras: the pairs the report shows).  The ``prior`` explanation is ``prior.all_pairs``
+    over all pairs and ``prior.ranked`` over the top ``k``; the constant AUROC baseline scores
+    every entry of attribute ``a`` with ``prior.agreement[a]``.  Every mode of a scope is
+    resampled with the same counts (``bootstrap_samples`` replicates of the queries, seeded by
+    ``seed``), so ``minus_prior`` — an explanation minus the prior — is a paired interval.
 
     Returns:
-      ``(auroc, amd)``: ``auroc = {"all_pairs": {"confident": ..., "all_attributes": ...},
-      "top{k}": {...}, "per_attribute": {...: [A]}}`` and ``amd = {"all_pairs": {"num_pairs",
-      "num_pairs_d", "num_pairs_s", <mode>: {ex_precision_d, ex_map_d, ex_precision_s,
-      ex_map_s}, "chance": {...}}, "top{k}": {...}, "per_attribute": {...: [A]}}``.
+      ``(auroc, amd)``: ``auroc = {scope: {"confident" | "all_attributes": {"num_positive",
+      "num_negative", <score mode>: {"pooled", "pooled_interval", "macro", "macro_interval"},
+      "prior": {"pooled", "pooled_interval", "macro"}}}, "per_attribute": {...: [A]}}`` and
+      ``amd = {scope: {"num_pairs", "num_pairs_d", "num_pairs_s", "num_pairs_s_amd", <mode>:
+      {<metric>, "intervals": {<metric>: [lo, hi]}, "minus_prior": {<metric>: [lo, hi]}},
+      "chance": {...}}, "per_attribute": {...: [A]}}`` with scopes ``all_pairs`` and
+      ``top{k}`` and the metrics of ``metrics.AMD_RATIOS``; with neighbour rates, ``top{k}``
+      also holds ``prior_labels``: the all-pairs (label-only) order on the top ``k``.
     """
     args = (f_query, f_gallery, weights, labels_query, labels_gallery)
     masks = dict(valid_query=valid_query, valid_gallery=valid_gallery)
     ids = dict(query_pids=query_pids, query_cams=query_cams, gallery_pids=gallery_pids,
                gallery_cams=gallery_cams)
-    scopes = {"all_pairs": {}, f"top{k}": {}}
+    top = f"top{k}"
+    scopes: dict[str, dict[str, Any]] = {"all_pairs": {}, top: {}}
+    fixed = {"all_pairs": prior.all_pairs, top: prior.ranked}
     for mode in MODES:
         # Matching-score AUROC for all attributes: t = 0 selects every attribute (x != 0.5).
-        extra = (0.0,) if mode == "scores" else ()
+        extra = (0.0,) if mode in em.SCORE_MODES else ()
         scopes["all_pairs"][mode] = em.streamed_amd_over_gallery(
             *args, mode, threshold=threshold, extra_thresholds=extra,
+            prior=fixed["all_pairs"] if mode == "prior" else None,
             progress=ProgressLog(f"AMD over all pairs ({mode})", interval=log_interval),
             **masks)
         t0 = time.perf_counter()
-        scopes[f"top{k}"][mode] = em.amd_over_top_k(
-            *args, mode, k=k, threshold=threshold, extra_thresholds=extra, **ids, **masks)
+        scopes[top][mode] = em.amd_over_top_k(
+            *args, mode, k=k, threshold=threshold, extra_thresholds=extra,
+            prior=fixed[top] if mode == "prior" else None, **ids, **masks)
         logging.info("AMD over the top %d ranks (%s): %.1f s", k, mode,
                      time.perf_counter() - t0)
-    every = {scope: results["scores"]["extra_auroc"][0] for scope, results in scopes.items()}
+    # The label-only order on the top k too, to show what knowing "near neighbour" adds.
+    labels_only = (em.amd_over_top_k(*args, "prior", k=k, threshold=threshold,
+                                     prior=prior.all_pairs, **ids, **masks)
+                   if prior.neighbours is not None else None)
 
+    num_queries = int(np.shape(f_query)[0])
+    counts = bootstrap.resample_counts(num_queries, bootstrap_samples, seed)
     auroc: dict[str, Any] = {}
     amd: dict[str, Any] = {}
     auroc_attr: dict[str, list[Any]] = {}
     amd_attr: dict[str, list[Any]] = {}
     for scope, results in scopes.items():
-        confident = results["scores"]["auroc"]
-        auroc[scope] = {
-            "confident": {key: confident[key] for key in _AUROC_KEYS},
-            "all_attributes": {key: every[scope][key] for key in _AUROC_KEYS},
-        }
-        if "max_binning_error" in confident:
-            auroc[scope]["confident"]["max_binning_error"] = confident["max_binning_error"]
-            auroc[scope]["all_attributes"]["max_binning_error"] = every[scope][
-                "max_binning_error"]
-        auroc_attr[f"{scope}_confident"] = _per_attribute(confident, "auroc")
-        auroc_attr[f"{scope}_all_attributes"] = _per_attribute(every[scope], "auroc")
-        paper = results["paper"]
-        entry: dict[str, Any] = {key: paper[key] for key in ("num_pairs", "num_pairs_d",
-                                                               "num_pairs_s")}
+        auroc[scope] = {}
+        for i, which in enumerate(("confident", "all_attributes")):
+            first = results[em.SCORE_MODES[0]]
+            result = first["auroc"] if i == 0 else first["extra_auroc"][0]
+            entry: dict[str, Any] = {"num_positive": result["num_positive"],
+                                     "num_negative": result["num_negative"]}
+            for mode in em.SCORE_MODES:
+                r = results[mode]["auroc"] if i == 0 else results[mode]["extra_auroc"][0]
+                groups = results[mode]["groups"]["auroc"][i]
+                entry[mode] = _auroc_entry(r, groups, counts, level)
+                auroc_attr[f"{scope}_{which}_{mode}"] = _per_attribute(r, "auroc")
+            # The constant baseline: entries of attribute a all score prior.agreement[a].
+            pos, neg = (h.sum(axis=-1) for h in first["groups"]["auroc"][i]["attribute"])
+            point = em.constant_auroc(pos.sum(0), neg.sum(0), prior.agreement)
+            entry["prior"] = {
+                "pooled": None if np.isnan(point) else float(point),
+                "pooled_interval": bootstrap.constant_auroc_interval(
+                    pos, neg, prior.agreement, counts, level),
+                "macro": 0.5,  # a constant ties every entry of an attribute
+            }
+            auroc[scope][which] = entry
+        base = results["prior"]["groups"]["amd"]
+        first = results[MODES[0]]
+        amd_entry: dict[str, Any] = {key: first[key] for key in (
+            "num_pairs", "num_pairs_d", "num_pairs_s", "num_pairs_s_amd")}
         for mode in MODES:
-            entry[mode] = {key: results[mode][key] for key in _AMD_KEYS}
-        entry["chance"] = {key: paper["chance"][key] for key in _AMD_KEYS}
-        amd[scope] = entry
-        amd_attr[f"{scope}_differ_count"] = _per_attribute(paper, "count_d")
+            sums = results[mode]["groups"]["amd"]
+            amd_entry[mode] = {key: results[mode][key] for key in _AMD_KEYS}
+            amd_entry[mode]["intervals"] = bootstrap.amd_intervals(sums, counts, level=level)
+            if mode != "prior":
+                amd_entry[mode]["minus_prior"] = bootstrap.amd_intervals(sums, counts, base,
+                                                                         level=level)
+        amd_entry["chance"] = {key: first["chance"][key] for key in _AMD_KEYS}
+        if scope == top and labels_only is not None:
+            amd_entry["prior_labels"] = {key: labels_only[key] for key in _AMD_KEYS}
+            amd_entry["prior_labels"]["intervals"] = bootstrap.amd_intervals(
+                labels_only["groups"]["amd"], counts, level=level)
+        amd[scope] = amd_entry
+        amd_attr[f"{scope}_differ_count"] = _per_attribute(first, "count_d")
         for mode in MODES:
             for key in ("precision_d", "ap_d"):
                 amd_attr[f"{scope}_{mode}_{key}"] = _per_attribute(results[mode], key)
@@ -576,114 +244,7 @@ def label_metrics(
 
 
 # ---------------------------------------------------------------------------------------------
-# Output: JSON and the README table.
-
-
-def _pct(x: Any) -> str:
-    return "—" if x is None else f"{100.0 * float(x):.1f}"
-
-
-class TableRow(NamedTuple):
-    """One row of :func:`summary_table`.
-
-    Attributes:
-      metric: what the row measures, e.g. ``counterfactual hit rate, top-1``.
-      n: pairs (AUROC: query-attribute entries); ``None`` when the part was skipped.
-      values: one fraction in ``[0, 1]`` per mode of ``MODES`` (``None``: does not apply).
-      chance: the chance level (``None``: none).
-      skipped: why the part was not measured (``""``: it was).
-    """
-
-    metric: str
-    n: int | None
-    values: tuple[float | None, ...]
-    chance: float | None
-    skipped: str = ""
-
-
-class SummaryTable(NamedTuple):
-    """The table of :func:`markdown_table` as data (``reid_jax.explain.report`` renders it in HTML).
-
-    Attributes:
-      columns: the header: ``metric``, ``n``, one title per mode of ``MODES``, ``chance``.
-      rows: :class:`TableRow` s, in the order printed.
-      legend: sentences explaining the table.
-    """
-
-    columns: tuple[str, ...]
-    rows: tuple[TableRow, ...]
-    legend: tuple[str, ...]
-
-
-def summary_table(metrics: dict[str, Any]) -> SummaryTable:
-    """The rows of the README table of :func:`evaluate`'s ``metrics`` (the JSON layout).
-
-    Rows: counterfactual hit rate top-1 / top-3; matching-score AUROC over all pairs and the
-    top ``k``, for confident and all attributes (eq. 3.1 only); AMD Ex-Precision / Ex-mAP
-    ``_d`` / ``_s`` over all pairs and the top ``k``.  Raises ``KeyError`` when ``metrics``
-    lacks one of these entries.
-    """
-    k = metrics["settings"]["k"]
-    top = f"top{k}"
-    columns = ("metric", "n", *(MODE_TITLES[m] for m in MODES), "chance")
-    rows: list[TableRow] = []
-    cf = metrics["counterfactual"]
-    if "skipped" in cf:
-        rows.append(TableRow("counterfactual hit rate", None, (None,) * len(MODES), None,
-                             skipped=str(cf["skipped"])))
-    else:
-        for m in HIT_RANKS:
-            rows.append(TableRow(f"counterfactual hit rate, top-{m}", int(cf["num_pairs"]),
-                                 tuple(cf[mode][f"top{m}"] for mode in MODES),
-                                 cf["chance"][f"top{m}"]))
-    for scope, scope_name in (("all_pairs", "all pairs"), (top, f"top-{k}")):
-        for which, which_name in (("confident", "confident attributes"),
-                                  ("all_attributes", "all attributes")):
-            a = metrics["auroc"][scope][which]
-            rows.append(TableRow(f"matching-score AUROC, {scope_name}, {which_name}",
-                                 int(a["num_positive"] + a["num_negative"]),
-                                 tuple(a["auroc"] if mode == "scores" else None
-                                       for mode in MODES), 0.5))
-    for scope, scope_name in (("all_pairs", "all pairs"), (top, f"top-{k}")):
-        amd = metrics["amd"][scope]
-        for key, title in (("ex_precision_d", "Ex-Precision_d"), ("ex_map_d", "Ex-mAP_d"),
-                           ("ex_precision_s", "Ex-Precision_s"), ("ex_map_s", "Ex-mAP_s")):
-            n = amd["num_pairs_d"] if key.endswith("_d") else amd["num_pairs_s"]
-            rows.append(TableRow(f"AMD {title}, {scope_name}", int(n),
-                                 tuple(amd[mode][key] for mode in MODES),
-                                 amd["chance"][key]))
-    threshold = metrics["settings"]["threshold"]
-    t_text = (f"{threshold:g}" if isinstance(threshold, (int, float))
-              else "per attribute")
-    legend = [
-        f"Values in %. n: pairs (AUROC: query-attribute entries). Top-{k}: the {k} best-ranked "
-        f"gallery images of every query, as in the report (Market-1501 protocol: same identity "
-        f"and camera, and junk, removed). Confident attributes: |x - 0.5| > {t_text}.",
-    ]
-    if "skipped" in cf:
-        legend.append(f"Counterfactuals skipped: {cf['skipped']}")
-    else:
-        legend.append(
-            f"Counterfactuals: {cf['num_counterfactuals']} re-rendered gallery images "
-            f"({cf['num_rejected_invisible']} barely visible changes rejected), each paired "
-            f"with the queries that rank it in their top {k} or match it; a hit: a changed "
-            "attribute rises most (top-1) or among the 3 largest rises (top-3).")
-    return SummaryTable(columns, tuple(rows), tuple(legend))
-
-
-def markdown_table(metrics: dict[str, Any]) -> str:
-    """The README table of :func:`evaluate`'s metrics (values in %), with a legend."""
-    table = summary_table(metrics)
-    lines = ["| " + " | ".join(table.columns) + " |",
-             "|" + "|".join([":---", "---:"] + ["---:"] * (len(table.columns) - 2)) + "|"]
-    for row in table.rows:
-        if row.skipped:
-            cells = [row.metric, "—", "skipped"] + [""] * len(MODES)
-        else:
-            cells = ([row.metric, str(row.n)] + [_pct(v) for v in row.values]
-                     + [_pct(row.chance)])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", *table.legend]) + "\n"
+# Output: the JSON and the README table.
 
 
 def write_outputs(metrics: dict[str, Any], output_dir: str | os.PathLike) -> tuple[str, str]:
@@ -704,8 +265,8 @@ def write_outputs(metrics: dict[str, Any], output_dir: str | os.PathLike) -> tup
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluationResult:
-    """What :func:`evaluate` computed and wrote."""
+class MeasurementResult:
+    """What :func:`measure` computed and wrote."""
 
     metrics: dict[str, Any]
     json_path: str
@@ -735,21 +296,30 @@ def _attribute_labels(path: str, pids_query: np.ndarray, pids_gallery: np.ndarra
         raise ValueError(f"{path} has no labels for the test identities of this data root "
                          f"({int(vq.sum())} labelled queries, {int(vg.sum())} labelled gallery "
                          "images)")
-    return lq, vq, lg, vg
+    return attrs, lq, vq, lg, vg
 
 
-def _restore_head(checkpoint: str | os.PathLike):
-    from reid_jax import checkpoints
+def _training_prior(attrs: Any, path: str, train: Any, features: np.ndarray | None,
+                    k: int) -> baselines.TrainingPrior:
+    """The baselines from the training split: its identities' labels, and its images'
+    embeddings for the neighbour rates (left out when the data root has no training images)."""
+    identity_labels = attrs.labels("train")
+    if identity_labels.shape[0] < 2:
+        raise ValueError(f"{path} labels {identity_labels.shape[0]} training identities; the "
+                         "prior baseline needs at least 2")
+    if features is None or len(train) == 0:
+        logging.info("no training images: the top-k prior is the all-pairs prior")
+        return baselines.training_prior(identity_labels, k=k)
+    labels, has = labels_for_pids(attrs, train.pids, "train")
+    if np.unique(train.pids[has]).size < 2:
+        logging.info("fewer than 2 labelled training identities among the training images: "
+                     "the top-k prior is the all-pairs prior")
+        return baselines.training_prior(identity_labels, k=k)
+    return baselines.training_prior(identity_labels, features=features[has],
+                                    pids=train.pids[has], image_labels=labels[has], k=k)
 
-    try:
-        return checkpoints.restore_attribute_head(checkpoint)
-    except ValueError as e:
-        if "no attribute head" in str(e):
-            raise ValueError(f"cannot evaluate explanations: {e}") from e
-        raise
 
-
-def evaluate(
+def measure(
     *,
     checkpoint: str | os.PathLike,
     data_root: str | os.PathLike | None,
@@ -757,15 +327,21 @@ def evaluate(
     config: ml_collections.ConfigDict | None = None,
     attributes_file: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
-    k: int = DEFAULT_K,
-    threshold: Any = explain.DEFAULT_THRESHOLD,
-    num_counterfactuals: int = DEFAULT_NUM_COUNTERFACTUALS,
-    min_changed_pixels: int = DEFAULT_MIN_CHANGED_PIXELS,
-    pixel_tolerance: int = DEFAULT_PIXEL_TOLERANCE,
-    seed: int = 0,
+    k: int | None = None,
+    threshold: Any = None,
+    num_counterfactuals: int | None = None,
+    min_changed_pixels: int | None = None,
+    pixel_tolerance: int | None = None,
+    seed: int | None = None,
+    bootstrap_samples: int | None = None,
     embed_fn: Callable[[list[bytes]], np.ndarray] | None = None,
-) -> EvaluationResult:
+) -> MeasurementResult:
     """Measures the explanations of a checkpoint on the test split of ``data_root``.
+
+    The settings come from ``config.explain`` (``reid_jax.explain.settings``; the checkpoint's
+    stored config when ``config`` is None); ``k`` .. ``seed`` override single fields (``None``:
+    not given). The data root is scanned once, with the reader options of ``config.data``, and
+    that one scan feeds the embeddings, the labels and the pairs.
 
     Args:
       checkpoint: orbax checkpoint directory with an attribute head.
@@ -778,49 +354,55 @@ def evaluate(
       k: top ranks of the pairs.
       threshold: confident-attribute threshold in ``[0, 0.5)`` (scalar or ``[A]``).
       num_counterfactuals: counterfactual images to make (0: skip that part).
-      min_changed_pixels, pixel_tolerance, seed: see :func:`make_counterfactuals`.
+      min_changed_pixels, pixel_tolerance, seed: see
+        ``reid_jax.explain.counterfactuals.make_counterfactuals`` (``seed`` also seeds the
+        bootstrap).
+      bootstrap_samples: replicates of the bootstrap behind the intervals.
       embed_fn: embeds a list of JPEG bytes ``-> [n, N]`` (default: the checkpoint's model with
         the eval transform of ``config``).
 
     Returns:
-      :class:`EvaluationResult`.
+      :class:`MeasurementResult`.
     """
-    from reid_jax import checkpoints, embeddings
-
     start = time.perf_counter()
     root = _check_data_root(data_root)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if num_counterfactuals < 0:
-        raise ValueError(f"num_counterfactuals must be >= 0, got {num_counterfactuals}")
-    threshold = explain_run.check_threshold(threshold)
+    config = embeddings.restore_config(checkpoint, config)
+    opts = settings.explain_settings(
+        config, k=k, threshold=threshold, num_counterfactuals=num_counterfactuals,
+        min_changed_pixels=min_changed_pixels, pixel_tolerance=pixel_tolerance, seed=seed,
+        bootstrap_samples=bootstrap_samples)
+    k = opts.k
     output_dir = os.path.abspath(os.fspath(output_dir))
-    data = explain_run.load_data(root)
+    data = sources.load_dataset(root, config, need_queries=True)
     if k > len(data.gallery):
         raise ValueError(f"k={k} exceeds the {len(data.gallery)} gallery images of {root}")
-    head = _restore_head(checkpoint)
+    head = checkpoints.restore_attribute_head(checkpoint)
     weights = np.asarray(head.kernel[...], np.float32)
     attributes_file = os.path.abspath(os.fspath(
         attributes_file or os.path.join(root, synthetic.ATTRIBUTE_FILE)))
-    lq, vq, lg, vg = _attribute_labels(attributes_file, data.query.pids, data.gallery.pids)
+    attrs, lq, vq, lg, vg = _attribute_labels(attributes_file, data.query.pids,
+                                              data.gallery.pids)
 
-    model, meta = checkpoints.restore_model(checkpoint, config)
-    if config is None:
-        config = ml_collections.ConfigDict(meta.get("config", {}))
+    model, _ = checkpoints.restore_model(checkpoint, config)
     if head.embedding_dim != model.feature_dim:
         raise ValueError(f"the attribute head of {checkpoint} expects embeddings of size "
                          f"{head.embedding_dim}, the model produces {model.feature_dim}")
     cache_dir = os.fspath(cache_dir) if cache_dir else os.path.join(
-        output_dir, explain_run.EMBEDDINGS_NAME)
-    emb = embeddings.split_embeddings(model, config, root, ("query", "gallery"), cache_dir)
+        output_dir, settings.EMBEDDINGS_NAME)
+    splits = ("query", "gallery", "train") if len(data.train) else ("query", "gallery")
+    emb = embeddings.split_embeddings(model, config, data, splits, cache_dir)
     fq, fg = emb["query"].features, emb["gallery"].features
-    logging.info("embeddings of %d queries and %d gallery images ready (%.1f s)", len(fq),
-                 len(fg), time.perf_counter() - start)
+    logging.info("embeddings of %d queries, %d gallery and %d training images ready (%.1f s)",
+                 len(fq), len(fg), len(data.train), time.perf_counter() - start)
+    prior = _training_prior(attrs, attributes_file, data.train,
+                            emb["train"].features if "train" in emb else None, k)
 
     t0 = time.perf_counter()
     auroc, amd = label_metrics(fq, fg, weights, lq, lg, vq, vg, query_pids=data.query.pids,
                                query_cams=data.query.cameras, gallery_pids=data.gallery.pids,
-                               gallery_cams=data.gallery.cameras, k=int(k), threshold=threshold)
+                               gallery_cams=data.gallery.cameras, prior=prior, k=k,
+                               threshold=opts.threshold,
+                               bootstrap_samples=opts.bootstrap_samples, seed=opts.seed)
     logging.info("AUROC and AMD metrics over all pairs and the top %d: %.1f s", k,
                  time.perf_counter() - t0)
 
@@ -830,7 +412,7 @@ def evaluate(
                   "counterfactual images can only be rendered for synthetic persons")
         logging.info("counterfactual hit rate skipped: %s", reason)
         counterfactual: dict[str, Any] = {"skipped": reason}
-    elif num_counterfactuals == 0:
+    elif opts.num_counterfactuals == 0:
         counterfactual = {"skipped": "num_counterfactuals=0"}
     else:
         if embed_fn is None:
@@ -844,12 +426,11 @@ def evaluate(
                     loader_config=loader_config)
 
         counterfactual = _counterfactual_part(
-            root, data, fq, fg, weights, lq, vq, k=int(k), embed_fn=embed_fn,
-            num_counterfactuals=num_counterfactuals, min_changed_pixels=min_changed_pixels,
-            pixel_tolerance=pixel_tolerance, seed=seed)
+            root, data, fq, fg, weights, lq, vq, k=k, embed_fn=embed_fn,
+            num_counterfactuals=opts.num_counterfactuals,
+            min_changed_pixels=opts.min_changed_pixels, pixel_tolerance=opts.pixel_tolerance,
+            seed=opts.seed, prior=prior.ranked, bootstrap_samples=opts.bootstrap_samples)
 
-    threshold_json = (float(threshold) if np.ndim(threshold) == 0
-                      else [float(t) for t in np.asarray(threshold)])
     metrics = {
         "format": FORMAT,
         "attribute_names": list(ATTRIBUTE_NAMES),
@@ -858,11 +439,13 @@ def evaluate(
             "data_root": root,
             "attributes_file": attributes_file,
             "k": int(k),
-            "threshold": threshold_json,
-            "num_counterfactuals": int(num_counterfactuals),
-            "min_changed_pixels": int(min_changed_pixels),
-            "pixel_tolerance": int(pixel_tolerance),
-            "seed": int(seed),
+            "threshold": opts.threshold_json(),
+            "num_counterfactuals": opts.num_counterfactuals,
+            "min_changed_pixels": opts.min_changed_pixels,
+            "pixel_tolerance": opts.pixel_tolerance,
+            "seed": opts.seed,
+            "bootstrap_samples": opts.bootstrap_samples,
+            "interval_level": bootstrap.LEVEL,
         },
         "data": {
             "synthetic": bool(synthetic_root),
@@ -871,6 +454,7 @@ def evaluate(
             "num_labelled_queries": int(vq.sum()),
             "num_labelled_gallery": int(vg.sum()),
         },
+        "prior": prior.json(ATTRIBUTE_NAMES),
         "counterfactual": counterfactual,
         "auroc": auroc,
         "amd": amd,
@@ -878,21 +462,22 @@ def evaluate(
     json_path, md_path = write_outputs(metrics, output_dir)
     logging.info("explanation metrics written to %s and %s (%.1f s in all)", json_path, md_path,
                  time.perf_counter() - start)
-    return EvaluationResult(metrics, json_path, md_path, markdown_table(metrics))
+    return MeasurementResult(metrics, json_path, md_path, markdown_table(metrics))
 
 
 def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
                          weights: np.ndarray, lq: np.ndarray, vq: np.ndarray, *, k: int,
                          embed_fn: Callable[[list[bytes]], np.ndarray],
                          num_counterfactuals: int, min_changed_pixels: int,
-                         pixel_tolerance: int, seed: int) -> dict[str, Any]:
+                         pixel_tolerance: int, seed: int, prior: np.ndarray,
+                         bootstrap_samples: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     gallery_files = [os.path.join(SPLIT_FOLDERS["gallery"], os.path.basename(p))
                      for p in data.gallery.paths]
-    pairs = ranked_pairs(fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
+    pairs = cfs.ranked_pairs(fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
                          data.gallery.cameras, k)
-    pairs = CandidatePairs(*(x[vq[pairs.query]] for x in pairs))
-    made = make_counterfactuals(root, gallery_files, np.unique(pairs.gallery),
+    pairs = cfs.CandidatePairs(*(x[vq[pairs.query]] for x in pairs))
+    made = cfs.make_counterfactuals(root, gallery_files, np.unique(pairs.gallery),
                                 num_counterfactuals, seed=seed,
                                 min_changed_pixels=min_changed_pixels,
                                 pixel_tolerance=pixel_tolerance)
@@ -902,7 +487,9 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
     t1 = time.perf_counter()
     f_cf = np.asarray(embed_fn([cf.jpeg for cf in made.accepted]), np.float32)
     t2 = time.perf_counter()
-    out = counterfactual_metrics(fq, fg, f_cf, weights, made.accepted, pairs, lq, vq)
+    out = cfs.counterfactual_metrics(fq, fg, f_cf, weights, made.accepted, pairs, lq, vq,
+                                     prior=prior, bootstrap_samples=bootstrap_samples,
+                                     seed=seed)
     logging.info("counterfactuals: %d rendered (%d rejected as barely visible) in %.1f s, "
                  "embedded in %.1f s, %d pairs scored in %.1f s", int(made.tried.sum()),
                  int(made.rejected.sum()), t1 - t0, t2 - t1, out["num_pairs"],
@@ -926,28 +513,6 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
 
 
 __all__ = [
-    "DEFAULT_K",
-    "DEFAULT_MIN_CHANGED_PIXELS",
-    "DEFAULT_NUM_COUNTERFACTUALS",
-    "DEFAULT_PIXEL_TOLERANCE",
-    "FORMAT",
-    "JSON_NAME",
-    "MARKDOWN_NAME",
-    "CandidatePairs",
-    "Counterfactual",
-    "CounterfactualSet",
-    "EvaluationResult",
-    "ProgressLog",
-    "SummaryTable",
-    "TableRow",
-    "counterfactual_metrics",
-    "evaluate",
-    "label_metrics",
-    "make_counterfactuals",
-    "markdown_table",
-    "pair_separations",
-    "planned_value",
-    "ranked_pairs",
-    "summary_table",
-    "write_outputs",
+    "DEFAULT_K", "FORMAT", "JSON_NAME", "MARKDOWN_NAME", "MeasurementResult", "label_metrics",
+    "measure", "write_outputs",
 ]

@@ -9,15 +9,19 @@ For the chosen queries of a Market-1501-layout data root this module
 2. orders the queries (``query``: file-name order; ``worst_ap``: lowest AP first, the order in
    which a user triages failures; queries without a valid match last);
 3. explains the top ``k`` of every query with the jitted kernels of ``reid_jax.explain``
-   (section 3 of the paper: confident query attributes, matching scores of eq. 3.1, attribute
-   errors of eq. 3.2 or their complete decomposition), again in query chunks;
+   (section 3 of the paper: confident query attributes, matching scores of eq. 3.1, and the
+   mode's explanation: attribute errors of eq. 3.2, their complete decomposition, the
+   projection onto the attribute directions with its remainder, or the probability that the
+   labels differ), again in query chunks;
 4. writes ``explanations.jsonl`` (one record per query, see :func:`make_record`),
    ``summary.json`` and the HTML report ``report/`` (``reid_jax.explain.report``).
 
-All three outputs are written into a staging folder inside ``output_dir`` and moved into place
-only when everything is complete, so an interrupted run leaves the previous outputs (or none),
-never half-written ones.  Embeddings computed from a checkpoint are cached in
-``output_dir/embeddings`` (``reid_jax.embeddings``), so a second run skips the network.
+All three outputs are one ``reid_jax.atomic_io.ResultSet``: written into a staging folder and
+published together by one atomic link swap, so at every instant ``output_dir`` holds the
+complete previous outputs or the complete new ones (or none), never half-written ones; a folder
+the tool did not write is never replaced without ``overwrite``. Embeddings computed from a
+checkpoint are cached in ``output_dir/embeddings`` (``reid_jax.embeddings``), so a second run
+skips the network.
 
 AP consistency: the AP pass ranks with float32 GEMM distances (``|q|^2 + |g|^2 - 2 q.g``,
 highest matmul precision) exactly as ``reid_jax.evaluation.rank_metrics`` would rank a distance
@@ -27,105 +31,44 @@ directly computed distances.  The two orders can differ only between near-tied i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from reid_jax import atomic_io, embeddings, evaluation, explain, retrieval
+from reid_jax.data import sources
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
 from reid_jax.data.market1501 import (
-    IMAGE_EXTENSIONS,
-    SPLIT_FOLDERS,
     Market1501,
     Split,
 )
-from reid_jax.progress import format_seconds
+from reid_jax.explain import report, settings
+from reid_jax.progress import ProgressBar
 
-MODES = ("paper", "complete")
-ORDERS = ("query", "worst_ap")
-JSONL_NAME = "explanations.jsonl"
-SUMMARY_NAME = "summary.json"
-REPORT_NAME = "report"
-METRICS_NAME = "explanation_metrics.json"
-EMBEDDINGS_NAME = "embeddings"
+MODES = settings.MODES
+ORDERS = settings.ORDERS
+JSONL_NAME = settings.JSONL_NAME
+SUMMARY_NAME = settings.SUMMARY_NAME
+REPORT_NAME = settings.REPORT_NAME
+METRICS_NAME = settings.METRICS_NAME
+EMBEDDINGS_NAME = settings.EMBEDDINGS_NAME
 CMC_RANKS = 50
-DEFAULT_ERROR_RANKS = (1, 3, 10)
 MODE_EQUATIONS = {
     "paper": "eq. 3.2: e_a = sum_n (f_n^q - f_n^g)^2 w_na (signed; does not sum to the distance)",
     "complete": "complete decomposition: e_a = sum_n (f_n^q - f_n^g)^2 |w_na| / sum_b |w_nb| "
                 "(non-negative; sums to the squared distance)",
+    "projection": "projection: f^q - f^g = W c + r (least squares); e_a = c_a (W^T (f^q - f^g))_a "
+                  "and the remainder |r|^2 sum to the squared distance",
+    "disagreement": "disagreement: e_a = x_a^q (1 - x_a^g) + x_a^g (1 - x_a^q), the probability "
+                    "that the labels differ (not a decomposition of the distance)",
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Options.
-
-
-def parse_threshold(text: str) -> float | np.ndarray:
-    """``--threshold`` text: one number, or one per attribute (``NUM_ATTRIBUTES``) comma-separated.
-
-    Raises:
-      ValueError: not numbers, or a count other than 1 or ``NUM_ATTRIBUTES``.
-    """
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--threshold must be a number or {NUM_ATTRIBUTES} comma-separated "
-                         f"numbers, got {text!r}") from None
-    if len(values) == 1:
-        return values[0]
-    if len(values) != NUM_ATTRIBUTES:
-        raise ValueError(f"--threshold has {len(values)} values; give one, or one per attribute "
-                         f"({NUM_ATTRIBUTES}: {', '.join(ATTRIBUTE_NAMES)})")
-    return np.asarray(values, np.float64)
-
-
-def check_threshold(threshold: Any) -> float | np.ndarray:
-    """The threshold as the kernels will see it, validated by them (range ``[0, 0.5)``).
-
-    Runs :func:`reid_jax.explain.confident_attributes` on one dummy query, so the kernels' own
-    error (a ``ValueError`` naming the range) is raised before any heavy work.
-    """
-    t = np.asarray(threshold, np.float64)
-    if t.ndim == 0:
-        t = float(t)
-    explain.confident_attributes(np.full((NUM_ATTRIBUTES,), 0.5, np.float32), np.float32(t)
-                                 if isinstance(t, float) else t.astype(np.float32))
-    return t
-
-
-def _check_options(k: int, mode: str, order: str, error_ranks: Sequence[int] | None,
-                   report_queries: int | None, query_chunk: int) -> tuple[int, ...]:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if error_ranks is None:
-        error_ranks = [r for r in DEFAULT_ERROR_RANKS if r <= k]
-    ranks = tuple(int(r) for r in error_ranks)
-    bad = [r for r in ranks if not 1 <= r <= k]
-    if bad:
-        raise ValueError(f"error_ranks must lie in [1, k={k}], got {bad}")
-    if report_queries is not None and report_queries < 0:
-        raise ValueError(f"report_queries must be >= 0 (or None for all), got {report_queries}")
-    if query_chunk < 1:
-        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
-    return tuple(sorted(set(ranks)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,23 +76,9 @@ def _check_options(k: int, mode: str, order: str, error_ranks: Sequence[int] | N
 
 
 def load_data(data_root: str | os.PathLike, config: Any = None) -> Market1501:
-    """Scans ``data_root`` (reader options from ``config.data``, see
-    ``embeddings.dataset_options``); a clear ``ValueError`` when it holds no query images."""
-    root = os.path.abspath(os.fspath(data_root))
-    query_dir = os.path.join(root, SPLIT_FOLDERS["query"])
-    has_query = os.path.isdir(query_dir) and any(
-        not e.startswith(".") and os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS
-        for e in os.listdir(query_dir))
-    if not has_query:
-        raise ValueError(
-            f"data root {root} has no query images: expected Market-1501 image files like "
-            f"'0002_c1s1_000451_03.jpg' in {query_dir} (nothing to explain)")
-    try:
-        return embeddings.load_dataset(root, config)
-    except ValueError as e:
-        if f"split {'query'!r}" in str(e):
-            raise ValueError(f"data root {root} has no usable query images: {e}") from e
-        raise
+    """Scans ``data_root`` once (``reid_jax.data.sources.load_dataset``: the reader options
+    of ``config.data``); a clear ``ValueError`` when it holds no query images."""
+    return sources.load_dataset(data_root, config, need_queries=True)
 
 
 def select_queries(split: Split, queries: str | int | Sequence[str]) -> np.ndarray:
@@ -286,6 +215,8 @@ class QueryExplanation(NamedTuple):
     gallery: int64 ``[k']`` gallery indices.  distances: float32 ``[k']``.
     attributes_query: float32 ``[A]``.  selected: bool ``[A]``.
     attributes_gallery, scores, errors: float32 ``[k', A]`` (kernel outputs, unchanged).
+    remainder: float32 ``[k']`` (``distance - sum_a errors``; see
+    ``reid_jax.explain.RankingExplanation``).
     """
 
     gallery: np.ndarray
@@ -295,28 +226,32 @@ class QueryExplanation(NamedTuple):
     attributes_gallery: np.ndarray
     scores: np.ndarray
     errors: np.ndarray
+    remainder: np.ndarray
 
 
 def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
                     query_pids: np.ndarray, query_cams: np.ndarray, gallery_pids: np.ndarray,
-                    gallery_cams: np.ndarray, *, k: int, threshold: Any, complete: bool,
-                    chunk: int = 256, progress: ProgressBar | None = None
+                    gallery_cams: np.ndarray, *, k: int, threshold: Any, mode: str,
+                    chunk: int = 256, gallery_chunk: int = 1024,
+                    progress: ProgressBar | None = None, fetch: int | None = None
                     ) -> Iterator[QueryExplanation]:
     """Yields the explained top ``k`` of every query of ``f_query [Q, N]``, in order.
 
     Each chunk of queries goes through :func:`reid_jax.explain.explain_rankings` with enough
     candidates (``k`` plus the most removals of any query) that the top ``k`` survive the
-    protocol's removal of same-pid same-camera images.
+    protocol's removal of same-pid same-camera images. ``fetch`` asks for more (at least that
+    many): a caller that explains one query at a time passes the count of the whole split, so
+    the kernels compile once and rank as a run over the split does.
     """
     g = int(np.shape(f_gallery)[0])
-    fetch = int(min(g, k + int(retrieval.removed_counts(query_pids, query_cams, gallery_pids,
-                                                        gallery_cams).max(initial=0))))
+    fetch = int(min(g, max(fetch or 0, k + int(retrieval.removed_counts(
+        query_pids, query_cams, gallery_pids, gallery_cams).max(initial=0)))))
     fg = jnp.asarray(f_gallery, jnp.float32)
     w = jnp.asarray(weights, jnp.float32)
     t = jnp.asarray(threshold, jnp.float32)
     for start, stop, rows in retrieval.padded_chunks(np.asarray(f_query, np.float32), chunk):
         out = explain.explain_rankings(jnp.asarray(rows), fg, w, k=fetch, threshold=t,
-                                       complete=complete)
+                                       mode=mode, gallery_chunk=gallery_chunk)
         n = stop - start
         out = type(out)(*(np.asarray(x)[:n] for x in out))
         keep = retrieval.kept_in_ranking(out.indices, query_pids[start:stop],
@@ -328,7 +263,7 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
                 gallery=idx[pos], distances=out.distances[i][pos],
                 attributes_query=out.attributes_query[i], selected=out.selected[i],
                 attributes_gallery=out.attributes_gallery[i][pos], scores=out.scores[i][pos],
-                errors=out.errors[i][pos])
+                errors=out.errors[i][pos], remainder=out.remainder[i][pos])
         if progress is not None:
             progress.update(stop - start)
 
@@ -349,8 +284,11 @@ def make_record(position: int, query: int, queries: Split, gallery: Split,
     ``query_probabilities`` [A] (``sigmoid(f_q @ W)``, order of ``ATTRIBUTE_NAMES``),
     ``selected_attributes`` [S] of {``attribute``, ``display`` (``!name`` when absent),
     ``index``, ``probability``}, ``gallery_probabilities`` [k' x S], ``matching_scores``
-    [k' x S] (eq. 3.1, raw: may exceed 1), ``error_mode`` (``paper`` / ``complete``),
-    ``errors`` [k' x A] (eq. 3.2 or the complete decomposition; order of ``ATTRIBUTE_NAMES``).
+    [k' x S] (eq. 3.1, raw: may exceed 1), ``error_mode`` (a mode of
+    ``reid_jax.explain.MODES``), ``errors`` [k' x A] (the mode's explanation: eq. 3.2, the
+    complete decomposition, the projection contributions or the disagreement probabilities;
+    order of ``ATTRIBUTE_NAMES``), and for ``projection`` ``remainder`` [k'] (``|r|^2``; with
+    the ``errors`` it sums to the distance).
     """
     ex = explanation
     ap, inp, first, num = metrics
@@ -383,53 +321,8 @@ def make_record(position: int, query: int, queries: Split, gallery: Split,
         "matching_scores": ex.scores[:, sel].tolist(),
         "error_mode": mode,
         "errors": ex.errors.tolist(),
+        **({"remainder": ex.remainder.tolist()} if mode == "projection" else {}),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress.
-
-
-class ProgressBar:
-    """A stderr progress bar with rate and ETA (``\\r``-updated on a terminal, else a line now
-    and then)."""
-
-    def __init__(self, total: int, label: str, *, unit: str = "queries",
-                 stream: IO[str] | None = None, enabled: bool = True, min_interval: float = 0.2):
-        self.total, self.label, self.unit = int(total), label, unit
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.min_interval = min_interval if self.tty else 10.0
-        self.done = 0
-        self.start = time.monotonic()
-        self.last = -math.inf
-
-    def text(self) -> str:
-        """``label  done/total  pct |bar| rate unit/s  ETA h:mm:ss``."""
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        frac = self.done / self.total if self.total else 1.0
-        width = 24
-        filled = int(round(frac * width))
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else math.inf
-        return (f"{self.label:<8} {self.done}/{self.total} {100 * frac:5.1f}% "
-                f"|{'#' * filled}{'.' * (width - filled)}| {rate:.1f} {self.unit}/s "
-                f"ETA {format_seconds(eta)}")
-
-    def update(self, n: int = 1) -> None:
-        self.done = min(self.total, self.done + int(n))
-        now = time.monotonic()
-        if self.enabled and (now - self.last >= self.min_interval or self.done == self.total):
-            self.last = now
-            self.stream.write(("\r" if self.tty else "") + self.text()
-                              + ("" if self.tty else "\n"))
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,39 +347,6 @@ def _check_weights(weights: Any, n: int) -> np.ndarray:
     return w.astype(np.float32, copy=False)
 
 
-def checkpoint_weights(checkpoint: str | os.PathLike) -> np.ndarray:
-    """``W [N, A]`` of the checkpoint's attribute head (a clear error when it has none)."""
-    from reid_jax.checkpoints import restore_attribute_head
-
-    try:
-        head = restore_attribute_head(checkpoint)
-    except ValueError as e:
-        if "no attribute head" in str(e):
-            raise ValueError(f"cannot explain rankings: {e}") from e
-        raise
-    return np.asarray(head.kernel[...], np.float32)
-
-
-def checkpoint_embeddings(checkpoint: str | os.PathLike, config: Any, data: Market1501,
-                          cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """Query ``[Q, N]`` and gallery ``[G, N]`` embeddings of ``data`` by the checkpoint's model.
-
-    ``reid_jax.embeddings.load_split_embeddings`` with ``cache_dir``: computed once, then read
-    back (the cache is keyed by the model's weights, config, image settings and files).
-    """
-    from reid_jax import embeddings
-
-    out = embeddings.load_split_embeddings(checkpoint, config, data.root, ("query", "gallery"),
-                                          cache_dir)
-    arrays = []
-    for name in ("query", "gallery"):
-        if tuple(out[name].paths) != tuple(data.split(name).paths):
-            raise ValueError(f"embeddings of split {name!r} list other images than "
-                             f"{data.split(name).folder} (did the data root change?)")
-        arrays.append(np.asarray(out[name].features, np.float32))
-    return arrays[0], arrays[1]
-
-
 def _load_metrics_json(explanation_metrics: Any, output_dir: str) -> tuple[dict | None,
                                                                             str | None]:
     if isinstance(explanation_metrics, dict):
@@ -507,30 +367,6 @@ def _load_metrics_json(explanation_metrics: Any, output_dir: str) -> tuple[dict 
 
 # ---------------------------------------------------------------------------------------------
 # Atomic outputs.
-
-
-@contextlib.contextmanager
-def _staging(output_dir: str) -> Iterator[str]:
-    """A temporary folder inside ``output_dir``; removed whatever happens."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=".explain-staging-", dir=output_dir)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _publish(staging: str, output_dir: str, names: Sequence[str]) -> None:
-    """Moves ``names`` from ``staging`` into ``output_dir`` with renames (a folder replaces the
-    old one by two renames: the old one moves into ``staging`` and is deleted with it)."""
-    for name in names:
-        src, dst = os.path.join(staging, name), os.path.join(output_dir, name)
-        if os.path.isdir(src):
-            if os.path.lexists(dst):
-                os.replace(dst, os.path.join(staging, f".old-{name}"))
-            os.replace(src, dst)
-        else:
-            os.replace(src, dst)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,15 +394,16 @@ def run(
     gallery_embeddings: Any = None,
     weights: Any = None,
     queries: str | int | Sequence[str] = "all",
-    k: int = 10,
-    threshold: Any = explain.DEFAULT_THRESHOLD,
-    mode: str = "paper",
-    order: str = "query",
+    k: int | None = None,
+    threshold: Any = None,
+    mode: str | None = None,
+    order: str | None = None,
     error_ranks: Sequence[int] | None = None,
-    report_queries: int | None = 50,
+    report_queries: int | None = None,
+    query_chunk: int | None = None,
     explanation_metrics: str | dict | None = None,
     cache_dir: str | os.PathLike | None = None,
-    query_chunk: int = 256,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Explains the rankings of many queries; writes JSONL, ``summary.json`` and the report.
@@ -576,51 +413,56 @@ def run(
     ``query_embeddings [Q, N]`` and ``gallery_embeddings [G, N]`` (all images of the query and
     gallery split, file-name order as ``load_market1501`` lists them) with ``weights [N, A]``.
 
+    The settings come from ``config.explain`` (``reid_jax.explain.settings``; the checkpoint's
+    stored config when ``config`` is None); ``k`` .. ``query_chunk`` override single fields
+    (``None``: not given). ``report_queries=-1`` draws every query.
+
     Args:
       data_root: Market-1501-layout folder (``query/``, ``bounding_box_test/``, ...).
       output_dir: where ``explanations.jsonl``, ``summary.json`` and ``report/`` go.
       checkpoint, config: checkpoint directory and its config (``None``: the stored one).
       query_embeddings, gallery_embeddings, weights: the precomputed alternative.
       queries: ``"all"``, a count (first ``N``) or query file names.
-      k: explained ranks per query.
-      threshold: scalar or ``[A]`` in ``[0, 0.5)`` for the confident query attributes.
-      mode: ``"paper"`` (eq. 3.2) or ``"complete"`` (the complete decomposition).
-      order: ``"query"`` or ``"worst_ap"`` (lowest AP first), for the JSONL and the report.
-      error_ranks: ranks (1-based, ``<= k``) whose error composition the report draws
-        (``None``: those of ``DEFAULT_ERROR_RANKS`` up to ``k``).
-      report_queries: queries drawn in the report (the first in ``order``; ``None``: all).
+      k, threshold, mode, order, error_ranks, report_queries, query_chunk: overrides of
+        ``config.explain`` (see ``reid_jax.explain.settings.default_config``).
       explanation_metrics: a dict or JSON path shown on the summary page (default:
         ``output_dir/explanation_metrics.json`` when it exists).
       cache_dir: embedding cache of the checkpoint path (default ``output_dir/embeddings``;
         ``CHECKPOINT/embedding_cache`` shares the cache of the other tools).
-      query_chunk: queries per kernel call (memory bound).
+      overwrite: replace outputs in ``output_dir`` that this tool did not write (they are
+        moved aside, not deleted); without it such a folder is refused before any work.
       progress: draw progress bars on stderr.
 
     Returns:
       :class:`RunResult`.
 
     Raises:
-      ValueError: a threshold outside ``[0, 0.5)``, a checkpoint without attribute head, a
-        data root without queries, unknown query files, shapes that do not fit.
+      ValueError: a bad setting, a checkpoint without attribute head
+        (``NoAttributeHeadError``), a data root without queries, unknown query files, shapes
+        that do not fit.
     """
-    from reid_jax.explain import report
-
     output_dir = os.path.abspath(os.fspath(output_dir))
     data_root = os.path.abspath(os.fspath(data_root))
-    ranks = _check_options(k, mode, order, error_ranks, report_queries, query_chunk)
-    threshold = check_threshold(threshold)
+    outputs = atomic_io.ResultSet(output_dir, (JSONL_NAME, SUMMARY_NAME, REPORT_NAME),
+                                  overwrite=overwrite)
+    outputs.check()
     use_checkpoint = checkpoint is not None
     given = [x is not None for x in (query_embeddings, gallery_embeddings, weights)]
     if use_checkpoint == any(given) or (not use_checkpoint and not all(given)):
         raise ValueError("give either checkpoint (with an attribute head) or all of "
                          "query_embeddings, gallery_embeddings and weights")
     if use_checkpoint:
-        weights = checkpoint_weights(checkpoint)
+        config = embeddings.restore_config(checkpoint, config)
+    opts = settings.explain_settings(
+        config, k=k, threshold=threshold, mode=mode, order=order, error_ranks=error_ranks,
+        report_queries=report_queries, query_chunk=query_chunk)
+    if use_checkpoint:
+        weights = embeddings.head_weights(checkpoint)
     data = load_data(data_root, config)
     selected = select_queries(data.query, queries)
     metrics_json, metrics_path = _load_metrics_json(explanation_metrics, output_dir)
     if use_checkpoint:
-        query_embeddings, gallery_embeddings = checkpoint_embeddings(
+        query_embeddings, gallery_embeddings = embeddings.query_gallery_embeddings(
             checkpoint, config, data,
             os.fspath(cache_dir) if cache_dir else os.path.join(output_dir, EMBEDDINGS_NAME))
     fq_all = _check_embeddings("query_embeddings", query_embeddings, len(data.query),
@@ -631,6 +473,7 @@ def run(
         raise ValueError(f"query embeddings {fq_all.shape} and gallery embeddings {fg.shape} "
                          "differ in size N")
     w = _check_weights(weights, fg.shape[1])
+    k = opts.k
     if k > len(data.gallery):
         raise ValueError(f"k={k} exceeds the gallery size {len(data.gallery)}")
 
@@ -640,12 +483,13 @@ def run(
     fg_device = jnp.asarray(fg)
 
     bar = ProgressBar(len(selected), "rank", enabled=progress)
-    metrics = ranking_metrics(fq, fg_device, qp, qc, gp, gc, progress=bar)
+    metrics = ranking_metrics(fq, fg_device, qp, qc, gp, gc, chunk=opts.rank_chunk,
+                              progress=bar)
     bar.close()
     summary_metrics = summarize(metrics)
-    ordering = query_order(metrics, order)
-    num_report = len(ordering) if report_queries is None else min(report_queries,
-                                                                   len(ordering))
+    ordering = query_order(metrics, opts.order)
+    num_report = (len(ordering) if opts.report_queries is None
+                  else min(opts.report_queries, len(ordering)))
     summary = {
         "data_root": data_root,
         "checkpoint": None if checkpoint is None else os.path.abspath(os.fspath(checkpoint)),
@@ -657,11 +501,11 @@ def run(
         "junk_left_out": data.gallery.junk_left_out,
         "embedding_dim": int(fg.shape[1]),
         "k": int(k),
-        "threshold": threshold if isinstance(threshold, float) else threshold.tolist(),
-        "mode": mode,
-        "mode_equation": MODE_EQUATIONS[mode],
-        "order": order,
-        "error_ranks": list(ranks),
+        "threshold": opts.threshold_json(),
+        "mode": opts.mode,
+        "mode_equation": MODE_EQUATIONS[opts.mode],
+        "order": opts.order,
+        "error_ranks": list(opts.error_ranks),
         "num_report_queries": int(num_report),
         "attribute_names": list(ATTRIBUTE_NAMES),
         **summary_metrics,
@@ -671,18 +515,19 @@ def run(
         "jsonl": JSONL_NAME,
     }
 
-    with _staging(output_dir) as staging:
+    with outputs.staging() as staging:
         report_records = []
         bar = ProgressBar(len(selected), "explain", enabled=progress)
         explanations = explain_queries(
             fq[ordering], fg_device, w, qp[ordering], qc[ordering], gp, gc, k=k,
-            threshold=threshold, complete=mode == "complete", chunk=query_chunk, progress=bar)
+            threshold=opts.threshold, mode=opts.mode, chunk=opts.query_chunk,
+            gallery_chunk=opts.gallery_chunk, progress=bar)
         with open(os.path.join(staging, JSONL_NAME), "w", encoding="utf-8") as f:
             for position, (pos, ex) in enumerate(zip(ordering, explanations, strict=True)):
                 record = make_record(
                     position, int(selected[pos]), data.query, data.gallery, ex,
                     (metrics.ap[pos], metrics.inp[pos], metrics.first_rank[pos],
-                     metrics.num_matches[pos]), mode)
+                     metrics.num_matches[pos]), opts.mode)
                 f.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
                 if position < num_report:
                     report_records.append(record)
@@ -690,7 +535,7 @@ def run(
         atomic_io.write_json(os.path.join(staging, SUMMARY_NAME), summary, indent=1)
         report.write_report(os.path.join(staging, REPORT_NAME), summary, report_records,
                             data_root=data_root, progress=progress)
-        _publish(staging, output_dir, (JSONL_NAME, SUMMARY_NAME, REPORT_NAME))
+        outputs.publish(staging)
     logging.info("explained %d queries: %s, report %s", len(selected),
                  os.path.join(output_dir, JSONL_NAME),
                  os.path.join(output_dir, REPORT_NAME, "index.html"))
@@ -707,10 +552,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "CMC_RANKS", "DEFAULT_ERROR_RANKS", "JSONL_NAME", "METRICS_NAME", "MODES", "MODE_EQUATIONS",
-    "ORDERS", "REPORT_NAME", "SUMMARY_NAME", "ProgressBar", "QueryExplanation", "QueryMetrics",
-    "RunResult", "check_threshold", "checkpoint_embeddings", "checkpoint_weights",
-    "explain_queries", "load_data", "make_record", "parse_threshold", "per_query_metrics",
-    "query_order", "ranking_metrics", "read_jsonl", "run", "select_queries",
-    "summarize",
+    "CMC_RANKS", "EMBEDDINGS_NAME", "JSONL_NAME", "METRICS_NAME", "MODES", "MODE_EQUATIONS",
+    "ORDERS", "REPORT_NAME", "SUMMARY_NAME", "QueryExplanation", "QueryMetrics", "RunResult",
+    "explain_queries", "load_data", "make_record", "per_query_metrics", "query_order",
+    "ranking_metrics", "read_jsonl", "run", "select_queries", "summarize",
 ]

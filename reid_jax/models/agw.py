@@ -26,9 +26,14 @@ Variable types in ``nnx.state(model)``:
   ``bottleneck.bias.requires_grad_(False)``; it stays 0 unless a checkpoint sets it). Optimisers
   must take ``wrt=nnx.Param`` (and weight decay only those), which leaves it out.
 
-Precision: ``dtype='bfloat16'`` runs the backbone in bfloat16 with float32 parameters; GeM,
-BNNeck and the classifier always compute in float32, so ``pre_bn``, ``post_bn`` and ``logits``
-are float32 (``feature_map`` is in the compute dtype).
+Precision (``dtype``, see docs/training.md, "Precision"):
+
+- ``"float32"``: everything float32.
+- ``"bfloat16"``: the backbone computes in bfloat16; parameters and BatchNorm statistics stay
+  float32 (master weights), GeM, BNNeck and the classifier compute in float32, so ``pre_bn``,
+  ``post_bn`` and ``logits`` are float32 (``feature_map`` is bfloat16).
+- ``"float64"``: parameters, statistics and compute in float64. It needs 64-bit JAX
+  (``jax.enable_x64``); the parity tests against the PyTorch reference run in it.
 """
 
 from __future__ import annotations
@@ -40,18 +45,33 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from reid_jax.models.batch_norm import BatchNorm
 from reid_jax.models.resnet import ResNet
 
 GEM_EPS = 1e-6
 
-DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.model.dtype -> compute dtype of the backbone (see the module docstring).
+DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                                "float64": jnp.float64}
+
+
+def param_dtype_for(dtype: str) -> jnp.dtype:
+    """Parameter (and optimizer state) dtype of a model computing in ``dtype``: float32 master
+    weights for float32 and bfloat16, float64 for float64."""
+    return jnp.float64 if dtype == "float64" else jnp.float32
+
+
+def head_dtype_for(dtype: str) -> jnp.dtype:
+    """Compute dtype of GeM, BNNeck and the classifier: at least float32."""
+    return jnp.promote_types(DTYPES[dtype], jnp.float32)
 
 # Choices of ``config.model.retrieval_feature`` (see :func:`retrieval_embedding`).
 RETRIEVAL_FEATURES = ("post_bn", "pre_bn")
 
 
 class FrozenParam(nnx.Variable):
-    """A weight that is loaded and saved with the model but never trained (not an ``nnx.Param``)."""
+    """A weight that is loaded and saved with the model but never trained (not an ``nnx.Param``;
+    docs/training.md, "BNNeck's frozen bias")."""
 
 
 class AGWOutputs(NamedTuple):
@@ -84,31 +104,35 @@ def gem_pool(x: jax.Array, p: jax.Array, eps: float = GEM_EPS) -> jax.Array:
 class GeM(nnx.Module):
     """GeM pooling with a learnable exponent ``p`` (``nnx.Param`` of shape ``[1]``, init 3)."""
 
-    def __init__(self, p: float = 3.0, eps: float = GEM_EPS):
+    def __init__(self, p: float = 3.0, eps: float = GEM_EPS, *,
+                 param_dtype: jnp.dtype = jnp.float32):
         if p <= 0:
             raise ValueError(f"GeM p must be > 0, got {p}")
-        self.p = nnx.Param(jnp.full((1,), p, jnp.float32))
+        self.p = nnx.Param(jnp.full((1,), p, param_dtype))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``[B, H, W, C] -> [B, C]`` in float32."""
-        return gem_pool(x.astype(jnp.float32), self.p[...], self.eps)
+        """``[B, H, W, C] -> [B, C]`` in at least float32 (float64 stays float64)."""
+        return gem_pool(x.astype(jnp.promote_types(x.dtype, jnp.float32)), self.p[...], self.eps)
 
 
 class BNNeck(nnx.Module):
     """``BatchNorm1d(D)`` whose bias is frozen: ``y = BN_scale_only(x) + bias``.
 
-    ``bn`` is an ``nnx.BatchNorm`` without a bias (its scale is trained, stats are
-    ``nnx.BatchStat``); ``bias`` is a ``FrozenParam`` (zeros at init), so gradients and optimisers
-    over ``nnx.Param`` never see it, yet a reference checkpoint's ``bottleneck.bias`` round-trips.
+    ``bn`` is a ``BatchNorm`` (torch's running statistics, ``reid_jax.models.batch_norm``)
+    without a bias (its scale is trained, stats are ``nnx.BatchStat``); ``bias`` is a
+    ``FrozenParam`` (zeros at init), so gradients and optimisers over ``nnx.Param`` never see it,
+    yet a reference checkpoint's ``bottleneck.bias`` round-trips. ``dtype``: the compute dtype
+    (float32; float64 for a float64 model).
     """
 
-    def __init__(self, features: int, *, rngs: nnx.Rngs):
-        self.bn = nnx.BatchNorm(
+    def __init__(self, features: int, *, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.bn = BatchNorm(
             features, momentum=0.9, epsilon=1e-5, use_bias=False, use_fast_variance=False,
-            dtype=jnp.float32, rngs=rngs,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
-        self.bias = FrozenParam(jnp.zeros((features,), jnp.float32))
+        self.bias = FrozenParam(jnp.zeros((features,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, D] -> [B, D]``."""
@@ -138,6 +162,9 @@ class AGW(nnx.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if dtype not in DTYPES:
             raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if jax.dtypes.canonicalize_dtype(DTYPES[dtype]) != DTYPES[dtype]:
+            raise ValueError(f"model dtype {dtype!r} needs 64-bit JAX: run under "
+                             "`with jax.enable_x64(True):` or set jax_enable_x64")
         if retrieval_feature not in RETRIEVAL_FEATURES:
             raise ValueError(f"config.model.retrieval_feature must be one of "
                              f"{RETRIEVAL_FEATURES}, got {retrieval_feature!r}")
@@ -149,18 +176,23 @@ class AGW(nnx.Module):
         # Python values, so they are part of the graphdef (static under jit), not of the state.
         self.retrieval_feature = retrieval_feature
         self.normalize_feature = normalize_feature
+        # Parameter dtype (float32 master weights, float64 for a float64 model); a plain value,
+        # so part of the graphdef. The train state's centers use it too.
+        self.param_dtype = param_dtype_for(dtype)
+        head_dtype = head_dtype_for(dtype)
         self.backbone = ResNet(
             width=width, blocks=blocks, last_stride=last_stride, non_local=non_local,
             nl_inter_channels_reference=nl_inter_channels_reference, stem_relu=stem_relu,
-            dtype=DTYPES[dtype], rngs=rngs,
+            dtype=DTYPES[dtype], param_dtype=self.param_dtype, rngs=rngs,
         )
         self.feature_dim = self.backbone.feature_dim
-        self.gem = GeM(gem_p)
-        self.bnneck = BNNeck(self.feature_dim, rngs=rngs)
+        self.gem = GeM(gem_p, param_dtype=self.param_dtype)
+        self.bnneck = BNNeck(self.feature_dim, dtype=head_dtype, param_dtype=self.param_dtype,
+                             rngs=rngs)
         # Reference ``weights_init_classifier``: N(0, 0.001^2), no bias.
         self.classifier = nnx.Linear(
-            self.feature_dim, num_classes, use_bias=False,
-            kernel_init=nnx.initializers.normal(0.001), rngs=rngs,
+            self.feature_dim, num_classes, use_bias=False, dtype=head_dtype,
+            param_dtype=self.param_dtype, kernel_init=nnx.initializers.normal(0.001), rngs=rngs,
         )
 
     @classmethod

@@ -1,8 +1,9 @@
 """The paper's attribute classifier: ``x = sigmoid(f @ W)`` on the frozen retrieval embedding.
 
-``f`` is the embedding that is ranked and explained (``reid_jax.models.agw.retrieval_embedding``,
-DESIGN.md section 2); ``W`` is the ``[N, A]`` kernel (N = 2048, A = 30), *without bias*, used
-directly by the explanation kernels (eq. 3.2 weights ``w_na``).
+``f`` is the embedding that is ranked and explained (``reid_jax.models.agw.retrieval_embedding``;
+``docs/design.md``, "One embedding is ranked, classified and explained"); ``W`` is the
+``[N, A]`` kernel (N = 2048, A = 30), *without bias*, used directly by the explanation kernels
+(eq. 3.2 weights ``w_na``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reid_jax.models.batch_norm import BatchNorm
+
 # Torch's default init of ``nn.Conv2d`` (kaiming_uniform with a = sqrt(5) for the weight,
 # uniform(+-1/sqrt(fan_in)) for the bias): the reference never re-initialises its non-local
 # convs and ImageNet checkpoints have none, so this is how AGW's blocks start training.
@@ -62,6 +64,7 @@ class NonLocal(nnx.Module):
         *,
         reference_inter_channels: bool = True,
         dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.channels = channels
@@ -70,7 +73,7 @@ class NonLocal(nnx.Module):
         def conv1x1(cin: int, cout: int) -> nnx.Conv:
             return nnx.Conv(
                 cin, cout, (1, 1), padding="VALID", use_bias=True, dtype=dtype,
-                kernel_init=_torch_default_kernel_init,
+                param_dtype=param_dtype, kernel_init=_torch_default_kernel_init,
                 bias_init=_torch_default_bias_init(cin), rngs=rngs,
             )
 
@@ -79,8 +82,8 @@ class NonLocal(nnx.Module):
         self.theta = conv1x1(channels, ci)
         self.phi = conv1x1(channels, ci)
         self.w_conv = conv1x1(ci, channels)
-        self.w_bn = nnx.BatchNorm(
-            channels, momentum=0.9, epsilon=1e-5, dtype=dtype,
+        self.w_bn = BatchNorm(
+            channels, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
             scale_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros, rngs=rngs,
         )
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reid_jax.models.batch_norm import BatchNorm
 from reid_jax.models.non_local import NonLocal
 
 EXPANSION = 4  # bottleneck output channels = 4 * planes
@@ -36,18 +37,21 @@ EXPANSION = 4  # bottleneck output channels = 4 * planes
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(cin: int, cout: int, kernel: int, stride: int, *, dtype, param_dtype,
+          rngs: nnx.Rngs) -> nnx.Conv:
     """Bias-free conv with torch's symmetric padding ``kernel // 2`` (not 'SAME')."""
     pad = kernel // 2
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        use_bias=False, dtype=dtype, kernel_init=_conv_init, rngs=rngs,
+        use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=_conv_init, rngs=rngs,
     )
 
 
-def _bn(channels: int, *, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """BatchNorm as torch's ``BatchNorm2d`` defaults: momentum 0.1 (Flax 0.9), eps 1e-5."""
-    return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+def _bn(channels: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> BatchNorm:
+    """BatchNorm as torch's ``BatchNorm2d``: momentum 0.1 (Flax 0.9), eps 1e-5, and torch's
+    unbiased running variance (``reid_jax.models.batch_norm``)."""
+    return BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
 
 
 class Bottleneck(nnx.Module):
@@ -59,18 +63,19 @@ class Bottleneck(nnx.Module):
 
     def __init__(
         self, in_channels: int, planes: int, stride: int = 1, *,
-        dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
     ):
         out = planes * EXPANSION
-        self.conv1 = _conv(in_channels, planes, 1, 1, dtype=dtype, rngs=rngs)
-        self.bn1 = _bn(planes, dtype=dtype, rngs=rngs)
-        self.conv2 = _conv(planes, planes, 3, stride, dtype=dtype, rngs=rngs)
-        self.bn2 = _bn(planes, dtype=dtype, rngs=rngs)
-        self.conv3 = _conv(planes, out, 1, 1, dtype=dtype, rngs=rngs)
-        self.bn3 = _bn(out, dtype=dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = _conv(in_channels, planes, 1, 1, **kw)
+        self.bn1 = _bn(planes, **kw)
+        self.conv2 = _conv(planes, planes, 3, stride, **kw)
+        self.bn2 = _bn(planes, **kw)
+        self.conv3 = _conv(planes, out, 1, 1, **kw)
+        self.bn3 = _bn(out, **kw)
         if stride != 1 or in_channels != out:
-            self.downsample_conv = _conv(in_channels, out, 1, stride, dtype=dtype, rngs=rngs)
-            self.downsample_bn = _bn(out, dtype=dtype, rngs=rngs)
+            self.downsample_conv = _conv(in_channels, out, 1, stride, **kw)
+            self.downsample_bn = _bn(out, **kw)
         else:
             self.downsample_conv = None
             self.downsample_bn = None
@@ -111,6 +116,7 @@ class ResNet(nnx.Module):
         nl_inter_channels_reference: bool = True,
         stem_relu: bool = False,
         dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         blocks = _check_stage_tuple("blocks", blocks)
@@ -133,8 +139,9 @@ class ResNet(nnx.Module):
         self.stem_relu = stem_relu
         self.feature_dim = width * 8 * EXPANSION
 
-        self.conv1 = _conv(3, width, 7, 2, dtype=dtype, rngs=rngs)
-        self.bn1 = _bn(width, dtype=dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = _conv(3, width, 7, 2, **kw)
+        self.bn1 = _bn(width, **kw)
         in_channels = width
         stages = []
         nl_stages = []
@@ -143,13 +150,12 @@ class ResNet(nnx.Module):
             stride = 1 if i == 0 else (last_stride if i == 3 else 2)
             stage = []
             for j in range(n_blocks):
-                stage.append(Bottleneck(
-                    in_channels, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs))
+                stage.append(Bottleneck(in_channels, planes, stride if j == 0 else 1, **kw))
                 in_channels = planes * EXPANSION
             stages.append(nnx.List(stage))
             nl_stages.append(nnx.List([
                 NonLocal(in_channels, reference_inter_channels=nl_inter_channels_reference,
-                         dtype=dtype, rngs=rngs)
+                         **kw)
                 for _ in range(n_nl)
             ]))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

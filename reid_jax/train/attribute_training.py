@@ -2,7 +2,8 @@
 
 The re-id model stays frozen: only the ``N x A`` bias-free layer ``x = sigmoid(f @ W)`` is
 trained (``reid_jax.models.attribute_head.AttributeHead``), on ``f``, the retrieval embedding
-that is ranked and explained (post-BN, L2-normalised; DESIGN.md section 2). The embeddings of
+that is ranked and explained (post-BN, L2-normalised; ``docs/design.md``, "One embedding is
+ranked, classified and explained"). The embeddings of
 the training images are computed once with the model in eval mode (``reid_jax.embeddings``,
 cached on disk) and the head is trained on those arrays, inside ``jax.lax.stop_gradient``: no
 gradient can reach the re-id weights, and :func:`train_attributes` checks that the model's state
@@ -48,7 +49,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from reid_jax import atomic_io, checkpoints, embeddings, evaluation
+from reid_jax import atomic_io, checkpoints, config_sections, embeddings, evaluation
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.models.attribute_head import AttributeHead
 from reid_jax.train import losses
@@ -59,9 +60,37 @@ TEST_SPLITS = ("query", "gallery")
 _KNOWN_ITEMS = (checkpoints.MODEL_ITEM, checkpoints.ATTRIBUTE_HEAD_ITEM, checkpoints.META_ITEM)
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.attributes`` section: how the attribute head is trained (defaults).
+
+    ``epochs`` (30), ``learning_rate`` (1e-3, Adam, constant), ``batch_size`` (64),
+    ``weight_decay`` (0: Adam; > 0: AdamW's decoupled decay), ``seed`` (0). ``tools/
+    train_attributes.py`` reads the section of the checkpoint's config (or ``--config``); its
+    flags override single fields.
+    """
+    c = ml_collections.ConfigDict()
+    c.epochs = 30
+    c.learning_rate = 1e-3
+    c.batch_size = 64
+    c.weight_decay = 0.0
+    c.seed = 0
+    return c
+
+
+def head_train_config(config: Any = None, **overrides: Any) -> HeadTrainConfig:
+    """:class:`HeadTrainConfig` from ``config.attributes`` (defaults for missing fields), with
+    ``overrides`` (flags; ``None`` = not given) applied.
+
+    Raises:
+      ValueError: an unknown field (with the nearest valid names) or a bad value.
+    """
+    values = config_sections.section_values(config, "attributes", default_config(), overrides)
+    return HeadTrainConfig(**values)
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadTrainConfig:
-    """How the attribute head is trained.
+    """How the attribute head is trained (the validated ``config.attributes`` section).
 
     Attributes:
       epochs: passes over the training embeddings.
@@ -216,6 +245,26 @@ def train_attribute_head(
 # ------------------------------------------------------------------------------ labels
 
 
+class TrainingDivergedError(ValueError):
+    """Head training ended with a higher loss than it started with; nothing was saved."""
+
+
+# A run whose full-data loss ends above this multiple of its start has diverged.
+DIVERGENCE_RATIO = 1.0
+
+
+def check_converged(history: Mapping[str, Any], train_config: HeadTrainConfig) -> None:
+    """Raises :class:`TrainingDivergedError` when ``final_loss > initial_loss``: a head that
+    fits the training embeddings worse than its random start is never saved as the newest head
+    (nor are its metrics written)."""
+    initial, final = float(history["initial_loss"]), float(history["final_loss"])
+    if not math.isfinite(final) or final > DIVERGENCE_RATIO * initial:
+        raise TrainingDivergedError(
+            f"attribute head training diverged: loss {initial:.4g} -> {final:.4g} with "
+            f"learning rate {train_config.learning_rate:g} (--lr); nothing was saved. Lower the "
+            "learning rate (config.attributes.learning_rate, default 1e-3) and run again")
+
+
 def split_labels(attrs: attributes_lib.MarketAttributes,
                  splits: Sequence[embeddings.SplitEmbeddings]
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -330,7 +379,7 @@ def save_with_attribute_head(
     reader = checkpoints.open_manager(directory, read_only=True)
     try:
         stored = set(reader.item_metadata(source_step).keys())
-        latest = reader.latest_step()
+        latest = checkpoints.latest_step(directory)
     finally:
         reader.close()
     extra_items = sorted(stored - set(_KNOWN_ITEMS))
@@ -370,7 +419,7 @@ def train_attributes(
     data_root: str | os.PathLike,
     *,
     attributes_file: str | os.PathLike | None = None,
-    train_config: HeadTrainConfig = HeadTrainConfig(),
+    train_config: HeadTrainConfig | None = None,
     cache_dir: str | os.PathLike | None = "default",
     metrics_path: str | os.PathLike | None = None,
     step: int | None = None,
@@ -384,7 +433,8 @@ def train_attributes(
       config: the model's config; None: the one stored in the checkpoint.
       data_root: Market-1501-layout folder (train / query / gallery images).
       attributes_file: ``market_attribute.mat``; default ``DATA_ROOT/market_attribute.mat``.
-      train_config: head training settings.
+      train_config: head training settings (default: ``config.attributes``, see
+        :func:`head_train_config`).
       cache_dir: embedding cache folder; ``"default"``: ``CHECKPOINT_DIR/embedding_cache``;
         None: no cache.
       metrics_path: where ``attribute_metrics.json`` goes; default
@@ -409,6 +459,8 @@ def train_attributes(
     model, meta = checkpoints.restore_model(directory, config, source_step)
     if config is None:
         config = ml_collections.ConfigDict(meta.get("config", {}))
+    if train_config is None:
+        train_config = head_train_config(config)
     fingerprint_before = embeddings.model_fingerprint(model)
     if cache_dir == "default":
         cache_dir = embeddings.default_cache_dir(directory)
@@ -418,6 +470,7 @@ def train_attributes(
     train_features, train_labels, train_pids = split_labels(attrs, [split_embeddings["train"]])
     ratios = attributes_lib.positive_ratios(train_labels) / 100.0  # per labelled train image
     head, history = train_attribute_head(train_features, train_labels, ratios, train_config)
+    check_converged(history, train_config)
     test = evaluate_attribute_head(head, attrs, [split_embeddings[s] for s in TEST_SPLITS])
     print(format_attribute_table(test))
 

@@ -2,8 +2,9 @@
 
 ``train_and_evaluate(config, workdir)`` is the whole run (``tools/train.py`` calls it):
 
-1. reads the Market-1501-shaped folder ``config.data.root`` (``reid_jax.embeddings.load_dataset``:
-   ``config.data.verify_images`` / ``skip_undecodable``);
+1. reads Market-1501 from ``config.data.source`` (``reid_jax.data.sources.load_dataset``): the
+   folder ``config.data.root`` (``config.data.verify_images`` / ``skip_undecodable``) or its
+   TFDS ``market1501`` array_record files (``reid_jax.data.sources``);
 2. builds AGW from ``config.model`` (``config.init_from``: the backbone from a converted
    ImageNet / AGW checkpoint), the :class:`~reid_jax.train.state.TrainState` and the learning
    rate schedule of the AGW recipe over the sampler's exact epochs (``reid_jax.train.schedules``);
@@ -45,10 +46,12 @@ elsewhere name them::
         --num_processes=N --process_id=i --config=configs/agw_market1501.py \
         --workdir=/shared/run1 --config.data.root=/data/Market-1501-v15.09.15
 
-The mesh then spans every device of every host. Each host runs the same deterministic loader
-and feeds its own contiguous slice of every global batch
-(``jax.make_array_from_process_local_data``); ``workdir`` must be a folder all hosts see (orbax
-writes one checkpoint together); process 0 writes logs, TensorBoard and ``metrics.json``.
+The mesh then spans every device of every host. Each host runs the same deterministic sampler
+but loads and augments only its own contiguous slice of every global batch (the same pixels as
+those rows of a one-process run) and feeds it with ``jax.make_array_from_process_local_data``;
+``workdir`` must be a folder all hosts see (orbax writes one checkpoint together); process 0
+writes logs, TensorBoard and ``metrics.json``. Commands for N hosts (SLURM and plain):
+docs/scaling.md, "Multi-host training".
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ import json
 import logging as logging_std
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -69,9 +74,11 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from reid_jax import atomic_io, checkpoints, embeddings, evaluation
 from reid_jax.data import loader as loader_lib
+from reid_jax.data import sources
 from reid_jax.data.market1501 import Market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
@@ -84,7 +91,8 @@ CHECKPOINT_SUBDIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 DATA_AXIS = "data"
 # config.data fields that are not loader settings.
-_NON_LOADER_DATA_FIELDS = ("root", "eval_batch_size", "verify_images", "skip_undecodable")
+_NON_LOADER_DATA_FIELDS = ("root", "eval_batch_size", "verify_images", "skip_undecodable",
+                           "source", "tfds_data_dir", "tfds_config")
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -118,6 +126,16 @@ def _check_divisible(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> Non
                          "mesh (data parallelism splits every batch evenly)")
 
 
+def shard_local_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Places this process's rows of a global batch on the mesh, split on axis 0.
+
+    With ``n`` processes each passes its ``B/n`` rows (``reid_jax.data.loader.train_batches``
+    with ``process_index`` / ``process_count``); together they form one global ``[B, ...]``
+    array (``jax.make_array_from_process_local_data``). With one process: ``shard_batch``.
+    """
+    return loader_lib.to_device(batch, batch_sharded(mesh))
+
+
 def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Places a host batch (the same global batch on every host) on the mesh, split on axis 0.
 
@@ -132,6 +150,9 @@ def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
 
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """One AGW update (the loss in the module docstring); pure, jit it.
+
+    It is the reference's update step for step (docs/training.md, "The training step"; tested
+    against a PyTorch implementation in float64 by tests/test_train_parity.py).
 
     Args:
       state: the current state.
@@ -189,7 +210,7 @@ def jit_train_step(mesh: jax.sharding.Mesh):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(
+def evaluate_model(
     model: AGW | TrainState,
     data: Market1501,
     loader_config: loader_lib.LoaderConfig,
@@ -220,7 +241,7 @@ def evaluate(
         raise ValueError(f"expected an AGW model or a TrainState, got {type(model).__name__}")
     aug = loader_config.augment
     features = [
-        embeddings.extract(model, split.paths, height=aug.height, width=aug.width,
+        embeddings.extract(model, split.items, height=aug.height, width=aug.width,
                           batch_size=batch_size, mesh=mesh, loader_config=loader_config,
                           description=f"eval {name} embeddings")[embeddings.FEATURES]
         for name, split in (("query", data.query), ("gallery", data.gallery))]
@@ -291,7 +312,6 @@ def restore_train_checkpoint(
 
 
 # Kept here too for the tools that log it beside training messages.
-NO_HEAD_HINT = checkpoints.NO_HEAD_HINT
 
 
 def attribute_head_warning(checkpoint_dir: str | os.PathLike, step: int, start: int,
@@ -343,15 +363,21 @@ def quiet_orbax_logging() -> None:
         absl_logger.addFilter(_DropOrbaxInfo())
 
 
-def check_finite(step: int, metrics: dict[str, float]) -> None:
-    """Raises ``FloatingPointError`` naming ``step`` and the loss terms if one is not finite."""
+def check_finite(step: int, metrics: dict[str, float], last_saved: int | None = None) -> None:
+    """Raises ``FloatingPointError`` naming ``step`` and the loss terms if one is not finite.
+
+    ``last_saved``: the newest committed checkpoint step, named in the message (``None``: no
+    checkpoint has been saved, and the message says so).
+    """
     terms = ("loss", "ce", "triplet", "center")
     if all(math.isfinite(metrics[k]) for k in terms if k in metrics):
         return
     values = ", ".join(f"{k}={metrics[k]!r}" for k in terms if k in metrics)
+    saved = ("no checkpoint has been saved yet" if last_saved is None
+             else f"the last checkpoint, step {last_saved}, is intact")
     raise FloatingPointError(
         f"non-finite loss at step {step}: {values} (lr={metrics.get('lr')!r}); stopping. "
-        "Lower config.optim.learning_rate or check the data; the last checkpoint is intact.")
+        f"Lower config.optim.learning_rate or check the data; {saved}.")
 
 
 class _Scalars:
@@ -412,10 +438,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ValueError / FileNotFoundError: a config field or the data is wrong (named).
     """
     workdir = os.path.abspath(workdir)
-    if not config.data.root:
+    # The folder source needs a root; the TFDS one only to prepare (reid_jax.data.sources).
+    if sources.source_name(config) == "folder" and not config.data.root:
         raise ValueError("config.data.root is empty: pass --config.data.root=/path/to/"
                          "Market-1501 (a real or tools/make_synthetic.py folder)")
-    os.makedirs(workdir, exist_ok=True)
     mesh = create_mesh()
     loader_cfg = loader_config(config)
     _check_divisible(loader_cfg.batch_size, mesh, "config.data.p * config.data.k")
@@ -425,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     _check_divisible(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
 
-    data = embeddings.load_dataset(config.data.root, config)
+    data = sources.load_dataset(config.data.root, config)
     num_classes = data.num_train_ids
     # The loader's own sampler (same labels, P, K, seed): its exact epoch lengths.
     sampler = RandomIdentitySampler(data.train.labels, loader_cfg.p, loader_cfg.k,
@@ -444,12 +470,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         init_backbone_from(model, config)
     state = create_train_state(model, config, schedule)
     del model
-    state = jax.device_put(state, replicated(mesh))
+    state = loader_lib.put_replicated(state, replicated(mesh))
 
+    # Created only now: a run refused for its config or data leaves no empty workdir behind.
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+    partial = checkpoints.uncommitted_steps(checkpoint_dir)
+    if partial:
+        logging.warning("%s: step folders %s have no commit record (interrupted saves or made "
+                        "by hand); they are ignored (docs/design.md, \"Outputs\")",
+                        checkpoint_dir, partial)
     manager = open_checkpoint_manager(workdir, config.keep_checkpoints)
     scalars = _Scalars(workdir)
     try:
-        latest = manager.latest_step()
+        latest = checkpoints.latest_step(checkpoint_dir)
         if latest is not None:
             state = restore_train_checkpoint(manager, state, latest)
             logging.info("resumed from %s step %d", manager.directory, latest)
@@ -476,8 +510,9 @@ def _epoch_of(step: int, ends: np.ndarray) -> int:
     return int(np.searchsorted(ends, step, side="right"))
 
 
-class _ProgressLog:
-    """Host side of the training metrics: finiteness check, averages, images/s, ETA, scalars.
+class _StepMetrics:
+    """Host side of the training metrics: finiteness check, averages, images/s, scalars (the
+    ETA format is the project's one, ``reid_jax.progress``).
 
     Metrics of step ``s`` are fetched while step ``s + 1`` runs (:meth:`push` takes the newest,
     processes the previous), so the device never waits for the host; :meth:`flush` processes
@@ -485,8 +520,8 @@ class _ProgressLog:
     """
 
     def __init__(self, scalars: _Scalars, ends: np.ndarray, total_steps: int, batch_size: int,
-                 log_every: int):
-        self._scalars, self._ends = scalars, ends
+                 log_every: int, last_saved: Callable[[], int | None] = lambda: None):
+        self._scalars, self._ends, self._last_saved = scalars, ends, last_saved
         self._total, self._batch, self._every = total_steps, batch_size, max(log_every, 1)
         self._pending: tuple[int, Metrics] | None = None
         self._window: list[dict[str, float]] = []
@@ -511,7 +546,8 @@ class _ProgressLog:
         done, metrics = self._pending
         self._pending = None
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check_finite(done, host)
+        if not all(math.isfinite(v) for v in host.values()):
+            check_finite(done, host, self._last_saved())
         self._window.append(host)
         if done % self._every == 0 or done == self._total:
             self._log(done)
@@ -524,7 +560,7 @@ class _ProgressLog:
         mean = {k: float(np.mean([m[k] for m in self._window])) for k in self._window[0]}
         self._window = []
         ips = self.images_per_second
-        eta = "?" if not ips else format_seconds((self._total - done) * self._batch / ips)
+        eta = format_seconds((self._total - done) * self._batch / ips) if ips else "?"
         logging.info(
             "step %d/%d epoch %d | loss %.4f (ce %.4f triplet %.4f center %.3f) acc %.3f | "
             "lr %.3g | %s img/s | ETA %s", done, self._total, _epoch_of(done - 1, self._ends) + 1,
@@ -533,6 +569,61 @@ class _ProgressLog:
         extra = {} if ips is None else {"images_per_second": ips}
         self._scalars.write(done, "train", {**mean, **extra})
         self.last = mean
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM after saving the current step."""
+
+    def __init__(self, signal_name: str, step: int, saved: str):
+        self.signal_name, self.step, self.saved = signal_name, step, saved
+        super().__init__(f"{signal_name} at step {step}: saved the checkpoint {saved}; run the "
+                         "same command to resume from it")
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) while training: finish the step, save it, stop.
+
+    The first signal sets a flag that the loop reads after every step and restores the default
+    handlers, so a second Ctrl-C ends the program at once. With several processes the flag is
+    agreed on by all of them (one small all-gather per step), and a JAX preemption notice
+    (``CheckpointManager.reached_preemption``) counts too, so every process saves the same
+    step. Handlers are installed only in the main thread.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        logging.warning("%s received: finishing this step, saving it, then stopping (send it "
+                        "again to stop at once)", self.signal_name)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def requested(self, manager: ocp.CheckpointManager, step: int) -> bool:
+        flag = bool(self.signal_name)
+        if jax.process_count() > 1:
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+            if not flag and manager.reached_preemption(step):
+                flag = True
+            if flag and not self.signal_name:
+                self.signal_name = "preemption"
+        return flag
 
 
 def _train_loop(
@@ -553,13 +644,15 @@ def _train_loop(
     epoch_end_steps = {int(e): i for i, e in enumerate(ends)}  # step count -> finished epoch
     eval_every = int(config.eval_every_epochs)
     ckpt_every = int(config.checkpoint_every_steps)
-    progress = _ProgressLog(scalars, ends, total_steps, loader_cfg.batch_size,
-                            int(config.log_every_steps))
+    checkpoint_dir = os.fspath(manager.directory)
+    progress = _StepMetrics(scalars, ends, total_steps, loader_cfg.batch_size,
+                            int(config.log_every_steps),
+                            last_saved=lambda: checkpoints.latest_step(checkpoint_dir))
     run_start = time.perf_counter()
 
     def run_eval(step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        metrics = evaluate(state, data, loader_cfg, mesh, config.data.eval_batch_size)
+        metrics = evaluate_model(state, data, loader_cfg, mesh, config.data.eval_batch_size)
         logging.info("eval at step %d (epoch %d): mAP %.4f rank-1 %.4f rank-5 %.4f mINP %.4f "
                      "(%d queries, %.1fs)", step, _epoch_of(step - 1, ends) + 1, metrics["mAP"],
                      metrics["rank1"], metrics["rank5"], metrics["mINP"],
@@ -568,13 +661,24 @@ def _train_loop(
         return metrics
 
     if start < total_steps:
-        with loader_lib.train_batches(data.train.paths, data.train.labels, config=loader_cfg,
-                                      seed=config.seed, start_step=start,
-                                      stop_step=total_steps) as batches:
+        # Each process loads only its rows of every global batch (docs/scaling.md,
+        # "Multi-host input").
+        with loader_lib.train_batches(data.train.items, data.train.labels, config=loader_cfg,
+                                      seed=config.seed, start_step=start, stop_step=total_steps,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()) as batches, \
+                StopRequest() as stop:
             for step, host_batch in zip(range(start, total_steps), batches, strict=True):
                 t0 = time.perf_counter()
-                state, metrics = step_fn(state, shard_batch(
-                    {"image": host_batch["image"], "label": host_batch["label"]}, mesh))
+                batch = shard_local_batch(
+                    {"image": host_batch["image"], "label": host_batch["label"]}, mesh)
+                if step == start and jax.process_count() > 1:
+                    # Compile, then wait for every process before the first collective: one
+                    # that compiles longer must not time the others out (docs/scaling.md,
+                    # "Multi-host training").
+                    step_fn = step_fn.lower(state, batch).compile()
+                    ocp.multihost.sync_global_processes("reid_jax.train: train step compiled")
+                state, metrics = step_fn(state, batch)
                 done = step + 1
                 if step == start:
                     jax.block_until_ready(metrics)
@@ -584,7 +688,7 @@ def _train_loop(
                 if step == start:
                     progress.start_timing()
                 if (ckpt_every > 0 and done % ckpt_every == 0 and done < total_steps
-                        and done not in manager.all_steps()):
+                        and done not in checkpoints.committed_steps(checkpoint_dir)):
                     progress.flush()  # never checkpoint a non-finite state
                     save_train_checkpoint(manager, state, config, num_classes,
                                           _epoch_of(step, ends))
@@ -592,10 +696,18 @@ def _train_loop(
                         and (epoch_end_steps[done] + 1) % eval_every == 0):
                     progress.flush()
                     run_eval(done)
+                if done < total_steps and stop.requested(manager, done):
+                    progress.flush()
+                    if done not in checkpoints.committed_steps(checkpoint_dir):
+                        save_train_checkpoint(manager, state, config, num_classes,
+                                              _epoch_of(step, ends))
+                    manager.wait_until_finished()
+                    raise TrainingInterrupted(stop.signal_name, done,
+                                              os.path.join(checkpoint_dir, str(done)))
         progress.flush()
     # (A later step may exist without training: tools/train_attributes.py adds one holding the
     # same model and train state plus the attribute head.)
-    if total_steps not in manager.all_steps():
+    if total_steps not in checkpoints.committed_steps(checkpoint_dir):
         save_train_checkpoint(manager, state, config, num_classes,
                               _epoch_of(total_steps - 1, ends))
     final = run_eval(total_steps)

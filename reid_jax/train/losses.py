@@ -335,6 +335,8 @@ def update_centers(centers: Array, opt_state: optax.OptState, features: ArrayLik
                    ) -> tuple[Array, optax.OptState]:
     """One center step, with the reference's semantics.
 
+    docs/training.md, "Center loss: its own SGD".
+
     How the reference trains centers: the model loss is ``CE + triplet + 5e-4 * center_loss``
     and one ``backward`` fills the gradients of both the model and the centers; the model takes
     its Adam step; the center gradients (``5e-4 * dL_center/dc``) are multiplied by ``1 / 5e-4``

@@ -1,5 +1,7 @@
 """AGW's learning-rate schedule: linear warmup, then steps at fixed epochs, per epoch.
 
+docs/training.md, "Learning-rate schedule: per epoch, stepped at epoch start".
+
 ReID-Survey trains with ``WarmupMultiStepLR`` (``utils/lr_scheduler.py``) stepped once at the
 start of every epoch (``Events.EPOCH_STARTED``) after the one step its constructor takes, so
 1-based epoch ``e`` runs at
@@ -68,10 +70,13 @@ def warmup_multistep_factor(
       gamma: the step factor.
 
     Returns:
-      float32 array of ``epoch``'s shape.
+      array of ``epoch``'s shape in the default float dtype (float32; float64 under
+      ``jax.enable_x64``, so a float64 training run gets the rate the reference computes in
+      Python floats).
     """
     _check_schedule_args(warmup_epochs, warmup_factor, milestones, gamma)
-    e = jnp.asarray(epoch, jnp.float32)
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float32 unless 64-bit JAX is on
+    e = jnp.asarray(epoch, dtype)
     if warmup_epochs > 0:
         alpha = e / warmup_epochs
         warm = jnp.where(e < warmup_epochs, warmup_factor * (1.0 - alpha) + alpha, 1.0)
@@ -79,8 +84,8 @@ def warmup_multistep_factor(
         warm = jnp.ones_like(e)
     steps = jnp.zeros_like(e)
     for m in milestones:
-        steps = steps + (e >= m).astype(jnp.float32)
-    return warm * jnp.power(jnp.float32(gamma), steps)
+        steps = steps + (e >= m).astype(dtype)
+    return warm * jnp.power(jnp.asarray(gamma, dtype), steps)
 
 
 def epoch_ends(sampler: RandomIdentitySampler, num_epochs: int) -> np.ndarray:

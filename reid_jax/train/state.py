@@ -86,7 +86,8 @@ class TrainState:
     """Everything one training step reads and writes (see the module docstring).
 
     Array fields (the pytree): ``step`` int32 [], ``params`` / ``non_trainable`` (``nnx.State``),
-    ``opt_state``, ``centers`` float32 [C, D], ``center_opt_state``, ``rng`` uint32 [2].
+    ``opt_state``, ``centers`` [C, D] (the parameter dtype: float32, also for a bfloat16 model),
+    ``center_opt_state``, ``rng`` uint32 [2].
     """
 
     step: jax.Array
@@ -132,7 +133,8 @@ class TrainState:
 
 def build_optimizer(optim: ml_collections.ConfigDict,
                     schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Adam with coupled L2 (torch ``Adam(weight_decay=...)``), see the module docstring.
+    """Adam with coupled L2 (torch ``Adam(weight_decay=...)``), see the module docstring and
+    docs/training.md, "Optimizer: Adam with coupled L2 on every parameter".
 
     Equal settings give the same (cached) object, so a new run in the same process reuses the
     compiled step.
@@ -170,7 +172,8 @@ def create_train_state(
     """A fresh state for ``model`` (its current weights) and ``config``.
 
     The centers are drawn as the reference (``torch.randn``, standard normal ``[C, D]``) from
-    ``config.seed``; ``rng`` is ``PRNGKey(config.seed)``.
+    ``config.seed``, in the model's parameter dtype (float32; float64 for a float64 model);
+    ``rng`` is ``PRNGKey(config.seed)``.
 
     Args:
       model: an ``AGW`` (random or ImageNet-initialised); it is split, not modified.
@@ -182,7 +185,7 @@ def create_train_state(
     center_tx = _center_optimizer(float(config.optim.center_lr))
     rng = jax.random.PRNGKey(config.seed)
     centers = losses.init_centers(jax.random.fold_in(rng, 1), model.num_classes,
-                                  model.feature_dim)
+                                  model.feature_dim, dtype=model.param_dtype)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

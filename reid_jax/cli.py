@@ -1,0 +1,211 @@
+"""How the ``tools/*.py`` entry points run: absl flags, and every user error as one line.
+
+``cli.run(main)`` replaces ``absl.app.run(main)``. It parses the flags (and the configs of
+``ml_collections`` config flags) and runs ``main``; what goes wrong because of the user's input
+ends the program with one line on stderr, ``tools/NAME.py: error: ...``, and exit status 1
+(2 for bad flags), instead of a traceback:
+
+* a config override that names no field (``--config.optim.lr=0.1``): the field and the nearest
+  valid names; a config file that does not exist or does not load: the file;
+* ``ValueError`` (bad values, shapes, a checkpoint without head), ``FloatingPointError``
+  (training diverged), ``FileNotFoundError``,
+  ``FileExistsError``, ``PermissionError``, a folder where a file is expected or the reverse,
+  and the project's image errors: their message;
+* a full disk (``ENOSPC`` anywhere in the exception's chain, whatever library raised it): "no
+  space left on device" and where; the process ends at once, so background writer threads do
+  not bury the message in shutdown noise (committed checkpoints are complete; see
+  ``docs/design.md``, "Outputs");
+* Ctrl-C: one line, exit status 130 (a tool that saves work on interruption, such as
+  ``tools/train.py``, says where it saved before).
+
+Anything else is a bug and keeps its traceback. ``REID_JAX_TRACEBACK=1`` shows the traceback of
+user errors too.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from reid_jax import config_sections
+from reid_jax.data.augment import ImageLoadError
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+               IsADirectoryError, NotADirectoryError, ImageLoadError, FloatingPointError)
+DISK_FULL_TEXT = "No space left on device"
+
+
+def _program() -> str:
+    path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "reid_jax"
+    parent = os.path.basename(os.path.dirname(path))
+    return f"{parent}/{os.path.basename(path)}" if parent == "tools" else os.path.basename(path)
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+    """Ends the program with ``tools/NAME.py: error: message`` on stderr."""
+    sys.stdout.flush()
+    print(f"{_program()}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def disk_full(error: BaseException) -> BaseException | None:
+    """The exception of ``error``'s chain that says the disk is full, or None."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        if DISK_FULL_TEXT.lower() in str(e).lower():
+            return e
+    return None
+
+
+def _disk_full_line(e: BaseException) -> str:
+    where = getattr(e, "filename", None)
+    return (f"no space left on device{f' while writing {where}' if where else ''}; free space "
+            "and run the same command again (finished files and committed checkpoints are "
+            "intact)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config flags: name the field or the file at fault.
+
+
+def _config_flags() -> list[Any]:
+    return [flag for flag in flags.FLAGS._flags().values()
+            if isinstance(flag, config_flags.config_flags._ConfigFlag)]
+
+
+def _config_path(flag: Any, argv: Sequence[str]) -> str | None:
+    """The file a config flag names on the command line (``--config=path[:arg]``)."""
+    for arg in argv:
+        for prefix in (f"--{flag.name}=", f"-{flag.name}="):
+            if arg.startswith(prefix):
+                return arg[len(prefix):].split(":", 1)[0]
+    return None
+
+
+def _load_config(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location("_config_for_message", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def unknown_config_field(config: Any, dotted: str) -> str | None:
+    """For an override ``dotted`` (``optim.lr``) of ``config``: a message naming the first
+    missing field and the nearest valid names, or None when the path exists."""
+    node, walked = config, []
+    for part in dotted.split("."):
+        keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+        if part not in keys:
+            where = "config" + "".join(f".{p}" for p in walked)
+            return config_sections.unknown_field_message(where, part, keys)
+        node, walked = node[part], [*walked, part]
+    return None
+
+
+def _explain_config_error(argv: Sequence[str], error: BaseException) -> str | None:
+    for flag in _config_flags():
+        path = _config_path(flag, argv)
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            return f"--{flag.name}: config file {os.path.abspath(path)} does not exist"
+        try:
+            config = _load_config(path)
+        except Exception as e:  # noqa: BLE001 (any failure of the user's file)
+            return f"--{flag.name}: config file {path} does not load: {type(e).__name__}: {e}"
+        for arg in argv:
+            prefix = f"--{flag.name}."
+            if arg.startswith(prefix):
+                dotted = arg[len(prefix):].split("=", 1)[0]
+                message = unknown_config_field(config, dotted)
+                if message:
+                    return f"{arg.split('=', 1)[0]}: {message}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """``absl.flags.FLAGS(argv)``, with config-flag errors named in one line."""
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e}. Pass --helpshort for the flags.", status=2)
+    except (AttributeError, KeyError, OSError, TypeError) as e:
+        fail(_explain_config_error(argv, e) or f"{type(e).__name__}: {e}", status=2)
+    for flag in _config_flags():
+        path = _config_path(flag, argv)
+        if path is not None and not os.path.isfile(path):
+            fail(f"--{flag.name}: config file {os.path.abspath(path)} does not exist", status=2)
+    return remaining
+
+
+# ---------------------------------------------------------------------------------------------
+# Running main.
+
+
+def _report(error: BaseException) -> NoReturn:
+    if os.environ.get("REID_JAX_TRACEBACK"):
+        traceback.print_exception(error)
+    full = disk_full(error)
+    if full is not None:
+        sys.stdout.flush()
+        print(f"{_program()}: error: {_disk_full_line(full)}", file=sys.stderr, flush=True)
+        os._exit(1)  # background writers must not bury the line under shutdown noise
+    if isinstance(error, KeyboardInterrupt):
+        fail("interrupted", status=130)
+    if isinstance(error, USER_ERRORS):
+        message = str(error)
+        if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
+            message = f"{error.strerror or message}: {error.filename}"
+        fail(message or type(error).__name__)
+    raise error
+
+
+def wrap(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+    """``main`` with user errors reported as one line (see the module docstring)."""
+    def wrapped(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except SystemExit:
+            raise
+        except app.UsageError as e:
+            fail(str(e), status=2)
+        except BaseException as e:  # noqa: BLE001 (sorted into user errors and bugs)
+            _report(e)
+
+    return wrapped
+
+
+def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    """A full disk in a background writer (orbax saves asynchronously) ends the program with
+    the one line at once; other thread errors keep Python's report."""
+    if args.exc_value is not None and disk_full(args.exc_value) is not None:
+        _report(args.exc_value)
+    threading.__excepthook__(args)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """``absl.app.run(main)`` with one-line user errors (flags, configs, inputs, disk)."""
+    threading.excepthook = _thread_excepthook
+    app.run(wrap(main), flags_parser=parse_flags)
+
+
+__all__ = ["DISK_FULL_TEXT", "USER_ERRORS", "disk_full", "fail", "parse_flags", "run",
+           "unknown_config_field", "wrap"]

@@ -1,0 +1,183 @@
+"""The explanation-quality table: one layout for the README, the terminal and the report.
+
+``tools/evaluate_explanations.py`` writes ``explanation_metrics.json`` (format :data:`FORMAT`);
+:func:`summary_table` turns it into rows (metric, n, the two baselines, one value per
+explanation, each with its 95 % interval) that :func:`markdown_table` prints and
+``reid_jax.explain.report`` draws in HTML.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from reid_jax.explain import metrics as em
+
+FORMAT = "reid_jax.explanation_metrics/2"
+MODES = em.MODES  # ("prior", "paper", "complete", "projection", "scores", "disagreement")
+# The explanations measured, in table order, and the two baselines before them.
+EXPLANATIONS = ("paper", "complete", "projection", "scores", "disagreement")
+BASELINES = ("prior", "chance")
+COLUMNS = (*BASELINES, *EXPLANATIONS)
+MODE_TITLES = {"prior": "prior (fixed order)", "chance": "chance",
+               "paper": "eq. 3.2 (paper)", "complete": "complete decomposition",
+               "projection": "projection + remainder", "scores": "eq. 3.1 (1 - s)",
+               "disagreement": "P(labels differ)"}
+HIT_RANKS = (1, 3)
+_AMD_ROWS = (("ex_precision_d", "Ex-Precision_d", "num_pairs_d"),
+             ("ex_map_d", "Ex-mAP_d", "num_pairs_d"),
+             ("ex_precision_s", "Ex-Precision_s", "num_pairs_s"),
+             ("ex_map_s", "Ex-mAP_s", "num_pairs_s"),
+             ("ex_precision_s_amd", "Ex-Precision_s (AMD rule)", "num_pairs_s_amd"),
+             ("ex_map_s_amd", "Ex-mAP_s (AMD rule)", "num_pairs_s_amd"))
+
+
+def _pct(x: Any) -> str:
+    return "—" if x is None else f"{100.0 * float(x):.1f}"
+
+
+def format_cell(value: Any, interval: Any = None) -> str:
+    """``43.8 [41.2, 46.5]`` (percent, one decimal); ``—`` for no value."""
+    if value is None:
+        return "—"
+    if interval is None:
+        return _pct(value)
+    return f"{_pct(value)} [{_pct(interval[0])}, {_pct(interval[1])}]"
+
+
+class TableRow(NamedTuple):
+    """One row of :func:`summary_table`.
+
+    Attributes:
+      metric: what the row measures, e.g. ``counterfactual hit rate, top-1``.
+      n: pairs (AUROC: query-attribute entries); ``None`` when the part was skipped.
+      values: one fraction in ``[0, 1]`` per column of :data:`COLUMNS` (``None``: does not
+        apply).
+      intervals: the 95 % interval ``[lo, hi]`` of every value (``None``: none).
+      skipped: why the part was not measured (``""``: it was).
+    """
+
+    metric: str
+    n: int | None
+    values: tuple[float | None, ...]
+    intervals: tuple[list[float] | None, ...]
+    skipped: str = ""
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        """The values as text, with their intervals."""
+        return tuple(format_cell(v, i) for v, i in zip(self.values, self.intervals,
+                                                        strict=True))
+
+
+class SummaryTable(NamedTuple):
+    """The table of :func:`markdown_table` as data (``reid_jax.explain.report`` renders it in HTML).
+
+    Attributes:
+      columns: the header: ``metric``, ``n``, one title per column of :data:`COLUMNS`.
+      rows: :class:`TableRow` s, in the order printed.
+      legend: sentences explaining the table.
+    """
+
+    columns: tuple[str, ...]
+    rows: tuple[TableRow, ...]
+    legend: tuple[str, ...]
+
+
+def _row(metric: str, n: Any, entries: dict[str, tuple[Any, Any]]) -> TableRow:
+    """A row from ``{column: (value, interval)}`` (missing columns: no value)."""
+    cells = [entries.get(c, (None, None)) for c in COLUMNS]
+    return TableRow(metric, None if n is None else int(n), tuple(v for v, _ in cells),
+                    tuple(i for _, i in cells))
+
+
+def summary_table(metrics: dict[str, Any]) -> SummaryTable:
+    """The rows of the README table of the measured ``metrics`` (the JSON layout).
+
+    Rows: counterfactual hit rate top-1 / top-3; matching-score AUROC (pooled, and the mean of
+    the per-attribute AUROCs) over all pairs and the top ``k``, for confident and all
+    attributes; AMD Ex-Precision / Ex-mAP ``_d``, ``_s`` and ``_s`` by AMD's rule over all
+    pairs and the top ``k``.  Raises ``KeyError`` when ``metrics`` lacks one of these entries.
+    """
+    k = metrics["settings"]["k"]
+    top = f"top{k}"
+    columns = ("metric", "n", *(MODE_TITLES[c] for c in COLUMNS))
+    rows: list[TableRow] = []
+    cf = metrics["counterfactual"]
+    if "skipped" in cf:
+        rows.append(TableRow("counterfactual hit rate", None, (None,) * len(COLUMNS),
+                             (None,) * len(COLUMNS), skipped=str(cf["skipped"])))
+    else:
+        for m in HIT_RANKS:
+            key = f"top{m}"
+            entries = {mode: (cf[mode][key], cf[mode]["intervals"][key])
+                       for mode in (*EXPLANATIONS, "prior") if mode in cf}
+            entries["chance"] = (cf["chance"][key], None)
+            rows.append(_row(f"counterfactual hit rate, top-{m}", cf["num_pairs"], entries))
+    for scope, scope_name in (("all_pairs", "all pairs"), (top, f"top-{k}")):
+        for which, which_name in (("confident", "confident attributes"),
+                                  ("all_attributes", "all attributes")):
+            a = metrics["auroc"][scope][which]
+            n = a["num_positive"] + a["num_negative"]
+            for kind, kind_name in (("pooled", "pooled"), ("macro", "mean per attribute")):
+                entries = {mode: (a[mode][kind], a[mode].get(f"{kind}_interval"))
+                           for mode in em.SCORE_MODES}
+                entries["prior"] = (a["prior"][kind], a["prior"].get(f"{kind}_interval"))
+                entries["chance"] = (0.5, None)
+                rows.append(_row(f"matching-score AUROC {kind_name}, {scope_name}, "
+                                 f"{which_name}", n, entries))
+    for scope, scope_name in (("all_pairs", "all pairs"), (top, f"top-{k}")):
+        amd = metrics["amd"][scope]
+        for key, title, count in _AMD_ROWS:
+            entries = {mode: (amd[mode][key], amd[mode]["intervals"][key])
+                       for mode in (*EXPLANATIONS, "prior")}
+            entries["chance"] = (amd["chance"][key], None)
+            rows.append(_row(f"AMD {title}, {scope_name}", amd[count], entries))
+    threshold = metrics["settings"]["threshold"]
+    t_text = (f"{threshold:g}" if isinstance(threshold, (int, float))
+              else "per attribute")
+    prior = metrics.get("prior") or {}
+    level = metrics["settings"].get("interval_level", 0.95)
+    legend = [
+        f"Values in %, with {100 * level:.0f} % intervals [lo, hi] by a bootstrap over queries "
+        f"(counterfactuals: over counterfactual images). n: pairs (AUROC: query-attribute "
+        f"entries). Top-{k}: the {k} best-ranked gallery images of every query, as in the "
+        f"report (Market-1501 protocol: same identity and camera, and junk, removed). Confident "
+        f"attributes: |x - 0.5| > {t_text}.",
+        f"Prior: one fixed attribute order from the training split alone — how often "
+        f"{prior.get('num_identities', 'the')} training identities differ in each attribute "
+        f"(all pairs), and how often training images and their {prior.get('k', k)} nearest "
+        f"images of other identities differ (top-{k} and counterfactual pairs); as a matching "
+        f"score (AUROC), each attribute's training agreement rate. Chance: a uniformly random "
+        f"attribute order.",
+        "AMD rule: the _s metrics also count pairs whose labels all agree, where attributes "
+        "with more than 2/30 of the positive separation count as misses.",
+    ]
+    if "skipped" in cf:
+        legend.append(f"Counterfactuals skipped: {cf['skipped']}")
+    else:
+        legend.append(
+            f"Counterfactuals: {cf['num_counterfactuals']} re-rendered gallery images "
+            f"({cf['num_rejected_invisible']} barely visible changes rejected), each paired "
+            f"with the queries that rank it in their top {k} or match it; a hit: a changed "
+            "attribute rises most (top-1) or among the 3 largest rises (top-3); the prior, "
+            "which has no rise, by its fixed order.")
+    return SummaryTable(columns, tuple(rows), tuple(legend))
+
+
+def markdown_table(metrics: dict[str, Any]) -> str:
+    """The README table of the measured ``metrics`` (values in %), with a legend."""
+    table = summary_table(metrics)
+    lines = ["| " + " | ".join(table.columns) + " |",
+             "|" + "|".join([":---", "---:"] + ["---:"] * (len(table.columns) - 2)) + "|"]
+    for row in table.rows:
+        if row.skipped:
+            cells = [row.metric, "—", "skipped"] + [""] * (len(COLUMNS) - 1)
+        else:
+            cells = [row.metric, str(row.n), *row.cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", *table.legend]) + "\n"
+
+
+__all__ = ["BASELINES", "COLUMNS", "EXPLANATIONS", "FORMAT", "HIT_RANKS", "MODES",
+           "MODE_TITLES", "SummaryTable", "TableRow", "format_cell", "markdown_table",
+           "summary_table"]
