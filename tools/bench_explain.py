@@ -8,17 +8,22 @@ Measures, in one run, as ratios to their floors:
   a float64 reference on a block that holds identical and near-duplicate pairs;
 * the cost of the input check that ``explain_rankings`` runs by default on concrete arrays
   (``validate=None``) against ``validate=False``;
-* ``rank_metrics`` vs a plain per-query numpy loop (same numbers).
+* ``rank_metrics`` vs a plain per-query numpy loop (same numbers);
+* attribute maps (``reid_jax.explain.maps``) for the top-``k`` of one query, every attribute,
+  both images of every pair, vs one eval forward pass of the same ``k + 1`` images, on the
+  model of ``--maps_config`` (docs/attribute_maps.md, 'Cost').
 
-Each timing runs in a fresh subprocess so its peak resident memory can be reported.
+Each kernel timing runs in a fresh subprocess so its peak resident memory can be reported.
 
     python tools/bench_explain.py                       # Market size (3,368 x 19,732 x 2,048 x 30)
     python tools/bench_explain.py --num_query=256 --num_gallery=4096   # quick
+    python tools/bench_explain.py --nokernels --norank_metrics          # attribute maps only
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -27,8 +32,9 @@ import time
 
 import numpy as np
 from absl import flags
+from ml_collections import config_flags
 
-from reid_jax import cli
+from reid_jax import atomic_io, cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_query", 3368, "Queries (Market-1501: 3,368).")
@@ -42,6 +48,17 @@ flags.DEFINE_integer("pairs_queries", 256,
 flags.DEFINE_integer("repeats", 2, "Timed repetitions after one warm-up; the best is reported.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("rank_metrics", True, "Also benchmark reid_jax.evaluation.rank_metrics.")
+flags.DEFINE_bool("kernels", True, "Benchmark explain_rankings and attribute_errors.")
+flags.DEFINE_bool("maps", True, "Benchmark the attribute maps against one forward pass.")
+config_flags.DEFINE_config_file(
+    "maps_config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "configs", "agw_synthetic.py"),
+    "Config whose model and image size the maps are measured on (the demo's by default).")
+flags.DEFINE_string("maps_checkpoint", None,
+                    "Optional checkpoint (with attribute head) to take the model from; default: "
+                    "a randomly initialised model of --maps_config (the cost does not depend "
+                    "on the weights).")
+flags.DEFINE_integer("maps_steps", None, "Quadrature nodes of the maps (default: the library's).")
 flags.DEFINE_enum("precision", "highest", ["highest", "default"],
                   "Matmul precision of the kernels and distances: 'highest' (full float32 "
                   "products, what reid_jax.retrieval.PRECISION ships) or 'default' (the "
@@ -198,6 +215,78 @@ def _rank_metrics_bench() -> dict:
     return {"vectorised_s": t_fast, "loop_s": t_loop, "max_abs_diff": diff, "mAP": fast["mAP"]}
 
 
+def _maps_model():
+    """(model, weights [N, A], height, width) for the maps benchmark."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from reid_jax import checkpoints
+    from reid_jax.models.agw import AGW
+
+    if FLAGS.maps_checkpoint:
+        model, meta = checkpoints.restore_model(FLAGS.maps_checkpoint, None)
+        head = checkpoints.restore_attribute_head(FLAGS.maps_checkpoint)
+        data = meta["config"]["data"]
+        return model, jnp.asarray(head.kernel[...]), int(data["height"]), int(data["width"])
+    config = FLAGS.maps_config
+    model = AGW.from_config(config, 10, nnx.Rngs(FLAGS.seed))
+    h, w = int(config.data.height), int(config.data.width)
+    rng = np.random.default_rng(FLAGS.seed)
+    model.train()  # BatchNorm running statistics of a trained model (BNNeck's mean not 0)
+    model(jnp.asarray(rng.standard_normal((8, h, w, 3)), jnp.float32))
+    model.eval()
+    weights = rng.standard_normal((model.feature_dim, FLAGS.num_attributes)) * 0.05
+    return model, jnp.asarray(weights, jnp.float32), h, w
+
+
+def _maps_bench() -> dict:
+    """Maps for the top-k of one query vs one forward pass of the same k + 1 images."""
+    import jax.numpy as jnp
+
+    from reid_jax.explain import maps
+
+    model, weights, h, w = _maps_model()
+    steps = FLAGS.maps_steps or maps.DEFAULT_STEPS
+    k = FLAGS.k
+    rng = np.random.default_rng(FLAGS.seed + 2)
+    images = jnp.asarray(rng.standard_normal((k + 1, h, w, 3)), jnp.float32)
+    query, gallery = images[:1], images[1:]
+    runs = {
+        "forward": lambda: maps.embed(model, images),
+        "evidence": lambda: maps.evidence_maps(model, weights, images, steps=steps),
+        "contributions": lambda: maps.contribution_maps(model, weights, query, gallery,
+                                                        steps=steps),
+        "contributions_complete": lambda: maps.contribution_maps(
+            model, weights, query, gallery, complete=True, steps=steps),
+        "gradcam": lambda: maps.distance_gradcam(model, gallery, query),
+    }
+    res = {name: _best_time(run, max(FLAGS.repeats, 3)) for name, run in runs.items()}
+    fwd = res["forward"][0]
+    a = int(weights.shape[1])
+    print()
+    print(f"attribute maps: {model.feature_dim}-d AGW (width {model.backbone.width}), "
+          f"{h}x{w} images, top-{k} of one query, A={a}, {steps} quadrature nodes")
+    print("| what | maps | seconds | first call s | ratio to the forward |")
+    print("|---|---|---|---|---|")
+    rows = [("eval forward of the {n} images (floor)", "-", "forward"),
+            ("evidence maps, {n} images", f"{(k + 1) * a}", "evidence"),
+            ("contribution maps, {k} pairs, paper weights", f"{2 * k * a}", "contributions"),
+            ("contribution maps, {k} pairs, complete weights", f"{2 * k * a}",
+             "contributions_complete"),
+            ("Grad-CAM of the distance, {k} images (baseline)", f"{k}", "gradcam")]
+    for title, count, name in rows:
+        t, first = res[name]
+        print(f"| {title.format(n=k + 1, k=k)} | {count} | {t:.4f} | {first:.2f} | "
+              f"{t / fwd:.1f}x |")
+    total = res["evidence"][0] + res["contributions"][0]
+    print(f"goal: evidence + contribution maps of the top-{k}, both images, <= 40x the forward: "
+          f"{total / fwd:.1f}x ({'met' if total / fwd <= 40 else 'NOT met'})")
+    return {"height": h, "width": w, "k": k, "A": a, "steps": steps,
+            "seconds": {name: r[0] for name, r in res.items()},
+            "first_call_seconds": {name: r[1] for name, r in res.items()},
+            "ratio_to_forward": total / fwd}
+
+
 def main(argv):
     del argv
     _set_precision()
@@ -208,10 +297,23 @@ def main(argv):
 
     from reid_jax import explain
 
-    q, g, n, a, qs = (FLAGS.num_query, FLAGS.num_gallery, FLAGS.dim, FLAGS.num_attributes,
-                      FLAGS.pairs_queries)
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    summary = {"precision": FLAGS.precision, "device": jax.devices()[0].device_kind}
+    if FLAGS.kernels:
+        summary["kernels"] = _kernels_bench(explain)
+    if FLAGS.rank_metrics:
+        summary["rank_metrics"] = _rank_metrics_print()
+    if FLAGS.maps:
+        summary["maps"] = _maps_bench()
+    if FLAGS.json:
+        atomic_io.write_text(FLAGS.json, json.dumps(summary, indent=1) + "\n")
+
+
+def _kernels_bench(explain) -> dict:
+    """explain_rankings and attribute_errors at --num_query x --num_gallery, in subprocesses."""
+    q, g, n, a, qs = (FLAGS.num_query, FLAGS.num_gallery, FLAGS.dim, FLAGS.num_attributes,
+                      FLAGS.pairs_queries)
     print(f"sizes: Q={q} G={g} N={n} A={a} k={FLAGS.k}; all-pairs on {qs} queries x {g}; "
           f"recompute ratio {explain.recompute_ratio(n):.3f}; matmul precision "
           f"{FLAGS.precision}")
@@ -259,26 +361,23 @@ def main(argv):
     overhead = 100.0 * (e / eu - 1.0)
     print(f"input check (validate, the default on concrete arrays): {overhead:+.1f} % of "
           f"explain_rankings (goal < 2 %: {'met' if overhead < 2 else 'NOT met'})")
-    summary = {"sizes": {"Q": q, "G": g, "N": n, "A": a, "k": FLAGS.k, "pairs_queries": qs},
-               "precision": FLAGS.precision, "device": jax.devices()[0].device_kind,
-               "seconds": {name: r["seconds"] for name, r in res.items()},
-               "peak_rss_mib": {name: r["peak_rss_mib"] for name, r in res.items()},
-               "max_relative_error": acc}
-    if FLAGS.rank_metrics:
-        rm = _rank_metrics_bench()
-        summary["rank_metrics"] = rm
-        speed = rm["loop_s"] / rm["vectorised_s"]
-        print()
-        print("| rank_metrics (Market size) | seconds |")
-        print("|---|---|")
-        print(f"| vectorised `rank_metrics` | {rm['vectorised_s']:.3f} |")
-        print(f"| per-query numpy loop | {rm['loop_s']:.3f} |")
-        print(f"speed-up {speed:.1f}x (goal >= 10x: {'met' if speed >= 10 else 'NOT met'}); "
-              f"max |difference| {rm['max_abs_diff']:.1e}")
+    return {"sizes": {"Q": q, "G": g, "N": n, "A": a, "k": FLAGS.k, "pairs_queries": qs},
+            "seconds": {name: r["seconds"] for name, r in res.items()},
+            "peak_rss_mib": {name: r["peak_rss_mib"] for name, r in res.items()},
+            "max_relative_error": acc, "validate_overhead_percent": overhead}
 
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(summary, f, indent=1)
+
+def _rank_metrics_print() -> dict:
+    rm = _rank_metrics_bench()
+    speed = rm["loop_s"] / rm["vectorised_s"]
+    print()
+    print("| rank_metrics (Market size) | seconds |")
+    print("|---|---|")
+    print(f"| vectorised `rank_metrics` | {rm['vectorised_s']:.3f} |")
+    print(f"| per-query numpy loop | {rm['loop_s']:.3f} |")
+    print(f"speed-up {speed:.1f}x (goal >= 10x: {'met' if speed >= 10 else 'NOT met'}); "
+          f"max |difference| {rm['max_abs_diff']:.1e}")
+    return rm
 
 
 if __name__ == "__main__":

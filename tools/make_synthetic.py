@@ -28,6 +28,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed; the same seed writes the same byt
 _JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of every image.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Rendering processes.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing synthetic dataset.")
+_MASKS = flags.DEFINE_bool(
+    "masks", True, "Also write every image's part mask (masks/<split>/<stem>.png) and "
+    "masks/regions.json; see docs/attribute_maps.md.")
 _CONTACT_SHEET = flags.DEFINE_string(
     "contact_sheet", None, "Also write a PNG grid of some images with pid, camera, attributes.")
 _SHEET_IMAGES = flags.DEFINE_integer("contact_sheet_images", 48, "Images on the contact sheet.")
@@ -42,7 +45,8 @@ def main(argv: list[str]) -> None:
         num_junk=_NUM_JUNK.value, seed=_SEED.value, jpeg_quality=_JPEG_QUALITY.value)
     summary = synthetic.generate_dataset(_OUTPUT_DIR.value, config,
                                          num_workers=_NUM_WORKERS.value,
-                                         overwrite=_OVERWRITE.value)
+                                         overwrite=_OVERWRITE.value,
+                                         write_masks=_MASKS.value)
     if _CONTACT_SHEET.value:
         summary["contact_sheet"] = synthetic.contact_sheet(
             _OUTPUT_DIR.value, _CONTACT_SHEET.value, n=_SHEET_IMAGES.value)

@@ -3,8 +3,10 @@
 Shapes are signed distance functions (output pixels, negative inside) with a bounding box;
 ``Canvas.paint`` composites a fill with the coverage ``clip(0.5 - sdf * supersample, 0, 1)``
 inside the box only, and optionally tracks, per named part, how much of each canvas pixel
-shows that part (the painter's algorithm with visibility). Coordinates are output pixels:
-x to the right, y down; the canvas holds ``supersample`` samples per output pixel and axis.
+shows that part (the painter's algorithm with visibility), or a label per canvas sample: the
+last part whose shape contains the sample's centre (cheaper: one write per paint).
+Coordinates are output pixels: x to the right, y down; the canvas holds ``supersample``
+samples per output pixel and axis.
 """
 
 from __future__ import annotations
@@ -133,14 +135,22 @@ class Canvas:
 
     With ``track``, ``vis[part]`` is float32 [H, W]: the fraction of each pixel that shows
     ``part`` (every paint scales the other parts' visibility by 1 - coverage).
+
+    With ``label_of`` (part name -> label 1..255), ``labels`` is uint8 [H, W]: per sample, the
+    label of the last painted part whose (alpha-scaled) coverage there is >= 0.5, i.e. whose
+    shape contains the sample's centre; 0 where none did. Parts missing from ``label_of``
+    (e.g. a translucent shadow) leave the labels unchanged.
     """
 
-    def __init__(self, image: np.ndarray, supersample: int, track: bool):
+    def __init__(self, image: np.ndarray, supersample: int, track: bool,
+                 label_of: dict[str, int] | None = None):
         self.image = image
         self.ss = supersample
         self.h, self.w = image.shape[:2]
         self.track = track
         self.vis: dict[str, np.ndarray] = {}
+        self.label_of = label_of
+        self.labels = None if label_of is None else np.zeros((self.h, self.w), np.uint8)
 
     def paint(self, shape: Shape, fill: Fill, part: str, shade: tuple[float, float] | None = None,
               alpha: float = 1.0) -> None:
@@ -178,6 +188,8 @@ class Canvas:
             if part not in self.vis:
                 self.vis[part] = np.zeros((self.h, self.w), np.float32)
             self.vis[part][i0:i1, j0:j1] += cov
+        if self.labels is not None and part in self.label_of:
+            self.labels[i0:i1, j0:j1][cov >= 0.5] = self.label_of[part]
 
 
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -199,3 +211,19 @@ def downsample(a: np.ndarray, s: int) -> np.ndarray:
         return a
     h, w = a.shape[0] // s, a.shape[1] // s
     return a.reshape(h, s, w, s, *a.shape[2:]).mean(axis=(1, 3))
+
+
+def downsample_labels(labels: np.ndarray, s: int, num_labels: int) -> np.ndarray:
+    """Majority vote: uint8 [H*s, W*s] labels in 0..num_labels-1 -> uint8 [H, W].
+
+    Each output pixel takes the most frequent label of its ``s x s`` samples; a tie goes to the
+    higher label."""
+    if s == 1:
+        return labels
+    h, w = labels.shape[0] // s, labels.shape[1] // s
+    block = np.arange(h * w).reshape(h, w).repeat(s, 0).repeat(s, 1)
+    counts = np.bincount((block * num_labels + labels).ravel(),
+                         minlength=h * w * num_labels).reshape(h * w, num_labels)
+    # argmax takes the first maximum: search the reversed labels so ties go to the higher one.
+    top = num_labels - 1 - np.argmax(counts[:, ::-1], axis=1)
+    return top.astype(np.uint8).reshape(h, w)

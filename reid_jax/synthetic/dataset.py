@@ -3,8 +3,10 @@
 ``generate_dataset`` writes ``bounding_box_train/``, ``bounding_box_test/``, ``query/`` with
 Market-1501 file names (``0002_c1s1_000451_03.jpg``: pid, camera, sequence, frame, box) and
 128 x 64 RGB JPEGs, a ``market_attribute.mat`` of the real file's structure (written by
-``attributes.write_market_attributes``) and ``synthetic_meta.json``: every person's parameters
-and every image's scene, so any image can be re-rendered (``render_counterfactual``).
+``attributes.write_market_attributes``), ``synthetic_meta.json``: every person's parameters
+and every image's scene, so any image can be re-rendered (``render_counterfactual``), and
+(unless ``write_masks=False``) a part mask per image under ``masks/``
+(``reid_jax.synthetic.masks``).
 
 Protocol as in Market-1501: train and test identities are disjoint and numbered together
 (1..N, randomly interleaved); every identity is seen by >= 2 of the 6 cameras; a test identity
@@ -44,6 +46,7 @@ from PIL import Image, ImageDraw
 
 from reid_jax.atomic_io import public_mode, remove_stale
 from reid_jax.data import attributes as attributes_lib
+from reid_jax.synthetic import masks as masks_lib
 from reid_jax.synthetic import render as sr
 from reid_jax.synthetic.render import Camera, Occluder, Person, Scene, render
 
@@ -509,19 +512,26 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cameras: list[dict[str, Any]], root: str, quality: int, supersample: int) -> None:
+def _init_worker(cameras: list[dict[str, Any]], root: str, quality: int, supersample: int,
+                 write_masks: bool) -> None:
     _WORKER.update(cameras={c["index"]: Camera.from_dict(c) for c in cameras}, root=root,
-                   quality=quality, supersample=supersample)
+                   quality=quality, supersample=supersample, write_masks=write_masks)
 
 
 def _render_chunk(tasks: list[tuple[str, dict[str, Any] | None, dict[str, Any]]]) -> int:
-    """Renders and writes (file, person dict, scene dict) tasks; returns how many."""
+    """Renders and writes (file, person dict, scene dict) tasks (and their part masks);
+    returns how many."""
+    root = _WORKER["root"]
     for rel, person, scene in tasks:
-        img = render(None if person is None else Person.from_dict(person),
+        out = render(None if person is None else Person.from_dict(person),
                      Scene.from_dict(scene, _WORKER["cameras"]),
-                     supersample=_WORKER["supersample"])
-        with open(os.path.join(_WORKER["root"], rel), "wb") as f:
+                     supersample=_WORKER["supersample"], return_labels=_WORKER["write_masks"])
+        img, labels = out if _WORKER["write_masks"] else (out, None)
+        with open(os.path.join(root, rel), "wb") as f:
             f.write(encode_jpeg(img, _WORKER["quality"]))
+        if labels is not None:
+            with open(masks_lib.mask_path(os.path.join(root, rel)), "wb") as f:
+                f.write(masks_lib.encode_png(labels))
     return len(tasks)
 
 
@@ -542,7 +552,8 @@ def _check_output(output_dir: str, overwrite: bool) -> None:
 
 
 def generate_dataset(output_dir: str | os.PathLike, config: DatasetConfig, *,
-                     num_workers: int = 1, overwrite: bool = False) -> dict[str, Any]:
+                     num_workers: int = 1, overwrite: bool = False,
+                     write_masks: bool = True) -> dict[str, Any]:
     """Writes a complete synthetic Market-1501 dataset to ``output_dir``, atomically.
 
     Everything is written into a temporary sibling folder that is renamed to ``output_dir`` at
@@ -553,6 +564,8 @@ def generate_dataset(output_dir: str | os.PathLike, config: DatasetConfig, *,
       config: sizes, seed, JPEG quality.
       num_workers: rendering processes (1 = in this process). The bytes do not depend on it.
       overwrite: replace an existing dataset written by this generator.
+      write_masks: also write every image's part mask, ``masks/<split folder>/<stem>.png``,
+        and ``masks/regions.json`` (``reid_jax.synthetic.masks``).
 
     Returns:
       A summary: image counts per split, identities, seconds, images per second.
@@ -578,9 +591,15 @@ def generate_dataset(output_dir: str | os.PathLike, config: DatasetConfig, *,
     try:
         for folder in SPLIT_FOLDERS.values():
             os.makedirs(os.path.join(tmp, folder))
+            if write_masks:
+                os.makedirs(os.path.join(tmp, masks_lib.MASKS_FOLDER, folder))
+        if write_masks:
+            with open(os.path.join(tmp, masks_lib.MASKS_FOLDER, masks_lib.REGIONS_FILE),
+                      "w") as f:
+                json.dump(masks_lib.regions_document(), f, indent=1)
         tasks = [(im["file"], None if im["person"] is None else meta["persons"][im["person"]],
                   im["scene"]) for im in meta["images"]]
-        init_args = (meta["cameras"], tmp, config.jpeg_quality, config.supersample)
+        init_args = (meta["cameras"], tmp, config.jpeg_quality, config.supersample, write_masks)
         chunk = 32
         chunks = [tasks[i:i + chunk] for i in range(0, len(tasks), chunk)]
         if num_workers == 1:
@@ -687,8 +706,9 @@ def image_record(dataset_dir: str | os.PathLike, file_name: str
 
 def render_counterfactual(dataset_dir: str | os.PathLike, file_name: str,
                           attribute: str | None, value: int | bool | None = None, *,
-                          jpeg: bool = True, return_masks: bool = False
-                          ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
+                          jpeg: bool = True, return_masks: bool = False,
+                          return_labels: bool = False
+                          ) -> np.ndarray | tuple[Any, ...]:
     """Re-renders an image of a synthetic dataset with one attribute changed.
 
     Same person, camera, view, pose, crop, occluder and noise; only ``attribute`` (an
@@ -704,9 +724,12 @@ def render_counterfactual(dataset_dir: str | os.PathLike, file_name: str,
       jpeg: pass the image through the dataset's JPEG encoding, as the stored files are; with
         ``attribute=None`` the result then equals the decoded file exactly.
       return_masks: also return the renderer's part masks (before JPEG).
+      return_labels: also return the region labels of the re-render, uint8[128, 64], as the
+        generator writes them to ``masks/`` (``render(..., return_labels=True)``).
 
     Returns:
-      uint8[128, 64, 3], or (image, masks).
+      uint8[128, 64, 3]; with ``return_masks`` and/or ``return_labels`` the tuple (image,
+      [masks], [labels]) in that order.
 
     Raises:
       KeyError: the file is not in the dataset. ValueError: bad attribute/value, or the image
@@ -721,11 +744,11 @@ def render_counterfactual(dataset_dir: str | os.PathLike, file_name: str,
                    _key(attribute))
         person = change_attribute(person, attribute, value, rng)
     out = render(person, scene, supersample=int(meta["config"]["supersample"]),
-                 return_masks=return_masks)
-    img, masks = out if return_masks else (out, None)
+                 return_masks=return_masks, return_labels=return_labels)
+    img, extras = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
     if jpeg:
         img = decode_jpeg(encode_jpeg(img, int(meta["config"]["jpeg_quality"])))
-    return (img, masks) if return_masks else img
+    return (img, *extras) if extras else img
 
 
 def attribute_region(masks_before: dict[str, np.ndarray], masks_after: dict[str, np.ndarray],

@@ -34,6 +34,7 @@ from reid_jax.synthetic.canvas import (
     below,
     capsule,
     downsample,
+    downsample_labels,
     ellipse,
     gaussian_blur,
     intersect,
@@ -83,6 +84,16 @@ PERSON_PARTS: tuple[str, ...] = (
     "head", "hair", "hat", "upper", "skin_arms", "lower", "skin_legs", "shoes", "backpack",
     "bag", "handbag")
 PARTS: tuple[str, ...] = (*PERSON_PARTS, "person", "occluder")
+# Region names of ``render(..., return_labels=True)`` (label = index), roughly back to front,
+# and the drawing part each region is made of (see docs/attribute_maps.md, 'Part masks').
+REGIONS: tuple[str, ...] = (
+    "background", "head", "hair", "hat", "upper_body", "arms", "lower_body", "legs", "shoes",
+    "backpack", "bag", "handbag", "occluder")
+PART_REGIONS: dict[str, str] = {
+    "head": "head", "hair": "hair", "hat": "hat", "upper": "upper_body", "skin_arms": "arms",
+    "lower": "lower_body", "skin_legs": "legs", "shoes": "shoes", "backpack": "backpack",
+    "bag": "bag", "handbag": "handbag", "occluder": "occluder"}
+_PART_LABELS: dict[str, int] = {part: REGIONS.index(r) for part, r in PART_REGIONS.items()}
 
 @dataclasses.dataclass(frozen=True)
 class Person:
@@ -659,9 +670,14 @@ def _draw_pattern(cv: Canvas, p: Person, torso: Shape, cx: float, y_sh: float,
 
 def _draw_head_frontal(cv: Canvas, p: Person, hx: float, hy: float, rx: float, ry: float,
                        H: float, front: bool, hair: RGB) -> None:
+    """Head seen from the front or the back, its hair, then the hat.
+
+    The hair's shape depends on the hair label (``long_hair``: a bob framing the face, or a
+    short cut with sideburns) and ``hair_style``, never on ``female``: a gender change must not
+    change the hair while the hair label stays (docs/attribute_maps.md, 'Gender and hair')."""
     skin = p.skin
     style = p.hair_style
-    bob = p.female or p.long_hair
+    bob = p.long_hair
     if front:
         if bob:  # hair framing the face down to the jaw
             cv.paint(intersect(ellipse(hx, hy + 0.08 * ry, rx * 1.25, ry * 1.06),
@@ -868,7 +884,15 @@ def _draw_side(cv: Canvas, p: Person, sc: Scene, b: _Body, col: dict[str, RGB]) 
     if p.handbag and p.handbag_side == near:
         _draw_handbag(cv, *hand_of(near_arm), H, p.handbag_rgb)
 
-    # Head in profile: face to the front, hair on top and at the back.
+    _draw_head_side(cv, p, hx, hy, hrx, hry, d, hair)
+
+
+def _draw_head_side(cv: Canvas, p: Person, hx: float, hy: float, hrx: float, hry: float,
+                    d: float, hair: RGB) -> None:
+    """Head in profile facing ``d`` (+1: to the right): face to the front, hair on top and at
+    the back, then the hat. The hair's shape depends on ``long_hair`` only (see
+    ``_draw_head_frontal``)."""
+    skin = p.skin
     cv.paint(ellipse(hx, hy, hrx, hry), skin, "head", shade=(hx, hrx * 1.4))
     cv.paint(ellipse(hx + d * hrx * 0.95, hy + 0.1 * hry, hrx * 0.16, hry * 0.12),
              _scale_rgb(skin, 0.92), "head")  # nose
@@ -877,7 +901,7 @@ def _draw_side(cv: Canvas, p: Person, sc: Scene, b: _Body, col: dict[str, RGB]) 
     if p.glasses:
         cv.paint(rect(hx + d * hrx * 0.3, hy - 0.04 * hry, hx + d * hrx * 0.9, hy + 0.08 * hry),
                  (0.1, 0.1, 0.1), "head", alpha=0.7)
-    bob = p.female or p.long_hair
+    bob = p.long_hair
     low = hy + (0.75 if bob else 0.45) * hry
     back_hair = intersect(ellipse(hx - d * hrx * 0.08, hy - 0.02 * hry, hrx * 1.08, hry * 1.04),
                           above(low))
@@ -935,8 +959,8 @@ def blur_radius(scene: Scene) -> int:
 
 
 def render(person: Person | None, scene: Scene, *, supersample: int = 2,
-           return_masks: bool = False
-           ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
+           return_masks: bool = False, return_labels: bool = False
+           ) -> np.ndarray | tuple[np.ndarray, Any] | tuple[np.ndarray, Any, np.ndarray]:
     """Renders ``person`` (None: background and occluder only) as seen in ``scene``.
 
     Args:
@@ -945,9 +969,13 @@ def render(person: Person | None, scene: Scene, *, supersample: int = 2,
       supersample: render at this multiple of 128 x 64, then box-filter down.
       return_masks: also return, per part of ``PARTS``, float32[128, 64] in [0, 1]: how much
         of each pixel shows that part before blur ('person' = all person parts together).
+      return_labels: also return uint8[128, 64] region labels (indices into ``REGIONS``): per
+        canvas sample the front-most region whose shape contains it, then per output pixel
+        the majority of its ``supersample**2`` samples (ties: the higher index).
 
     Returns:
-      uint8[128, 64, 3] RGB, or (image, masks) with ``return_masks``.
+      uint8[128, 64, 3] RGB; (image, masks) with ``return_masks``; (image, labels) with
+      ``return_labels``; (image, masks, labels) with both. The pixels do not depend on them.
     """
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
@@ -956,7 +984,7 @@ def render(person: Person | None, scene: Scene, *, supersample: int = 2,
     bx = int(round(np.clip(scene.bg_x, 0, PANORAMA_WIDTH - IMAGE_WIDTH) * s))
     by = int(round(np.clip(scene.bg_y, 0, PANORAMA_HEIGHT - IMAGE_HEIGHT) * s))
     canvas = pano[by:by + IMAGE_HEIGHT * s, bx:bx + IMAGE_WIDTH * s].copy()
-    cv = Canvas(canvas, s, return_masks)
+    cv = Canvas(canvas, s, return_masks, _PART_LABELS if return_labels else None)
     # Contact shadow under the feet (scene only: independent of the person's attributes).
     if person is not None:
         cv.paint(ellipse(scene.x, scene.foot_y + 0.01 * scene.height, 0.17 * scene.height,
@@ -976,11 +1004,14 @@ def render(person: Person | None, scene: Scene, *, supersample: int = 2,
     noise = rng.standard_normal((IMAGE_HEIGHT, IMAGE_WIDTH, 4), dtype=np.float32)
     img = img + sigma * (noise[..., :1] + 0.5 * noise[..., 1:])
     out = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    if not return_masks:
-        return out
-    masks = {name: np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH), np.float32) for name in PARTS}
-    for name, v in cv.vis.items():
-        if name in masks:
-            masks[name] = downsample(v, s)
-    masks["person"] = np.clip(sum(masks[n] for n in PERSON_PARTS), 0.0, 1.0)
-    return out, masks
+    extras: list[Any] = []
+    if return_masks:
+        masks = {name: np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH), np.float32) for name in PARTS}
+        for name, v in cv.vis.items():
+            if name in masks:
+                masks[name] = downsample(v, s)
+        masks["person"] = np.clip(sum(masks[n] for n in PERSON_PARTS), 0.0, 1.0)
+        extras.append(masks)
+    if return_labels:
+        extras.append(downsample_labels(cv.labels, s, len(REGIONS)))
+    return (out, *extras) if extras else out

@@ -1,0 +1,643 @@
+"""How good attribute maps are, measured against the synthetic part masks.
+
+Four measurements (docs/attribute_maps.md, 'Measurements'), each over *cases* and reported as a
+plain JSON-ready dict with counts, rates, and the same per attribute group (``headwear``,
+``bags``, ``upper_body``, ``lower_body``; gender and age: ``whole_person``) and per attribute:
+
+* :func:`pointing_game` — for each image and localisable attribute the model predicts present
+  (``x_a > 0.5``) whose region is not empty: does the evidence map's maximum lie within
+  ``tolerance`` pixels of the region? Baselines on the same cases: the image centre, any
+  attribute-agnostic maps given (e.g. :func:`reid_jax.explain.maps.distance_gradcam`), and the
+  chance of a uniformly random pixel.
+* :func:`counterfactual_localisation` — for a gallery image and its re-render with one attribute
+  changed: does the contribution map of the pair's largest-rising attribute peak inside the
+  changed region? (and is that attribute one the change flipped?)
+* :func:`deletion_evidence` / :func:`deletion_contributions` — does blurring the top
+  ``fraction`` of a map's pixels lower its value (``x_a``, or ``e_a``) more than blurring as many
+  random pixels?
+* :func:`completeness` — how far a pair's two contribution maps are from summing to ``e_a``.
+
+Every ``*_cases`` function returns :class:`Cases` (per-case outcomes, small), so long runs can
+measure batch by batch, :func:`concatenate` the cases and :func:`summarise` once; the plain
+functions do both for one batch. Peaks are the first maximum in row-major order; distances are
+Euclidean, in pixels of the maps' grid (the masks must have the maps' size: resize maps with
+:func:`reid_jax.explain.maps.resize_maps` to the stored image's size first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reid_jax.data.attributes import ATTRIBUTE_NAMES
+from reid_jax.explain import maps as maps_lib
+from reid_jax.explain.kernels import complete_weights
+from reid_jax.models.agw import AGW
+from reid_jax.synthetic.masks import ATTRIBUTE_GROUPS, attribute_group, localisable
+
+DEFAULT_TOLERANCE = 2.0
+DEFAULT_FRACTION = 0.1
+DEFAULT_THRESHOLD = 0.5
+# Blur of the deletion test: Gaussian sigma as a fraction of the image height (4 px at 128).
+DEFAULT_BLUR = 4.0 / 128.0
+WHOLE_PERSON = "whole_person"
+Array = jax.Array
+GROUPS: tuple[str, ...] = (*ATTRIBUTE_GROUPS, WHOLE_PERSON)
+
+
+class Cases(NamedTuple):
+    """Per-case outcomes of a measurement.
+
+    Attributes:
+      attribute: int ``[n]`` the case's attribute (index into ``attributes``).
+      item: int ``[n]`` the image or pair the case belongs to.
+      outcomes: method name -> bool ``[n]`` (hit / success per case).
+      values: name -> float ``[n]`` extra per-case numbers (e.g. the value drops of deletion;
+        summarised as means).
+      expected: name -> float ``[n]`` success probabilities of a random method (summarised as
+        expected rates, e.g. the chance of a random pixel landing in the region).
+      skipped: reason -> count of candidate cases left out.
+    """
+
+    attribute: np.ndarray
+    item: np.ndarray
+    outcomes: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+    skipped: dict[str, int]
+
+
+def _group(name: str) -> str:
+    return attribute_group(name) or WHOLE_PERSON
+
+
+def concatenate(parts: Sequence[Cases], item_offsets: Sequence[int] | None = None) -> Cases:
+    """One :class:`Cases` from several (same methods), ``item`` shifted by ``item_offsets``."""
+    if not parts:
+        raise ValueError("concatenate needs at least one Cases")
+    offsets = item_offsets if item_offsets is not None else [0] * len(parts)
+    if len(offsets) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(offsets)} item offsets")
+    keys = [(set(p.outcomes), set(p.values), set(p.expected)) for p in parts]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"the parts measure different methods: {keys}")
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+    skipped: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.skipped.items():
+            skipped[k] = skipped.get(k, 0) + int(v)
+    return Cases(
+        attribute=cat([p.attribute for p in parts]).astype(np.int64),
+        item=cat([p.item + o for p, o in zip(parts, offsets, strict=True)]).astype(np.int64),
+        outcomes={k: cat([p.outcomes[k] for p in parts]).astype(bool) for k in keys[0][0]},
+        values={k: cat([p.values[k] for p in parts]).astype(np.float64) for k in keys[0][1]},
+        expected={k: cat([p.expected[k] for p in parts]).astype(np.float64)
+                  for k in keys[0][2]},
+        skipped=skipped)
+
+
+def _rates(cases: Cases, select: np.ndarray) -> dict[str, Any]:
+    n = int(select.sum())
+    out: dict[str, Any] = {"cases": n}
+    for name, hit in cases.outcomes.items():
+        k = int(hit[select].sum())
+        out[name] = {"hits": k, "rate": (k / n) if n else None}
+    for name, p in cases.expected.items():
+        out[name] = {"expected_rate": float(p[select].mean()) if n else None}
+    for name, v in cases.values.items():
+        out[f"mean_{name}"] = float(v[select].mean()) if n else None
+    return out
+
+
+def summarise(cases: Cases, attributes: Sequence[str] = ATTRIBUTE_NAMES,
+              overall_groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """JSON-ready counts and rates: ``overall``, ``groups`` and ``attributes``.
+
+    ``overall`` pools the cases of ``overall_groups`` (default: all); every group and attribute
+    with cases is listed. Rates are ``None`` where a selection has no cases.
+    """
+    groups = np.asarray([_group(attributes[a]) for a in cases.attribute], dtype=object)
+    pooled = (np.ones(len(cases.attribute), bool) if overall_groups is None
+              else np.isin(groups, list(overall_groups)))
+    out = {"overall": _rates(cases, pooled),
+           "groups": {g: _rates(cases, groups == g) for g in GROUPS if (groups == g).any()},
+           "attributes": {attributes[a]: _rates(cases, cases.attribute == a)
+                          for a in sorted(set(cases.attribute.tolist()))},
+           "skipped": dict(cases.skipped)}
+    if overall_groups is not None:
+        out["overall_groups"] = list(overall_groups)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Peaks and regions.
+
+
+def peak(map_: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the first maximum of a ``[H, W]`` map in row-major order."""
+    m = np.asarray(map_)
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(m)), m.shape))
+
+
+def near(region: np.ndarray, row: int, col: int, tolerance: float) -> bool:
+    """Whether a pixel of ``region`` (bool ``[H, W]``) lies within Euclidean ``tolerance`` of
+    (row, col)."""
+    r = int(np.floor(tolerance))
+    h, w = region.shape
+    r0, r1, c0, c1 = max(row - r, 0), min(row + r + 1, h), max(col - r, 0), min(col + r + 1, w)
+    ys, xs = np.nonzero(region[r0:r1, c0:c1])
+    return bool(((ys + r0 - row) ** 2 + (xs + c0 - col) ** 2 <= tolerance ** 2).any())
+
+
+def dilate(region: np.ndarray, tolerance: float) -> np.ndarray:
+    """bool ``[H, W]``: the pixels within Euclidean ``tolerance`` of ``region``."""
+    region = np.asarray(region, bool)
+    r = int(np.floor(tolerance))
+    out = region.copy()
+    h, w = region.shape
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if (dy or dx) and dy * dy + dx * dx <= tolerance ** 2:
+                src = region[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+                out[max(dy, 0):h - max(-dy, 0), max(dx, 0):w - max(-dx, 0)] |= src
+    return out
+
+
+def _check_tolerance(tolerance: float) -> float:
+    if not np.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be a finite number of pixels >= 0, got {tolerance}")
+    return float(tolerance)
+
+
+def _as_array(name: str, x: Any, ndim: int, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {what}, got shape {a.shape}")
+    return a
+
+
+def _check_baselines(baselines: Mapping[str, Any] | None, shape: tuple[int, ...],
+                     reserved: Sequence[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, m in (baselines or {}).items():
+        if name in reserved:
+            raise ValueError(f"baseline name {name!r} is taken; use another")
+        a = np.asarray(m)
+        if a.shape != shape:
+            raise ValueError(f"baseline {name!r} must have shape {shape} (one map per image), "
+                             f"got {a.shape}")
+        out[name] = a
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# (a) Pointing game.
+
+
+def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
+                        baselines: Mapping[str, Any] | None = None,
+                        tolerance: float = DEFAULT_TOLERANCE,
+                        threshold: float = DEFAULT_THRESHOLD,
+                        attributes: Sequence[str] = ATTRIBUTE_NAMES) -> Cases:
+    """Per-case pointing game (see :func:`pointing_game`); methods ``evidence``, ``centre``,
+    one per baseline; expected ``chance``."""
+    maps = _as_array("maps", maps, 4, "[B, A, H, W] evidence maps")
+    regions = _as_array("regions", regions, 4, "bool [B, A, H, W] attribute regions")
+    probs = _as_array("probabilities", probabilities, 2, "[B, A] attribute probabilities")
+    b, a, h, w = maps.shape
+    if regions.shape != maps.shape or probs.shape != (b, a) or len(attributes) != a:
+        raise ValueError(f"shapes disagree: maps {maps.shape}, regions {regions.shape}, "
+                         f"probabilities {probs.shape}, {len(attributes)} attribute names "
+                         "(expected [B, A, H, W], [B, A, H, W], [B, A], A names)")
+    tolerance = _check_tolerance(tolerance)
+    base = _check_baselines(baselines, (b, h, w), ("evidence", "centre"))
+    base_peaks = {name: [peak(m) for m in bm] for name, bm in base.items()}
+    centre = (h // 2, w // 2)
+    loc = localisable(attributes)
+    present = probs > threshold
+    nonempty = regions.reshape(b, a, -1).any(axis=-1)
+    skipped = {"not_localisable": int((present & ~loc[None]).sum()),
+               "empty_region": int((present & loc[None] & ~nonempty).sum())}
+    items, attrs = np.nonzero(present & loc[None] & nonempty)
+    outcomes: dict[str, list[bool]] = {"evidence": [], "centre": []}
+    outcomes.update({name: [] for name in base})
+    chance = []
+    for i, k in zip(items.tolist(), attrs.tolist(), strict=True):
+        region = regions[i, k].astype(bool)
+        outcomes["evidence"].append(near(region, *peak(maps[i, k]), tolerance))
+        outcomes["centre"].append(near(region, *centre, tolerance))
+        for name in base:
+            outcomes[name].append(near(region, *base_peaks[name][i], tolerance))
+        chance.append(dilate(region, tolerance).mean())
+    return Cases(attrs.astype(np.int64), items.astype(np.int64),
+                 {k: np.asarray(v, bool) for k, v in outcomes.items()}, {},
+                 {"chance": np.asarray(chance, np.float64)}, skipped)
+
+
+def pointing_game(maps: Any, regions: Any, probabilities: Any, *,
+                  baselines: Mapping[str, Any] | None = None,
+                  tolerance: float = DEFAULT_TOLERANCE, threshold: float = DEFAULT_THRESHOLD,
+                  attributes: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, Any]:
+    """The pointing game of evidence maps against the part masks.
+
+    Args:
+      maps: ``[B, A, H, W]`` evidence maps (``EvidenceMaps.maps``, at the masks' size).
+      regions: bool ``[B, A, H, W]`` the pixels that show each attribute
+        (``reid_jax.synthetic.read_attribute_regions``).
+      probabilities: ``[B, A]`` ``x = sigmoid(z)``; a case is an attribute with ``x > threshold``.
+      baselines: name -> ``[B, H, W]`` attribute-agnostic maps scored on the same cases (e.g.
+        ``{"gradcam": distance_gradcam(...)}``).
+      tolerance: pixels; a peak within this Euclidean distance of the region hits.
+      threshold: the probability above which the model predicts an attribute present.
+      attributes: the ``A`` attribute names.
+
+    Returns:
+      ``summarise`` of the cases: ``overall``/``groups``/``attributes`` with ``cases``,
+      ``evidence``, ``centre`` and each baseline as ``{hits, rate}``, ``chance`` as
+      ``{expected_rate}``; ``skipped`` counts present attributes that are not localisable or
+      have an empty region (e.g. hidden); and ``tolerance``, ``threshold``.
+    """
+    cases = pointing_game_cases(maps, regions, probabilities, baselines=baselines,
+                                tolerance=tolerance, threshold=threshold, attributes=attributes)
+    return {**summarise(cases, attributes), "tolerance": float(tolerance),
+            "threshold": float(threshold)}
+
+
+# --------------------------------------------------------------------------------------------
+# (b) Counterfactual localisation.
+
+
+def largest_rising(contributions: maps_lib.ContributionMaps) -> tuple[np.ndarray, np.ndarray]:
+    """For pairs (original, re-render): the attribute with the largest ``e_a`` (it rose from 0,
+    the identical pair's value) ``[P]``, and its pair map ``[P, H, W]``: the sum of the two
+    images' maps, which share the pixel grid of the one scene."""
+    errors = np.asarray(contributions.errors)
+    top = np.argmax(errors, axis=1)
+    rows = np.arange(len(top))
+    pair_map = np.asarray(contributions.query)[rows, top] + np.asarray(
+        contributions.gallery)[rows, top]
+    return top, pair_map
+
+
+def counterfactual_localisation_cases(pair_maps: Any, top_attribute: Any, changed_region: Any,
+                                      changed_labels: Any, *,
+                                      baselines: Mapping[str, Any] | None = None,
+                                      tolerance: float = DEFAULT_TOLERANCE,
+                                      attributes: Sequence[str] = ATTRIBUTE_NAMES) -> Cases:
+    """Per-case counterfactual localisation (see :func:`counterfactual_localisation`)."""
+    pair_maps = _as_array("pair_maps", pair_maps, 3, "[P, H, W] pair maps")
+    p, h, w = pair_maps.shape
+    top = _as_array("top_attribute", top_attribute, 1, "int [P]")
+    region = _as_array("changed_region", changed_region, 3, "bool [P, H, W]").astype(bool)
+    changed = _as_array("changed_labels", changed_labels, 2, "bool [P, A]").astype(bool)
+    if top.shape != (p,) or region.shape != (p, h, w) or changed.shape != (p, len(attributes)):
+        raise ValueError(f"shapes disagree: pair_maps {pair_maps.shape}, top_attribute "
+                         f"{top.shape}, changed_region {region.shape}, changed_labels "
+                         f"{changed.shape} (expected [P, H, W], [P], [P, H, W], [P, A])")
+    tolerance = _check_tolerance(tolerance)
+    base = _check_baselines(baselines, (p, h, w), ("map", "centre", "attribute"))
+    # The case's attribute: the changed one (the first flipped label that is localisable, else
+    # the first flipped label), so groups report what was changed.
+    loc = localisable(attributes)
+    attr = np.asarray([int(np.flatnonzero(c & loc)[0]) if (c & loc).any()
+                       else int(np.flatnonzero(c)[0]) if c.any() else -1 for c in changed])
+    if (attr < 0).any():
+        raise ValueError(f"changed_labels flags no attribute for pairs "
+                         f"{np.flatnonzero(attr < 0).tolist()[:5]}")
+    keep = region.reshape(p, -1).any(axis=1)
+    outcomes: dict[str, list[bool]] = {"map": [], "centre": [], "attribute": []}
+    outcomes.update({name: [] for name in base})
+    chance = []
+    items = np.flatnonzero(keep)
+    for i in items.tolist():
+        outcomes["map"].append(near(region[i], *peak(pair_maps[i]), tolerance))
+        outcomes["centre"].append(near(region[i], h // 2, w // 2, tolerance))
+        outcomes["attribute"].append(bool(changed[i, int(top[i])]))
+        for name in base:
+            outcomes[name].append(near(region[i], *peak(base[name][i]), tolerance))
+        chance.append(dilate(region[i], tolerance).mean())
+    return Cases(attr[items].astype(np.int64), items.astype(np.int64),
+                 {k: np.asarray(v, bool) for k, v in outcomes.items()}, {},
+                 {"chance": np.asarray(chance, np.float64)},
+                 {"empty_region": int((~keep).sum())})
+
+
+def counterfactual_localisation(pair_maps: Any, top_attribute: Any, changed_region: Any,
+                                changed_labels: Any, *,
+                                baselines: Mapping[str, Any] | None = None,
+                                tolerance: float = DEFAULT_TOLERANCE,
+                                attributes: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, Any]:
+    """Does the pair's largest-rising attribute's contribution map peak where the change is?
+
+    Args:
+      pair_maps: ``[P, H, W]`` per pair (original, re-render), the contribution map of its
+        largest-rising attribute summed over both images (:func:`largest_rising`).
+      top_attribute: int ``[P]`` that attribute.
+      changed_region: bool ``[P, H, W]`` where the change may alter pixels
+        (``reid_jax.synthetic.attribute_region`` of the two renders, dilated by the blur).
+      changed_labels: bool ``[P, A]`` the labels the change flipped (a colour change flips the
+        old and the new colour).
+      baselines: name -> ``[P, H, W]`` attribute-agnostic maps (e.g. Grad-CAM of the distance
+        of the re-render to the original).
+      tolerance: pixels.
+      attributes: the ``A`` attribute names.
+
+    Returns:
+      ``summarise`` of the cases with methods ``map`` (peak within the region), ``centre``,
+      each baseline, ``attribute`` (the largest-rising attribute is a flipped label) and
+      ``chance``; ``overall`` pools the localisable changes only (a gender or age change alters
+      the whole person: group ``whole_person``, reported apart).
+    """
+    cases = counterfactual_localisation_cases(
+        pair_maps, top_attribute, changed_region, changed_labels, baselines=baselines,
+        tolerance=tolerance, attributes=attributes)
+    return {**summarise(cases, attributes, overall_groups=tuple(ATTRIBUTE_GROUPS)),
+            "tolerance": float(tolerance)}
+
+
+# --------------------------------------------------------------------------------------------
+# (c) Deletion.
+
+
+def gaussian_blur(images: Array, sigma: float) -> Array:
+    """Separable Gaussian blur of ``[B, H, W, C]`` (edge padding, radius ``ceil(3 sigma)``)."""
+    radius = int(np.ceil(3.0 * sigma))
+    if radius == 0:
+        return images
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k = jnp.asarray(k / k.sum(), jnp.float32)
+    x = jnp.pad(images, ((0, 0), (radius, radius), (0, 0), (0, 0)), mode="edge")
+    x = sum(k[i] * x[:, i:i + images.shape[1]] for i in range(2 * radius + 1))
+    x = jnp.pad(x, ((0, 0), (0, 0), (radius, radius), (0, 0)), mode="edge")
+    return sum(k[i] * x[:, :, i:i + images.shape[2]] for i in range(2 * radius + 1))
+
+
+def top_pixels(map_: np.ndarray, count: int) -> np.ndarray:
+    """bool ``[H, W]``: the ``count`` pixels of highest value (ties: the earlier in row-major
+    order)."""
+    flat = np.asarray(map_).ravel()
+    order = np.argsort(-flat, kind="stable")[:count]
+    out = np.zeros(flat.shape, bool)
+    out[order] = True
+    return out.reshape(np.shape(map_))
+
+
+def random_pixels(shape: tuple[int, int], count: int, rng: np.random.Generator) -> np.ndarray:
+    """bool ``[H, W]``: ``count`` pixels drawn uniformly without replacement."""
+    out = np.zeros(shape[0] * shape[1], bool)
+    out[rng.choice(out.size, count, replace=False)] = True
+    return out.reshape(shape)
+
+
+def _blend(images: np.ndarray, blurred: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    return np.where(masks[..., None], blurred, images)
+
+
+def _check_fraction(fraction: float, pixels: int) -> int:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    return max(1, int(round(fraction * pixels)))
+
+
+def _sigma(height: int, blur: float) -> float:
+    if not blur > 0:
+        raise ValueError(f"blur must be > 0 (a fraction of the image height), got {blur}")
+    return blur * height
+
+
+def _embed_batches(model: AGW, images: np.ndarray, batch_size: int) -> np.ndarray:
+    parts = []
+    for lo in range(0, len(images), batch_size):
+        chunk = images[lo:lo + batch_size]
+        pad = batch_size - len(chunk)  # one compiled shape
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        parts.append(np.asarray(maps_lib.embed(model, chunk))[:batch_size - pad])
+    return np.concatenate(parts)
+
+
+def deletion_evidence_cases(model: AGW, weights: Any, images: Any, maps: Any, *,
+                            fraction: float = DEFAULT_FRACTION, blur: float = DEFAULT_BLUR,
+                            threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
+                            batch_size: int = 32,
+                            attributes: Sequence[str] = ATTRIBUTE_NAMES) -> Cases:
+    """Per-case deletion test of evidence maps (see :func:`deletion_evidence`)."""
+    images = _as_array("images", images, 4, "[B, H, W, 3] model-input images").astype(
+        np.float32)
+    maps = _as_array("maps", maps, 4, "[B, A, H, W] evidence maps")
+    weights = _as_array("weights", weights, 2, "[N, A]").astype(np.float32)
+    b, h, w, _ = images.shape
+    if maps.shape != (b, weights.shape[1], h, w) or len(attributes) != weights.shape[1]:
+        raise ValueError(f"shapes disagree: images {images.shape}, maps {maps.shape}, weights "
+                         f"{weights.shape}, {len(attributes)} names (expected [B, H, W, 3], "
+                         "[B, A, H, W], [N, A], A names)")
+    count = _check_fraction(fraction, h * w)
+    blurred = np.asarray(gaussian_blur(jnp.asarray(images), _sigma(h, blur)))
+    x = _sigmoid(_embed_batches(model, images, batch_size) @ weights)
+    items, attrs = np.nonzero(x > threshold)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
+    top = np.stack([top_pixels(maps[i, k], count) for i, k in zip(items, attrs, strict=True)]
+                   ) if len(items) else np.zeros((0, h, w), bool)
+    rand = np.stack([random_pixels((h, w), count, rng) for _ in items]
+                    ) if len(items) else np.zeros((0, h, w), bool)
+    x_top = _case_probabilities(model, weights, images, blurred, items, attrs, top, batch_size)
+    x_rand = _case_probabilities(model, weights, images, blurred, items, attrs, rand,
+                                 batch_size)
+    before = x[items, attrs]
+    drop_top, drop_rand = before - x_top, before - x_rand
+    return Cases(attrs.astype(np.int64), items.astype(np.int64),
+                 {"map": drop_top > drop_rand},
+                 {"drop_map": drop_top, "drop_random": drop_rand}, {},
+                 {"not_present": int((x <= threshold).sum())})
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _case_probabilities(model, weights, images, blurred, items, attrs, masks, batch_size):
+    if not len(items):
+        return np.zeros(0)
+    out = []
+    for lo in range(0, len(items), batch_size):
+        i, k = items[lo:lo + batch_size], attrs[lo:lo + batch_size]
+        changed = _blend(images[i], blurred[i], masks[lo:lo + batch_size])
+        f = _embed_batches(model, changed, batch_size)
+        out.append(_sigmoid(np.einsum("bn,nb->b", f, weights[:, k])))
+    return np.concatenate(out)
+
+
+def deletion_evidence(model: AGW, weights: Any, images: Any, maps: Any, *,
+                      fraction: float = DEFAULT_FRACTION, blur: float = DEFAULT_BLUR,
+                      threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
+                      batch_size: int = 32,
+                      attributes: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, Any]:
+    """Deletion test of evidence maps: for every attribute the model predicts present
+    (``x_a > threshold``), blur the ``fraction`` of the image's pixels where its evidence map is
+    highest, and as many random pixels; success when ``x_a`` drops more for the map's pixels.
+
+    Args:
+      model: the re-id model; weights: ``[N, A]``; images: ``[B, H, W, 3]`` model-input images;
+      maps: ``[B, A, H, W]`` their evidence maps (model-input size).
+      fraction: share of the pixels blurred.
+      blur: Gaussian sigma as a fraction of the image height (the blurred image replaces the
+        chosen pixels).
+      threshold: probability above which an attribute is a case.
+      seed: seeds the random pixels.
+      batch_size: images per forward pass.
+      attributes: the ``A`` names.
+
+    Returns:
+      ``summarise`` of the cases: method ``map`` (success), ``mean_drop_map`` and
+      ``mean_drop_random`` (drops of ``x_a``); ``fraction``, ``blur``.
+    """
+    cases = deletion_evidence_cases(model, weights, images, maps, fraction=fraction, blur=blur,
+                                    threshold=threshold, seed=seed, batch_size=batch_size,
+                                    attributes=attributes)
+    return {**summarise(cases, attributes), "fraction": float(fraction), "blur": float(blur)}
+
+
+def deletion_contributions_cases(model: AGW, weights: Any, query_images: Any,
+                                 gallery_images: Any, contributions: maps_lib.ContributionMaps,
+                                 *, query_index: Any = None, complete: bool = False,
+                                 per_pair: int = 1, fraction: float = DEFAULT_FRACTION,
+                                 blur: float = DEFAULT_BLUR, seed: int = 0,
+                                 batch_size: int = 32,
+                                 attributes: Sequence[str] = ATTRIBUTE_NAMES) -> Cases:
+    """Per-case deletion test of contribution maps (see :func:`deletion_contributions`)."""
+    q_images = np.asarray(query_images, np.float32)
+    g_images = np.asarray(gallery_images, np.float32)
+    mq, mg = np.asarray(contributions.query), np.asarray(contributions.gallery)
+    errors = np.asarray(contributions.errors)
+    p, a, h, w = mg.shape
+    if g_images.shape != (p, h, w, 3) or mq.shape != mg.shape or q_images.ndim != 4 or \
+            q_images.shape[1:] != (h, w, 3) or len(attributes) != a:
+        raise ValueError(f"shapes disagree: query_images {q_images.shape}, gallery_images "
+                         f"{g_images.shape}, maps {mq.shape} / {mg.shape}, {len(attributes)} "
+                         "names (expected [Q, H, W, 3], [P, H, W, 3], [P, A, H, W], A names)")
+    if not 1 <= per_pair <= a:
+        raise ValueError(f"per_pair must lie in [1, {a}], got {per_pair}")
+    index = maps_lib.pair_index("query_index", query_index, len(q_images), p)
+    q_images = q_images[index]
+    count = _check_fraction(fraction, h * w)
+    sigma = _sigma(h, blur)
+    q_blur = np.asarray(gaussian_blur(jnp.asarray(q_images), sigma))
+    g_blur = np.asarray(gaussian_blur(jnp.asarray(g_images), sigma))
+    w_mode = np.asarray(complete_weights(jnp.asarray(weights, jnp.float32)) if complete
+                        else np.asarray(weights, np.float32))
+    order = np.argsort(-errors, axis=1, kind="stable")[:, :per_pair]
+    items = np.repeat(np.arange(p), per_pair)
+    attrs = order.ravel()
+    positive = errors[items, attrs] > 0
+    items, attrs = items[positive], attrs[positive]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 12]))
+    results = {}
+    for name in ("map", "random"):
+        q_new, g_new = [], []
+        for i, k in zip(items.tolist(), attrs.tolist(), strict=True):
+            if name == "map":
+                q_mask, g_mask = top_pixels(mq[i, k], count), top_pixels(mg[i, k], count)
+            else:
+                q_mask = random_pixels((h, w), count, rng)
+                g_mask = random_pixels((h, w), count, rng)
+            q_new.append(_blend(q_images[i], q_blur[i], q_mask))
+            g_new.append(_blend(g_images[i], g_blur[i], g_mask))
+        if not items.size:
+            results[name] = np.zeros(0)
+            continue
+        fq = _embed_batches(model, np.stack(q_new), batch_size)
+        fg = _embed_batches(model, np.stack(g_new), batch_size)
+        results[name] = np.einsum("bn,nb->b", np.square(fq - fg), w_mode[:, attrs])
+    before = errors[items, attrs]
+    drop_map, drop_rand = before - results["map"], before - results["random"]
+    return Cases(attrs.astype(np.int64), items.astype(np.int64), {"map": drop_map > drop_rand},
+                 {"drop_map": drop_map, "drop_random": drop_rand}, {},
+                 {"not_positive": int((~positive).sum())})
+
+
+def deletion_contributions(model: AGW, weights: Any, query_images: Any, gallery_images: Any,
+                           contributions: maps_lib.ContributionMaps, *, query_index: Any = None,
+                           complete: bool = False, per_pair: int = 1,
+                           fraction: float = DEFAULT_FRACTION, blur: float = DEFAULT_BLUR,
+                           seed: int = 0, batch_size: int = 32,
+                           attributes: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, Any]:
+    """Deletion test of contribution maps: for each pair's ``per_pair`` largest positive
+    ``e_a``, blur the ``fraction`` of each image's pixels where its map is highest, and as many
+    random pixels in each; success when ``e_a`` drops more for the maps' pixels.
+
+    ``contributions`` must come from :func:`reid_jax.explain.maps.contribution_maps` with the
+    same images, ``query_index`` and ``complete``. Other arguments as
+    :func:`deletion_evidence`. Returns ``summarise`` of the cases (``map``,
+    ``mean_drop_map``, ``mean_drop_random``) with ``fraction``, ``blur``, ``complete``.
+    """
+    cases = deletion_contributions_cases(
+        model, weights, query_images, gallery_images, contributions, query_index=query_index,
+        complete=complete, per_pair=per_pair, fraction=fraction, blur=blur, seed=seed,
+        batch_size=batch_size, attributes=attributes)
+    return {**summarise(cases, attributes), "fraction": float(fraction), "blur": float(blur),
+            "complete": bool(complete)}
+
+
+# --------------------------------------------------------------------------------------------
+# (d) Completeness.
+
+
+def completeness_errors(contributions: maps_lib.ContributionMaps) -> np.ndarray:
+    """float64 ``[P]``: per pair, ``max_a |sum(query map) + sum(gallery map) - e_a|`` relative to
+    ``sum_a |e_a|`` (NaN for a pair whose ``e`` are all 0, e.g. identical images)."""
+    mq = np.asarray(contributions.query, np.float64).sum(axis=(2, 3))
+    mg = np.asarray(contributions.gallery, np.float64).sum(axis=(2, 3))
+    e = np.asarray(contributions.errors, np.float64)
+    scale = np.abs(e).sum(axis=1)
+    err = np.abs(mq + mg - e).max(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(scale > 0, err / scale, np.nan)
+
+
+def completeness(contributions: maps_lib.ContributionMaps | Sequence[np.ndarray]
+                 ) -> dict[str, Any]:
+    """Completeness error of contribution maps: ``{"pairs", "max", "mean", "zero_pairs"}``
+    over :func:`completeness_errors` (or over given per-pair errors, e.g. concatenated from
+    batches); pairs whose ``e`` are all 0 are counted in ``zero_pairs`` only."""
+    errors = (completeness_errors(contributions)
+              if isinstance(contributions, maps_lib.ContributionMaps)
+              else np.concatenate([np.atleast_1d(np.asarray(c, np.float64))
+                                   for c in contributions]))
+    ok = np.isfinite(errors)
+    return {"pairs": int(ok.sum()), "zero_pairs": int((~ok).sum()),
+            "max": float(errors[ok].max()) if ok.any() else None,
+            "mean": float(errors[ok].mean()) if ok.any() else None}
+
+
+__all__ = [
+    "DEFAULT_BLUR",
+    "DEFAULT_FRACTION",
+    "DEFAULT_THRESHOLD",
+    "DEFAULT_TOLERANCE",
+    "GROUPS",
+    "WHOLE_PERSON",
+    "Cases",
+    "completeness",
+    "completeness_errors",
+    "concatenate",
+    "counterfactual_localisation",
+    "counterfactual_localisation_cases",
+    "deletion_contributions",
+    "deletion_contributions_cases",
+    "deletion_evidence",
+    "deletion_evidence_cases",
+    "dilate",
+    "gaussian_blur",
+    "largest_rising",
+    "near",
+    "peak",
+    "pointing_game",
+    "pointing_game_cases",
+    "random_pixels",
+    "summarise",
+    "top_pixels",
+]

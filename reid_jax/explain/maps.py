@@ -1,0 +1,444 @@
+"""Attribute maps: where in the images the attribute explanations come from.
+
+Two kinds of map, both complete (their pixels sum to the number they explain) and both taken
+through the model's last feature map (``AGWOutputs.feature_map``, ``[B, h, w, C]``):
+
+* :func:`evidence_maps` — for one image and attribute ``a``, where the image shows ``a``: a map
+  of the attribute logit ``z_a = f @ w_a`` (``x_a = sigmoid(z_a)``, the probability behind
+  eq. 3.1). It sums to ``z_a - z_a^0``, ``z_a^0`` the logit of the baseline (below).
+* :func:`contribution_maps` — for a pair (q, g) and attribute ``a``, a map over each image that
+  together sum to the pair's attribute error ``e_a = sum_n (f_n^q - f_n^g)^2 w_na`` (eq. 3.2,
+  paper weights or the complete weights ``|w| / sum_a |w|``).
+
+Method (docs/attribute_maps.md, 'The map method'): integrated gradients over the last feature
+map, from a baseline feature map ``F0`` that shows nothing (all zeros; for the L2-normalised
+pre-BN feature, whose direction is undefined at zero, the constant map at BNNeck's running
+mean), along the straight path ``F0 + t (F - F0)``. For a pair both images move along their
+own path from the *same* ``F0``, so at ``t = 0`` they have the same embedding and ``e_a = 0``:
+the two maps together decompose ``e_a`` itself. The integral over ``t`` is Gauss-Legendre
+quadrature with ``steps`` nodes; the integrand is smooth (GeM is positively homogeneous, so
+along the path from zero every pooled feature grows linearly), and 16 nodes give errors far
+below 1e-3 of ``sum_a |e_a|`` (tests/test_attribute_maps.py). Each node is one backward
+pass from the attributes to the pooled feature for all ``A`` attributes at once (``jax.vjp``
+vmapped over one-hot cotangents) and one shared pass through GeM, which pools every channel
+on its own; the backbone runs forward once per image. Channels are summed,
+and the ``h x w`` cell maps are spread to the model input's ``H x W`` pixels by
+:func:`resize_maps`, which keeps every map's sum, so completeness holds at pixel level.
+
+:func:`distance_gradcam` is the plain Grad-CAM baseline of the measurements (gradient-weighted
+last feature map of the total distance); :func:`embed` is the eval-mode retrieval embedding of
+model-input arrays, the same tensor ``reid_jax.embeddings.extract`` computes from files.
+
+All take an ``AGW`` (used in eval mode through a view; the model is not changed), model-input
+images ``[B, H, W, 3]`` (resized and normalised as for evaluation,
+``reid_jax.data.augment.eval_transform``) and the attribute head's weights ``W [N, A]``;
+maps are float32 at the model input's resolution (:func:`resize_maps` for the stored image's).
+Shapes are checked before tracing, with messages that name them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from reid_jax.explain.kernels import complete_weights
+from reid_jax.models.agw import AGW, AGWOutputs
+
+Array = jax.Array
+
+DEFAULT_STEPS = 32
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class EvidenceMaps(NamedTuple):
+    """Evidence maps of a batch of images.
+
+    Attributes:
+      maps: float32 ``[B, A, H, W]`` in logit units; ``maps[b, a].sum()`` is
+        ``logits[b, a] - baseline_logits[a]`` (up to quadrature error).
+      logits: float32 ``[B, A]`` ``z = f @ W`` of the images (``x = sigmoid(z)``).
+      baseline_logits: float32 ``[A]`` ``z`` of the baseline feature map.
+    """
+
+    maps: Array
+    logits: Array
+    baseline_logits: Array
+
+
+class ContributionMaps(NamedTuple):
+    """Contribution maps of ``P`` pairs.
+
+    Attributes:
+      query: float32 ``[P, A, H, W]`` over the pair's query image.
+      gallery: float32 ``[P, A, H, W]`` over the pair's gallery image;
+        ``query[p, a].sum() + gallery[p, a].sum()`` is ``errors[p, a]``.
+      errors: float32 ``[P, A]`` the pair's ``e_a`` (eq. 3.2 with the mode's weights).
+      distances: float32 ``[P]`` the pair's squared distance ``|f^q - f^g|^2``.
+    """
+
+    query: Array
+    gallery: Array
+    errors: Array
+    distances: Array
+
+
+# --------------------------------------------------------------------------------------------
+# Checks (before tracing: every shape is static).
+
+
+def _check_images(name: str, images) -> tuple[int, int, int]:
+    shape = tuple(jnp.shape(images))
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{name} must be model-input images [B, H, W, 3], got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty: shape {shape}")
+    return shape[0], shape[1], shape[2]
+
+
+def _check_weights(model: AGW, weights) -> int:
+    shape = tuple(jnp.shape(weights))
+    if len(shape) != 2 or shape[0] != model.feature_dim or shape[1] < 1:
+        raise ValueError(f"weights must be the attribute head's [N, A] with N = "
+                         f"{model.feature_dim} (the model's embedding size), got shape {shape}")
+    return shape[1]
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
+def pair_index(name: str, index, num_first: int, num_pairs: int) -> np.ndarray:
+    """int32 ``[P]``: which of ``num_first`` first images (queries, partners) each of
+    ``num_pairs`` pairs uses; ``index`` None: the only one, or one per pair. ``name`` is for
+    the error messages."""
+    if index is None:
+        if num_first == 1:
+            return np.zeros(num_pairs, np.int32)
+        if num_first == num_pairs:
+            return np.arange(num_pairs, dtype=np.int32)
+        raise ValueError(f"{name} is needed: {num_first} first images for {num_pairs} pairs "
+                         "(give one first image, one per pair, or an index per pair)")
+    index = np.asarray(index)
+    if index.shape != (num_pairs,) or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"{name} must be ints of shape ({num_pairs},) (one per pair), got "
+                         f"{index.dtype}{list(index.shape)}")
+    if num_pairs and (index.min() < 0 or index.max() >= num_first):
+        raise ValueError(f"{name} must lie in [0, {num_first}), got values "
+                         f"{index.min()}..{index.max()}")
+    return index.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by the kernels.
+
+
+class _Parts(NamedTuple):
+    """An eval-mode view of a model, split: all of it, and its backbone alone (the backbone's
+    graphdef does not hold the retrieval settings, so its forward compiles once per
+    architecture and image size, and the kernels after it compile without the convolutions)."""
+
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    backbone_graphdef: nnx.GraphDef
+    backbone_state: nnx.State
+
+
+def _eval_parts(model: AGW) -> _Parts:
+    """The split eval-mode view of ``model`` (``model`` itself is not changed)."""
+    view = nnx.view(model, use_running_average=True)
+    return _Parts(*nnx.split(view), *nnx.split(view.backbone))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _backbone_forward(graphdef, state, images):
+    return nnx.merge(graphdef, state)(images).astype(jnp.float32)
+
+
+def _feature_map(parts: _Parts, images: Array) -> Array:
+    """``[B, h, w, C]`` float32 last feature map (``AGWOutputs.feature_map``) of model-input
+    images, eval mode."""
+    return _backbone_forward(parts.backbone_graphdef, parts.backbone_state,
+                             jnp.asarray(images, jnp.float32))
+
+
+def _embedding_of_pooled(model: AGW, pre_bn: Array) -> Array:
+    """The retrieval embedding ``[B, N]`` from the GeM feature ``[B, N]``: BNNeck and the
+    model's own choice of feature and normalisation (``AGW.retrieval_embedding``)."""
+    post_bn = model.bnneck(pre_bn)
+    outputs = AGWOutputs(feature_map=None, pre_bn=pre_bn, post_bn=post_bn, logits=None)
+    return model.retrieval_embedding(outputs)
+
+
+def _embedding_of_map(model: AGW, feature_map: Array) -> Array:
+    """The retrieval embedding ``[B, N]`` from a last feature map ``[B, h, w, N]``."""
+    return _embedding_of_pooled(model, model.gem(feature_map))
+
+
+def _gem_sensitivity(model: AGW, point: Array, delta: Array) -> tuple[Array, Array]:
+    """GeM at ``point`` ``[B, h, w, C]`` and ``delta * d pooled_c / d F[h, w, c]`` there.
+
+    GeM pools every channel on its own, so the gradient of ``sum_c pooled_c`` holds each
+    channel's own derivative: the chain rule from the pooled feature to the map needs no
+    per-attribute pass (see docs/attribute_maps.md, 'Cost').
+    """
+    pooled, vjp = jax.vjp(model.gem, point)
+    (grad,) = vjp(jnp.ones_like(pooled))
+    return pooled, grad * delta
+
+
+def _baseline_map(model: AGW, feature_map: Array) -> Array:
+    """``F0``: the zero map, or for the L2-normalised pre-BN feature (undefined direction at
+    zero) the constant map at BNNeck's running mean (see docs/attribute_maps.md, 'Baseline')."""
+    if model.retrieval_feature == "pre_bn" and model.normalize_feature:
+        mean = model.bnneck.bn.mean[...].astype(jnp.float32)
+        return jnp.broadcast_to(mean, feature_map.shape)
+    return jnp.zeros_like(feature_map)
+
+
+def quadrature(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes ``t [steps]`` in (0, 1) and weights ``[steps]`` summing to 1."""
+    nodes, weights = np.polynomial.legendre.leggauss(_check_steps(steps))
+    return ((nodes + 1.0) / 2.0).astype(np.float32), (weights / 2.0).astype(np.float32)
+
+
+def spread_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """float32 ``[n_out, n_in]`` linear (tent) resampling whose every column sums to 1.
+
+    Input cell ``j`` (centre ``(j + 0.5) n_out / n_in - 0.5`` in output pixels) spreads over the
+    output pixels within ``max(n_out / n_in, 1)`` of its centre, tent-weighted; columns are
+    normalised, so ``M @ x`` has the sum of ``x``. Between cell centres the result interpolates
+    linearly, as bilinear upsampling does.
+    """
+    if n_out < 1 or n_in < 1:
+        raise ValueError(f"sizes must be >= 1, got n_out={n_out}, n_in={n_in}")
+    scale = n_out / n_in
+    centres = (np.arange(n_in) + 0.5) * scale - 0.5
+    half = max(scale, 1.0)
+    out = np.arange(n_out, dtype=np.float64)[:, None]
+    w = np.maximum(0.0, 1.0 - np.abs(out - centres[None, :]) / half)
+    return (w / w.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def resize_maps(maps: Array, height: int, width: int) -> Array:
+    """``[..., h, w] -> [..., height, width]``, keeping each map's sum (:func:`spread_matrix`).
+
+    Use it to bring maps from the model input's resolution to the stored image's (e.g. 256 x
+    128 -> 128 x 64) or from feature cells to pixels. float32.
+    """
+    shape = tuple(jnp.shape(maps))
+    if len(shape) < 2:
+        raise ValueError(f"maps must be [..., h, w], got shape {shape}")
+    mh = jnp.asarray(spread_matrix(int(height), shape[-2]))
+    mw = jnp.asarray(spread_matrix(int(width), shape[-1]))
+    return jnp.einsum("...hw,Hh,Ww->...HW", jnp.asarray(maps, jnp.float32), mh, mw,
+                      precision=_HIGHEST)
+
+
+def _one_hot_cotangents(num_attributes: int, rows: int) -> Array:
+    """``[A, rows, A]``: cotangent ``a`` selects output ``a`` of every row."""
+    eye = jnp.eye(num_attributes, dtype=jnp.float32)
+    return jnp.broadcast_to(eye[:, None, :], (num_attributes, rows, num_attributes))
+
+
+def _channel_sum(pooled_grads: Array, sensitivity: Array) -> Array:
+    """``sum_c pooled_grads[a, b, c] * sensitivity[b, h, w, c]`` -> ``[b, a, h, w]``."""
+    return jnp.einsum("abc,bhwc->bahw", pooled_grads, sensitivity, precision=_HIGHEST)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "size"))
+def _evidence(graphdef, state, fmap, weights, *, steps, size):
+    model = nnx.merge(graphdef, state)
+    base = _baseline_map(model, fmap)
+    delta = fmap - base
+
+    def logits(pooled):  # [B, N] -> [B, A]
+        return jnp.matmul(_embedding_of_pooled(model, pooled), weights, precision=_HIGHEST)
+
+    nodes, node_weights = quadrature(steps)
+    cot = _one_hot_cotangents(weights.shape[1], fmap.shape[0])
+
+    def step(acc, node):
+        t, wt = node
+        pooled, sens = _gem_sensitivity(model, base + t * delta, delta)
+        _, vjp = jax.vjp(logits, pooled)
+        (grads,) = jax.vmap(vjp)(cot)  # [A, B, N]: one backward pass for all attributes
+        return acc + wt * _channel_sum(grads, sens), None
+
+    init = jnp.zeros((fmap.shape[0], weights.shape[1], *fmap.shape[1:3]), jnp.float32)
+    cells, _ = jax.lax.scan(step, init, (jnp.asarray(nodes), jnp.asarray(node_weights)))
+    maps = resize_maps(cells, *size)
+    return EvidenceMaps(maps, logits(model.gem(fmap)), logits(model.gem(base[:1]))[0])
+
+
+def evidence_maps(model: AGW, weights: Array, images: Array, *,
+                  steps: int = DEFAULT_STEPS) -> EvidenceMaps:
+    """Where each image shows each attribute: maps of ``z_a = f @ w_a`` (behind eq. 3.1).
+
+    Args:
+      model: the re-id model (used in eval mode; not changed).
+      weights: ``[N, A]`` attribute-head weights ``W``.
+      images: ``[B, H, W, 3]`` model-input images (eval transform).
+      steps: quadrature nodes of the path integral (one backward pass for all attributes each).
+
+    Returns:
+      :class:`EvidenceMaps`: ``maps [B, A, H, W]`` (positive: the pixels raise ``z_a``), the
+      logits ``[B, A]`` and the baseline logits ``[A]``.
+    """
+    _, h, w = _check_images("images", images)
+    _check_weights(model, weights)
+    steps = _check_steps(steps)
+    parts = _eval_parts(model)
+    return _evidence(parts.graphdef, parts.state, _feature_map(parts, images),
+                     jnp.asarray(weights, jnp.float32), steps=steps, size=(h, w))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "complete", "size"))
+def _contributions(graphdef, state, fq_all, fg, query_index, weights, *, steps, complete,
+                   size):
+    model = nnx.merge(graphdef, state)
+    fq = fq_all[query_index]
+    w = complete_weights(weights) if complete else weights
+    base = _baseline_map(model, fq)  # image independent: the same F0 for both images
+    dq, dg = fq - base, fg - base
+
+    def errors(pq, pg):  # eq. 3.2 for every pair from the pooled features, [P, A]
+        diff = _embedding_of_pooled(model, pq) - _embedding_of_pooled(model, pg)
+        return jnp.matmul(jnp.square(diff), w, precision=_HIGHEST)
+
+    nodes, node_weights = quadrature(steps)
+    cot = _one_hot_cotangents(w.shape[1], fq.shape[0])
+
+    def step(acc, node):
+        t, wt = node
+        pq, sq = _gem_sensitivity(model, base + t * dq, dq)
+        pg, sg = _gem_sensitivity(model, base + t * dg, dg)
+        _, vjp = jax.vjp(errors, pq, pg)
+        gq, gg = jax.vmap(vjp)(cot)  # each [A, P, N]: one backward pass for all attributes
+        return (acc[0] + wt * _channel_sum(gq, sq), acc[1] + wt * _channel_sum(gg, sg)), None
+
+    zeros = jnp.zeros((fq.shape[0], w.shape[1], *fq.shape[1:3]), jnp.float32)
+    (cq, cg), _ = jax.lax.scan(step, (zeros, zeros),
+                               (jnp.asarray(nodes), jnp.asarray(node_weights)))
+    diff = _embedding_of_map(model, fq) - _embedding_of_map(model, fg)
+    return ContributionMaps(
+        query=resize_maps(cq, *size), gallery=resize_maps(cg, *size),
+        errors=jnp.matmul(jnp.square(diff), w, precision=_HIGHEST),
+        distances=jnp.sum(jnp.square(diff), axis=-1))
+
+
+def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_images: Array,
+                      *, query_index=None, complete: bool = False,
+                      steps: int = DEFAULT_STEPS) -> ContributionMaps:
+    """Where each image of a pair makes up the pair's attribute errors ``e_a`` (eq. 3.2).
+
+    Args:
+      model: the re-id model (used in eval mode; not changed).
+      weights: ``[N, A]`` attribute-head weights ``W``.
+      query_images: ``[Q, H, W, 3]`` model-input query images; each runs forward once.
+      gallery_images: ``[P, H, W, 3]``: pair ``p`` is (query ``query_index[p]``, gallery ``p``).
+      query_index: int ``[P]``; default: query 0 for every pair when ``Q == 1`` (the top ranks
+        of one query), else pair ``p`` uses query ``p`` (``Q == P``).
+      complete: use the complete weights ``|w_na| / sum_a |w_na|`` (``e_a >= 0``, summing to the
+        squared distance) instead of the paper's ``w_na``.
+      steps: quadrature nodes of the path integral.
+
+    Returns:
+      :class:`ContributionMaps`: ``query``, ``gallery`` ``[P, A, H, W]``, whose sums over both
+      maps are ``errors [P, A]``; ``distances [P]``.
+    """
+    q, hq, wq = _check_images("query_images", query_images)
+    p, hg, wg = _check_images("gallery_images", gallery_images)
+    if (hq, wq) != (hg, wg):
+        raise ValueError(f"query_images and gallery_images must have the same size, got "
+                         f"{tuple(jnp.shape(query_images))} and "
+                         f"{tuple(jnp.shape(gallery_images))}")
+    _check_weights(model, weights)
+    index = pair_index("query_index", query_index, q, p)
+    steps = _check_steps(steps)
+    parts = _eval_parts(model)
+    # Each query image runs forward once, however many pairs it is in.
+    return _contributions(parts.graphdef, parts.state, _feature_map(parts, query_images),
+                          _feature_map(parts, gallery_images), jnp.asarray(index),
+                          jnp.asarray(weights, jnp.float32), steps=steps,
+                          complete=bool(complete), size=(hg, wg))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "size"))
+def _gradcam(graphdef, state, fmap, partner_map, partner_index, *, size):
+    model = nnx.merge(graphdef, state)
+    partner = jax.lax.stop_gradient(_embedding_of_map(model, partner_map)[partner_index])
+
+    def total_distance(m):  # images are independent in eval mode: one gradient for all
+        return jnp.sum(jnp.square(_embedding_of_map(model, m) - partner))
+
+    grads = jax.grad(total_distance)(fmap)
+    alpha = jnp.mean(grads, axis=(1, 2))  # [B, C]
+    cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", fmap, alpha, precision=_HIGHEST))
+    return resize_maps(cam, *size)
+
+
+def distance_gradcam(model: AGW, images: Array, partner_images: Array, *,
+                     partner_index=None) -> Array:
+    """Grad-CAM of the total distance: ``relu(sum_c alpha_c F[h, w, c])`` with
+    ``alpha_c = mean_hw d|f - f^partner|^2 / dF[h, w, c]``, ``F`` the last feature map.
+
+    The attribute-agnostic baseline of the map measurements (docs/attribute_maps.md,
+    'Baselines').
+
+    Args:
+      model: the re-id model (eval mode; not changed).
+      images: ``[B, H, W, 3]`` the images mapped.
+      partner_images: ``[Q, H, W, 3]`` the images they are compared with.
+      partner_index: int ``[B]``; default as ``query_index`` of :func:`contribution_maps`.
+
+    Returns:
+      float32 ``[B, H, W]``, non-negative.
+    """
+    q, hq, wq = _check_images("partner_images", partner_images)
+    b, h, w = _check_images("images", images)
+    if (hq, wq) != (h, w):
+        raise ValueError(f"images and partner_images must have the same size, got "
+                         f"{tuple(jnp.shape(images))} and {tuple(jnp.shape(partner_images))}")
+    index = pair_index("partner_index", partner_index, q, b)
+    parts = _eval_parts(model)
+    return _gradcam(parts.graphdef, parts.state, _feature_map(parts, images),
+                    _feature_map(parts, partner_images), jnp.asarray(index), size=(h, w))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed(graphdef, state, fmap):
+    return _embedding_of_map(nnx.merge(graphdef, state), fmap)
+
+
+def embed(model: AGW, images: Array) -> Array:
+    """float32 ``[B, N]`` eval-mode retrieval embeddings of model-input images ``[B, H, W, 3]``
+    (``model.retrieval_embedding``; what the maps decompose)."""
+    _check_images("images", images)
+    parts = _eval_parts(model)
+    return _embed(parts.graphdef, parts.state, _feature_map(parts, images))
+
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "ContributionMaps",
+    "EvidenceMaps",
+    "contribution_maps",
+    "distance_gradcam",
+    "embed",
+    "evidence_maps",
+    "pair_index",
+    "quadrature",
+    "resize_maps",
+    "spread_matrix",
+]
