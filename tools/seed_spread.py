@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from reid_jax import atomic_io
+from reid_jax import atomic_io, cli
 from reid_jax.explain import spread
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,4 +102,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
