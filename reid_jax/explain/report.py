@@ -46,8 +46,8 @@ from PIL import Image
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import SPLIT_FOLDERS
-from reid_jax.explain import table as quality_table
 from reid_jax.explain import map_outputs
+from reid_jax.explain import table as quality_table
 from reid_jax.explain.figures import error_figure, metrics_figure, pie_areas, save_png
 from reid_jax.progress import ProgressBar
 
