@@ -395,8 +395,10 @@ def _quality_view(metrics: dict[str, Any], summary: dict[str, Any],
                      for values in columns.values() for v in values)
         attribute_tables.append((title + (" (counts; rates in %)" if counts else " (in %)"),
                                  columns))
+    maps = metrics.get("maps")
     view.update(table=table, rows=rows, facts=facts, subsets=subsets, subset_keys=subset_keys,
-                attribute_tables=attribute_tables)
+                attribute_tables=attribute_tables, maps_table=quality_table.maps_table(metrics),
+                maps_skipped=maps.get("skipped") if isinstance(maps, dict) else None)
     return view
 
 
