@@ -4,8 +4,8 @@ On a synthetic data root (it has ``masks/``, docs/attribute_maps.md, 'Part masks
 four measurements of :mod:`reid_jax.explain.map_metrics` on at most ``map_images`` images each
 (``config.explain.map_images``; ``measure_maps=False`` skips the section):
 
-* pointing game: evidence maps of the first ``map_images`` query images (that show a person)
-  against their part regions, 2-pixel tolerance, cases ``x_a > 0.5`` with a non-empty region;
+* pointing game: evidence maps of the first ``map_images`` query images against their part
+  regions, 2-pixel tolerance, cases ``x_a > 0.5`` with a non-empty region;
   baselines the image centre, the distance Grad-CAM of the query against its rank-1 gallery
   image (``maps.distance_gradcam``) and a random pixel (chance);
 * counterfactual localisation: pairs (gallery image, its re-render with one attribute changed,
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from reid_jax import synthetic
+from reid_jax import retrieval, synthetic
 from reid_jax.data import augment
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import map_metrics as mm
@@ -53,6 +53,22 @@ def _resize(maps: Any, h: int, w: int) -> np.ndarray:
 def _jpeg_inputs(jpegs: Sequence[bytes], augment_config: augment.AugmentConfig) -> np.ndarray:
     return np.stack([augment.eval_transform(augment.read_image(j), augment_config)
                      for j in jpegs]).astype(np.float32)
+
+
+def rank1_partners(fq: Any, fg: Any, query_pids: Any, query_cams: Any, gallery_pids: Any,
+                   gallery_cams: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` queries (file-name order) and each one's rank-1 gallery image
+    under the Market-1501 protocol (same pid and camera left out; distractors and junk not
+    ranked: they have no part to compare), as int ``[n]`` index arrays."""
+    fq = np.asarray(fq, np.float64)[:count]
+    fg = np.asarray(fg, np.float64)
+    qp, qc = np.asarray(query_pids)[:count, None], np.asarray(query_cams)[:count, None]
+    gp, gc = np.asarray(gallery_pids)[None], np.asarray(gallery_cams)[None]
+    d = (fq * fq).sum(1)[:, None] + (fg * fg).sum(1)[None] - 2.0 * fq @ fg.T
+    d = np.where(retrieval.excluded(qp, qc, gp, gc) | (gp <= retrieval.DISTRACTOR_PID), np.inf,
+                 d)
+    keep = np.isfinite(d).any(axis=1)
+    return np.flatnonzero(keep), np.argmin(d, axis=1)[keep]
 
 
 def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
@@ -152,4 +168,4 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
     return out
 
 
-__all__ = ["measure_maps"]
+__all__ = ["measure_maps", "rank1_partners"]

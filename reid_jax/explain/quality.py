@@ -447,12 +447,12 @@ def measure(
                                    f"({synthetic.META_FILE} and masks/regions.json): the maps "
                                    "cannot be measured"}
     else:
-        top1 = cfs.ranked_pairs(fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
-                                data.gallery.cameras, 1)
-        first = top1.query[:opts.map_images]
+        first, partner = map_quality.rank1_partners(
+            fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
+            data.gallery.cameras, opts.map_images)
         maps_section = map_quality.measure_maps(
             model, weights, query_paths=[data.query.paths[q] for q in first],
-            partner_paths=[data.gallery.paths[g] for g in top1.gallery[:opts.map_images]],
+            partner_paths=[data.gallery.paths[g] for g in partner],
             gallery_paths=data.gallery.paths, counterfactuals=accepted[:opts.map_images],
             augment_config=embeddings.eval_loader_config(config).augment,
             steps=opts.map_steps, seed=opts.seed)
