@@ -8,7 +8,8 @@ run reuses what the first made (training resumes from its latest checkpoint):
 3. `tools/train_attributes.py` -> the attribute head, saved into the same checkpoint
 4. `tools/evaluate.py`         -> WORKDIR/evaluation.json (mAP, CMC, mINP, attribute mA)
 5. `tools/evaluate_explanations.py` -> WORKDIR/explain/explanation_metrics.{json,md}
-6. `tools/explain.py`          -> WORKDIR/explain/explanations.jsonl + report/index.html
+6. `tools/explain.py`          -> WORKDIR/explain/explanations.jsonl + report/index.html, with
+                                  attribute maps (maps/*.npz, overlays) of the first page
 7. `tools/analyze.py`          -> WORKDIR/analysis (Table 4.1, Figure 4.1)
 
     python tools/demo.py --workdir=demo_run
@@ -118,6 +119,7 @@ def main(argv):
          f"--config.data.root={data}", *FLAGS.train_override)
 
     from reid_jax import checkpoints  # imported late (jax): the demo prints its first step at once
+    from reid_jax.explain import report
 
     if checkpoints.has_attribute_head(checkpoint):
         _skip("attribute head", "the checkpoint has one")
@@ -135,6 +137,8 @@ def main(argv):
     record.run("explain rankings", os.path.join(explain_dir, "report", "index.html"), key,
                "explain.py", f"--checkpoint={checkpoint}", f"--data_root={data}",
                f"--output_dir={explain_dir}", "--order=worst_ap",
+               # Maps of the report's first page (docs/attribute_maps.md, 'Outputs').
+               "--attribute_maps", f"--map_queries={report.PAGE_SIZE}",
                *_given(threshold=FLAGS.threshold))
     record.run("analysis", os.path.join(analysis_dir, "table_4_1.md"), key, "analyze.py",
                f"--checkpoint={checkpoint}", f"--data_root={data}",

@@ -14,6 +14,9 @@ probability that the labels differ, where they apply:
   (2) the AUROC of matching scores for ground-truth label agreement (all pairs, top-k; pooled
       and the mean over attributes),
   (3) AMD's Ex-Precision / Ex-mAP (_d, _s, and _s by AMD's rule) over all pairs and the top-k,
+  (4) the attribute maps against the part masks (synthetic data roots; --nomeasure_maps skips,
+      --map_images caps): pointing game, counterfactual localisation, deletion, completeness,
+      per attribute group (docs/attribute_maps.md, 'Measurements'),
 against two baselines — a fixed attribute order from the training split (its identities'
 labels, and its images' nearest neighbours under the model) and chance — with 95 % bootstrap
 intervals over queries and counterfactual images (the top-k ranks are those of
@@ -62,6 +65,13 @@ _PIXEL_TOLERANCE = flags.DEFINE_integer(
     "(of 255; config.explain.pixel_tolerance, 25).")
 _SEED = flags.DEFINE_integer("seed", None, "Seeds the choice of counterfactuals and the "
                              "bootstrap (config.explain.seed, 0).")
+_MEASURE_MAPS = flags.DEFINE_bool(
+    "measure_maps", None, "Measure the attribute maps against the part masks: pointing game, "
+    "counterfactual localisation, deletion, completeness (synthetic data roots; "
+    "config.explain.measure_maps, True).")
+_MAP_IMAGES = flags.DEFINE_integer(
+    "map_images", None, "Cap on the images of each map measurement "
+    "(config.explain.map_images, 48).")
 _BOOTSTRAP_SAMPLES = flags.DEFINE_integer(
     "bootstrap_samples", None, "Bootstrap replicates behind the 95 % intervals "
     "(config.explain.bootstrap_samples, 1000).")
@@ -79,7 +89,8 @@ def main(argv: list[str]) -> None:
         num_counterfactuals=_NUM_COUNTERFACTUALS.value,
         min_changed_pixels=_MIN_CHANGED_PIXELS.value,
         pixel_tolerance=_PIXEL_TOLERANCE.value, seed=_SEED.value,
-        bootstrap_samples=_BOOTSTRAP_SAMPLES.value)
+        bootstrap_samples=_BOOTSTRAP_SAMPLES.value, measure_maps=_MEASURE_MAPS.value,
+        map_images=_MAP_IMAGES.value)
     print(result.table, end="")
     print(f"metrics: {result.json_path}")
     print(f"table:   {result.markdown_path}")

@@ -3,7 +3,8 @@ r"""Explains the re-id rankings of many queries: JSONL records and an HTML repor
   python tools/explain.py --checkpoint=WORKDIR/checkpoints --config=configs/agw_market1501.py \
       --data_root=DATA --output_dir=/tmp/explain [--num_queries=100 | --query_files=a.jpg,b.jpg] \
       [--k=10] [--threshold=0.4] [--mode=paper|complete|projection|disagreement] \
-      [--order=query|worst_ap] [--error_ranks=1,3,10] [--report_queries=50]
+      [--order=query|worst_ap] [--error_ranks=1,3,10] [--report_queries=50] \
+      [--attribute_maps [--map_queries=20] [--map_steps=32]]
 
 The settings come from the config's ``explain`` section (reid_jax/explain/settings.py; the
 checkpoint's stored config unless --config is given); each flag overrides one field, and so
@@ -18,6 +19,12 @@ and cached in OUTPUT_DIR/embeddings. Writes OUTPUT_DIR/explanations.jsonl (every
 OUTPUT_DIR/summary.json and OUTPUT_DIR/report/index.html (the first --report_queries queries
 drawn); see reid_jax.explain.run and reid_jax.explain.report. Render the report with
 tools/screenshot_report.sh.
+
+--attribute_maps also writes OUTPUT_DIR/maps/<query stem>.npz per mapped query: evidence maps
+of the query and its top k and contribution maps of the k pairs (mode paper or complete only),
+drawn as overlays in the report (docs/attribute_maps.md, 'Outputs'). Maps take about as long
+as 20-40 forward passes per image, so --map_queries limits them to the first queries of the
+run's order.
 """
 
 from __future__ import annotations
@@ -68,6 +75,15 @@ _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace explanations.jsonl, summary.json or report/ in --output_dir "
     "when this tool did not write them (they are moved aside to NAME.replaced-<time>); without "
     "it such an output folder is refused.")
+_ATTRIBUTE_MAPS = flags.DEFINE_bool(
+    "attribute_maps", None, "Write evidence and contribution maps of the explained queries to "
+    "OUTPUT_DIR/maps and draw them in the report; needs --mode=paper or complete "
+    "(config.explain.attribute_maps, False).")
+_MAP_QUERIES = flags.DEFINE_integer(
+    "map_queries", None, "Maps for the first N queries of the run's order, -1: all "
+    "(config.explain.map_queries, -1).")
+_MAP_STEPS = flags.DEFINE_integer(
+    "map_steps", None, "Quadrature nodes of the maps (config.explain.map_steps, 32).")
 _QUERY_CHUNK = flags.DEFINE_integer(
     "query_chunk", None, "Queries per kernel call (config.explain.query_chunk, 256).")
 
@@ -95,7 +111,8 @@ def main(argv: list[str]) -> None:
         mode=_MODE.value, order=_ORDER.value, error_ranks=error_ranks,
         report_queries=_REPORT_QUERIES.value, query_chunk=_QUERY_CHUNK.value,
         explanation_metrics=_EXPLANATION_METRICS.value, cache_dir=_CACHE_DIR.value,
-        overwrite=_OVERWRITE.value)
+        overwrite=_OVERWRITE.value, attribute_maps=_ATTRIBUTE_MAPS.value,
+        map_queries=_MAP_QUERIES.value, map_steps=_MAP_STEPS.value)
     s = result.summary
     print(f"explained {s['num_queries']} queries ({s['num_valid_queries']} with a valid match): "
           f"mAP {100 * s['mAP']:.2f} %, Rank-1 {100 * s['cmc'][0]:.2f} %, "

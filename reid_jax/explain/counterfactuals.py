@@ -120,6 +120,13 @@ class Counterfactual:
         after the change.
       changed_pixels: pixels that changed visibly inside the attribute's region.
       jpeg: the counterfactual image as the dataset stores images (JPEG bytes).
+      part_labels: uint8 ``[H, W]`` region labels of the re-render, as the generator writes
+        them to ``masks/`` for the stored images (``reid_jax.synthetic.labels_to_regions``
+        turns them into attribute regions; docs/attribute_maps.md, 'Part masks'); None when
+        not rendered.
+      changed_region: bool ``[H, W]``: where the change may alter pixels (the attribute's parts
+        in both renders, dilated by the blur radius: ``synthetic.attribute_region``); None
+        when not rendered.
     """
 
     gallery_index: int
@@ -129,6 +136,8 @@ class Counterfactual:
     labels_after: np.ndarray
     changed_pixels: int
     jpeg: bytes
+    part_labels: np.ndarray | None = None
+    changed_region: np.ndarray | None = None
 
     @property
     def changed_labels(self) -> np.ndarray:
@@ -256,8 +265,9 @@ def make_counterfactuals(
                 progressed = True
                 _, value = planned_value(labels[g], a)
                 before, masks_before = original(g)
-                after, masks_after = synthetic.render_counterfactual(
-                    dataset_dir, gallery_files[g], name, value, jpeg=False, return_masks=True)
+                after, masks_after, part_labels = synthetic.render_counterfactual(
+                    dataset_dir, gallery_files[g], name, value, jpeg=False, return_masks=True,
+                    return_labels=True)
                 tried[a] += 1
                 region = synthetic.attribute_region(masks_before, masks_after, name, radius[g])
                 changed = _changed_pixels(before, after, region, pixel_tolerance)
@@ -270,7 +280,8 @@ def make_counterfactuals(
                 accepted.append(Counterfactual(
                     gallery_index=int(g), attribute=int(a), value=value,
                     labels_before=labels[g], labels_after=labels_after,
-                    changed_pixels=changed, jpeg=synthetic.encode_jpeg(after, quality)))
+                    changed_pixels=changed, jpeg=synthetic.encode_jpeg(after, quality),
+                    part_labels=part_labels, changed_region=region))
                 break
         if not progressed:
             break

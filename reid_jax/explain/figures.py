@@ -149,6 +149,7 @@ def error_figure(errors: Sequence[float], distance: float, *, mode: str, rank: i
             colors=[colors.get(n, _OTHER_COLOR) for n in labels],
             autopct=lambda p: f"{p:.0f}%" if p >= 6 else "", pctdistance=0.72,
             wedgeprops={"linewidth": 1, "edgecolor": "white"}, textprops={"fontsize": 7})
+        fig.pie_slices = list(zip(labels, wedges, strict=True))  # for pie_areas
         pie_ax.legend(wedges, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
                       fontsize=7, frameon=False, handlelength=1, handletextpad=0.4,
                       labelspacing=0.3)
@@ -189,6 +190,26 @@ def error_figure(errors: Sequence[float], distance: float, *, mode: str, rank: i
     return fig
 
 
+def pie_areas(fig: Figure, names: Sequence[str] = ATTRIBUTE_NAMES
+              ) -> list[tuple[str, list[int]]]:
+    """The attribute slices of an :func:`error_figure` pie as polygons in the PNG's pixels
+    (origin top left, as an HTML ``<area shape="poly">`` takes them): ``[(name, [x0, y0, x1,
+    y1, ...])]``; the ``other`` and ``remainder`` slices are left out. Call it after the figure
+    was drawn (saved), when the pie's layout is final."""
+    height = fig.bbox.height
+    out = []
+    for label, wedge in getattr(fig, "pie_slices", []):
+        if label not in names:
+            continue
+        path = wedge.get_path().interpolated(4)
+        xy = wedge.get_transform().transform(path.vertices)
+        coords = []
+        for x, y in xy:
+            coords += [int(round(x)), int(round(height - y))]
+        out.append((label, coords))
+    return out
+
+
 def metrics_figure(cmc: Sequence[float], ap_histogram: dict[str, Sequence[float]]) -> Figure:
     """CMC curve (ranks 1..len(cmc)) and the histogram of the per-query APs.
 
@@ -225,4 +246,5 @@ def save_png(fig: Figure, path: str) -> str:
     return path
 
 
-__all__ = ["FIGURE_SIZE", "attribute_colors", "error_figure", "metrics_figure", "save_png"]
+__all__ = ["FIGURE_SIZE", "attribute_colors", "error_figure", "metrics_figure", "pie_areas",
+           "save_png"]

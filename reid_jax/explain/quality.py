@@ -80,11 +80,12 @@ from reid_jax.data.attributes import (
     load_market_attributes,
 )
 from reid_jax.data.market1501 import SPLIT_FOLDERS
-from reid_jax.explain import baselines, bootstrap, settings
+from reid_jax.explain import baselines, bootstrap, map_quality, settings
 from reid_jax.explain import counterfactuals as cfs
 from reid_jax.explain import metrics as em
 from reid_jax.explain.table import FORMAT, MODES, markdown_table
 from reid_jax.progress import ProgressLog
+from reid_jax.synthetic.masks import read_regions
 from reid_jax.synthetic.render import IMAGE_HEIGHT, IMAGE_WIDTH
 
 JSON_NAME = settings.METRICS_NAME  # "explanation_metrics.json", read by tools/explain.py
@@ -335,6 +336,9 @@ def measure(
     seed: int | None = None,
     bootstrap_samples: int | None = None,
     embed_fn: Callable[[list[bytes]], np.ndarray] | None = None,
+    measure_maps: bool | None = None,
+    map_images: int | None = None,
+    map_steps: int | None = None,
 ) -> MeasurementResult:
     """Measures the explanations of a checkpoint on the test split of ``data_root``.
 
@@ -360,6 +364,8 @@ def measure(
       bootstrap_samples: replicates of the bootstrap behind the intervals.
       embed_fn: embeds a list of JPEG bytes ``-> [n, N]`` (default: the checkpoint's model with
         the eval transform of ``config``).
+      measure_maps, map_images, map_steps: the ``maps`` section
+        (``reid_jax.explain.map_quality``): on or off, the cap on its images, quadrature nodes.
 
     Returns:
       :class:`MeasurementResult`.
@@ -370,7 +376,8 @@ def measure(
     opts = settings.explain_settings(
         config, k=k, threshold=threshold, num_counterfactuals=num_counterfactuals,
         min_changed_pixels=min_changed_pixels, pixel_tolerance=pixel_tolerance, seed=seed,
-        bootstrap_samples=bootstrap_samples)
+        bootstrap_samples=bootstrap_samples, measure_maps=measure_maps, map_images=map_images,
+        map_steps=map_steps)
     k = opts.k
     output_dir = os.path.abspath(os.fspath(output_dir))
     data = sources.load_dataset(root, config, need_queries=True)
@@ -412,7 +419,9 @@ def measure(
                   "counterfactual images can only be rendered for synthetic persons")
         logging.info("counterfactual hit rate skipped: %s", reason)
         counterfactual: dict[str, Any] = {"skipped": reason}
+        accepted: list[cfs.Counterfactual] = []
     elif opts.num_counterfactuals == 0:
+        accepted = []
         counterfactual = {"skipped": "num_counterfactuals=0"}
     else:
         if embed_fn is None:
@@ -425,11 +434,28 @@ def measure(
                     width=loader_config.augment.width, batch_size=batch,
                     loader_config=loader_config)
 
-        counterfactual = _counterfactual_part(
+        counterfactual, accepted = _counterfactual_part(
             root, data, fq, fg, weights, lq, vq, k=k, embed_fn=embed_fn,
             num_counterfactuals=opts.num_counterfactuals,
             min_changed_pixels=opts.min_changed_pixels, pixel_tolerance=opts.pixel_tolerance,
             seed=opts.seed, prior=prior.ranked, bootstrap_samples=opts.bootstrap_samples)
+
+    if not opts.measure_maps:
+        maps_section: dict[str, Any] = {"skipped": "measure_maps=False"}
+    elif not synthetic_root or read_regions(data.query.paths[0]) is None:
+        maps_section = {"skipped": f"{root} is not a synthetic data root with part masks "
+                                   f"({synthetic.META_FILE} and masks/regions.json): the maps "
+                                   "cannot be measured"}
+    else:
+        first, partner = map_quality.rank1_partners(
+            fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
+            data.gallery.cameras, opts.map_images)
+        maps_section = map_quality.measure_maps(
+            model, weights, query_paths=[data.query.paths[q] for q in first],
+            partner_paths=[data.gallery.paths[g] for g in partner],
+            gallery_paths=data.gallery.paths, counterfactuals=accepted[:opts.map_images],
+            augment_config=embeddings.eval_loader_config(config).augment,
+            steps=opts.map_steps, seed=opts.seed)
 
     metrics = {
         "format": FORMAT,
@@ -446,6 +472,9 @@ def measure(
             "seed": opts.seed,
             "bootstrap_samples": opts.bootstrap_samples,
             "interval_level": bootstrap.LEVEL,
+            "measure_maps": opts.measure_maps,
+            "map_images": opts.map_images,
+            "map_steps": opts.map_steps,
         },
         "data": {
             "synthetic": bool(synthetic_root),
@@ -458,6 +487,7 @@ def measure(
         "counterfactual": counterfactual,
         "auroc": auroc,
         "amd": amd,
+        "maps": maps_section,
     }
     json_path, md_path = write_outputs(metrics, output_dir)
     logging.info("explanation metrics written to %s and %s (%.1f s in all)", json_path, md_path,
@@ -470,7 +500,7 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
                          embed_fn: Callable[[list[bytes]], np.ndarray],
                          num_counterfactuals: int, min_changed_pixels: int,
                          pixel_tolerance: int, seed: int, prior: np.ndarray,
-                         bootstrap_samples: int) -> dict[str, Any]:
+                         bootstrap_samples: int) -> tuple[dict[str, Any], list]:
     t0 = time.perf_counter()
     gallery_files = [os.path.join(SPLIT_FOLDERS["gallery"], os.path.basename(p))
                      for p in data.gallery.paths]
@@ -483,7 +513,7 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
                                 pixel_tolerance=pixel_tolerance)
     if not made.accepted:
         return {"skipped": f"no visible counterfactual among {int(made.tried.sum())} tried "
-                           f"(min_changed_pixels={min_changed_pixels})"}
+                           f"(min_changed_pixels={min_changed_pixels})"}, []
     t1 = time.perf_counter()
     f_cf = np.asarray(embed_fn([cf.jpeg for cf in made.accepted]), np.float32)
     t2 = time.perf_counter()
@@ -509,7 +539,7 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
         "image_pixels": IMAGE_HEIGHT * IMAGE_WIDTH,
         **out,
         "per_attribute": per_attribute,
-    }
+    }, made.accepted
 
 
 __all__ = [

@@ -8,6 +8,8 @@
     report_dir/img/*.jpg         thumbnails (named by split and index, never by file name)
     report_dir/fig/*.png         error compositions and the metrics figure
                                  (``reid_jax.explain.figures``)
+    report_dir/maps/*.png        attribute-map overlays of the queries with maps: one strip
+                                 per (query, attribute), tiles of the thumbnails' size
 
 Per query a row like the paper's Figure 4.2: the query and its top-``k`` gallery images (green
 frame: true match, red: false match), and under each gallery image the matching score of
@@ -18,6 +20,14 @@ stated on every page (:data:`DISPLAY_RULES`; ``docs/design.md``, "What the repor
 The pages are Jinja2 templates (``reid_jax/explain/templates``, package data) rendered with
 autoescaping: every text that comes from data (file names, JSON values) is HTML-escaped.
 Records are the dicts of ``reid_jax.explain.run.make_record``.
+
+Attribute maps (records with ``maps``, ``reid_jax.explain.map_outputs``): every thumbnail of
+the query row carries an overlay of one attribute's evidence map (red: the pixels raise
+``x_a``, blue: they lower it), and beside every error composition the pair's contribution maps
+of that attribute over both images (red: the pixels add to ``e_a``). Clicking an attribute
+row or a pie slice (an HTML image map over the pie) switches the overlays of that query by a
+few lines of plain JavaScript in the page; nothing is loaded from elsewhere
+(docs/attribute_maps.md, 'Outputs').
 """
 
 from __future__ import annotations
@@ -30,12 +40,15 @@ from typing import Any
 
 import jinja2
 import markupsafe
+import numpy as np
+from matplotlib import colormaps
 from PIL import Image
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import SPLIT_FOLDERS
+from reid_jax.explain import map_outputs
 from reid_jax.explain import table as quality_table
-from reid_jax.explain.figures import error_figure, metrics_figure, save_png
+from reid_jax.explain.figures import error_figure, metrics_figure, pie_areas, save_png
 from reid_jax.progress import ProgressBar
 
 THUMBNAIL_WH = (64, 128)  # Market-1501 images are 64 wide, 128 high; shown at that size.
@@ -181,9 +194,53 @@ def write_thumbnail(src: str, dst: str) -> str:
 # What the pages show, as plain data for the templates.
 
 
+def _signed_tiles(maps: np.ndarray) -> np.ndarray:
+    """uint8 RGBA ``[n, H, W, 4]`` of signed maps ``[n, H, W]`` on one symmetric scale: red
+    positive, blue negative, transparent at 0."""
+    scale = float(np.abs(maps).max())
+    v = maps / scale if scale > 0 else np.zeros_like(maps)
+    rgba = colormaps["RdBu_r"]((v + 1.0) / 2.0)
+    rgba[..., 3] = np.clip(np.abs(v), 0.0, 1.0) * 0.8
+    return (rgba * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_overlay_strip(tiles: Sequence[np.ndarray], path: str) -> None:
+    """One PNG of RGBA tiles side by side, each resized to ``THUMBNAIL_WH``."""
+    w, h = THUMBNAIL_WH
+    strip = Image.new("RGBA", (w * len(tiles), h))
+    for i, tile in enumerate(tiles):
+        im = Image.fromarray(tile, "RGBA")
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        strip.paste(im, (i * w, 0))
+    strip.save(path, "PNG", optimize=False)
+
+
+def _maps_view(record: dict[str, Any], arrays: dict[str, np.ndarray], figure_ranks: list[int],
+               attributes: list[str], write: Callable[[str, list[np.ndarray]], str]
+               ) -> dict[str, Any]:
+    """The overlay strips of one query: tile 0 the query's evidence, tiles 1..k the ranked
+    images' evidence, then per error composition the pair's query and gallery contribution."""
+    names = [str(a) for a in arrays["attributes"]]
+    strips = {}
+    for name in attributes:
+        if name not in names:
+            continue
+        a = names.index(name)
+        evidence = _signed_tiles(np.concatenate([arrays["query_evidence"][None, a],
+                                                 arrays["gallery_evidence"][:, a]]))
+        pairs = [m for r in figure_ranks for m in (arrays["query_contribution"][r - 1, a],
+                                                   arrays["gallery_contribution"][r - 1, a])]
+        contribution = _signed_tiles(np.stack(pairs)) if pairs else []
+        strips[name] = write(name, [*evidence, *contribution])
+    return strips
+
+
 def _query_view(record: dict[str, Any], *, thumbs: Callable[[str, int, str], str],
-                figures: Callable[[dict, int], str], error_ranks: Sequence[int],
-                mode: str) -> dict[str, Any]:
+                figures: Callable[[dict, int], tuple[str, list]], error_ranks: Sequence[int],
+                mode: str, maps: dict[str, np.ndarray] | None = None,
+                overlay: Callable[[str, list[np.ndarray]], str] | None = None
+                ) -> dict[str, Any]:
     """One query row (Figure 4.2) and its error compositions (Figure 4.3)."""
     q = record["query"]
     gal = record["gallery"]
@@ -202,7 +259,7 @@ def _query_view(record: dict[str, Any], *, thumbs: Callable[[str, int, str], str
             cells.append({"score": s, "probability": record["gallery_probabilities"][r][j],
                           "percent": score_percent(s), "color": _score_color(s)})
         attributes.append({"display": att["display"], "probability": att["probability"],
-                           "cells": cells})
+                           "attribute": att["attribute"], "cells": cells})
     what = _MODE_WHAT[mode]
     figs = []
     for rank in error_ranks:
@@ -210,13 +267,31 @@ def _query_view(record: dict[str, Any], *, thumbs: Callable[[str, int, str], str
             continue
         label = (f"rank {rank}: {gal['file'][rank - 1]} "
                  f"({'true' if gal['true_match'][rank - 1] else 'false'} match)")
-        figs.append({"src": figures(record, rank), "label": label, "what": what})
+        src, areas = figures(record, rank)
+        figs.append({"src": src, "label": label, "what": what, "rank": rank,
+                     "areas": [{"attribute": n, "coords": ",".join(map(str, c))}
+                               for n, c in areas],
+                     "gallery_thumb": gallery[rank - 1]["thumb"],
+                     "true_match": gallery[rank - 1]["true_match"]})
+    strips: dict[str, str] = {}
+    chosen = None
+    if maps is not None and overlay is not None:
+        wanted = [att["attribute"] for att in attributes]
+        wanted += [area["attribute"] for f in figs for area in f["areas"]]
+        if k:
+            errors = np.asarray(record["errors"][0], np.float64)
+            wanted.append(str(maps["attributes"][int(np.argmax(errors))]))
+        wanted = list(dict.fromkeys(wanted))
+        strips = _maps_view(record, maps, [f["rank"] for f in figs], wanted, overlay)
+        chosen = wanted[0] if wanted else None
+        for i, f in enumerate(figs):
+            f["tiles"] = (k + 1 + 2 * i, k + 2 + 2 * i)
     return {"number": record["position"] + 1, "file": q["file"], "pid": q["pid"],
             "camera": q["camera"], "ap": ap, "bad_ap": ap is not None and ap < 0.5,
             "first_match": f"rank {first}" if first is not None else "none",
             "num_matches": record["num_matches"],
             "thumb": thumbs("query", q["index"], q["file"]), "gallery": gallery,
-            "attributes": attributes, "figures": figs}
+            "attributes": attributes, "figures": figs, "strips": strips, "chosen": chosen}
 
 
 def _generic_tables(metrics: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -320,8 +395,10 @@ def _quality_view(metrics: dict[str, Any], summary: dict[str, Any],
                      for values in columns.values() for v in values)
         attribute_tables.append((title + (" (counts; rates in %)" if counts else " (in %)"),
                                  columns))
+    maps = metrics.get("maps")
     view.update(table=table, rows=rows, facts=facts, subsets=subsets, subset_keys=subset_keys,
-                attribute_tables=attribute_tables)
+                attribute_tables=attribute_tables, maps_table=quality_table.maps_table(metrics),
+                maps_skipped=maps.get("skipped") if isinstance(maps, dict) else None)
     return view
 
 
@@ -373,7 +450,8 @@ def _index_context(summary: dict[str, Any], records: Sequence[dict], pages: int,
 
 def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
                  records: Sequence[dict[str, Any]], *, data_root: str | os.PathLike,
-                 progress: bool | Callable[[int], None] = False) -> str:
+                 progress: bool | Callable[[int], None] = False,
+                 maps_root: str | os.PathLike | None = None) -> str:
     """Writes the report into ``report_dir`` (created; must not exist yet) and returns the path
     of its ``index.html``.
 
@@ -387,6 +465,8 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
       records: JSONL records to draw (in order).
       data_root: the Market-1501 root the records' file names are relative to.
       progress: ``True`` draws a stderr bar; a callable is called with the queries done.
+      maps_root: the folder the records' ``maps`` paths are relative to (the run's output
+        folder); records with maps get overlays. Default: ``report_dir``'s parent.
     """
     report_dir = os.fspath(report_dir)
     if os.path.exists(report_dir):
@@ -398,6 +478,8 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
     os.makedirs(os.path.join(report_dir, "img"))
     os.makedirs(os.path.join(report_dir, "fig"))
     data_root = os.fspath(data_root)
+    maps_root = os.fspath(maps_root) if maps_root is not None else os.path.dirname(
+        os.path.abspath(report_dir))
     mode = summary["mode"]
     error_ranks = summary.get("error_ranks", [])
     names = summary.get("attribute_names", ATTRIBUTE_NAMES)
@@ -412,7 +494,7 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
             done[key] = rel
         return done[key]
 
-    def figures(record: dict, rank: int) -> str:
+    def figures(record: dict, rank: int) -> tuple[str, list]:
         gal = record["gallery"]
         remainder = record["remainder"][rank - 1] if mode == "projection" else None
         fig = error_figure(record["errors"][rank - 1], gal["distance"][rank - 1], mode=mode,
@@ -421,7 +503,24 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
                            remainder=remainder)
         rel = f"fig/errors-{record['position'] + 1:05d}-rank{rank:02d}.png"
         save_png(fig, os.path.join(report_dir, rel))
-        return rel
+        return rel, pie_areas(fig, names)
+
+    def maps_of(record: dict) -> tuple[dict | None, Callable | None]:
+        if not record.get("maps"):
+            return None, None
+        arrays = map_outputs.read_query_maps(os.path.join(maps_root, record["maps"]))
+        if arrays["gallery_evidence"].shape[0] != len(record["gallery"]["index"]):
+            raise ValueError(f"attribute maps {record['maps']} hold "
+                             f"{arrays['gallery_evidence'].shape[0]} ranked images, the record "
+                             f"{len(record['gallery']['index'])}")
+        os.makedirs(os.path.join(report_dir, "maps"), exist_ok=True)
+
+        def overlay(name: str, tiles: list) -> str:
+            rel = f"maps/q{record['position'] + 1:05d}-{name}.png"
+            write_overlay_strip(tiles, os.path.join(report_dir, rel))
+            return rel
+
+        return arrays, overlay
 
     bar = ProgressBar(len(records), "report") if progress is True else None
     tick = progress if callable(progress) else (bar.update if bar else None)
@@ -432,8 +531,10 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
         first, last = chunk[0]["position"] + 1, chunk[-1]["position"] + 1
         views = []
         for record in chunk:
+            arrays, overlay = maps_of(record)
             views.append(_query_view(record, thumbs=thumbs, figures=figures,
-                                     error_ranks=error_ranks, mode=mode))
+                                     error_ranks=error_ranks, mode=mode, maps=arrays,
+                                     overlay=overlay))
             if tick is not None:
                 tick(1)
         html = page_template.render(
@@ -462,4 +563,4 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
 
 
 __all__ = ["DISPLAY_RULES", "PAGE_SIZE", "THUMBNAIL_WH", "error_figure", "metrics_figure",
-           "score_percent", "write_report", "write_thumbnail"]
+           "score_percent", "write_overlay_strip", "write_report", "write_thumbnail"]

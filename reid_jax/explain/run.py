@@ -42,14 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, embeddings, evaluation, explain, retrieval
+from reid_jax import atomic_io, checkpoints, embeddings, evaluation, explain, retrieval
 from reid_jax.data import sources
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES, display_name
 from reid_jax.data.market1501 import (
     Market1501,
     Split,
 )
-from reid_jax.explain import report, settings
+from reid_jax.explain import map_outputs, report, settings
 from reid_jax.progress import ProgressBar
 
 MODES = settings.MODES
@@ -59,6 +59,7 @@ SUMMARY_NAME = settings.SUMMARY_NAME
 REPORT_NAME = settings.REPORT_NAME
 METRICS_NAME = settings.METRICS_NAME
 EMBEDDINGS_NAME = settings.EMBEDDINGS_NAME
+MAPS_NAME = map_outputs.MAPS_NAME
 CMC_RANKS = 50
 MODE_EQUATIONS = {
     "paper": "eq. 3.2: e_a = sum_n (f_n^q - f_n^g)^2 w_na (signed; does not sum to the distance)",
@@ -288,7 +289,8 @@ def make_record(position: int, query: int, queries: Split, gallery: Split,
     ``reid_jax.explain.MODES``), ``errors`` [k' x A] (the mode's explanation: eq. 3.2, the
     complete decomposition, the projection contributions or the disagreement probabilities;
     order of ``ATTRIBUTE_NAMES``), and for ``projection`` ``remainder`` [k'] (``|r|^2``; with
-    the ``errors`` it sums to the distance).
+    the ``errors`` it sums to the distance). :func:`run` adds ``maps`` (the query's
+    ``maps/<stem>.npz``, relative to the output folder) to the records it maps.
     """
     ex = explanation
     ap, inp, first, num = metrics
@@ -405,6 +407,9 @@ def run(
     cache_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    attribute_maps: bool | None = None,
+    map_queries: int | None = None,
+    map_steps: int | None = None,
 ) -> RunResult:
     """Explains the rankings of many queries; writes JSONL, ``summary.json`` and the report.
 
@@ -432,6 +437,11 @@ def run(
       overwrite: replace outputs in ``output_dir`` that this tool did not write (they are
         moved aside, not deleted); without it such a folder is refused before any work.
       progress: draw progress bars on stderr.
+      attribute_maps, map_queries, map_steps: overrides of ``config.explain``: write
+        ``maps/<query stem>.npz`` (``reid_jax.explain.map_outputs``) for the first
+        ``map_queries`` queries of the run's order (needs ``checkpoint`` and mode ``paper`` or
+        ``complete``); each such record names its file under ``maps``. ``output_dir/maps``
+        is always published with the other outputs (empty without maps).
 
     Returns:
       :class:`RunResult`.
@@ -443,7 +453,8 @@ def run(
     """
     output_dir = os.path.abspath(os.fspath(output_dir))
     data_root = os.path.abspath(os.fspath(data_root))
-    outputs = atomic_io.ResultSet(output_dir, (JSONL_NAME, SUMMARY_NAME, REPORT_NAME),
+    outputs = atomic_io.ResultSet(output_dir,
+                                  (JSONL_NAME, SUMMARY_NAME, REPORT_NAME, MAPS_NAME),
                                   overwrite=overwrite)
     outputs.check()
     use_checkpoint = checkpoint is not None
@@ -455,7 +466,13 @@ def run(
         config = embeddings.restore_config(checkpoint, config)
     opts = settings.explain_settings(
         config, k=k, threshold=threshold, mode=mode, order=order, error_ranks=error_ranks,
-        report_queries=report_queries, query_chunk=query_chunk)
+        report_queries=report_queries, query_chunk=query_chunk, attribute_maps=attribute_maps,
+        map_queries=map_queries, map_steps=map_steps)
+    if opts.attribute_maps:
+        map_outputs.check_mode(opts.mode)
+        if not use_checkpoint:
+            raise ValueError("--attribute_maps needs --checkpoint: maps are computed by the "
+                             "model, not from precomputed embeddings")
     if use_checkpoint:
         weights = embeddings.head_weights(checkpoint)
     data = load_data(data_root, config)
@@ -490,6 +507,12 @@ def run(
     ordering = query_order(metrics, opts.order)
     num_report = (len(ordering) if opts.report_queries is None
                   else min(opts.report_queries, len(ordering)))
+    num_maps = 0
+    if opts.attribute_maps:
+        num_maps = (len(ordering) if opts.map_queries is None
+                    else min(opts.map_queries, len(ordering)))
+        map_model = checkpoints.restore_model(checkpoint, config)[0] if num_maps else None
+        map_augment = embeddings.eval_loader_config(config).augment
     summary = {
         "data_root": data_root,
         "checkpoint": None if checkpoint is None else os.path.abspath(os.fspath(checkpoint)),
@@ -507,6 +530,8 @@ def run(
         "order": opts.order,
         "error_ranks": list(opts.error_ranks),
         "num_report_queries": int(num_report),
+        "num_map_queries": int(num_maps),
+        "map_steps": int(opts.map_steps) if num_maps else None,
         "attribute_names": list(ATTRIBUTE_NAMES),
         **summary_metrics,
         "explanation_metrics": metrics_json,
@@ -517,6 +542,8 @@ def run(
 
     with outputs.staging() as staging:
         report_records = []
+        os.makedirs(os.path.join(staging, MAPS_NAME))
+        map_bar = ProgressBar(num_maps, "maps", enabled=progress and num_maps > 0)
         bar = ProgressBar(len(selected), "explain", enabled=progress)
         explanations = explain_queries(
             fq[ordering], fg_device, w, qp[ordering], qc[ordering], gp, gc, k=k,
@@ -528,13 +555,18 @@ def run(
                     position, int(selected[pos]), data.query, data.gallery, ex,
                     (metrics.ap[pos], metrics.inp[pos], metrics.first_rank[pos],
                      metrics.num_matches[pos]), opts.mode)
+                if position < num_maps:
+                    record["maps"] = _write_maps(staging, record, data, data_root, map_model, w,
+                                                 map_augment, opts)
+                    map_bar.update(1)
                 f.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
                 if position < num_report:
                     report_records.append(record)
         bar.close()
+        map_bar.close()
         atomic_io.write_json(os.path.join(staging, SUMMARY_NAME), summary, indent=1)
         report.write_report(os.path.join(staging, REPORT_NAME), summary, report_records,
-                            data_root=data_root, progress=progress)
+                            data_root=data_root, progress=progress, maps_root=staging)
         outputs.publish(staging)
     logging.info("explained %d queries: %s, report %s", len(selected),
                  os.path.join(output_dir, JSONL_NAME),
@@ -543,6 +575,19 @@ def run(
         output_dir=output_dir, jsonl=os.path.join(output_dir, JSONL_NAME),
         summary_json=os.path.join(output_dir, SUMMARY_NAME),
         report_index=os.path.join(output_dir, REPORT_NAME, "index.html"), summary=summary)
+
+
+def _write_maps(staging: str, record: dict[str, Any], data: Market1501, data_root: str,
+                model: Any, weights: np.ndarray, augment_config: Any,
+                opts: settings.ExplainSettings) -> str:
+    """Computes and writes one query's maps (``reid_jax.explain.map_outputs``); returns the
+    npz path relative to the output folder."""
+    query_path = data.query.paths[record["query"]["index"]]
+    gallery_paths = [data.gallery.paths[g] for g in record["gallery"]["index"]]
+    arrays = map_outputs.query_maps(model, weights, query_path, gallery_paths, augment_config,
+                                    mode=opts.mode, steps=opts.map_steps)
+    return map_outputs.write_query_maps(
+        staging, query_path, arrays, [os.path.relpath(p, data_root) for p in gallery_paths])
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

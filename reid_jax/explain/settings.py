@@ -66,6 +66,17 @@ def default_config() -> ml_collections.ConfigDict:
       (``seed`` also seeds its bootstrap).
     * ``bootstrap_samples`` (1000): replicates of the bootstrap behind the 95 % intervals of
       ``tools/evaluate_explanations.py`` (``reid_jax.explain.bootstrap``).
+    * ``attribute_maps`` (False): ``tools/explain.py`` writes evidence and contribution maps of
+      the explained queries (``maps/<query stem>.npz``; needs a checkpoint and mode ``paper``
+      or ``complete``; docs/attribute_maps.md, 'Outputs').
+    * ``map_queries`` (-1): maps for the first this many queries of the run's order (-1: all
+      explained queries; the report's first page holds ``reid_jax.explain.report.PAGE_SIZE``).
+    * ``map_steps`` (32): quadrature nodes of the maps' path integral.
+    * ``measure_maps`` (True): ``tools/evaluate_explanations.py`` measures the maps against
+      the part masks (synthetic data roots; docs/attribute_maps.md, 'Measurements').
+    * ``map_images`` (48): cap on the images of each map measurement (query images of the
+      pointing game and deletion, counterfactual pairs of the localisation), so it stays
+      affordable.
     """
     c = ml_collections.ConfigDict()
     c.k = 10
@@ -82,6 +93,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.pixel_tolerance = 25
     c.seed = 0
     c.bootstrap_samples = 1000
+    c.attribute_maps = False
+    c.map_queries = -1
+    c.map_steps = 32
+    c.measure_maps = True
+    c.map_images = 48
     return c
 
 
@@ -107,6 +123,11 @@ class ExplainSettings:
     pixel_tolerance: int
     seed: int
     bootstrap_samples: int = 1000
+    attribute_maps: bool = False
+    map_queries: int | None = None
+    map_steps: int = 32
+    measure_maps: bool = True
+    map_images: int = 48
 
     def threshold_json(self) -> float | list[float]:
         """The threshold as JSON (a number, or one per attribute)."""
@@ -164,6 +185,18 @@ def _count(name: str, value: Any) -> int:
     return int(value)
 
 
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"config.explain.{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _all_or_count(name: str, value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < -1:
+        raise ValueError(f"config.explain.{name} must be >= 0, or -1 for all, got {value!r}")
+    return None if value == -1 else int(value)
+
+
 def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
     """The validated settings of ``config.explain``, with ``overrides`` (flags) applied.
 
@@ -217,7 +250,12 @@ def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
         min_changed_pixels=_count("min_changed_pixels", values["min_changed_pixels"]),
         pixel_tolerance=int(values["pixel_tolerance"]),
         seed=_count("seed", values["seed"]),
-        bootstrap_samples=_int("bootstrap_samples", values["bootstrap_samples"], 1))
+        bootstrap_samples=_int("bootstrap_samples", values["bootstrap_samples"], 1),
+        attribute_maps=_bool("attribute_maps", values["attribute_maps"]),
+        map_queries=_all_or_count("map_queries", values["map_queries"]),
+        map_steps=_int("map_steps", values["map_steps"], 1),
+        measure_maps=_bool("measure_maps", values["measure_maps"]),
+        map_images=_int("map_images", values["map_images"], 1))
 
 
 __all__ = [

@@ -164,8 +164,74 @@ def summary_table(metrics: dict[str, Any]) -> SummaryTable:
     return SummaryTable(columns, tuple(rows), tuple(legend))
 
 
+# The maps table (docs/attribute_maps.md, 'Measurements'): one row per measurement and
+# attribute group, columns the map and its baselines (what does not apply is empty).
+MAP_COLUMNS = ("maps", "centre", "distance Grad-CAM", "random")
+MAP_GROUPS = ("overall", "headwear", "bags", "upper_body", "lower_body", "whole_person")
+_MAP_ROWS = (("pointing_game", "pointing game", "evidence", "centre", "gradcam", "chance"),
+             ("counterfactual_localisation", "counterfactual localisation", "map", "centre",
+              "gradcam", "chance"),
+             ("deletion_evidence", "deletion, evidence (x_a)", "map", None, None, None),
+             ("deletion_contributions", "deletion, contributions (e_a)", "map", None, None,
+              None))
+
+
+class MapsTable(NamedTuple):
+    """The maps table: ``rows`` of ``(measurement, group, n, cells)``, ``cells`` text per
+    :data:`MAP_COLUMNS`, and the legend."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, str, int, tuple[str, ...]], ...]
+    legend: tuple[str, ...]
+
+
+def _rate(entry: dict[str, Any], key: str | None) -> str:
+    if key is None or key not in entry:
+        return ""
+    value = entry[key]
+    return _pct(value.get("rate", value.get("expected_rate")))
+
+
+def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
+    """The maps section of ``metrics`` as a table, or None when it is absent or skipped."""
+    maps = metrics.get("maps")
+    if not isinstance(maps, dict) or "skipped" in maps:
+        return None
+    rows = []
+    for key, title, *methods in _MAP_ROWS:
+        part = maps.get(key)
+        if not part:
+            continue
+        for group in MAP_GROUPS:
+            entry = part["overall"] if group == "overall" else part["groups"].get(group)
+            if not entry or not entry["cases"]:
+                continue
+            cells = tuple(_rate(entry, m) for m in methods)
+            if key.startswith("deletion"):
+                cells = (cells[0], "", "", _pct(0.5))
+            rows.append((title, group, int(entry["cases"]), cells))
+    for key, title in (("query_top1", "query and rank-1"), ("counterfactual",
+                                                           "original and re-render")):
+        c = (maps.get("completeness") or {}).get(key)
+        if c and c["pairs"]:
+            rows.append((f"completeness error, {title} (max / mean)", "pairs",
+                         int(c["pairs"]), (f"{c['max']:.1e} / {c['mean']:.1e}", "", "", "")))
+    legend = (
+        f"Attribute maps against the part masks, {maps['num_images']} query images and "
+        f"{maps['num_counterfactual_pairs']} counterfactual pairs, values in % of the cases "
+        f"(n). Pointing game: the evidence map's peak lies within {maps['tolerance']:g} px of "
+        "the attribute's region (attributes with x_a > 0.5 and a non-empty region). "
+        "Counterfactual localisation: the contribution map (eq. 3.2) of the pair's largest-rising "
+        "attribute peaks within that distance of the changed region (overall: the localisable "
+        "changes; whole_person: gender and age). Deletion: blurring the map's top 10 % of pixels "
+        "lowers x_a (e_a) more than blurring 10 % random pixels (random: 50 %). Completeness: "
+        "max over attributes of |maps' sum - e_a| relative to sum_a |e_a|.",)
+    return MapsTable(("measurement", "group", "n", *MAP_COLUMNS), tuple(rows), legend)
+
+
 def markdown_table(metrics: dict[str, Any]) -> str:
-    """The README table of the measured ``metrics`` (values in %), with a legend."""
+    """The README table of the measured ``metrics`` (values in %), with a legend; then the
+    maps table when the metrics hold a maps section."""
     table = summary_table(metrics)
     lines = ["| " + " | ".join(table.columns) + " |",
              "|" + "|".join([":---", "---:"] + ["---:"] * (len(table.columns) - 2)) + "|"]
@@ -175,9 +241,19 @@ def markdown_table(metrics: dict[str, Any]) -> str:
         else:
             cells = [row.metric, str(row.n), *row.cells]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", *table.legend]) + "\n"
+    lines += ["", *table.legend]
+    maps = maps_table(metrics)
+    if maps is not None:
+        lines += ["", "| " + " | ".join(maps.columns) + " |",
+                  "|:---|:---|" + "---:|" * (len(maps.columns) - 2)]
+        lines += ["| " + " | ".join([m, g, str(n), *cells]) + " |" for m, g, n, cells in
+                  maps.rows]
+        lines += ["", *maps.legend]
+    elif isinstance(metrics.get("maps"), dict):
+        lines += ["", f"Attribute maps skipped: {metrics['maps']['skipped']}"]
+    return "\n".join(lines) + "\n"
 
 
-__all__ = ["BASELINES", "COLUMNS", "EXPLANATIONS", "FORMAT", "HIT_RANKS", "MODES",
-           "MODE_TITLES", "SummaryTable", "TableRow", "format_cell", "markdown_table",
-           "summary_table"]
+__all__ = ["BASELINES", "COLUMNS", "EXPLANATIONS", "FORMAT", "HIT_RANKS", "MAP_COLUMNS",
+           "MODES", "MODE_TITLES", "MapsTable", "SummaryTable", "TableRow", "format_cell",
+           "maps_table", "markdown_table", "summary_table"]
