@@ -68,21 +68,29 @@ def test_rank_equals_the_records_of_tools_explain(served):
         assert by_file["indices"] == gal["index"]
 
 
-def test_complete_mode_equals_a_run_over_the_split(served):
+@pytest.mark.parametrize("mode", ["complete", "projection", "disagreement"])
+def test_every_mode_equals_a_run_over_the_split(served, mode):
     ex = served["explorer"]
     data = explain_run.load_data(ex.data_root)
     fq, fg = ex.f_query, np.asarray(ex.gallery.embeddings)
     runs = explain_run.explain_queries(fq, fg, np.asarray(ex.weights), ex.qp, ex.qc, ex.gp,
-                                       ex.gc, k=K, threshold=THRESHOLD, complete=True)
+                                       ex.gc, k=K, threshold=THRESHOLD, mode=mode)
     for i, explanation in enumerate(runs):
         m = ex.metrics
         want = explain_run.make_record(0, i, data.query, data.gallery, explanation,
                                        (m.ap[i], m.inp[i], m.first_rank[i], m.num_matches[i]),
-                                       "complete")
-        got = get(served, f"/api/rank?query={i}&k={K}&threshold={THRESHOLD}&mode=complete")
-        assert {k: got[k] for k in want if k != "position"} == {
-            k: v for k, v in want.items() if k != "position"}
-        np.testing.assert_allclose(np.sum(got["errors"], 1), got["distances"], rtol=1e-5)
+                                       mode)
+        got = get(served, f"/api/rank?query={i}&k={K}&threshold={THRESHOLD}&mode={mode}")
+        # The remainder is a difference of near-equal sums: equal up to rounding.
+        assert {k: got[k] for k in want if k not in ("position", "remainder")} == {
+            k: v for k, v in want.items() if k not in ("position", "remainder")}
+        np.testing.assert_allclose(got.get("remainder", []), want.get("remainder", []),
+                                   rtol=1e-5, atol=1e-7)
+        if mode == "complete":
+            np.testing.assert_allclose(np.sum(got["errors"], 1), got["distances"], rtol=1e-5)
+        if mode == "projection":
+            np.testing.assert_allclose(np.sum(got["errors"], 1) + got["remainder"],
+                                       got["distances"], rtol=1e-4, atol=1e-6)
 
 
 def test_threshold_only_reselects(served):
@@ -195,17 +203,13 @@ BAD = [
     ("/api/rank?file=..%2F..%2Fbounding_box_test%2F0000_c1s1_000001_01.jpg", "file"),
     ("/api/queries?order=best", "order"), ("/api/queries?limit=0", "limit"),
     ("/api/metrics?ignore=nope", "ignore"), ("/api/image/query/abc", "index"),
-    ("/api/info?x=1", "x"), ("/api/maps?query=0&gallery=0", None),
+    ("/api/info?x=1", "x"), ("/api/maps?query=0&gallery=0&mode=projection", "mode"),
 ]
 
 
 @pytest.mark.parametrize("url,parameter", BAD)
 def test_bad_parameters_answer_400_naming_them(served, url, parameter):
     response = served["client"].get(url)
-    if parameter is None:  # no maps provider on this server
-        assert response.status_code == 404
-        assert "not available" in response.json()["error"]
-        return
     assert response.status_code == 400, response.text
     body = response.json()
     assert body["parameter"] == parameter and body["error"]
@@ -283,12 +287,36 @@ def test_host_header_and_security_headers(served):
     info = get(served, "/api/info")
     assert [m["name"] for m in info["modes"]] == list(settings.MODES)
     assert info["defaults"]["k"] == served["explorer"].settings.k
-    assert info["uploads"] and info["images"] and not info["maps"]
+    assert info["uploads"] and info["images"] and info["maps"]
     assert client.get("/static/explorer.css").status_code == 200
+
+
+def test_real_maps_decompose_the_errors_the_page_shows(served):
+    ex = served["explorer"]
+    ex_maps = ex.pair_maps
+    assert ex.pair_maps is not None  # a checkpoint's explorer maps with the model itself
+    info = get(served, "/api/info")
+    assert info["maps"] and info["map_modes"] == ["paper", "complete"]
+    ranked = get(served, f"/api/rank?query=0&k={K}&mode=complete")
+    g = ranked["indices"][0]
+    qm, gm = ex.maps(("query", 0), g, "complete")
+    assert qm.shape == gm.shape == (len(ATTRIBUTE_NAMES), *ex.model_input(("query", 0)).shape[:2])
+    sums = qm.sum(axis=(1, 2)) + gm.sum(axis=(1, 2))
+    errors = np.asarray(ranked["errors"][0])
+    np.testing.assert_allclose(sums, errors, atol=0.02 * np.abs(errors).sum())
+    response = served["client"].get(f"/api/maps?query=0&gallery={g}&attribute=hat&side=query")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    ex.pair_maps = None
+    try:  # a server without a provider says so
+        response = served["client"].get(f"/api/maps?query=0&gallery={g}")
+        assert response.status_code == 404 and "not available" in response.json()["error"]
+    finally:
+        ex.pair_maps = ex_maps
 
 
 def test_maps_hook_and_server_errors(served, tiny_run):
     ex = served["explorer"]
+    provider = ex.pair_maps
 
     def pair_maps(query, gallery, mode):  # brightness per attribute, signed by mode
         sign = 1.0 if mode == "paper" else -1.0
@@ -315,7 +343,7 @@ def test_maps_hook_and_server_errors(served, tiny_run):
         assert response.status_code == 500 and "RuntimeError" in response.json()["error"]
         assert client.get("/api/rank?query=0").status_code == 200  # still serving
     finally:
-        ex.pair_maps = None
+        ex.pair_maps = provider
 
 
 def test_explorer_from_arrays_without_images_or_model():

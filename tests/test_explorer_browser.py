@@ -170,7 +170,16 @@ def test_the_page_in_a_browser(server, driver, tmp_path):
     assert driver.find_element(By.ID, "detail-title").text.startswith("rank 2:")
     assert "= d²" in driver.find_element(By.ID, "pie-caption").text
     assert driver.find_elements(By.CSS_SELECTOR, "#pie path, #pie circle")
-    assert "not available" in driver.find_element(By.ID, "maps").text
+    # Attribute maps of the opened pair: two overlays, loaded from /api/maps as images.
+    overlays = driver.find_elements(By.CSS_SELECTOR, "#maps img.map")
+    assert len(overlays) == 2
+    WebDriverWait(driver, 120).until(lambda d: all(
+        d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+        for img in d.find_elements(By.CSS_SELECTOR, "#maps img.map")))
+    driver.find_element(By.CSS_SELECTOR, '#modes label[data-mode="projection"]').click()
+    idle(driver)
+    assert "|r|²" in driver.find_element(By.ID, "pie-caption").text
+    assert "choose one of those modes" in driver.find_element(By.ID, "maps").text
     driver.find_element(By.CSS_SELECTOR, '#modes label[data-mode="paper"]').click()
     idle(driver)
     assert "positive part" in driver.find_element(By.ID, "pie-caption").text

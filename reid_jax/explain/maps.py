@@ -374,6 +374,34 @@ def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_i
                           complete=bool(complete), size=(hg, wg))
 
 
+# The modes whose errors the contribution maps decompose (eq. 3.2 with either weight set).
+MAP_MODES = ("paper", "complete")
+
+
+def pair_contribution_maps(model: AGW, weights: Array, *, steps: int = DEFAULT_STEPS):
+    """A function ``(query [H, W, 3], gallery [H, W, 3], mode) -> (query maps [A, H, W],
+    gallery maps [A, H, W])`` of one pair of model-input images: the contribution maps of
+    :func:`contribution_maps` in ``mode`` (one of :data:`MAP_MODES`), as numpy float32.
+
+    It is the explorer's map provider (``reid_jax.explorer.Explorer(pair_maps=...)``); modes
+    without a map (``projection``, ``disagreement``) raise ``ValueError`` naming the mode.
+    """
+    _check_weights(model, weights)
+    steps = _check_steps(steps)
+    w = jnp.asarray(weights, jnp.float32)
+
+    def pair_maps(query_input, gallery_input, mode: str):
+        if mode not in MAP_MODES:
+            raise ValueError(f"mode={mode!r} has no attribute maps: maps decompose the errors "
+                             f"of the modes {', '.join(MAP_MODES)}")
+        out = contribution_maps(model, w, jnp.asarray(query_input)[None],
+                                jnp.asarray(gallery_input)[None],
+                                complete=mode == "complete", steps=steps)
+        return np.asarray(out.query[0], np.float32), np.asarray(out.gallery[0], np.float32)
+
+    return pair_maps
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "size"))
 def _gradcam(graphdef, state, fmap, partner_map, partner_index, *, size):
     model = nnx.merge(graphdef, state)
@@ -431,12 +459,14 @@ def embed(model: AGW, images: Array) -> Array:
 
 __all__ = [
     "DEFAULT_STEPS",
+    "MAP_MODES",
     "ContributionMaps",
     "EvidenceMaps",
     "contribution_maps",
     "distance_gradcam",
     "embed",
     "evidence_maps",
+    "pair_contribution_maps",
     "pair_index",
     "quadrature",
     "resize_maps",

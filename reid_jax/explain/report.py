@@ -93,7 +93,7 @@ DISPLAY_RULES: dict[str, str] = {
         "probabilities x of both images. It ranks which attributes tell the two apart; it is "
         "not a decomposition of the distance."),
 }
-_MODE_RULE = {"paper": "paper_pie", "complete": "complete_pie", "projection": "projection_pie",
+MODE_RULES = {"paper": "paper_pie", "complete": "complete_pie", "projection": "projection_pie",
               "disagreement": "disagreement_bars"}
 _MODE_WHAT = {"paper": "positive part of eq. 3.2 (negative contributions listed beside it)",
               "complete": "complete decomposition (sums to d²)",
@@ -165,7 +165,7 @@ _ENV = _environment()
 
 
 def _rules(mode: str) -> list[str]:
-    keys = ["confident_attributes", "absent", "matching_scores", "frames", _MODE_RULE[mode]]
+    keys = ["confident_attributes", "absent", "matching_scores", "frames", MODE_RULES[mode]]
     return [DISPLAY_RULES[k] for k in keys]
 
 

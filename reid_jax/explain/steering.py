@@ -390,7 +390,9 @@ class SteeredRanking(NamedTuple):
     attributes_query: float32 ``[A]`` and attributes_gallery ``[k', A]``: head probabilities of
       the unprojected embeddings.  selected: bool ``[A]`` confident query attributes (of those).
     scores: float32 ``[k', A]`` eq. 3.1 of those probabilities.
-    errors: float32 ``[k', A]`` eq. 3.2 (or the mode's decomposition) of ``P q - P g``.
+    errors: float32 ``[k', A]`` eq. 3.2 (or the mode's explanation) of ``P q - P g``.
+    remainder: float32 ``[k']`` the steered distance minus the sum of ``errors`` (NaN for
+      ``disagreement``; see :class:`reid_jax.explain.RankingExplanation`).
     steered_distances: float32 ``[G]`` ``|P q - P g|^2`` of every gallery image (GEMM form, as
       the AP pass ranks), kept or not.
     plain_distances: float32 ``[G]`` the unsteered ``|q - g|^2`` (GEMM form).
@@ -403,6 +405,7 @@ class SteeredRanking(NamedTuple):
     selected: np.ndarray
     scores: np.ndarray
     errors: np.ndarray
+    remainder: np.ndarray
     steered_distances: np.ndarray
     plain_distances: np.ndarray
 
@@ -428,6 +431,7 @@ def _candidates(fq, fg, g2, zg, w, basis, coeffs, ignore, keep, *, count):
 def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: Array, *,
                   ignore: Array, keep: Array | None = None, k: int = 10,
                   threshold=kernels.DEFAULT_THRESHOLD, complete: bool = False,
+                  mode: str | None = None,
                   projection: IgnoreProjection | None = None) -> SteeredRanking:
     """Ranks the kept gallery images for one query by the steered distance; explains the top k.
 
@@ -437,7 +441,7 @@ def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: A
     2. Their projected embeddings and the projected query go through
        :func:`reid_jax.explain.explain_rankings`: directly computed distances, the ranking
        (ties: lower gallery index first), and the error composition of ``P q - P g``
-       (``complete``: it sums to the steered distance).
+       (or the explanation of ``mode``; ``complete``: it sums to the steered distance).
     3. Probabilities, confident attributes (:func:`reid_jax.explain.confident_attributes`) and
        matching scores (:func:`reid_jax.explain.matching_scores`) of the unprojected embeddings.
 
@@ -450,6 +454,8 @@ def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: A
         :func:`attribute_filter`); None: all.
       k: ranks to return, ``>= 1``.  threshold: scalar or ``[A]`` in ``[0, 0.5)``.
       complete: the complete decomposition instead of eq. 3.2.
+      mode: one of :data:`reid_jax.explain.MODES` (as in
+        :func:`reid_jax.explain.explain_rankings`); default: by ``complete``.
       projection: :func:`ignore_projection` of ``ignore`` when the caller keeps it.
 
     Returns:
@@ -465,6 +471,7 @@ def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: A
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     kernels.check_threshold(threshold, a)
+    mode = kernels.resolve_mode(complete, mode)
     keep = jnp.ones((g,), bool) if keep is None else keep
     if _shape(keep) != (g,):
         raise ValueError(f"keep must be bool [G={g}] (one per gallery image), got shape "
@@ -473,7 +480,7 @@ def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: A
     count = int(min(k + CANDIDATE_MARGIN, g))
     idx, valid, pq, pg, xq, xg, steered, plain = _candidates(
         jnp.asarray(f_query, jnp.float32), *gallery, w, *projection, _bool(keep), count=count)
-    out = kernels.explain_rankings(pq, pg, w, k=count, threshold=threshold, complete=complete,
+    out = kernels.explain_rankings(pq, pg, w, k=count, threshold=threshold, mode=mode,
                                    mesh=None)
     position = np.asarray(out.indices)  # [count] candidate positions, nearest first
     ranks = np.flatnonzero(np.asarray(valid)[position])[:k]  # ranks holding kept images
@@ -487,7 +494,7 @@ def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: A
         indices=np.asarray(idx)[chosen].astype(np.int64),
         distances=np.asarray(out.distances)[ranks],
         attributes_query=xq, attributes_gallery=xg, selected=selected, scores=scores,
-        errors=np.asarray(out.errors)[ranks],
+        errors=np.asarray(out.errors)[ranks], remainder=np.asarray(out.remainder)[ranks],
         steered_distances=np.asarray(steered), plain_distances=np.asarray(plain))
 
 

@@ -214,6 +214,10 @@ def create_app(explorer: Explorer, *, max_upload_bytes: int = uploads.DEFAULT_MA
         gallery = params.integer(p, "gallery", None, 0, len(explorer.gallery_split) - 1)
         attribute = params.choice(p, "attribute", ATTRIBUTE_NAMES, ATTRIBUTE_NAMES[0])
         mode = params.choice(p, "mode", settings.MODES, explorer.settings.mode)
+        if mode not in explorer.map_modes:
+            raise params.BadParameter("mode", f"mode={mode!r} has no attribute maps: maps "
+                                              f"decompose the errors of the modes "
+                                              f"{', '.join(explorer.map_modes)}")
         side = params.choice(p, "side", ("query", "gallery"), "query")
         qm, gm = explorer.maps(ref, gallery, mode)
         a = ATTRIBUTE_NAMES.index(attribute)

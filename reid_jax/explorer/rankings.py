@@ -39,6 +39,7 @@ from reid_jax.data import augment, market1501
 from reid_jax.data.attributes import ATTRIBUTE_MEANINGS, ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.data.market1501 import Split
 from reid_jax.explain import figures, report, settings, steering
+from reid_jax.explain import maps as maps_lib
 from reid_jax.explain import run as explain_run
 from reid_jax.explorer import uploads as uploads_lib
 
@@ -80,7 +81,7 @@ def _split(name: str, files: Sequence[str], pids: Any, cameras: Any) -> Split:
 
 def _mode_kwargs(mode: str) -> dict[str, Any]:
     """The kernels' arguments for an error mode (the one place the explorer maps modes)."""
-    return {"complete": mode == "complete"}
+    return {"mode": mode}
 
 
 def _optional(x: float) -> float | None:
@@ -172,6 +173,7 @@ class Explorer:
         splits = embeddings.split_embeddings(model, config, data, ("query", "gallery"),
                                              None if cache_dir is None else os.fspath(cache_dir))
         kwargs.setdefault("explain_settings", settings.explain_settings(config))
+        kwargs.setdefault("pair_maps", maps_lib.pair_contribution_maps(model, weights))
         description = {"checkpoint": checkpoint, "step": checkpoints.latest_step(checkpoint),
                        "data_root": data.root, "cache_dir": cache_dir and os.fspath(cache_dir)}
         return cls(queries=data.query, gallery=data.gallery,
@@ -210,6 +212,11 @@ class Explorer:
         return tuple(settings.MODES)
 
     @property
+    def map_modes(self) -> tuple[str, ...]:
+        """The error modes attribute maps exist for (none without a provider)."""
+        return tuple(maps_lib.MAP_MODES) if self.pair_maps is not None else ()
+
+    @property
     def can_upload(self) -> bool:
         return self.model is not None
 
@@ -228,9 +235,13 @@ class Explorer:
         rules = report.DISPLAY_RULES
         colors = {n: "#{:02x}{:02x}{:02x}".format(*(round(255 * v) for v in c[:3]))
                   for n, c in figures.attribute_colors(ATTRIBUTE_NAMES).items()}
+        # The pie of each mode: "all" values sum to d² (complete), "remainder" adds the
+        # projection's remainder as its own slice, "positive" shows the positive part (paper)
+        # and "bars" gives probabilities that are not a decomposition (disagreement).
+        pies = {"complete": "all", "projection": "remainder", "disagreement": "bars"}
         modes = [{"name": m, "equation": explain_run.MODE_EQUATIONS.get(m, m),
-                  "rule": rules.get(f"{m}_pie", rules["paper_pie"]),
-                  "pie": "all" if m == "complete" else "positive"} for m in self.modes]
+                  "rule": rules[report.MODE_RULES.get(m, "paper_pie")],
+                  "pie": pies.get(m, "positive")} for m in self.modes]
         summary = None
         if self.summary is not None:
             summary = {key: self.summary[key] for key in ("mAP", "mINP", "num_valid_queries",
@@ -250,6 +261,7 @@ class Explorer:
                                              "frames")},
             "uploads": self.can_upload, "images": self.has_images,
             "maps": self.pair_maps is not None,
+            "map_modes": list(self.map_modes),
         }
 
     def query_entry(self, index: int) -> dict[str, Any]:
@@ -404,7 +416,7 @@ class Explorer:
         ex = explain_run.QueryExplanation(
             gallery=out.indices, distances=out.distances, attributes_query=out.attributes_query,
             selected=out.selected, attributes_gallery=out.attributes_gallery, scores=out.scores,
-            errors=out.errors)
+            errors=out.errors, remainder=out.remainder)
         # Ranks before steering: in the plain distance (GEMM form, as the AP pass ranks), among
         # what the protocol keeps, ties to the lower index.
         d, g = out.plain_distances, out.indices[:, None]

@@ -460,12 +460,18 @@
         el("figcaption", { text: `id ${gal.pid[i]} · camera ${gal.camera[i]}` })));
 
     const values = mode.pie === "all" ? errors.slice() : errors.map((e) => Math.max(e, 0));
-    const { slices: parts, total } = slices(values, names);
+    const { slices: parts, total: attributeTotal } = slices(values, names);
+    // Projection: the remainder |r|² (the part no attribute direction explains) is its own slice.
+    const remainder = mode.pie === "remainder" && r.remainder ? Math.max(r.remainder[i], 0) : 0;
+    if (remainder > 0) parts.push({ name: "remainder |r|²", value: remainder, color: "#8a8f99" });
+    const total = attributeTotal + remainder;
     drawPie(parts, total);
     const sum = errors.reduce((s, e) => s + e, 0);
-    $("pie-caption").textContent = mode.pie === "all"
-      ? `${r.error_mode}: Σe = ${fmt(sum)} = d²`
-      : `${r.error_mode}: pie = positive part (Σe⁺ = ${fmt(total)}, Σe = ${fmt(sum)})`;
+    $("pie-caption").textContent = {
+      all: `${r.error_mode}: Σe = ${fmt(sum)} = d²`,
+      remainder: `${r.error_mode}: Σe + |r|² = ${fmt(sum + remainder)} = d² (negative parts listed)`,
+      bars: `${r.error_mode}: P(labels differ) per attribute, not a decomposition of d²`,
+    }[mode.pie] || `${r.error_mode}: pie = positive part (Σe⁺ = ${fmt(total)}, Σe = ${fmt(sum)})`;
     const legend = $("pie-legend");
     legend.replaceChildren();
     for (const part of parts) {
@@ -475,7 +481,7 @@
         el("span", { text: `${part.name} ${fmt(part.value)} (${(100 * part.value / total).toFixed(0)} %)` })));
     }
     const negatives = $("negatives");
-    if (mode.pie === "all") {
+    if (mode.pie === "all" || mode.pie === "bars") {
       negatives.textContent = "";
     } else {
       const neg = errors.map((e, a) => [e, a]).filter(([e]) => e < 0).sort((x, y) => x[0] - y[0]);
@@ -498,6 +504,12 @@
       return;
     }
     const r = state.result;
+    const mapModes = state.info.map_modes || [];
+    if (!mapModes.includes(r.error_mode)) {
+      box.append(el("span", { class: "muted",
+        text: `Attribute maps decompose the ${mapModes.join(" and ")} errors; choose one of those modes.` }));
+      return;
+    }
     const names = state.info.attributes.map((a) => a.name);
     const select = el("select", { "aria-label": "attribute of the maps" });
     for (const name of names) select.append(el("option", { value: name, text: name }));
