@@ -46,7 +46,6 @@ def env(num_devices: int) -> dict[str, str]:
     out = dict(os.environ)
     out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
     out.pop("XLA_FLAGS", None)
-    out.pop("JAX_COMPILATION_CACHE_DIR", None)  # processes must compile alike
     out.update({"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(num_devices)})
     return out
 

@@ -56,7 +56,7 @@ def test_pipeline_outputs_match_the_kernels(run):
     assert metrics["reid"]["num_query"] == market1501.load_market1501(data).query.num_images
     out = work / "explain"
     tool("evaluate_explanations.py", f"--checkpoint={ckpt}", f"--data_root={data}",
-         f"--output_dir={out}", "--num_counterfactuals=20")
+         f"--output_dir={out}", "--num_counterfactuals=20", "--map_images=6")
     tool("explain.py", f"--checkpoint={ckpt}", f"--data_root={data}", f"--output_dir={out}",
          "--order=worst_ap", "--k=5", "--threshold=0.3")
     tool("analyze.py", f"--checkpoint={ckpt}", f"--data_root={data}",

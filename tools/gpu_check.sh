@@ -82,7 +82,7 @@ if [[ $SMOKE == 1 ]]; then
   SYNTH=(--num_train_ids=2 --num_test_ids=3 --images_per_id=5 --num_distractors=2 --num_junk=1)
   EXTRACT=(--config=configs/agw_tiny.py --batch_size=8 --num_workers=1)
   EXPLAIN=(--num_query=16 --num_gallery=64 --dim=32 --num_attributes=4 --k=3 --pairs_queries=4
-           --repeats=1)
+           --repeats=1 --maps_config=configs/agw_tiny.py)
 else
   TRAIN_CONFIG=configs/agw_market1501.py; TRAIN_BATCHES="64 256"; TRAIN_STEPS=10; TRAIN_WARMUP=2
   EVAL_BATCH=256
@@ -123,7 +123,9 @@ log "extraction"
 # ----------------------------------------------------------------------------- 3. explain
 for precision in default highest; do
   log "explain: precision $precision"
-  "$PY" tools/bench_explain.py "${EXPLAIN[@]}" --precision="$precision" \
+  # The attribute maps once, at full precision.
+  maps=$([[ $precision == highest ]] && echo --maps || echo --nomaps)
+  "$PY" tools/bench_explain.py "${EXPLAIN[@]}" --precision="$precision" "$maps" \
     --json="$OUT/explain_${precision}.json" > "$OUT/explain_${precision}.log"
 done
 
@@ -136,8 +138,12 @@ train = []
 for path in sorted(glob.glob(os.path.join(out, "train_*.json"))):
     train.extend(json.load(open(path)))
 extract = json.load(open(os.path.join(out, "extract.json")))
-explain = {p: json.load(open(os.path.join(out, f"explain_{p}.json")))
-           for p in ("default", "highest")}
+explain = {}
+for p in ("default", "highest"):
+    measured = json.load(open(os.path.join(out, f"explain_{p}.json")))
+    explain[p] = {**measured["kernels"], "precision": measured["precision"],
+                  "rank_metrics": measured.get("rank_metrics", {}),
+                  "maps": measured.get("maps")}
 import jax
 report = {"device": jax.devices()[0].device_kind, "smoke": smoke, "seconds": seconds,
           "train": train, "extract": extract, "explain": explain}
@@ -173,6 +179,14 @@ for p, e in explain.items():
     lines.append(f"| {size['Q']} x {size['G']} | {p} | {s['explain']:.4f} | "
                  f"{s['distance_gemm']:.4f} | {s['errors_auto']:.4f} | "
                  f"{e['max_relative_error']['auto']['near_pairs']:.1e} | {rm} |")
+maps = explain["highest"].get("maps")
+if maps:
+    lines += ["", "| attribute maps (top-k of one query, both images) | image | A | seconds | "
+              "ratio to one forward |", "|---|---|---|---|---|"]
+    sec = maps["seconds"]
+    lines.append(f"| evidence + contribution maps, top-{maps['k']} | {maps['height']}x"
+                 f"{maps['width']} | {maps['A']} | {sec['evidence'] + sec['contributions']:.4f} | "
+                 f"{maps['ratio_to_forward']:.1f}x |")
 goals = [("train bf16 >= 2,500 images/s", max(bf16) if bf16 else 0, max(bf16 or [0]) >= 2500),
          ("extraction >= 10,000 images/s", extract["images_per_s"],
           extract["images_per_s"] >= 10000),
