@@ -281,6 +281,18 @@ def _scores(xq: Array, xg: Array) -> Array:
     return _eq_3_1(xq[..., None, :], xg)  # [..., 1, A] against [G, A]
 
 
+def _check_probabilities(x_query, x_gallery) -> None:
+    """Shapes of a pair of probability arrays: ``[A]`` or ``[Q, A]`` against ``[G, A]``."""
+    _check_ndim("x_query", x_query, (1, 2), "[A] or [Q, A]")
+    _check_ndim("x_gallery", x_gallery, (2,), "[G, A]")
+    if _shape(x_query)[-1] != _shape(x_gallery)[-1]:
+        raise ValueError(
+            f"attribute counts differ: x_query {_shape(x_query)}, x_gallery {_shape(x_gallery)}"
+        )
+    if _shape(x_gallery)[0] == 0:
+        raise ValueError(f"the gallery is empty: x_gallery has shape {_shape(x_gallery)}")
+
+
 def matching_scores(x_query: Array, x_gallery: Array) -> Array:
     """Matching scores of eq. 3.1: ``s_a = (1 - |x_a^q - x_a^g|) / (0.5 + |x_a^q - 0.5|)``.
 
@@ -292,14 +304,7 @@ def matching_scores(x_query: Array, x_gallery: Array) -> Array:
       ``[G, A]`` for one query, ``[Q, G, A]`` for ``Q``.  Raw values: ``s_a`` exceeds 1 when
       ``x^g`` is close to an unsaturated ``x^q``; displays clip at 100 %.
     """
-    _check_ndim("x_query", x_query, (1, 2), "[A] or [Q, A]")
-    _check_ndim("x_gallery", x_gallery, (2,), "[G, A]")
-    if _shape(x_query)[-1] != _shape(x_gallery)[-1]:
-        raise ValueError(
-            f"attribute counts differ: x_query {_shape(x_query)}, x_gallery {_shape(x_gallery)}"
-        )
-    if _shape(x_gallery)[0] == 0:
-        raise ValueError(f"the gallery is empty: x_gallery has shape {_shape(x_gallery)}")
+    _check_probabilities(x_query, x_gallery)
     return _scores(_float(x_query), _float(x_gallery))
 
 
@@ -594,14 +599,7 @@ def disagreement_probabilities(x_query: Array, x_gallery: Array) -> Array:
     Returns:
       ``[G, A]`` for one query, ``[Q, G, A]`` for ``Q``; values in ``[0, 1]``.
     """
-    _check_ndim("x_query", x_query, (1, 2), "[A] or [Q, A]")
-    _check_ndim("x_gallery", x_gallery, (2,), "[G, A]")
-    if _shape(x_query)[-1] != _shape(x_gallery)[-1]:
-        raise ValueError(
-            f"attribute counts differ: x_query {_shape(x_query)}, x_gallery {_shape(x_gallery)}"
-        )
-    if _shape(x_gallery)[0] == 0:
-        raise ValueError(f"the gallery is empty: x_gallery has shape {_shape(x_gallery)}")
+    _check_probabilities(x_query, x_gallery)
     return _disagreement(_float(x_query), _float(x_gallery))
 
 
