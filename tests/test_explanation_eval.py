@@ -15,6 +15,7 @@ from reid_jax import explain, progress, synthetic
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, labels_for_pids, load_market_attributes
 from reid_jax.data.market1501 import load_market1501
 from reid_jax.explain import baselines, bootstrap, counterfactuals
+from reid_jax.explain import gallery_metrics as gm
 from reid_jax.explain import metrics as em
 from reid_jax.explain import quality as ee
 from reid_jax.explain import table as quality_table
@@ -344,9 +345,9 @@ def test_label_metrics_equal_the_library():
     base = {}
     for mode in ("prior", *MODES):
         fixed = {"all": prior.all_pairs, "top": prior.neighbours} if mode == "prior" else {}
-        full = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
+        full = gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
                                             threshold=0.3, prior=fixed.get("all"))
-        top = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3,
+        top = gm.amd_over_top_k(fq, fg, w, lq, lg, mode, k=4, valid_gallery=vg, threshold=0.3,
                                 prior=fixed.get("top"), **ids)
         for key in em.AMD_RATIOS:
             assert amd["all_pairs"][mode][key] == full[key]
@@ -367,11 +368,11 @@ def test_label_metrics_equal_the_library():
             assert auroc["top4"]["confident"][mode]["pooled"] == top["auroc"]["auroc"]
             assert auroc["top4"]["confident"][mode]["macro"] == top["auroc"]["macro"]
     assert amd["all_pairs"]["num_pairs"] == 5 * 9
-    labels_only = em.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=4, valid_gallery=vg,
+    labels_only = gm.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=4, valid_gallery=vg,
                                     prior=prior.all_pairs, **ids)
     assert amd["top4"]["prior_labels"]["ex_map_d"] == labels_only["ex_map_d"]
     assert "prior_labels" not in amd["all_pairs"]
-    every = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg,
+    every = gm.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=4, valid_gallery=vg,
                               threshold=0.0, **ids)["auroc"]
     assert auroc["top4"]["all_attributes"]["scores"]["pooled"] == every["auroc"]
     # The constant baseline: every entry of attribute a scores its training agreement rate.
@@ -429,7 +430,7 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
     vg = gp > 0
     ids = dict(query_pids=qp, query_cams=qc, gallery_pids=gp, gallery_cams=gc)
     calls = {"streamed": [], "top_k": []}
-    streamed, top_k = em.streamed_amd_over_gallery, em.amd_over_top_k
+    streamed, top_k = gm.streamed_amd_over_gallery, gm.amd_over_top_k
 
     def count_streamed(*args, **kwargs):
         calls["streamed"].append(args[5])
@@ -439,8 +440,8 @@ def test_label_metrics_use_the_protocol_top_k_and_log_progress(monkeypatch, capl
         calls["top_k"].append(args[5])
         return top_k(*args, **kwargs)
 
-    monkeypatch.setattr(em, "streamed_amd_over_gallery", count_streamed)
-    monkeypatch.setattr(em, "amd_over_top_k", count_top_k)
+    monkeypatch.setattr(gm, "streamed_amd_over_gallery", count_streamed)
+    monkeypatch.setattr(gm, "amd_over_top_k", count_top_k)
     with caplog.at_level(logging.INFO):
         auroc, amd = ee.label_metrics(fq, fg, w, lq, lg, None, vg, k=4, threshold=0.3,
                                       prior=_prior(rng), bootstrap_samples=50, **ids)
@@ -568,11 +569,11 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
     fq, fg = _embeddings(out_dir)
     w = _weights(checkpoints_dir / "with_head")
     data, lq, vq, lg, vg = _labels(dataset)
-    full = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "complete", valid_query=vq,
+    full = gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "complete", valid_query=vq,
                                         valid_gallery=vg)
     assert m["amd"]["all_pairs"]["complete"]["ex_map_d"] == full["ex_map_d"]
     assert m["amd"]["all_pairs"]["num_pairs"] == int(vq.sum() * vg.sum())
-    top = em.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=K, valid_query=vq, valid_gallery=vg,
+    top = gm.amd_over_top_k(fq, fg, w, lq, lg, "scores", k=K, valid_query=vq, valid_gallery=vg,
                             **_data_ids(data))
     assert m["amd"][f"top{K}"]["scores"]["ex_precision_s"] == top["ex_precision_s"]
     assert m["auroc"][f"top{K}"]["confident"]["scores"]["pooled"] == top["auroc"]["auroc"]
@@ -582,7 +583,7 @@ def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):
     assert m["prior"]["all_pairs"] == pytest.approx(
         baselines.difference_rates(identities).tolist())
     prior_top = np.asarray(m["prior"]["neighbours"])
-    top_prior = em.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=K, valid_query=vq,
+    top_prior = gm.amd_over_top_k(fq, fg, w, lq, lg, "prior", k=K, valid_query=vq,
                                   valid_gallery=vg, prior=prior_top, **_data_ids(data))
     assert m["amd"][f"top{K}"]["prior"]["ex_map_d"] == top_prior["ex_map_d"]
 

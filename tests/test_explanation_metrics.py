@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from reid_jax import retrieval
+from reid_jax.explain import gallery_metrics as gm
 from reid_jax.explain import metrics as em
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def test_streamed_over_gallery_matches_reference(mode):
     sep, scores, xq = _separation64(fq, fg, w, mode)
     if mode in ("paper", "complete", "projection"):  # the identical pair: exactly tied
         sep[0, 0] = 0.0
-    got = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
+    got = gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, mode, valid_gallery=vg,
                                        prior=PRIOR if mode == "prior" else None,
                                        query_chunk=2, block=8)
     pairs_q = np.repeat(lq, g, axis=0)
@@ -533,7 +534,7 @@ def test_amd_over_top_k_matches_reference(mode):
     pair_sep = sep[rows, top.ravel()]
     if mode in ("paper", "projection"):
         pair_sep[0] = 0.0  # query 0's first match is its identical copy: all tied
-    got = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_query=vq,
+    got = gm.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_query=vq,
                             prior=PRIOR if mode == "prior" else None,
                             **_no_removal_ids(q, fg.shape[0]))
     ref = reference_amd(pair_sep, lq[rows], lg[top.ravel()], vq[rows], brute_force_ties=True)
@@ -551,23 +552,23 @@ def test_amd_over_top_k_matches_reference(mode):
 def test_gallery_errors():
     fq, fg, w, lq, lg = _gallery_case()
     with pytest.raises(ValueError, match="mode must be one of"):
-        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "full")
+        gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "full")
     with pytest.raises(ValueError, match="mode='prior' needs prior"):
-        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "prior")
+        gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "prior")
     with pytest.raises(ValueError, match=r"prior must have shape \(5,\)"):
-        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "prior", prior=PRIOR[:4])
+        gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "prior", prior=PRIOR[:4])
     with pytest.raises(ValueError, match="prior applies to mode='prior' only"):
-        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "paper", prior=PRIOR)
+        gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "paper", prior=PRIOR)
     with pytest.raises(ValueError, match=r"labels_gallery must have shape \(9, 5\)"):
-        em.streamed_amd_over_gallery(fq, fg, w, lq, lg[:-1])
+        gm.streamed_amd_over_gallery(fq, fg, w, lq, lg[:-1])
     with pytest.raises(ValueError, match="query_chunk must be >= 1"):
-        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, query_chunk=0)
+        gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, query_chunk=0)
     bad = fq.copy()
     bad[1, 2] = np.inf
     with pytest.raises(ValueError, match="f_query .* non-finite"):
-        em.streamed_amd_over_gallery(bad, fg, w, lq, lg)
+        gm.streamed_amd_over_gallery(bad, fg, w, lq, lg)
     with pytest.raises(ValueError, match="k must be an integer"):
-        em.amd_over_top_k(fq, fg, w, lq, lg, k=100, **_no_removal_ids(5, 9))
+        gm.amd_over_top_k(fq, fg, w, lq, lg, k=100, **_no_removal_ids(5, 9))
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,7 +616,7 @@ def test_amd_over_top_k_uses_the_protocol_ranking(mode):
     sep, scores, xq = _separation64(fq, fg, w, mode)
     rows = np.repeat(np.arange(q), k)
     valid = vg[top.ravel()]
-    got = em.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_gallery=vg,
+    got = gm.amd_over_top_k(fq, fg, w, lq, lg, mode, k=k, valid_gallery=vg,
                             extra_thresholds=(0.0,) if mode in em.SCORE_MODES else (),
                             prior=PRIOR if mode == "prior" else None, **ids)
     ref = reference_amd(sep[rows, top.ravel()], lq[rows], lg[top.ravel()], valid,
@@ -645,7 +646,7 @@ def test_amd_over_top_k_with_fewer_than_k_kept_images():
     rows = np.repeat(np.arange(fq.shape[0]), k)
     valid = finite.ravel()
     sep, _, _ = _separation64(fq, fg, w, "paper")
-    got = em.amd_over_top_k(fq, fg, w, lq, lg, "paper", k=k, **ids)
+    got = gm.amd_over_top_k(fq, fg, w, lq, lg, "paper", k=k, **ids)
     ref = reference_amd(sep[rows, top.ravel()], lq[rows], lg[top.ravel()], valid,
                         brute_force_ties=True)
     assert got["num_pairs"] == 14
@@ -675,29 +676,29 @@ def test_top_k_pairs_are_those_of_explain_run():
 def test_top_k_and_extra_threshold_errors():
     fq, fg, w, lq, lg, ids, _ = _protocol_case()
     with pytest.raises(ValueError, match=r"query_pids must be integer \[4\]"):
-        em.amd_over_top_k(fq, fg, w, lq, lg, **{**ids, "query_pids": ids["query_pids"][:3]})
+        gm.amd_over_top_k(fq, fg, w, lq, lg, **{**ids, "query_pids": ids["query_pids"][:3]})
     with pytest.raises(ValueError, match=r"gallery_cams must be integer \[14\]"):
-        em.amd_over_top_k(fq, fg, w, lq, lg, **{**ids, "gallery_cams": np.ones(14)})
+        gm.amd_over_top_k(fq, fg, w, lq, lg, **{**ids, "gallery_cams": np.ones(14)})
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, G=14\]"):
-        em.amd_over_top_k(fq, fg, w, lq, lg, k=0, **ids)
+        gm.amd_over_top_k(fq, fg, w, lq, lg, k=0, **ids)
     with pytest.raises(ValueError, match=r"apply to modes \(.scores., .disagreement.\) only"):
-        em.amd_over_top_k(fq, fg, w, lq, lg, "paper", extra_thresholds=(0.0,), **ids)
+        gm.amd_over_top_k(fq, fg, w, lq, lg, "paper", extra_thresholds=(0.0,), **ids)
     with pytest.raises(ValueError, match=r"apply to modes \(.scores., .disagreement.\) only"):
-        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "complete", extra_thresholds=(0.0,))
+        gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "complete", extra_thresholds=(0.0,))
     with pytest.raises(ValueError, match=r"threshold must lie in \[0, 0.5\)"):
-        em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", extra_thresholds=(0.7,))
+        gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", extra_thresholds=(0.7,))
 
 
 def test_streamed_extra_thresholds_equal_separate_passes_and_progress():
     fq, fg, w, lq, lg = _gallery_case()
     calls = []
-    got = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", threshold=0.3,
+    got = gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", threshold=0.3,
                                        extra_thresholds=(0.0, 0.1), query_chunk=2,
                                        progress=lambda done, total: calls.append((done, total)))
     assert calls == [(2, 5), (4, 5), (5, 5)]
     for t, result in ((0.3, got["auroc"]), (0.0, got["extra_auroc"][0]),
                       (0.1, got["extra_auroc"][1])):
-        alone = em.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", threshold=t,
+        alone = gm.streamed_amd_over_gallery(fq, fg, w, lq, lg, "scores", threshold=t,
                                              query_chunk=2)
         assert result == alone["auroc"]
         assert alone["extra_auroc"] == []

@@ -46,8 +46,8 @@ writes the results.
    per-attribute AUROCs, beside the constant per-attribute baseline.
 3. **AMD Ex-Precision / Ex-mAP** (``_d``, ``_s`` and ``_s`` by AMD's rule) over all labelled
    pairs and over the top ``k`` ranks, for every separation and the prior, with chance levels
-   (:func:`~reid_jax.explain.metrics.streamed_amd_over_gallery`,
-   :func:`~reid_jax.explain.metrics.amd_over_top_k`; the top ``k`` there is the ranking of
+   (:func:`~reid_jax.explain.gallery_metrics.streamed_amd_over_gallery`,
+   :func:`~reid_jax.explain.gallery_metrics.amd_over_top_k`; the top ``k`` there is the ranking of
    the report, ``reid_jax.explain.run``: the Market-1501 protocol removes gallery images with
    the query's pid and camera and junk, distractors stay but have no labels and are ignored;
    same-identity pairs have no differing attribute and only count in ``num_pairs``).
@@ -82,6 +82,7 @@ from reid_jax.data.attributes import (
 from reid_jax.data.market1501 import SPLIT_FOLDERS
 from reid_jax.explain import baselines, bootstrap, map_quality, settings
 from reid_jax.explain import counterfactuals as cfs
+from reid_jax.explain import gallery_metrics as gm
 from reid_jax.explain import metrics as em
 from reid_jax.explain.table import FORMAT, MODES, markdown_table
 from reid_jax.progress import ProgressLog
@@ -174,19 +175,19 @@ def label_metrics(
     for mode in MODES:
         # Matching-score AUROC for all attributes: t = 0 selects every attribute (x != 0.5).
         extra = (0.0,) if mode in em.SCORE_MODES else ()
-        scopes["all_pairs"][mode] = em.streamed_amd_over_gallery(
+        scopes["all_pairs"][mode] = gm.streamed_amd_over_gallery(
             *args, mode, threshold=threshold, extra_thresholds=extra,
             prior=fixed["all_pairs"] if mode == "prior" else None,
             progress=ProgressLog(f"AMD over all pairs ({mode})", interval=log_interval),
             **masks)
         t0 = time.perf_counter()
-        scopes[top][mode] = em.amd_over_top_k(
+        scopes[top][mode] = gm.amd_over_top_k(
             *args, mode, k=k, threshold=threshold, extra_thresholds=extra,
             prior=fixed[top] if mode == "prior" else None, **ids, **masks)
         logging.info("AMD over the top %d ranks (%s): %.1f s", k, mode,
                      time.perf_counter() - t0)
     # The label-only order on the top k too, to show what knowing "near neighbour" adds.
-    labels_only = (em.amd_over_top_k(*args, "prior", k=k, threshold=threshold,
+    labels_only = (gm.amd_over_top_k(*args, "prior", k=k, threshold=threshold,
                                      prior=prior.all_pairs, **ids, **masks)
                    if prior.neighbours is not None else None)
 
