@@ -64,6 +64,9 @@ flags.DEFINE_enum("precision", "highest", ["highest", "default"],
                   "products, what reid_jax.retrieval.PRECISION ships) or 'default' (the "
                   "backend's fastest: TF32 / bfloat16 passes on GPUs and TPUs), to measure "
                   "what the full precision costs and what it buys on near-duplicate pairs.")
+flags.DEFINE_bool("isolate", True, "Run every kernel timing in a fresh process, so its peak "
+                  "resident memory can be reported (--noisolate: all in this process, faster "
+                  "to start; peak memory is then the whole run's).")
 flags.DEFINE_string("measure", "", "Internal: run one measurement and print it as JSON.")
 flags.DEFINE_string("json", None, "Also write the measurements to this JSON file.")
 
@@ -143,6 +146,8 @@ def _measure(name: str) -> dict:
 
 
 def _run_child(name: str) -> dict:
+    if not FLAGS.isolate:  # in this process: no per-measurement peak memory
+        return _measure(name)
     argv = [sys.executable, __file__, f"--measure={name}"] + [
         f"--{k}={getattr(FLAGS, k)}" for k in
         ("num_query", "num_gallery", "dim", "num_attributes", "k", "pairs_queries", "repeats",

@@ -82,7 +82,7 @@ if [[ $SMOKE == 1 ]]; then
   SYNTH=(--num_train_ids=2 --num_test_ids=3 --images_per_id=5 --num_distractors=2 --num_junk=1)
   EXTRACT=(--config=configs/agw_tiny.py --batch_size=8 --num_workers=1)
   EXPLAIN=(--num_query=16 --num_gallery=64 --dim=32 --num_attributes=4 --k=3 --pairs_queries=4
-           --repeats=1 --maps_config=configs/agw_tiny.py)
+           --repeats=1 --maps_config=configs/agw_tiny.py --noisolate)
 else
   TRAIN_CONFIG=configs/agw_market1501.py; TRAIN_BATCHES="64 256"; TRAIN_STEPS=10; TRAIN_WARMUP=2
   EVAL_BATCH=256
