@@ -258,9 +258,10 @@ def test_pairs_of_one_query_and_explicit_indices_agree(post, images):
         for x, y in zip(one, other, strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
                                        atol=1e-5 * float(np.abs(np.asarray(x)).max()))
-    # An identical pair explains (next to) nothing: e ~ 0 and both maps ~ 0.
+    # An identical pair explains (next to) nothing: e ~ 0 and both maps ~ 0 (the same image in
+    # two batches: rounding only).
     z = maps.contribution_maps(model, w, images[4:], images[[4, 1, 2]])
-    assert float(np.abs(np.asarray(z.errors[0])).max()) < 1e-9  # equal images, separate batches: rounding only
+    assert float(np.abs(np.asarray(z.errors[0])).max()) < 1e-9
     assert float(np.abs(np.asarray(z.query[0])).max()) < 1e-9
     assert float(np.abs(np.asarray(z.errors[1])).max()) > 1e-4
 
