@@ -262,7 +262,8 @@ def test_pairs_of_one_query_and_explicit_indices_agree(post, images):
     # two batches: rounding only).
     z = maps.contribution_maps(model, w, images[4:], images[[4, 1, 2]])
     assert float(np.abs(np.asarray(z.errors[0])).max()) < 1e-9
-    assert float(np.abs(np.asarray(z.query[0])).max()) < 1e-9
+    scale = float(np.abs(np.asarray(z.query[1])).max())  # a real pair's
+    assert float(np.abs(np.asarray(z.query[0])).max()) < 0.1 * scale, scale
     assert float(np.abs(np.asarray(z.errors[1])).max()) > 1e-4
 
 
