@@ -18,22 +18,23 @@ from reid_jax.data import attributes, market1501
 from reid_jax.synthetic import canvas as sc_lib
 from reid_jax.synthetic import dataset as synthetic_dataset
 from reid_jax.synthetic import masks as masks_lib
+from reid_jax.synthetic import person as people
 from reid_jax.synthetic import render as sr
 
 NAMES = attributes.ATTRIBUTE_NAMES
 
 
-def _scene(view: str, seed: int = 0) -> sr.Scene:
+def _scene(view: str, seed: int = 0) -> people.Scene:
     cams = synthetic.sample_cameras(seed)
     rng = np.random.default_rng(seed)
     track = synthetic_dataset._track(rng)
     track.update(view=view, height=112.0, x=32.0, foot_y=124.0)
     sc = synthetic_dataset._scene(rng, cams[seed % 6], track, "detected")
     return dataclasses.replace(
-        sc, occluder=sr.Occluder("pole", 8.0, 4.0, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)))
+        sc, occluder=people.Occluder("pole", 8.0, 4.0, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)))
 
 
-def _person(**kw) -> sr.Person:
+def _person(**kw) -> people.Person:
     p = synthetic.sample_person(np.random.default_rng(7))
     base = dict(female=True, long_hair=True, short_sleeves=True, short_lower=False,
                 pants=True, hat=True, backpack=True, bag=True, handbag=True,
@@ -73,7 +74,7 @@ def test_downsample_labels_takes_the_majority_and_ties_go_up():
     np.testing.assert_array_equal(sc_lib.downsample_labels(labels, 1, 2), labels)
 
 
-@pytest.mark.parametrize("view", sr.VIEWS)
+@pytest.mark.parametrize("view", people.VIEWS)
 def test_render_labels_agree_with_the_part_masks(view):
     p, sc = _person(), _scene(view, seed=2)
     img, masks, labels = sr.render(p, sc, return_masks=True, return_labels=True)
@@ -82,17 +83,17 @@ def test_render_labels_agree_with_the_part_masks(view):
     np.testing.assert_array_equal(img2, img)
     np.testing.assert_array_equal(labels2, labels)
     assert labels.shape == (128, 64) and labels.dtype == np.uint8
-    assert labels.max() < len(sr.REGIONS)
-    for part, region in sr.PART_REGIONS.items():
+    assert labels.max() < len(people.REGIONS)
+    for part, region in people.PART_REGIONS.items():
         mostly = masks[part] > 0.8
-        agree = (labels[mostly] == sr.REGIONS.index(region)).mean() if mostly.any() else 1.0
+        agree = (labels[mostly] == people.REGIONS.index(region)).mean() if mostly.any() else 1.0
         assert agree > 0.97, (view, part, agree)
     nothing = masks["person"] + masks["occluder"] < 0.2
     assert (labels[nothing] == 0).mean() > 0.99
     for region in ("hair", "hat", "upper_body", "lower_body", "shoes", "occluder"):
-        assert (labels == sr.REGIONS.index(region)).sum() > 10, (view, region)
+        assert (labels == people.REGIONS.index(region)).sum() > 10, (view, region)
     _, empty = sr.render(None, sc, return_labels=True)
-    assert set(np.unique(empty).tolist()) <= {0, sr.REGIONS.index("occluder")}
+    assert set(np.unique(empty).tolist()) <= {0, people.REGIONS.index("occluder")}
 
 
 def test_attribute_regions_name_the_pixels_that_show_each_attribute():
@@ -109,10 +110,11 @@ def test_attribute_regions_name_the_pixels_that_show_each_attribute():
     regions = masks_lib.labels_to_regions(labels)
     assert regions.shape == (len(NAMES), 128, 64) and regions.dtype == bool
     idx = NAMES.index
-    np.testing.assert_array_equal(regions[idx("hat")], labels == sr.REGIONS.index("hat"))
+    np.testing.assert_array_equal(regions[idx("hat")], labels == people.REGIONS.index("hat"))
     np.testing.assert_array_equal(regions[idx("upred")], regions[idx("upblue")])
     np.testing.assert_array_equal(
-        regions[idx("up")], np.isin(labels, [sr.REGIONS.index(r) for r in ("upper_body", "arms")]))
+        regions[idx("up")],
+        np.isin(labels, [people.REGIONS.index(r) for r in ("upper_body", "arms")]))
     assert regions[idx("backpack")].sum() > 100  # seen from behind
     assert not regions[idx("gender")].any() and not regions[idx("age2")].any()
     # Regions follow the person: without a hat there is no hat region.
@@ -136,7 +138,7 @@ def test_generator_writes_a_mask_per_image_and_the_reader_reads_it(tiny_dataset)
         mask = synthetic.read_part_mask(image_path)
         with Image.open(image_path) as image:
             assert mask.labels.shape == (image.height, image.width)
-        assert mask.regions == sr.REGIONS
+        assert mask.regions == people.REGIONS
     # The stored mask is the re-render's labels; counterfactuals give theirs the same way.
     for im in meta["images"][::9]:
         name = os.path.basename(im["file"])
@@ -148,7 +150,7 @@ def test_generator_writes_a_mask_per_image_and_the_reader_reads_it(tiny_dataset)
     img, masks, labels = synthetic.render_counterfactual(root, name, "hat", 1, jpeg=False,
                                                          return_masks=True, return_labels=True)
     assert img.shape == (128, 64, 3) and "hat" in masks
-    assert (labels == sr.REGIONS.index("hat")).sum() > 5
+    assert (labels == people.REGIONS.index("hat")).sum() > 5
     regions = synthetic.read_attribute_regions(os.path.join(root, person_image["file"]))
     assert regions.shape == (len(NAMES), 128, 64) and regions.dtype == bool
     labels_here = synthetic.person_labels(synthetic.image_record(root, name)[0])

@@ -17,6 +17,7 @@ from reid_jax import synthetic
 from reid_jax.data import attributes, market1501
 from reid_jax.synthetic import canvas as sc_lib
 from reid_jax.synthetic import dataset as synthetic_dataset
+from reid_jax.synthetic import person as people
 from reid_jax.synthetic import render as sr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +140,7 @@ def test_sampled_attributes_follow_the_real_training_split():
     np.testing.assert_array_equal(labels[:, names.index("age1"):].sum(1), 1)
 
 
-def _person(**kw) -> sr.Person:
+def _person(**kw) -> people.Person:
     p = synthetic.sample_person(np.random.default_rng(7))
     base = dict(female=False, long_hair=False, short_sleeves=False, short_lower=False,
                 pants=True, hat=False, backpack=False, bag=False, handbag=False,
@@ -186,7 +187,7 @@ def test_change_attribute_keeps_one_hot_constraints():
 
 def test_person_round_trips_and_validates():
     p = _person()
-    assert sr.Person.from_dict(p.to_dict()) == p
+    assert people.Person.from_dict(p.to_dict()) == p
     with pytest.raises(ValueError, match="up_colour 'orange'"):
         dataclasses.replace(p, up_colour="orange")
     with pytest.raises(ValueError, match="age must be 1..4"):
@@ -194,20 +195,20 @@ def test_person_round_trips_and_validates():
     d = p.to_dict()
     del d["skin"]
     with pytest.raises(ValueError, match=r"missing fields \['skin'\]"):
-        sr.Person.from_dict(d)
+        people.Person.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------
 # Rendering and counterfactual locality.
 
 
-def _scene(view: str, seed: int = 0, occluder: bool = False) -> sr.Scene:
+def _scene(view: str, seed: int = 0, occluder: bool = False) -> people.Scene:
     cams = synthetic.sample_cameras(seed)
     rng = np.random.default_rng(seed)
     track = synthetic_dataset._track(rng)
     track.update(view=view, height=112.0, x=32.0, foot_y=124.0)
     sc = synthetic_dataset._scene(rng, cams[seed % 6], track, "detected")
-    occ = sr.Occluder("pole", 8.0, 4.0, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)) if occluder else None
+    occ = people.Occluder("pole", 8.0, 4.0, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)) if occluder else None
     return dataclasses.replace(sc, occluder=occ)
 
 
@@ -216,7 +217,7 @@ def test_render_is_deterministic_and_shaped():
     img, masks = sr.render(p, sc, return_masks=True)
     assert img.shape == (128, 64, 3) and img.dtype == np.uint8
     np.testing.assert_array_equal(img, sr.render(p, sc))  # masks do not change the pixels
-    assert set(masks) == set(sr.PARTS)
+    assert set(masks) == set(people.PARTS)
     for name, m in masks.items():
         assert m.shape == (128, 64) and m.min() >= 0 and m.max() <= 1 + 1e-6, name
     # The person covers a plausible part of the crop; parts are where they belong.
@@ -233,7 +234,7 @@ def test_render_is_deterministic_and_shaped():
     assert np.abs(other.astype(int) - img.astype(int)).mean() < 6
 
 
-def _assert_local(p: sr.Person, sc: sr.Scene, attr: str) -> int:
+def _assert_local(p: people.Person, sc: people.Scene, attr: str) -> int:
     """Changes ``attr`` and asserts pixels change only inside its dilated region; returns how
     many pixels changed."""
     q = synthetic.change_attribute(p, attr, None, np.random.default_rng(1))
@@ -247,7 +248,7 @@ def _assert_local(p: sr.Person, sc: sr.Scene, attr: str) -> int:
     return int(diff.sum())
 
 
-@pytest.mark.parametrize("view", sr.VIEWS)
+@pytest.mark.parametrize("view", people.VIEWS)
 def test_counterfactual_changes_only_the_attribute_region(view):
     sc = _scene(view, seed=1, occluder=True)
     for p in (_person(), _person(female=True, long_hair=True, backpack=True, bag=True,
@@ -299,7 +300,7 @@ def test_hair_is_drawn_from_the_hair_label_not_from_gender(view):
             np.testing.assert_array_equal(male.vis["hair"], female.vis["hair"])
 
 
-@pytest.mark.parametrize("view", sr.VIEWS)
+@pytest.mark.parametrize("view", people.VIEWS)
 def test_gender_change_keeps_short_hair_and_the_other_labels(view):
     # Short hair sits above the shoulders, so only the head size (gender changes it by ~4 %)
     # may change its area; a gender-dependent hair style (a bob for every woman) changed it
@@ -390,7 +391,7 @@ def test_attribute_file_matches_the_persons(tiny):
     for ids, table in ((labels.train_ids, labels.train_labels),
                        (labels.test_ids, labels.test_labels)):
         for pid, row in zip(ids.tolist(), table, strict=True):
-            person = sr.Person.from_dict(meta["persons"][f"{pid:04d}"])
+            person = people.Person.from_dict(meta["persons"][f"{pid:04d}"])
             np.testing.assert_array_equal(row, synthetic.person_labels(person))
 
 

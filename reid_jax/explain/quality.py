@@ -87,7 +87,7 @@ from reid_jax.explain import metrics as em
 from reid_jax.explain.table import FORMAT, MODES, markdown_table
 from reid_jax.progress import ProgressLog
 from reid_jax.synthetic.masks import read_regions
-from reid_jax.synthetic.render import IMAGE_HEIGHT, IMAGE_WIDTH
+from reid_jax.synthetic.person import IMAGE_HEIGHT, IMAGE_WIDTH
 
 JSON_NAME = settings.METRICS_NAME  # "explanation_metrics.json", read by tools/explain.py
 MARKDOWN_NAME = settings.METRICS_MARKDOWN_NAME

@@ -1,4 +1,5 @@
-"""Synthetic Market-1501-shaped persons: the renderer (``canvas``, ``render``), the dataset
+"""Synthetic Market-1501-shaped persons: what a person and a scene are (``person``), the
+renderer (``canvas``, ``render``), the dataset
 writer with counterfactual re-rendering (``dataset``) and the part masks written beside every
 image (``masks``), whose public names are given here.
 

@@ -47,8 +47,10 @@ from PIL import Image, ImageDraw
 from reid_jax.atomic_io import public_mode, remove_stale
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.synthetic import masks as masks_lib
+from reid_jax.synthetic import person as people
 from reid_jax.synthetic import render as sr
-from reid_jax.synthetic.render import Camera, Occluder, Person, Scene, render
+from reid_jax.synthetic.person import Camera, Occluder, Person, Scene
+from reid_jax.synthetic.render import render
 
 META_FILE = "synthetic_meta.json"
 META_FORMAT = "reid_jax.synthetic_market1501"
@@ -102,8 +104,8 @@ ATTRIBUTE_PARTS: dict[str, tuple[str, ...]] = {
     "clothes": ("lower", "skin_legs"), "down": ("lower", "skin_legs"),
     "up": ("upper", "skin_arms"), "hair": ("hair",), "hat": ("hat",),
     "gender": ("person",),
-    **{f"up{c}": ("upper",) for c in sr.UP_COLOURS},
-    **{f"down{c}": ("lower",) for c in sr.DOWN_COLOURS},
+    **{f"up{c}": ("upper",) for c in people.UP_COLOURS},
+    **{f"down{c}": ("lower",) for c in people.DOWN_COLOURS},
     **{f"age{k}": ("person",) for k in range(1, 5)},
 }
 
@@ -195,7 +197,7 @@ def sample_person(rng: np.random.Generator) -> Person:
     age = int(rng.choice(4, p=np.asarray(t["age"]) / t["n"])) + 1
     up_colour = _pick(rng, list(t["up_colour"]), list(t["up_colour"].values()))
     down_colour = _pick(rng, list(t["down_colour"]), list(t["down_colour"].values()))
-    others = list(sr.OTHER_COLOURS.values())
+    others = list(people.OTHER_COLOURS.values())
     skin_t = float(rng.beta(1.6, 4.0))
     return Person(
         female=female, long_hair=long_hair, short_sleeves=short_sleeves, short_lower=short_lower,
@@ -208,11 +210,11 @@ def sample_person(rng: np.random.Generator) -> Person:
         up_shade=_shade(rng), down_shade=_shade(rng),
         up_other=_jitter(rng, others[int(rng.integers(len(others)))]),
         down_other=_jitter(rng, others[int(rng.integers(len(others)))]),
-        pattern=_pick(rng, sr.PATTERNS, _PATTERN_P),
+        pattern=_pick(rng, people.PATTERNS, _PATTERN_P),
         pattern_rgb=_jitter(rng, rng.uniform(0.05, 0.95, 3), 0.0),
         shoe_rgb=_jitter(rng, _pick(rng, _SHOES, _SHOES_P), 0.02),
         height=_r4(rng.uniform(0.95, 1.05)), width=_r4(rng.uniform(0.9, 1.12)),
-        hat_style=_pick(rng, sr.HAT_STYLES, (0.5, 0.3, 0.2)),
+        hat_style=_pick(rng, people.HAT_STYLES, (0.5, 0.3, 0.2)),
         hat_rgb=_jitter(rng, _pick(rng, _HATS, np.ones(len(_HATS)))),
         backpack_rgb=_jitter(rng, _pick(rng, _BAGS, (3, 1, 1, 1, 1, 2, 2))),
         bag_rgb=_jitter(rng, _pick(rng, _BAGS, (3, 2, 2, 1, 1, 1, 1))),
@@ -269,8 +271,8 @@ def change_attribute(person: Person, attribute: str, value: int | bool | None = 
             return dataclasses.replace(person, age=k)
         return dataclasses.replace(person, age=int(rng.choice([a for a in (1, 2, 3, 4)
                                                                 if a != k])))
-    garment, colours = (("up_colour", sr.UP_COLOURS) if attribute.startswith("up")
-                        else ("down_colour", sr.DOWN_COLOURS))
+    garment, colours = (("up_colour", people.UP_COLOURS) if attribute.startswith("up")
+                        else ("down_colour", people.DOWN_COLOURS))
     colour = attribute[2:] if garment == "up_colour" else attribute[4:]
     if target:
         return dataclasses.replace(person, **{garment: colour})
@@ -298,7 +300,7 @@ def sample_cameras(seed: int) -> tuple[Camera, ...]:
 
 
 def _occluder(rng: np.random.Generator) -> Occluder:
-    kind = _pick(rng, sr.OCCLUDERS, (0.3, 0.3, 0.2, 0.2))
+    kind = _pick(rng, people.OCCLUDERS, (0.3, 0.3, 0.2, 0.2))
     side = float(rng.choice((-1.0, 1.0)))
     if kind == "pole":
         x, size = rng.uniform(4, 60), rng.uniform(2.5, 6)
@@ -340,17 +342,18 @@ def _scene(rng: np.random.Generator, camera: Camera, track: dict[str, float], ki
     return Scene(
         camera=camera, view=str(track["view"]), height=_r4(height), x=_r4(x),
         foot_y=_r4(foot_y), phase=_r4(rng.uniform(0, 2 * math.pi)),
-        stride=_r4(rng.uniform(0.4, 1.0)), bg_x=_r4(np.clip(track["bg_x"] + rng.normal(0, 3), 0,
-                                                            sr.PANORAMA_WIDTH - sr.IMAGE_WIDTH)),
+        stride=_r4(rng.uniform(0.4, 1.0)),
+        bg_x=_r4(np.clip(track["bg_x"] + rng.normal(0, 3), 0,
+                         sr.PANORAMA_WIDTH - people.IMAGE_WIDTH)),
         bg_y=_r4(track["bg_y"]), light=_r4(rng.uniform(0.92, 1.08)),
         blur=_r4(rng.uniform(0.0, 0.35)), occluder=occ, noise_seed=int(rng.integers(2**31)))
 
 
 def _track(rng: np.random.Generator) -> dict[str, Any]:
-    return {"view": _pick(rng, sr.VIEWS, _VIEWS_P), "height": rng.uniform(102, 120),
+    return {"view": _pick(rng, people.VIEWS, _VIEWS_P), "height": rng.uniform(102, 120),
             "x": 32 + rng.normal(0, 2.0), "foot_y": rng.uniform(121, 127.5),
-            "bg_x": rng.uniform(0, sr.PANORAMA_WIDTH - sr.IMAGE_WIDTH),
-            "bg_y": rng.uniform(0, sr.PANORAMA_HEIGHT - sr.IMAGE_HEIGHT)}
+            "bg_x": rng.uniform(0, sr.PANORAMA_WIDTH - people.IMAGE_WIDTH),
+            "bg_y": rng.uniform(0, sr.PANORAMA_HEIGHT - people.IMAGE_HEIGHT)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -760,7 +763,7 @@ def attribute_region(masks_before: dict[str, np.ndarray], masks_after: dict[str,
     if attribute not in ATTRIBUTE_PARTS:
         raise ValueError(f"unknown attribute {attribute!r}; expected one of "
                          f"{tuple(ATTRIBUTE_PARTS)}")
-    region = np.zeros((sr.IMAGE_HEIGHT, sr.IMAGE_WIDTH), bool)
+    region = np.zeros((people.IMAGE_HEIGHT, people.IMAGE_WIDTH), bool)
     for part in ATTRIBUTE_PARTS[attribute]:
         region |= (masks_before[part] > 0) | (masks_after[part] > 0)
     if radius > 0:  # square dilation
@@ -806,7 +809,7 @@ def contact_sheet(dataset_dir: str | os.PathLike, out_png: str | os.PathLike, n:
         raise ValueError(f"no images to show in {dataset_dir} (split {split!r})")
     n = min(n, len(files))
     picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, n).round()]
-    tw, th = sr.IMAGE_WIDTH * scale, sr.IMAGE_HEIGHT * scale
+    tw, th = people.IMAGE_WIDTH * scale, people.IMAGE_HEIGHT * scale
     label_h = 36 if show_attributes else 14
     rows = math.ceil(n / columns)
     sheet = Image.new("RGB", (columns * (tw + 4), rows * (th + label_h + 4)), (255, 255, 255))

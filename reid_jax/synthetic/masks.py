@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
-from reid_jax.synthetic.render import DOWN_COLOURS, REGIONS, UP_COLOURS
+from reid_jax.synthetic.person import DOWN_COLOURS, REGIONS, UP_COLOURS
 
 MASKS_FOLDER = "masks"
 REGIONS_FILE = "regions.json"
