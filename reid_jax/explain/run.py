@@ -234,15 +234,18 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
                     query_pids: np.ndarray, query_cams: np.ndarray, gallery_pids: np.ndarray,
                     gallery_cams: np.ndarray, *, k: int, threshold: Any, mode: str,
                     chunk: int = 256, gallery_chunk: int = 1024,
-                    progress: ProgressBar | None = None, fetch: int | None = None
-                    ) -> Iterator[QueryExplanation]:
+                    progress: ProgressBar | None = None, fetch: int | None = None,
+                    validate: bool | None = None) -> Iterator[QueryExplanation]:
     """Yields the explained top ``k`` of every query of ``f_query [Q, N]``, in order.
 
     Each chunk of queries goes through :func:`reid_jax.explain.explain_rankings` with enough
     candidates (``k`` plus the most removals of any query) that the top ``k`` survive the
     protocol's removal of same-pid same-camera images. ``fetch`` asks for more (at least that
     many): a caller that explains one query at a time passes the count of the whole split, so
-    the kernels compile once and rank as a run over the split does.
+    the kernels compile once and rank as a run over the split does. ``validate`` is the
+    kernels' input check (:func:`reid_jax.explain.explain_rankings`); a caller that explains one
+    query at a time against a gallery it has checked once passes ``False`` (the check reads the
+    whole gallery on every call).
     """
     g = int(np.shape(f_gallery)[0])
     fetch = int(min(g, max(fetch or 0, k + int(retrieval.removed_counts(
@@ -252,7 +255,8 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
     t = jnp.asarray(threshold, jnp.float32)
     for start, stop, rows in retrieval.padded_chunks(np.asarray(f_query, np.float32), chunk):
         out = explain.explain_rankings(jnp.asarray(rows), fg, w, k=fetch, threshold=t,
-                                       mode=mode, gallery_chunk=gallery_chunk)
+                                       mode=mode, gallery_chunk=gallery_chunk,
+                                       validate=validate)
         n = stop - start
         out = type(out)(*(np.asarray(x)[:n] for x in out))
         keep = retrieval.kept_in_ranking(out.indices, query_pids[start:stop],

@@ -403,7 +403,7 @@ class Explorer:
                 self.f_query[i:i + 1], self.gallery.embeddings, self.weights, self.qp[i:i + 1],
                 self.qc[i:i + 1], self.gp, self.gc, k=k, threshold=threshold, chunk=1,
                 gallery_chunk=len(self.gallery_split), fetch=self.fetch(k),
-                **_mode_kwargs(mode)))
+                validate=False, **_mode_kwargs(mode)))  # checked once, at load
             m = self.metrics
             return _Ranking(ex, (m.ap[i], m.inp[i], m.first_rank[i], m.num_matches[i]), None,
                             None, int(self._protocol(ref).sum()))
