@@ -13,7 +13,8 @@ Every step holds these items (``ocp.args.Composite``):
 - ``"attribute_head"`` (``ATTRIBUTE_HEAD_ITEM``, optional): ``nnx.state(attribute_head)``;
 - ``"meta"`` (``META_ITEM``): JSON with at least ``num_classes`` (int) and ``config`` (the config
   dict the model was built from); conversion adds ``converted_from``; ``save_checkpoint`` adds
-  ``attribute_head: {embedding_dim, num_attributes}`` when a head is saved.
+  ``attribute_head: {embedding_dim, num_attributes}`` when a head is saved (and its
+  ``calibration: {slope, intercept}`` when one was fitted).
 
 Training adds its own items (optimizer state, ...) to the same steps; it can open the manager with
 ``open_manager`` (which knows the handlers of the items above) and name more items.
@@ -42,7 +43,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from reid_jax.models.agw import AGW, model_kwargs
-from reid_jax.models.attribute_head import AttributeHead
+from reid_jax.models.attribute_head import AttributeHead, Calibration
 
 MODEL_ITEM = "model"
 ATTRIBUTE_HEAD_ITEM = "attribute_head"
@@ -335,6 +336,20 @@ def restore_model(
         return model, meta
     finally:
         manager.close()
+
+
+def restore_calibration(directory: str | os.PathLike,
+                        step: int | None = None) -> Calibration | None:
+    """The attribute head's :class:`Calibration` stored with ``step`` (default: latest), or
+    None where the head was saved without one (``tools/train_attributes.py`` fits one unless
+    ``--calibration_folds=0``)."""
+    directory = os.path.abspath(os.fspath(directory))
+    meta = restore_meta(directory, step)
+    head = meta.get("attribute_head")
+    if not isinstance(head, dict) or head.get("calibration") is None:
+        return None
+    return Calibration.from_json(head["calibration"],
+                                 f"{directory}: meta 'attribute_head.calibration'")
 
 
 def restore_attribute_head(

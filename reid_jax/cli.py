@@ -44,6 +44,18 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
 DISK_FULL_TEXT = "No space left on device"
 
 
+def define_map_path_flags() -> tuple[Any, Any]:
+    """``--map_layer`` and ``--map_reference_images`` (where the attribute maps' path runs and
+    starts), shared by the tools that compute maps; returns the two flag holders."""
+    layer = flags.DEFINE_integer(
+        "map_layer", None, "Stage whose output the maps' path runs through, 1..4 (4: the last "
+        "feature map; config.explain.map_layer).")
+    reference = flags.DEFINE_integer(
+        "map_reference_images", None, "The maps' path starts at the mean feature map of this "
+        "many gallery images, 0: at zeros (config.explain.map_reference_images).")
+    return layer, reference
+
+
 def _program() -> str:
     path = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "reid_jax"
     parent = os.path.basename(os.path.dirname(path))

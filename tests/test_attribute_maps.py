@@ -202,15 +202,17 @@ def test_contribution_maps_of_a_homogeneous_embedding_are_exact(linear):
     np.testing.assert_allclose(np.asarray(c.errors), np.square(diff) @ wm, rtol=1e-4)
 
 
-def _check_complete(c: maps.ContributionMaps, f: np.ndarray, w: np.ndarray, complete: bool):
-    """The two maps of every pair sum to e_a of eq. 3.2 (float64, and the kernels')."""
+def _check_complete(c: maps.ContributionMaps, f: np.ndarray, w: np.ndarray, complete: bool,
+                    tolerance: float = 1e-3):
+    """The two maps of every pair sum to e_a of eq. 3.2 (float64, and the kernels'), within
+    ``tolerance`` of sum_a |e_a|."""
     fq, fg = f[3:], f[:3]  # embeddings of images[1:]: the gallery images, then the query
     wm = np.asarray(explain.complete_weights(jnp.asarray(w)), np.float64) if complete \
         else w.astype(np.float64)
     ref = np.square(fq - fg) @ wm
     got = np.asarray(c.query, np.float64).sum((2, 3)) + np.asarray(c.gallery).sum((2, 3))
     scale = np.abs(ref).sum(axis=1, keepdims=True)
-    assert (np.abs(got - ref) <= 1e-3 * scale).all(), np.abs(got - ref) / scale
+    assert (np.abs(got - ref) <= tolerance * scale).all(), np.abs(got - ref) / scale
     kern = explain.attribute_errors(fq[0].astype(np.float32), fg.astype(np.float32), w,
                                     complete=complete, mesh=None)
     np.testing.assert_allclose(np.asarray(c.errors), np.asarray(kern), rtol=1e-4, atol=1e-6)
@@ -247,6 +249,62 @@ def test_evidence_maps_are_complete_and_batch_independent(post, images):
     np.testing.assert_allclose(np.asarray(other.maps[:3]), np.asarray(ev.maps[:3]), rtol=1e-4,
                                atol=1e-5 * np.abs(np.asarray(ev.maps)).max())
     assert not np.allclose(np.asarray(other.maps[3]), np.asarray(ev.maps[3]))
+
+
+def test_maps_through_an_earlier_stage_and_from_a_reference_baseline_are_complete(post,
+                                                                                   images):
+    # Through stage 3's output (stage 4's convolutions, ReLUs and BatchNorm after it) from
+    # zeros, and at the last map from the mean map of reference images: both kinds of map
+    # stay complete.
+    model, w = post.model, post.weights
+    parts = maps._eval_parts(model)
+    c = maps.contribution_maps(model, w, images[4:], images[1:4], layer=3, steps=64)
+    assert c.query.shape == c.gallery.shape == (3, A, H, W_PIX)
+    _check_complete(c, post.embeddings, w, complete=False, tolerance=1e-3)
+    ev = maps.evidence_maps(model, w, images[:4], layer=3, steps=64)
+    total = np.asarray(ev.logits - ev.baseline_logits[None], np.float64)
+    got = np.asarray(ev.maps, np.float64).sum(axis=(2, 3))
+    assert np.abs(got - total).max() <= 1e-3 * np.abs(total).max()
+    np.testing.assert_allclose(np.asarray(ev.logits), np.asarray(post.evidence.logits),
+                               rtol=1e-4, atol=1e-5)
+    # The reference baseline is the mean map of the images at the layer.
+    base = maps.reference_baseline(model, images, layer=3, batch_size=2)
+    feats = np.asarray(maps._features(parts, images, 3), np.float64)
+    assert base.shape == feats.shape[1:] == (4, 2, 128)
+    np.testing.assert_allclose(np.asarray(base), feats.mean(0), rtol=1e-4, atol=1e-5)
+    ev3 = maps.evidence_maps(model, w, images[:4], layer=3, baseline=base, steps=8)
+    view = nnx.merge(parts.graphdef, parts.state)
+    z0 = np.asarray(maps._embedding_of_map(view, view.backbone.forward_from(
+        jnp.asarray(base)[None], 3)) @ w)[0]  # the network run on from the mean map
+    np.testing.assert_allclose(np.asarray(ev3.baseline_logits), z0, rtol=1e-4, atol=1e-5)
+    # At the last map the given baseline replaces the default one; the maps stay complete.
+    last = maps.reference_baseline(model, images, layer=4)
+    c4 = maps.contribution_maps(model, w, images[4:], images[1:4], baseline=last)
+    _check_complete(c4, post.embeddings, w, complete=False, tolerance=1e-3)
+    ev4 = maps.evidence_maps(model, w, images[:4], baseline=last)
+    assert not np.allclose(np.asarray(ev4.baseline_logits), np.asarray(
+        post.evidence.baseline_logits))
+    total4 = np.asarray(ev4.logits - ev4.baseline_logits[None], np.float64)
+    got4 = np.asarray(ev4.maps, np.float64).sum(axis=(2, 3))
+    assert np.abs(got4 - total4).max() <= 1e-3 * np.abs(total4).max()
+
+
+def test_maps_at_stage_2_have_twice_the_cells(post, images):
+    # Stage 2's output has 8 x 4 cells (the last map 4 x 2): its maps are not constant over
+    # the 2 x 2 cells of stage 2 that one last-map cell covers, so they do not come from the
+    # coarser grid. (On this random model the path through stage 3 has kinks where whole
+    # channels switch on, which the 64 nodes do not integrate to 1 %: completeness is
+    # measured on trained models, docs/attribute_maps.md, 'Completeness'.)
+    model, w = post.model, post.weights
+    ev = maps.evidence_maps(model, w, images[:4], layer=2, steps=8)
+    assert ev.maps.shape == (4, A, H, W_PIX)
+    np.testing.assert_allclose(np.asarray(ev.logits), np.asarray(post.evidence.logits),
+                               rtol=1e-4, atol=1e-5)
+    fine = np.asarray(ev.maps, np.float64)
+    coarse = _to_pixels(fine.reshape(4, A, 4, H // 4, 2, W_PIX // 2).sum(axis=(3, 5)))
+    fine_cells = fine.reshape(4, A, 8, H // 8, 4, W_PIX // 4).sum(axis=(3, 5))
+    assert np.abs(fine - coarse).max() > 0.1 * np.abs(fine).max()
+    assert fine_cells.shape == (4, A, 8, 4)
 
 
 def test_pairs_of_one_query_and_explicit_indices_agree(post, images):
@@ -317,3 +375,10 @@ def test_bad_shapes_are_rejected_with_their_names(post, images):
         maps.evidence_maps(model, w, images, steps=0)
     with pytest.raises(ValueError, match="images is empty"):
         maps.distance_gradcam(model, images[:0], images[:1])
+    with pytest.raises(ValueError, match=r"layer must be one of \(1, 2, 3, 4\) .* got 5"):
+        maps.evidence_maps(model, w, images, layer=5)
+    with pytest.raises(ValueError, match=r"layer must be one of .* got True"):
+        maps.contribution_maps(model, w, images[:1], images[1:3], layer=True)
+    with pytest.raises(ValueError, match=r"baseline must be one feature map \[h, w, C\] = "
+                                         r"\[8, 4, 64\] .* got shape \[4, 2, 256\]"):
+        maps.evidence_maps(model, w, images, layer=2, baseline=np.zeros((4, 2, 256)))

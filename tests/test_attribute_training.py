@@ -243,7 +243,16 @@ def test_train_attributes_saves_head_and_leaves_reid_weights_unchanged(trained):
                                              strict=True))
     assert embeddings.model_fingerprint(new) == trained["fingerprint"]
     assert meta["attribute_head_training"]["source_step"] == source
+    calibration = meta["attribute_head"].pop("calibration")
     assert meta["attribute_head"] == {"embedding_dim": 256, "num_attributes": 30}
+    # The calibration: fitted on held-out training identities (one fold per identity here:
+    # 5 identities, 4 folds asked), stored with the head, reported in the metrics.
+    stored = checkpoints.restore_calibration(directory)
+    np.testing.assert_allclose(stored.slope, calibration["slope"])
+    assert np.shape(stored.intercept) == (30,)
+    assert result["training"]["calibration"]["folds"] == 4
+    assert result["training"]["calibration"]["slope"] == calibration["slope"]
+    assert checkpoints.restore_calibration(directory, source) is None
     head = checkpoints.restore_attribute_head(directory)
     assert head.kernel[...].shape == (256, 30)
     assert checkpoints.has_attribute_head(directory) and not checkpoints.has_attribute_head(

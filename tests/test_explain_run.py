@@ -297,6 +297,23 @@ def test_threshold_parsing():
         settings.parse_threshold("high")
 
 
+def test_map_path_settings():
+    opts = settings.explain_settings(None)
+    assert (opts.map_layer, opts.map_reference_images) == (4, 64)
+    opts = settings.explain_settings(None, map_layer=2, map_reference_images=0)
+    assert (opts.map_layer, opts.map_reference_images) == (2, 0)
+    with pytest.raises(ValueError, match=r"config.explain.map_layer must be a stage 1..4 .* "
+                                         r"got 5"):
+        settings.explain_settings(None, map_layer=5)
+    with pytest.raises(ValueError, match="map_reference_images"):
+        settings.explain_settings(None, map_reference_images=-1)
+    from reid_jax.explain import map_outputs
+    paths = [f"g{i}.jpg" for i in range(10)]
+    assert map_outputs.reference_paths(paths, 3) == ["g0.jpg", "g4.jpg", "g9.jpg"]
+    assert map_outputs.reference_paths(paths, 64) == paths
+    assert map_outputs.reference_paths(paths, 0) == []
+
+
 # --------------------------------------------------------------------------------------------
 # Clear errors before heavy work.
 

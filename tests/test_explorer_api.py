@@ -73,8 +73,11 @@ def test_every_mode_equals_a_run_over_the_split(served, mode):
     ex = served["explorer"]
     data = explain_run.load_data(ex.data_root)
     fq, fg = ex.f_query, np.asarray(ex.gallery.embeddings)
+    # The explorer reads the head's calibration (stored by train_attributes) as a run does.
+    assert ex.calibration is not None
     runs = explain_run.explain_queries(fq, fg, np.asarray(ex.weights), ex.qp, ex.qc, ex.gp,
-                                       ex.gc, k=K, threshold=THRESHOLD, mode=mode)
+                                       ex.gc, k=K, threshold=THRESHOLD, mode=mode,
+                                       calibration=ex.calibration)
     for i, explanation in enumerate(runs):
         m = ex.metrics
         want = explain_run.make_record(0, i, data.query, data.gallery, explanation,

@@ -59,6 +59,8 @@ flags.DEFINE_string("maps_checkpoint", None,
                     "a randomly initialised model of --maps_config (the cost does not depend "
                     "on the weights).")
 flags.DEFINE_integer("maps_steps", None, "Quadrature nodes of the maps (default: the library's).")
+flags.DEFINE_integer("maps_layer", None, "Stage whose output the maps' path runs through "
+                     "(default: the library's, maps.DEFAULT_LAYER).")
 flags.DEFINE_enum("precision", "highest", ["highest", "default"],
                   "Matmul precision of the kernels and distances: 'highest' (full float32 "
                   "products, what reid_jax.retrieval.PRECISION ships) or 'default' (the "
@@ -252,17 +254,19 @@ def _maps_bench() -> dict:
 
     model, weights, h, w = _maps_model()
     steps = FLAGS.maps_steps or maps.DEFAULT_STEPS
+    layer = FLAGS.maps_layer or maps.DEFAULT_LAYER
     k = FLAGS.k
     rng = np.random.default_rng(FLAGS.seed + 2)
     images = jnp.asarray(rng.standard_normal((k + 1, h, w, 3)), jnp.float32)
     query, gallery = images[:1], images[1:]
     runs = {
         "forward": lambda: maps.embed(model, images),
-        "evidence": lambda: maps.evidence_maps(model, weights, images, steps=steps),
+        "evidence": lambda: maps.evidence_maps(model, weights, images, steps=steps,
+                                               layer=layer),
         "contributions": lambda: maps.contribution_maps(model, weights, query, gallery,
-                                                        steps=steps),
+                                                        steps=steps, layer=layer),
         "contributions_complete": lambda: maps.contribution_maps(
-            model, weights, query, gallery, complete=True, steps=steps),
+            model, weights, query, gallery, complete=True, steps=steps, layer=layer),
         "gradcam": lambda: maps.distance_gradcam(model, gallery, query),
     }
     res = {name: _best_time(run, max(FLAGS.repeats, 3)) for name, run in runs.items()}
@@ -270,7 +274,8 @@ def _maps_bench() -> dict:
     a = int(weights.shape[1])
     print()
     print(f"attribute maps: {model.feature_dim}-d AGW (width {model.backbone.width}), "
-          f"{h}x{w} images, top-{k} of one query, A={a}, {steps} quadrature nodes")
+          f"{h}x{w} images, top-{k} of one query, A={a}, {steps} quadrature nodes, maps at "
+          f"stage {layer}")
     print("| what | maps | seconds | first call s | ratio to the forward |")
     print("|---|---|---|---|---|")
     rows = [("eval forward of the {n} images (floor)", "-", "forward"),
@@ -286,7 +291,7 @@ def _maps_bench() -> dict:
     total = res["evidence"][0] + res["contributions"][0]
     print(f"goal: evidence + contribution maps of the top-{k}, both images, <= 40x the forward: "
           f"{total / fwd:.1f}x ({'met' if total / fwd <= 40 else 'NOT met'})")
-    return {"height": h, "width": w, "k": k, "A": a, "steps": steps,
+    return {"height": h, "width": w, "k": k, "A": a, "steps": steps, "layer": layer,
             "seconds": {name: r[0] for name, r in res.items()},
             "first_call_seconds": {name: r[1] for name, r in res.items()},
             "ratio_to_forward": total / fwd}

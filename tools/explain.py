@@ -94,6 +94,8 @@ def _rank(text: str) -> int:
     except ValueError:
         raise ValueError(f"--error_ranks must be ranks (integers), got {text!r}") from None
 
+_MAP_LAYER, _MAP_REFERENCE = cli.define_map_path_flags()
+
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -112,7 +114,8 @@ def main(argv: list[str]) -> None:
         report_queries=_REPORT_QUERIES.value, query_chunk=_QUERY_CHUNK.value,
         explanation_metrics=_EXPLANATION_METRICS.value, cache_dir=_CACHE_DIR.value,
         overwrite=_OVERWRITE.value, attribute_maps=_ATTRIBUTE_MAPS.value,
-        map_queries=_MAP_QUERIES.value, map_steps=_MAP_STEPS.value)
+        map_queries=_MAP_QUERIES.value, map_steps=_MAP_STEPS.value,
+        map_layer=_MAP_LAYER.value, map_reference_images=_MAP_REFERENCE.value)
     s = result.summary
     print(f"explained {s['num_queries']} queries ({s['num_valid_queries']} with a valid match): "
           f"mAP {100 * s['mAP']:.2f} %, Rank-1 {100 * s['cmc'][0]:.2f} %, "

@@ -22,6 +22,7 @@ embedding); train the head again after training.
 
 from __future__ import annotations
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -47,6 +48,10 @@ _WEIGHT_DECAY = flags.DEFINE_float(
     "0).")
 _SEED = flags.DEFINE_integer("seed", None, "Head initialisation and shuffling seed "
                              "(config.attributes.seed, 0).")
+_CALIBRATION_FOLDS = flags.DEFINE_integer(
+    "calibration_folds", None, "Identity folds of the head's calibration, fitted on held-out "
+    "training identities and used by the disagreement explanation; 0: none "
+    "(config.attributes.calibration_folds, 4).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of the re-id model (default: latest).")
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Embedding cache folder (default: CHECKPOINT/embedding_cache; "
@@ -71,7 +76,8 @@ def main(argv: list[str]) -> None:
         train_config = attribute_training.head_train_config(
             embeddings.restore_config(_CHECKPOINT.value, config, _STEP.value),
             epochs=_EPOCHS.value, learning_rate=_LR.value, batch_size=_BATCH_SIZE.value,
-            weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value)
+            weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value,
+            calibration_folds=_CALIBRATION_FOLDS.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     cache_dir = embeddings.cache_dir_option(_CACHE_DIR.value, _CHECKPOINT.value)
@@ -82,6 +88,11 @@ def main(argv: list[str]) -> None:
     training = result["training"]
     print(f"training: {training['num_images']} images, loss {training['initial_loss']:.4f} -> "
           f"{training['final_loss']:.4f} in {training['seconds']:.2f} s")
+    cal = training["calibration"]
+    if cal is not None:
+        raw, fitted = np.mean(cal["heldout_loss_raw"]), np.mean(cal["heldout_loss_calibrated"])
+        print(f"calibration: {cal['folds']} identity folds in {cal['seconds']:.1f} s, held-out "
+              f"logistic loss {raw:.4f} -> {fitted:.4f}")
     saved = result["checkpoint"]["saved_step"]
     if saved is not None:
         print(f"saved the attribute head as step {saved} of {result['checkpoint']['directory']} "

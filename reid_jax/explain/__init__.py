@@ -3,7 +3,8 @@
 ``from reid_jax import explain`` gives the jitted kernels (:mod:`reid_jax.explain.kernels`):
 :func:`explain_rankings`, :func:`attribute_errors`, :func:`matching_scores`,
 :func:`projection_contributions`, :func:`disagreement_probabilities`,
-:func:`confident_attributes`, :func:`check_finite`, :data:`MODES` and :data:`DEFAULT_THRESHOLD`.
+:func:`confident_attributes`, :func:`check_finite`, :data:`MODES` and :data:`DEFAULT_THRESHOLD`,
+and :class:`Calibration` (the head's calibrated probabilities, read by the ``disagreement`` mode).
 
 The modules of the package, from the bottom up:
 
@@ -37,8 +38,10 @@ from reid_jax.explain.kernels import (
     recompute_ratio,
     resolve_mode,
 )
+from reid_jax.models.attribute_head import Calibration
 
 __all__ = [
+    "Calibration",
     "DEFAULT_THRESHOLD",
     "ERROR_MODES",
     "METHODS",

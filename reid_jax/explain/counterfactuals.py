@@ -28,6 +28,7 @@ from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.explain import bootstrap
 from reid_jax.explain import metrics as em
 from reid_jax.explain.table import HIT_RANKS, MODES
+from reid_jax.models.attribute_head import Calibration
 from reid_jax.synthetic.render import blur_radius
 
 DEFAULT_K = 10
@@ -321,7 +322,8 @@ def _pair_projection(fq: jax.Array, fg: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def pair_separations(f_query: Any, f_gallery: Any, weights: Any, mode: str, *,
-                     prior: Any | None = None, chunk: int = 4096) -> np.ndarray:
+                     prior: Any | None = None, chunk: int = 4096,
+                     calibration: Calibration | None = None) -> np.ndarray:
     """The explanation's "this attribute separates q and g" score of row-aligned pairs.
 
     Args:
@@ -332,7 +334,8 @@ def pair_separations(f_query: Any, f_gallery: Any, weights: Any, mode: str, *,
         decomposition; ``"projection"``: the projection contributions
         (``reid_jax.explain.projection_contributions``); ``"scores"``: ``1 - s_a`` with ``s_a``
         eq. 3.1 of ``x = sigmoid(f @ W)``; ``"disagreement"``: the probability that the labels
-        differ; ``"prior"``: ``prior`` on every row.
+        differ (of the ``calibration``'s probabilities where one is given); ``"prior"``:
+        ``prior`` on every row.
       prior: ``[A]``, for ``mode="prior"``.
       chunk: pairs per kernel call.
 
@@ -359,6 +362,9 @@ def pair_separations(f_query: Any, f_gallery: Any, weights: Any, mode: str, *,
         q, g = jnp.asarray(fq[lo:lo + chunk]), jnp.asarray(fg[lo:lo + chunk])
         if mode == "scores":
             parts.append(1.0 - _pair_scores(_probabilities(q, w), _probabilities(g, w)))
+        elif mode == "disagreement" and calibration is not None:
+            parts.append(_pair_disagreement(calibration.probabilities(q @ w),
+                                            calibration.probabilities(g @ w)))
         elif mode == "disagreement":
             parts.append(_pair_disagreement(_probabilities(q, w), _probabilities(g, w)))
         elif mode == "projection":
@@ -391,6 +397,7 @@ def counterfactual_metrics(
     prior: Any | None = None,
     bootstrap_samples: int = bootstrap.DEFAULT_SAMPLES,
     seed: int = 0,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Hit rates of the counterfactuals for every separation (module docstring, part 1).
 
@@ -410,6 +417,7 @@ def counterfactual_metrics(
       labels_query: ``[Q, A]`` ground-truth labels of the queries.
       valid_query: bool ``[Q]``, queries with labels (default all).
       prior: ``[A]`` the prior's separation (default: the prior is left out).
+      calibration: the head's, for the ``disagreement`` separation (:func:`pair_separations`).
 
     Returns:
       ``{"num_pairs", "num_true_match_pairs", "num_away_pairs", <mode>: {"top1", "top3",
@@ -463,8 +471,9 @@ def counterfactual_metrics(
             far = pair_separations(fq[q], fg[gallery], weights, mode, prior=prior)
             near = np.zeros_like(far)
         else:
-            s_orig = pair_separations(fq[q], fg[gallery], weights, mode)
-            s_cf = pair_separations(fq[q], fc[c], weights, mode)
+            s_orig = pair_separations(fq[q], fg[gallery], weights, mode,
+                                      calibration=calibration)
+            s_cf = pair_separations(fq[q], fc[c], weights, mode, calibration=calibration)
             near = np.where(away[:, None], s_orig, s_cf)
             far = np.where(away[:, None], s_cf, s_orig)
         res = em.counterfactual_hit_rate(near, far, attribute, changed, top=HIT_RANKS,

@@ -29,6 +29,7 @@ from reid_jax.explain.metrics import (
     check_mode,
     matching_score_auroc,
 )
+from reid_jax.models.attribute_head import Calibration
 
 
 def _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery, valid_query,
@@ -105,6 +106,7 @@ def streamed_amd_over_gallery(
     block: int = 4096,
     names: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """AMD metrics of one explanation over **all** query x gallery pairs, streamed.
 
@@ -170,6 +172,8 @@ def streamed_amd_over_gallery(
               if mode in SCORE_MODES else [])
     if mode in SCORE_MODES:
         x_gallery = jax.nn.sigmoid(fg @ w)
+        # The disagreement reads calibrated probabilities where the head has a calibration.
+        p_gallery = x_gallery if calibration is None else calibration.probabilities(fg @ w)
     qc = min(int(query_chunk), q)
     g = lg.shape[0]
     lg_d, vg_d = jnp.asarray(lg), jnp.asarray(vg)
@@ -185,7 +189,9 @@ def streamed_amd_over_gallery(
                 scores = explain.matching_scores(x_query, x_gallery)  # [qc, G, A]
                 sep = 1.0 - scores
             else:
-                sep = explain.disagreement_probabilities(x_query, x_gallery)
+                p_query = (x_query if calibration is None
+                           else calibration.probabilities(fq_c @ w))
+                sep = explain.disagreement_probabilities(p_query, p_gallery)
                 scores = 1.0 - sep
             pair_ok = vq_c[:, None] & vg_d[None, :]
             agree = lq_c[:, None, :] == lg_d[None, :, :]
@@ -232,6 +238,7 @@ def amd_over_top_k(
     prior: Any | None = None,
     gallery_chunk: int = 1024,
     names: Sequence[str] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """AMD metrics of one explanation over the top-``k`` ranks of every query (the pairs a user
     looks at), from :func:`reid_jax.explain.explain_rankings`.
@@ -272,7 +279,8 @@ def amd_over_top_k(
     fetch = int(min(g, k + int(retrieval.removed_counts(qp, qc, gp, gc).max(initial=0))))
     kernel_mode = mode if mode in explain.MODES else "paper"  # the ranking is the same
     ex = explain.explain_rankings(f_query, f_gallery, weights, k=fetch, threshold=threshold,
-                                  mode=kernel_mode, gallery_chunk=gallery_chunk, validate=True)
+                                  mode=kernel_mode, gallery_chunk=gallery_chunk, validate=True,
+                                  calibration=calibration)
     ranked = np.asarray(ex.indices)  # [Q, fetch]
     columns, ok = retrieval.first_kept(ranked, qp, qc, gp, gc, int(k))
     rows = np.arange(q)[:, None]

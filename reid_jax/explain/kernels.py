@@ -49,6 +49,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from reid_jax import retrieval
+from reid_jax.models.attribute_head import Calibration, check_calibration
 
 Array = jax.Array
 
@@ -669,7 +670,7 @@ def _mode_weights(w: Array, mode: str) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "mode", "chunk", "mesh"))
-def _explain(fq, fg, w, threshold, *, k, mode, chunk, mesh):
+def _explain(fq, fg, w, threshold, calibration, *, k, mode, chunk, mesh):
     g, n = fg.shape
     kk = min(k + _RERANK_MARGIN, g)
     devices = 1 if mesh is None else mesh.size
@@ -704,7 +705,11 @@ def _explain(fq, fg, w, threshold, *, k, mode, chunk, mesh):
     xq = jax.nn.sigmoid(_dot(fq, w))
     xg = jax.nn.sigmoid(logits)
     if mode == "disagreement":
-        errors = _disagree(xq[:, None, :], xg)
+        if calibration is None:
+            errors = _disagree(xq[:, None, :], xg)
+        else:
+            errors = _disagree(calibration.probabilities(_dot(fq, w))[:, None, :],
+                               calibration.probabilities(logits))
         remainder = jnp.full(d.shape, jnp.nan, d.dtype)
     else:
         remainder = d - jnp.sum(errors, axis=-1)
@@ -748,6 +753,7 @@ def explain_rankings(
     gallery_chunk: int = 1024,
     mesh: Mesh | None | str = "auto",
     validate: bool | None = None,
+    calibration: Calibration | None = None,
 ) -> RankingExplanation:
     """Ranks the gallery for every query and explains the top ``k`` (paper section 3).
 
@@ -773,11 +779,16 @@ def explain_rankings(
       validate: check the inputs for NaN / Inf first (:func:`check_finite`); ``None`` (default):
         whenever they are concrete arrays (the check cannot run inside ``jit`` / ``vmap``, and
         is skipped there); ``False``: never.
+      calibration: the head's :class:`~reid_jax.models.attribute_head.Calibration`; with it the
+        ``disagreement`` mode reads the calibrated probabilities ``sigmoid(slope z + intercept)``
+        (docs/design.md, "Calibrated probabilities"). The other modes, ``scores`` and the
+        ``attributes_*`` fields keep the head's own ``x``.
 
     Returns:
       :class:`RankingExplanation` (``[Q, ...]``; without the ``Q`` axis for a ``[N]`` query).
     """
     _, g, a = _check_embeddings(f_query, f_gallery, weights)
+    check_calibration(calibration, a)
     mode = resolve_mode(complete, mode)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= g:
         raise ValueError(f"k must be an integer in [1, G={g}] (f_gallery {_shape(f_gallery)}), "
@@ -793,6 +804,8 @@ def explain_rankings(
     out = _explain(
         fq[None] if single else fq, fg, _float(weights),
         jnp.asarray(threshold, dtype=fq.dtype),
+        None if calibration is None else Calibration(_float(calibration.slope),
+                                                     _float(calibration.intercept)),
         k=int(k), mode=mode, chunk=int(gallery_chunk), mesh=mesh,
     )
     return jax.tree.map(lambda x: x[0], out) if single else out

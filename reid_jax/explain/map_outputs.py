@@ -66,9 +66,31 @@ def stored_size(path: str) -> tuple[int, int]:
         return im.height, im.width
 
 
+def reference_paths(paths: Sequence[str], count: int) -> list[str]:
+    """``count`` of ``paths`` evenly spaced in their order (all of them when fewer)."""
+    if count <= 0 or not paths:
+        return []
+    if count >= len(paths):
+        return list(paths)
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
+
+
+def map_baseline(model: Any, gallery_paths: Sequence[str], augment_config: augment.AugmentConfig,
+                 *, count: int, layer: int) -> np.ndarray | None:
+    """The maps' path start of a run: the mean feature map at ``layer`` of ``count`` gallery
+    images evenly spaced in file order (``config.explain.map_reference_images``), or None for
+    ``count == 0`` (zeros; docs/attribute_maps.md, 'Baseline')."""
+    chosen = reference_paths(gallery_paths, count)
+    if not chosen:
+        return None
+    return np.asarray(maps_lib.reference_baseline(
+        model, model_inputs(chosen, augment_config), layer=layer), np.float32)
+
+
 def query_maps(model: Any, weights: np.ndarray, query_path: str, gallery_paths: Sequence[str],
                augment_config: augment.AugmentConfig, *, mode: str,
-               steps: int = maps_lib.DEFAULT_STEPS) -> dict[str, np.ndarray]:
+               steps: int = maps_lib.DEFAULT_STEPS, layer: int = maps_lib.DEFAULT_LAYER,
+               baseline: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The arrays of one query's npz (see the module docstring), without ``gallery_paths``.
 
     Args:
@@ -77,16 +99,19 @@ def query_maps(model: Any, weights: np.ndarray, query_path: str, gallery_paths: 
       query_path, gallery_paths: image files of the query and its ranked images.
       augment_config: the evaluation transform (``embeddings.eval_loader_config(c).augment``).
       mode: ``paper`` or ``complete``.
-      steps: quadrature nodes.
+      steps: quadrature nodes; layer, baseline: where the path runs and starts
+        (``reid_jax.explain.maps.evidence_maps``, :func:`map_baseline`).
     """
     check_mode(mode)
     if not gallery_paths:
         raise ValueError("query_maps needs at least one ranked gallery image")
     images = model_inputs([query_path, *gallery_paths], augment_config)
     h, w = stored_size(query_path)
-    ev = maps_lib.evidence_maps(model, weights, images, steps=steps)
+    ev = maps_lib.evidence_maps(model, weights, images, steps=steps, layer=layer,
+                                baseline=baseline)
     cm = maps_lib.contribution_maps(model, weights, images[:1], images[1:],
-                                    complete=mode == "complete", steps=steps)
+                                    complete=mode == "complete", steps=steps, layer=layer,
+                                    baseline=baseline)
     evidence = np.asarray(maps_lib.resize_maps(ev.maps, h, w), np.float32)
     probabilities = 1.0 / (1.0 + np.exp(-np.asarray(ev.logits, np.float64)))
     return {

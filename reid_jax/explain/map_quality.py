@@ -75,6 +75,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
                  partner_paths: Sequence[str], gallery_paths: Sequence[str],
                  counterfactuals: Sequence[Any], augment_config: augment.AugmentConfig,
                  steps: int = maps_lib.DEFAULT_STEPS, seed: int = 0,
+                 layer: int = maps_lib.DEFAULT_LAYER, baseline: np.ndarray | None = None,
                  attributes: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, Any]:
     """The maps section (JSON-ready).
 
@@ -87,6 +88,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
       counterfactuals: ``Counterfactual`` s with ``part_labels`` / ``changed_region`` (capped).
       augment_config: the evaluation transform.
       steps: quadrature nodes; seed: seeds the random pixels of the deletion test.
+      layer, baseline: where the maps' path runs and starts (``maps.evidence_maps``).
 
     Returns:
       ``{"num_images", "num_counterfactual_pairs", "steps", "tolerance", "pointing_game",
@@ -114,7 +116,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
             regions.append(r)
         regions = np.stack(regions)
         h, w = regions.shape[-2:]
-        ev = maps_lib.evidence_maps(model, weights, images, steps=steps)
+        ev = maps_lib.evidence_maps(model, weights, images, steps=steps, layer=layer,
+                                    baseline=baseline)
         probs = 1.0 / (1.0 + np.exp(-np.asarray(ev.logits, np.float64)))
         cam = maps_lib.distance_gradcam(model, images, partners)
         pointing.append(mm.pointing_game_cases(
@@ -122,7 +125,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
             attributes=attributes))
         del_ev.append(mm.deletion_evidence_cases(model, weights, images, np.asarray(ev.maps),
                                                  seed=seed + lo, attributes=attributes))
-        cm = maps_lib.contribution_maps(model, weights, images, partners, steps=steps)
+        cm = maps_lib.contribution_maps(model, weights, images, partners, steps=steps,
+                                        layer=layer, baseline=baseline)
         del_con.append(mm.deletion_contributions_cases(model, weights, images, partners, cm,
                                                        seed=seed + lo, attributes=attributes))
         complete_q.append(mm.completeness_errors(cm))
@@ -130,7 +134,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
     offsets = list(range(0, len(query_paths), BATCH))
     out: dict[str, Any] = {
         "num_images": len(query_paths), "num_counterfactual_pairs": len(counterfactuals),
-        "steps": int(steps), "tolerance": mm.DEFAULT_TOLERANCE,
+        "steps": int(steps), "layer": int(layer), "tolerance": mm.DEFAULT_TOLERANCE,
         "pointing_game": mm.summarise(mm.concatenate(pointing, offsets), attributes)
         if pointing else None,
         "deletion_evidence": {**mm.summarise(mm.concatenate(del_ev, offsets), attributes),
@@ -147,7 +151,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         changed = _jpeg_inputs([c.jpeg for c in chunk], augment_config)
         region = np.stack([c.changed_region for c in chunk])
         h, w = region.shape[-2:]
-        cm = maps_lib.contribution_maps(model, weights, originals, changed, steps=steps)
+        cm = maps_lib.contribution_maps(model, weights, originals, changed, steps=steps,
+                                        layer=layer, baseline=baseline)
         top, pair_map = mm.largest_rising(cm)
         cam = maps_lib.distance_gradcam(model, changed, originals)
         localisation.append(mm.counterfactual_localisation_cases(

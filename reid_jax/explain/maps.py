@@ -52,6 +52,11 @@ from reid_jax.models.agw import AGW, AGWOutputs
 Array = jax.Array
 
 DEFAULT_STEPS = 32
+# The stage whose output the maps are taken at (1..4; 4: the last feature map).
+MAP_LAYERS = (1, 2, 3, 4)
+DEFAULT_LAYER = 4
+# Attributes per batched backward pass below the last feature map (bounded memory).
+ATTRIBUTE_BATCH = 8
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -114,6 +119,24 @@ def _check_steps(steps) -> int:
     return int(steps)
 
 
+def check_layer(layer) -> int:
+    """``layer`` as an int of :data:`MAP_LAYERS`, or a ValueError naming it."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or int(
+            layer) not in MAP_LAYERS:
+        raise ValueError(f"layer must be one of {MAP_LAYERS} (the stage whose output the maps "
+                         f"are taken at; 4: the last feature map), got {layer!r}")
+    return int(layer)
+
+
+def _check_baseline(baseline, features_shape: tuple[int, ...]) -> None:
+    if baseline is None:
+        return
+    shape = tuple(jnp.shape(baseline))
+    if shape != tuple(features_shape[1:]):
+        raise ValueError(f"baseline must be one feature map [h, w, C] = {list(features_shape[1:])} "
+                         f"of the maps' layer (reference_baseline), got shape {list(shape)}")
+
+
 def pair_index(name: str, index, num_first: int, num_pairs: int) -> np.ndarray:
     """int32 ``[P]``: which of ``num_first`` first images (queries, partners) each of
     ``num_pairs`` pairs uses; ``index`` None: the only one, or one per pair. ``name`` is for
@@ -159,6 +182,19 @@ def _eval_parts(model: AGW) -> _Parts:
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _backbone_forward(graphdef, state, images):
     return nnx.merge(graphdef, state)(images).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer"))
+def _backbone_to(graphdef, state, images, *, layer):
+    return nnx.merge(graphdef, state).forward_to(images, layer).astype(jnp.float32)
+
+
+def _features(parts: _Parts, images: Array, layer: int) -> Array:
+    """``[B, h, w, C]`` float32 output of stage ``layer`` (4: the last feature map)."""
+    if layer == 4:
+        return _feature_map(parts, images)
+    return _backbone_to(parts.backbone_graphdef, parts.backbone_state,
+                        jnp.asarray(images, jnp.float32), layer=layer)
 
 
 def _feature_map(parts: _Parts, images: Array) -> Array:
@@ -256,33 +292,69 @@ def _channel_sum(pooled_grads: Array, sensitivity: Array) -> Array:
 # Kernels.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "size"))
-def _evidence(graphdef, state, fmap, weights, *, steps, size):
-    model = nnx.merge(graphdef, state)
-    base = _baseline_map(model, fmap)
-    delta = fmap - base
+def _start(model: AGW, features: Array, baseline: Array | None, layer: int) -> Array:
+    """The path's start ``F0`` at the maps' layer: the given baseline, else zeros (at the last
+    map: :func:`_baseline_map`)."""
+    if baseline is not None:
+        return jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), features.shape)
+    return _baseline_map(model, features) if layer == 4 else jnp.zeros_like(features)
 
-    def logits(pooled):  # [B, N] -> [B, A]
+
+def _through(model: AGW, layer: int):
+    """``F`` at the output of stage ``layer`` -> the retrieval embedding ``[B, N]``."""
+    def embedding(features):
+        fmap = model.backbone.forward_from(features, layer).astype(jnp.float32)
+        return _embedding_of_map(model, fmap)
+    return embedding
+
+
+def _attribute_vjp(vjp, cot: Array):
+    """``vjp`` applied to the one-hot cotangents ``[A, ...]``, :data:`ATTRIBUTE_BATCH` at a
+    time (one batched backward pass each)."""
+    return jax.lax.map(vjp, cot, batch_size=min(ATTRIBUTE_BATCH, cot.shape[0]))
+
+
+def _full_channel_sum(grads: Array, delta: Array) -> Array:
+    """``sum_c grads[a, b, h, w, c] * delta[b, h, w, c]`` -> ``[b, a, h, w]``."""
+    return jnp.einsum("abhwc,bhwc->bahw", grads, delta, precision=_HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "size", "layer"))
+def _evidence(graphdef, state, feats, weights, baseline, *, steps, size, layer):
+    model = nnx.merge(graphdef, state)
+    base = _start(model, feats, baseline, layer)
+    delta = feats - base
+    embedding = _through(model, layer)
+
+    def logits_of_pooled(pooled):  # [B, N] -> [B, A]
         return jnp.matmul(_embedding_of_pooled(model, pooled), weights, precision=_HIGHEST)
 
+    def logits(features):  # [B, h, w, C] at the layer -> [B, A]
+        return jnp.matmul(embedding(features), weights, precision=_HIGHEST)
+
     nodes, node_weights = quadrature(steps)
-    cot = _one_hot_cotangents(weights.shape[1], fmap.shape[0])
+    cot = _one_hot_cotangents(weights.shape[1], feats.shape[0])
 
     def step(acc, node):
         t, wt = node
-        pooled, sens = _gem_sensitivity(model, base + t * delta, delta)
-        _, vjp = jax.vjp(logits, pooled)
-        (grads,) = jax.vmap(vjp)(cot)  # [A, B, N]: one backward pass for all attributes
-        return acc + wt * _channel_sum(grads, sens), None
+        if layer == 4:  # through GeM alone: one pass to the pooled feature for all attributes
+            pooled, sens = _gem_sensitivity(model, base + t * delta, delta)
+            _, vjp = jax.vjp(logits_of_pooled, pooled)
+            (grads,) = jax.vmap(vjp)(cot)  # [A, B, N]
+            return acc + wt * _channel_sum(grads, sens), None
+        _, vjp = jax.vjp(logits, base + t * delta)
+        (grads,) = _attribute_vjp(vjp, cot)  # [A, B, h, w, C]
+        return acc + wt * _full_channel_sum(grads, delta), None
 
-    init = jnp.zeros((fmap.shape[0], weights.shape[1], *fmap.shape[1:3]), jnp.float32)
+    init = jnp.zeros((feats.shape[0], weights.shape[1], *feats.shape[1:3]), jnp.float32)
     cells, _ = jax.lax.scan(step, init, (jnp.asarray(nodes), jnp.asarray(node_weights)))
     maps = resize_maps(cells, *size)
-    return EvidenceMaps(maps, logits(model.gem(fmap)), logits(model.gem(base[:1]))[0])
+    return EvidenceMaps(maps, logits(feats), logits(base[:1])[0])
 
 
 def evidence_maps(model: AGW, weights: Array, images: Array, *,
-                  steps: int = DEFAULT_STEPS) -> EvidenceMaps:
+                  steps: int = DEFAULT_STEPS, layer: int = DEFAULT_LAYER,
+                  baseline: Array | None = None) -> EvidenceMaps:
     """Where each image shows each attribute: maps of ``z_a = f @ w_a`` (behind eq. 3.1).
 
     Args:
@@ -290,6 +362,10 @@ def evidence_maps(model: AGW, weights: Array, images: Array, *,
       weights: ``[N, A]`` attribute-head weights ``W``.
       images: ``[B, H, W, 3]`` model-input images (eval transform).
       steps: quadrature nodes of the path integral (one backward pass for all attributes each).
+      layer: the stage whose output the path runs through (:data:`MAP_LAYERS`; 4: the last
+        feature map, ``H/16 x W/16`` cells; 2: ``H/8 x W/8``; docs/attribute_maps.md, 'Layer').
+      baseline: the path's start, one feature map ``[h, w, C]`` of that layer
+        (:func:`reference_baseline`); None: zeros (the last map: as in 'Baseline').
 
     Returns:
       :class:`EvidenceMaps`: ``maps [B, A, H, W]`` (positive: the pixels raise ``z_a``), the
@@ -298,22 +374,31 @@ def evidence_maps(model: AGW, weights: Array, images: Array, *,
     _, h, w = _check_images("images", images)
     _check_weights(model, weights)
     steps = _check_steps(steps)
+    layer = check_layer(layer)
     parts = _eval_parts(model)
-    return _evidence(parts.graphdef, parts.state, _feature_map(parts, images),
-                     jnp.asarray(weights, jnp.float32), steps=steps, size=(h, w))
+    feats = _features(parts, images, layer)
+    _check_baseline(baseline, feats.shape)
+    return _evidence(parts.graphdef, parts.state, feats, jnp.asarray(weights, jnp.float32),
+                     None if baseline is None else jnp.asarray(baseline, jnp.float32),
+                     steps=steps, size=(h, w), layer=layer)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "complete", "size"))
-def _contributions(graphdef, state, fq_all, fg, query_index, weights, *, steps, complete,
-                   size):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "complete", "size", "layer"))
+def _contributions(graphdef, state, fq_all, fg, query_index, weights, baseline, *, steps,
+                   complete, size, layer):
     model = nnx.merge(graphdef, state)
     fq = fq_all[query_index]
     w = complete_weights(weights) if complete else weights
-    base = _baseline_map(model, fq)  # image independent: the same F0 for both images
+    base = _start(model, fq, baseline, layer)  # image independent: the same F0 for both images
     dq, dg = fq - base, fg - base
+    embedding = _through(model, layer)
 
-    def errors(pq, pg):  # eq. 3.2 for every pair from the pooled features, [P, A]
+    def errors_of_pooled(pq, pg):  # eq. 3.2 for every pair from the pooled features, [P, A]
         diff = _embedding_of_pooled(model, pq) - _embedding_of_pooled(model, pg)
+        return jnp.matmul(jnp.square(diff), w, precision=_HIGHEST)
+
+    def errors(xq, xg):  # eq. 3.2 from the features at the layer
+        diff = embedding(xq) - embedding(xg)
         return jnp.matmul(jnp.square(diff), w, precision=_HIGHEST)
 
     nodes, node_weights = quadrature(steps)
@@ -321,16 +406,21 @@ def _contributions(graphdef, state, fq_all, fg, query_index, weights, *, steps, 
 
     def step(acc, node):
         t, wt = node
-        pq, sq = _gem_sensitivity(model, base + t * dq, dq)
-        pg, sg = _gem_sensitivity(model, base + t * dg, dg)
-        _, vjp = jax.vjp(errors, pq, pg)
-        gq, gg = jax.vmap(vjp)(cot)  # each [A, P, N]: one backward pass for all attributes
-        return (acc[0] + wt * _channel_sum(gq, sq), acc[1] + wt * _channel_sum(gg, sg)), None
+        if layer == 4:
+            pq, sq = _gem_sensitivity(model, base + t * dq, dq)
+            pg, sg = _gem_sensitivity(model, base + t * dg, dg)
+            _, vjp = jax.vjp(errors_of_pooled, pq, pg)
+            gq, gg = jax.vmap(vjp)(cot)  # each [A, P, N]
+            return (acc[0] + wt * _channel_sum(gq, sq), acc[1] + wt * _channel_sum(gg, sg)), None
+        _, vjp = jax.vjp(errors, base + t * dq, base + t * dg)
+        gq, gg = _attribute_vjp(vjp, cot)  # each [A, P, h, w, C]
+        return (acc[0] + wt * _full_channel_sum(gq, dq),
+                acc[1] + wt * _full_channel_sum(gg, dg)), None
 
     zeros = jnp.zeros((fq.shape[0], w.shape[1], *fq.shape[1:3]), jnp.float32)
     (cq, cg), _ = jax.lax.scan(step, (zeros, zeros),
                                (jnp.asarray(nodes), jnp.asarray(node_weights)))
-    diff = _embedding_of_map(model, fq) - _embedding_of_map(model, fg)
+    diff = embedding(fq) - embedding(fg)
     return ContributionMaps(
         query=resize_maps(cq, *size), gallery=resize_maps(cg, *size),
         errors=jnp.matmul(jnp.square(diff), w, precision=_HIGHEST),
@@ -339,7 +429,8 @@ def _contributions(graphdef, state, fq_all, fg, query_index, weights, *, steps, 
 
 def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_images: Array,
                       *, query_index=None, complete: bool = False,
-                      steps: int = DEFAULT_STEPS) -> ContributionMaps:
+                      steps: int = DEFAULT_STEPS, layer: int = DEFAULT_LAYER,
+                      baseline: Array | None = None) -> ContributionMaps:
     """Where each image of a pair makes up the pair's attribute errors ``e_a`` (eq. 3.2).
 
     Args:
@@ -352,6 +443,7 @@ def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_i
       complete: use the complete weights ``|w_na| / sum_a |w_na|`` (``e_a >= 0``, summing to the
         squared distance) instead of the paper's ``w_na``.
       steps: quadrature nodes of the path integral.
+      layer, baseline: as :func:`evidence_maps` (both images start from the same baseline).
 
     Returns:
       :class:`ContributionMaps`: ``query``, ``gallery`` ``[P, A, H, W]``, whose sums over both
@@ -366,28 +458,50 @@ def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_i
     _check_weights(model, weights)
     index = pair_index("query_index", query_index, q, p)
     steps = _check_steps(steps)
+    layer = check_layer(layer)
     parts = _eval_parts(model)
     # Each query image runs forward once, however many pairs it is in.
-    return _contributions(parts.graphdef, parts.state, _feature_map(parts, query_images),
-                          _feature_map(parts, gallery_images), jnp.asarray(index),
-                          jnp.asarray(weights, jnp.float32), steps=steps,
-                          complete=bool(complete), size=(hg, wg))
+    fq = _features(parts, query_images, layer)
+    _check_baseline(baseline, fq.shape)
+    return _contributions(parts.graphdef, parts.state, fq,
+                          _features(parts, gallery_images, layer), jnp.asarray(index),
+                          jnp.asarray(weights, jnp.float32),
+                          None if baseline is None else jnp.asarray(baseline, jnp.float32),
+                          steps=steps, complete=bool(complete), size=(hg, wg), layer=layer)
+
+
+def reference_baseline(model: AGW, images: Array, *, layer: int = DEFAULT_LAYER,
+                       batch_size: int = 32) -> Array:
+    """float32 ``[h, w, C]``: the mean feature map at ``layer`` of reference images
+    ``[B, H, W, 3]`` (model inputs; e.g. a sample of the gallery) — the 'average person' the
+    maps' paths start from (docs/attribute_maps.md, 'Baseline')."""
+    n, _, _ = _check_images("images", images)
+    layer = check_layer(layer)
+    parts = _eval_parts(model)
+    total = None
+    for lo in range(0, n, batch_size):
+        part = jnp.sum(_features(parts, jnp.asarray(images[lo:lo + batch_size]), layer), axis=0)
+        total = part if total is None else total + part
+    return total / n
 
 
 # The modes whose errors the contribution maps decompose (eq. 3.2 with either weight set).
 MAP_MODES = ("paper", "complete")
 
 
-def pair_contribution_maps(model: AGW, weights: Array, *, steps: int = DEFAULT_STEPS):
+def pair_contribution_maps(model: AGW, weights: Array, *, steps: int = DEFAULT_STEPS,
+                           layer: int = DEFAULT_LAYER, baseline: Array | None = None):
     """A function ``(query [H, W, 3], gallery [H, W, 3], mode) -> (query maps [A, H, W],
     gallery maps [A, H, W])`` of one pair of model-input images: the contribution maps of
-    :func:`contribution_maps` in ``mode`` (one of :data:`MAP_MODES`), as numpy float32.
+    :func:`contribution_maps` in ``mode`` (one of :data:`MAP_MODES`), as numpy float32, at
+    ``layer`` from ``baseline``.
 
     It is the explorer's map provider (``reid_jax.explorer.Explorer(pair_maps=...)``); modes
     without a map (``projection``, ``disagreement``) raise ``ValueError`` naming the mode.
     """
     _check_weights(model, weights)
     steps = _check_steps(steps)
+    layer = check_layer(layer)
     w = jnp.asarray(weights, jnp.float32)
 
     def pair_maps(query_input, gallery_input, mode: str):
@@ -396,7 +510,8 @@ def pair_contribution_maps(model: AGW, weights: Array, *, steps: int = DEFAULT_S
                              f"of the modes {', '.join(MAP_MODES)}")
         out = contribution_maps(model, w, jnp.asarray(query_input)[None],
                                 jnp.asarray(gallery_input)[None],
-                                complete=mode == "complete", steps=steps)
+                                complete=mode == "complete", steps=steps, layer=layer,
+                                baseline=baseline)
         return np.asarray(out.query[0], np.float32), np.asarray(out.gallery[0], np.float32)
 
     return pair_maps
@@ -458,7 +573,10 @@ def embed(model: AGW, images: Array) -> Array:
 
 
 __all__ = [
+    "ATTRIBUTE_BATCH",
+    "DEFAULT_LAYER",
     "DEFAULT_STEPS",
+    "MAP_LAYERS",
     "MAP_MODES",
     "ContributionMaps",
     "EvidenceMaps",
@@ -467,8 +585,10 @@ __all__ = [
     "embed",
     "evidence_maps",
     "pair_contribution_maps",
+    "check_layer",
     "pair_index",
     "quadrature",
+    "reference_baseline",
     "resize_maps",
     "spread_matrix",
 ]

@@ -80,11 +80,12 @@ from reid_jax.data.attributes import (
     load_market_attributes,
 )
 from reid_jax.data.market1501 import SPLIT_FOLDERS
-from reid_jax.explain import baselines, bootstrap, map_quality, settings
+from reid_jax.explain import baselines, bootstrap, map_outputs, map_quality, settings
 from reid_jax.explain import counterfactuals as cfs
 from reid_jax.explain import gallery_metrics as gm
 from reid_jax.explain import metrics as em
 from reid_jax.explain.table import FORMAT, MODES, markdown_table
+from reid_jax.models.attribute_head import Calibration
 from reid_jax.progress import ProgressLog
 from reid_jax.synthetic.masks import read_regions
 from reid_jax.synthetic.person import IMAGE_HEIGHT, IMAGE_WIDTH
@@ -140,6 +141,7 @@ def label_metrics(
     seed: int = 0,
     level: float = bootstrap.LEVEL,
     log_interval: float = 30.0,
+    calibration: Calibration | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """AUROC of matching scores and AMD metrics over all pairs and over the top ``k`` ranks,
     for every explanation of ``metrics.MODES`` and the baselines, with 95 % intervals by a
@@ -154,6 +156,7 @@ def label_metrics(
     every entry of attribute ``a`` with ``prior.agreement[a]``.  Every mode of a scope is
     resampled with the same counts (``bootstrap_samples`` replicates of the queries, seeded by
     ``seed``), so ``minus_prior`` — an explanation minus the prior — is a paired interval.
+    ``calibration`` (the head's, or None) is what the ``disagreement`` explanation reads.
 
     Returns:
       ``(auroc, amd)``: ``auroc = {scope: {"confident" | "all_attributes": {"num_positive",
@@ -179,11 +182,12 @@ def label_metrics(
             *args, mode, threshold=threshold, extra_thresholds=extra,
             prior=fixed["all_pairs"] if mode == "prior" else None,
             progress=ProgressLog(f"AMD over all pairs ({mode})", interval=log_interval),
-            **masks)
+            calibration=calibration, **masks)
         t0 = time.perf_counter()
         scopes[top][mode] = gm.amd_over_top_k(
             *args, mode, k=k, threshold=threshold, extra_thresholds=extra,
-            prior=fixed[top] if mode == "prior" else None, **ids, **masks)
+            prior=fixed[top] if mode == "prior" else None, calibration=calibration, **ids,
+            **masks)
         logging.info("AMD over the top %d ranks (%s): %.1f s", k, mode,
                      time.perf_counter() - t0)
     # The label-only order on the top k too, to show what knowing "near neighbour" adds.
@@ -340,6 +344,8 @@ def measure(
     measure_maps: bool | None = None,
     map_images: int | None = None,
     map_steps: int | None = None,
+    map_layer: int | None = None,
+    map_reference_images: int | None = None,
 ) -> MeasurementResult:
     """Measures the explanations of a checkpoint on the test split of ``data_root``.
 
@@ -365,8 +371,9 @@ def measure(
       bootstrap_samples: replicates of the bootstrap behind the intervals.
       embed_fn: embeds a list of JPEG bytes ``-> [n, N]`` (default: the checkpoint's model with
         the eval transform of ``config``).
-      measure_maps, map_images, map_steps: the ``maps`` section
-        (``reid_jax.explain.map_quality``): on or off, the cap on its images, quadrature nodes.
+      measure_maps, map_images, map_steps, map_layer, map_reference_images: the ``maps``
+        section (``reid_jax.explain.map_quality``): on or off, the cap on its images,
+        quadrature nodes, the layer and the reference images of the path's start.
 
     Returns:
       :class:`MeasurementResult`.
@@ -378,7 +385,7 @@ def measure(
         config, k=k, threshold=threshold, num_counterfactuals=num_counterfactuals,
         min_changed_pixels=min_changed_pixels, pixel_tolerance=pixel_tolerance, seed=seed,
         bootstrap_samples=bootstrap_samples, measure_maps=measure_maps, map_images=map_images,
-        map_steps=map_steps)
+        map_steps=map_steps, map_layer=map_layer, map_reference_images=map_reference_images)
     k = opts.k
     output_dir = os.path.abspath(os.fspath(output_dir))
     data = sources.load_dataset(root, config, need_queries=True)
@@ -386,6 +393,11 @@ def measure(
         raise ValueError(f"k={k} exceeds the {len(data.gallery)} gallery images of {root}")
     head = checkpoints.restore_attribute_head(checkpoint)
     weights = np.asarray(head.kernel[...], np.float32)
+    calibration = checkpoints.restore_calibration(checkpoint)
+    if calibration is None:
+        logging.warning("the attribute head of %s has no calibration: the disagreement "
+                        "explanation reads its raw probabilities (tools/train_attributes.py "
+                        "fits one)", checkpoint)
     attributes_file = os.path.abspath(os.fspath(
         attributes_file or os.path.join(root, synthetic.ATTRIBUTE_FILE)))
     attrs, lq, vq, lg, vg = _attribute_labels(attributes_file, data.query.pids,
@@ -410,7 +422,8 @@ def measure(
                                query_cams=data.query.cameras, gallery_pids=data.gallery.pids,
                                gallery_cams=data.gallery.cameras, prior=prior, k=k,
                                threshold=opts.threshold,
-                               bootstrap_samples=opts.bootstrap_samples, seed=opts.seed)
+                               bootstrap_samples=opts.bootstrap_samples, seed=opts.seed,
+                               calibration=calibration)
     logging.info("AUROC and AMD metrics over all pairs and the top %d: %.1f s", k,
                  time.perf_counter() - t0)
 
@@ -439,7 +452,8 @@ def measure(
             root, data, fq, fg, weights, lq, vq, k=k, embed_fn=embed_fn,
             num_counterfactuals=opts.num_counterfactuals,
             min_changed_pixels=opts.min_changed_pixels, pixel_tolerance=opts.pixel_tolerance,
-            seed=opts.seed, prior=prior.ranked, bootstrap_samples=opts.bootstrap_samples)
+            seed=opts.seed, prior=prior.ranked, bootstrap_samples=opts.bootstrap_samples,
+            calibration=calibration)
 
     if not opts.measure_maps:
         maps_section: dict[str, Any] = {"skipped": "measure_maps=False"}
@@ -451,12 +465,17 @@ def measure(
         first, partner = map_quality.rank1_partners(
             fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
             data.gallery.cameras, opts.map_images)
+        augment_config = embeddings.eval_loader_config(config).augment
+        baseline = map_outputs.map_baseline(model, data.gallery.paths, augment_config,
+                                            count=opts.map_reference_images,
+                                            layer=opts.map_layer)
         maps_section = map_quality.measure_maps(
             model, weights, query_paths=[data.query.paths[q] for q in first],
             partner_paths=[data.gallery.paths[g] for g in partner],
             gallery_paths=data.gallery.paths, counterfactuals=accepted[:opts.map_images],
-            augment_config=embeddings.eval_loader_config(config).augment,
-            steps=opts.map_steps, seed=opts.seed)
+            augment_config=augment_config, steps=opts.map_steps, seed=opts.seed,
+            layer=opts.map_layer, baseline=baseline)
+        maps_section["reference_images"] = opts.map_reference_images
 
     metrics = {
         "format": FORMAT,
@@ -476,6 +495,9 @@ def measure(
             "measure_maps": opts.measure_maps,
             "map_images": opts.map_images,
             "map_steps": opts.map_steps,
+            "map_layer": opts.map_layer,
+            "map_reference_images": opts.map_reference_images,
+            "calibrated_disagreement": calibration is not None,
         },
         "data": {
             "synthetic": bool(synthetic_root),
@@ -501,7 +523,8 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
                          embed_fn: Callable[[list[bytes]], np.ndarray],
                          num_counterfactuals: int, min_changed_pixels: int,
                          pixel_tolerance: int, seed: int, prior: np.ndarray,
-                         bootstrap_samples: int) -> tuple[dict[str, Any], list]:
+                         bootstrap_samples: int,
+                         calibration: Calibration | None) -> tuple[dict[str, Any], list]:
     t0 = time.perf_counter()
     gallery_files = [os.path.join(SPLIT_FOLDERS["gallery"], os.path.basename(p))
                      for p in data.gallery.paths]
@@ -520,7 +543,7 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
     t2 = time.perf_counter()
     out = cfs.counterfactual_metrics(fq, fg, f_cf, weights, made.accepted, pairs, lq, vq,
                                      prior=prior, bootstrap_samples=bootstrap_samples,
-                                     seed=seed)
+                                     seed=seed, calibration=calibration)
     logging.info("counterfactuals: %d rendered (%d rejected as barely visible) in %.1f s, "
                  "embedded in %.1f s, %d pairs scored in %.1f s", int(made.tried.sum()),
                  int(made.rejected.sum()), t1 - t0, t2 - t1, out["num_pairs"],

@@ -50,6 +50,7 @@ from reid_jax.data.market1501 import (
     Split,
 )
 from reid_jax.explain import map_outputs, report, settings
+from reid_jax.models.attribute_head import Calibration
 from reid_jax.progress import ProgressBar
 
 MODES = settings.MODES
@@ -68,7 +69,8 @@ MODE_EQUATIONS = {
     "projection": "projection: f^q - f^g = W c + r (least squares); e_a = c_a (W^T (f^q - f^g))_a "
                   "and the remainder |r|^2 sum to the squared distance",
     "disagreement": "disagreement: e_a = x_a^q (1 - x_a^g) + x_a^g (1 - x_a^q), the probability "
-                    "that the labels differ (not a decomposition of the distance)",
+                    "that the labels differ, of the head's calibrated probabilities where it has "
+                    "a calibration (not a decomposition of the distance)",
 }
 
 
@@ -235,7 +237,8 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
                     gallery_cams: np.ndarray, *, k: int, threshold: Any, mode: str,
                     chunk: int = 256, gallery_chunk: int = 1024,
                     progress: ProgressBar | None = None, fetch: int | None = None,
-                    validate: bool | None = None) -> Iterator[QueryExplanation]:
+                    validate: bool | None = None,
+                    calibration: Calibration | None = None) -> Iterator[QueryExplanation]:
     """Yields the explained top ``k`` of every query of ``f_query [Q, N]``, in order.
 
     Each chunk of queries goes through :func:`reid_jax.explain.explain_rankings` with enough
@@ -245,7 +248,8 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
     the kernels compile once and rank as a run over the split does. ``validate`` is the
     kernels' input check (:func:`reid_jax.explain.explain_rankings`); a caller that explains one
     query at a time against a gallery it has checked once passes ``False`` (the check reads the
-    whole gallery on every call).
+    whole gallery on every call). ``calibration`` is the head's, read by the ``disagreement``
+    mode.
     """
     g = int(np.shape(f_gallery)[0])
     fetch = int(min(g, max(fetch or 0, k + int(retrieval.removed_counts(
@@ -256,7 +260,7 @@ def explain_queries(f_query: np.ndarray, f_gallery: Any, weights: np.ndarray,
     for start, stop, rows in retrieval.padded_chunks(np.asarray(f_query, np.float32), chunk):
         out = explain.explain_rankings(jnp.asarray(rows), fg, w, k=fetch, threshold=t,
                                        mode=mode, gallery_chunk=gallery_chunk,
-                                       validate=validate)
+                                       validate=validate, calibration=calibration)
         n = stop - start
         out = type(out)(*(np.asarray(x)[:n] for x in out))
         keep = retrieval.kept_in_ranking(out.indices, query_pids[start:stop],
@@ -399,6 +403,7 @@ def run(
     query_embeddings: Any = None,
     gallery_embeddings: Any = None,
     weights: Any = None,
+    calibration: Calibration | None = None,
     queries: str | int | Sequence[str] = "all",
     k: int | None = None,
     threshold: Any = None,
@@ -414,6 +419,8 @@ def run(
     attribute_maps: bool | None = None,
     map_queries: int | None = None,
     map_steps: int | None = None,
+    map_layer: int | None = None,
+    map_reference_images: int | None = None,
 ) -> RunResult:
     """Explains the rankings of many queries; writes JSONL, ``summary.json`` and the report.
 
@@ -431,6 +438,8 @@ def run(
       output_dir: where ``explanations.jsonl``, ``summary.json`` and ``report/`` go.
       checkpoint, config: checkpoint directory and its config (``None``: the stored one).
       query_embeddings, gallery_embeddings, weights: the precomputed alternative.
+      calibration: the head's calibration for the ``disagreement`` mode with precomputed
+        inputs (with ``checkpoint``: the one stored with its head, if any).
       queries: ``"all"``, a count (first ``N``) or query file names.
       k, threshold, mode, order, error_ranks, report_queries, query_chunk: overrides of
         ``config.explain`` (see ``reid_jax.explain.settings.default_config``).
@@ -441,7 +450,8 @@ def run(
       overwrite: replace outputs in ``output_dir`` that this tool did not write (they are
         moved aside, not deleted); without it such a folder is refused before any work.
       progress: draw progress bars on stderr.
-      attribute_maps, map_queries, map_steps: overrides of ``config.explain``: write
+      attribute_maps, map_queries, map_steps, map_layer, map_reference_images: overrides of
+        ``config.explain``: write
         ``maps/<query stem>.npz`` (``reid_jax.explain.map_outputs``) for the first
         ``map_queries`` queries of the run's order (needs ``checkpoint`` and mode ``paper`` or
         ``complete``); each such record names its file under ``maps``. ``output_dir/maps``
@@ -471,7 +481,8 @@ def run(
     opts = settings.explain_settings(
         config, k=k, threshold=threshold, mode=mode, order=order, error_ranks=error_ranks,
         report_queries=report_queries, query_chunk=query_chunk, attribute_maps=attribute_maps,
-        map_queries=map_queries, map_steps=map_steps)
+        map_queries=map_queries, map_steps=map_steps, map_layer=map_layer,
+        map_reference_images=map_reference_images)
     if opts.attribute_maps:
         map_outputs.check_mode(opts.mode)
         if not use_checkpoint:
@@ -479,6 +490,7 @@ def run(
                              "model, not from precomputed embeddings")
     if use_checkpoint:
         weights = embeddings.head_weights(checkpoint)
+        calibration = checkpoints.restore_calibration(checkpoint)
     data = load_data(data_root, config)
     selected = select_queries(data.query, queries)
     metrics_json, metrics_path = _load_metrics_json(explanation_metrics, output_dir)
@@ -517,6 +529,9 @@ def run(
                     else min(opts.map_queries, len(ordering)))
         map_model = checkpoints.restore_model(checkpoint, config)[0] if num_maps else None
         map_augment = embeddings.eval_loader_config(config).augment
+        map_base = (map_outputs.map_baseline(map_model, data.gallery.paths, map_augment,
+                                              count=opts.map_reference_images,
+                                              layer=opts.map_layer) if num_maps else None)
     summary = {
         "data_root": data_root,
         "checkpoint": None if checkpoint is None else os.path.abspath(os.fspath(checkpoint)),
@@ -531,11 +546,14 @@ def run(
         "threshold": opts.threshold_json(),
         "mode": opts.mode,
         "mode_equation": MODE_EQUATIONS[opts.mode],
+        "calibrated": calibration is not None,
         "order": opts.order,
         "error_ranks": list(opts.error_ranks),
         "num_report_queries": int(num_report),
         "num_map_queries": int(num_maps),
         "map_steps": int(opts.map_steps) if num_maps else None,
+        "map_layer": int(opts.map_layer) if num_maps else None,
+        "map_reference_images": int(opts.map_reference_images) if num_maps else None,
         "attribute_names": list(ATTRIBUTE_NAMES),
         **summary_metrics,
         "explanation_metrics": metrics_json,
@@ -552,7 +570,7 @@ def run(
         explanations = explain_queries(
             fq[ordering], fg_device, w, qp[ordering], qc[ordering], gp, gc, k=k,
             threshold=opts.threshold, mode=opts.mode, chunk=opts.query_chunk,
-            gallery_chunk=opts.gallery_chunk, progress=bar)
+            gallery_chunk=opts.gallery_chunk, progress=bar, calibration=calibration)
         with open(os.path.join(staging, JSONL_NAME), "w", encoding="utf-8") as f:
             for position, (pos, ex) in enumerate(zip(ordering, explanations, strict=True)):
                 record = make_record(
@@ -561,7 +579,7 @@ def run(
                      metrics.num_matches[pos]), opts.mode)
                 if position < num_maps:
                     record["maps"] = _write_maps(staging, record, data, data_root, map_model, w,
-                                                 map_augment, opts)
+                                                 map_augment, opts, map_base)
                     map_bar.update(1)
                 f.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
                 if position < num_report:
@@ -583,13 +601,14 @@ def run(
 
 def _write_maps(staging: str, record: dict[str, Any], data: Market1501, data_root: str,
                 model: Any, weights: np.ndarray, augment_config: Any,
-                opts: settings.ExplainSettings) -> str:
+                opts: settings.ExplainSettings, baseline: np.ndarray | None) -> str:
     """Computes and writes one query's maps (``reid_jax.explain.map_outputs``); returns the
     npz path relative to the output folder."""
     query_path = data.query.paths[record["query"]["index"]]
     gallery_paths = [data.gallery.paths[g] for g in record["gallery"]["index"]]
     arrays = map_outputs.query_maps(model, weights, query_path, gallery_paths, augment_config,
-                                    mode=opts.mode, steps=opts.map_steps)
+                                    mode=opts.mode, steps=opts.map_steps, layer=opts.map_layer,
+                                    baseline=baseline)
     return map_outputs.write_query_maps(
         staging, query_path, arrays, [os.path.relpath(p, data_root) for p in gallery_paths])
 

@@ -72,6 +72,11 @@ def default_config() -> ml_collections.ConfigDict:
     * ``map_queries`` (-1): maps for the first this many queries of the run's order (-1: all
       explained queries; the report's first page holds ``reid_jax.explain.report.PAGE_SIZE``).
     * ``map_steps`` (32): quadrature nodes of the maps' path integral.
+    * ``map_layer`` (4): the stage whose output the maps' path runs through (1..4; 4: the last
+      feature map; docs/attribute_maps.md, 'Layer').
+    * ``map_reference_images`` (64): the path starts at the mean feature map of this many
+      gallery images, evenly spaced in file order (0: at zeros; docs/attribute_maps.md,
+      'Baseline').
     * ``measure_maps`` (True): ``tools/evaluate_explanations.py`` measures the maps against
       the part masks (synthetic data roots; docs/attribute_maps.md, 'Measurements').
     * ``map_images`` (48): cap on the images of each map measurement (query images of the
@@ -96,6 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.attribute_maps = False
     c.map_queries = -1
     c.map_steps = 32
+    c.map_layer = 4
+    c.map_reference_images = 64
     c.measure_maps = True
     c.map_images = 48
     return c
@@ -126,6 +133,8 @@ class ExplainSettings:
     attribute_maps: bool = False
     map_queries: int | None = None
     map_steps: int = 32
+    map_layer: int = 4
+    map_reference_images: int = 64
     measure_maps: bool = True
     map_images: int = 48
 
@@ -197,6 +206,13 @@ def _all_or_count(name: str, value: Any) -> int | None:
     return None if value == -1 else int(value)
 
 
+def _map_layer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 4:
+        raise ValueError(f"config.explain.map_layer must be a stage 1..4 (4: the last feature "
+                         f"map), got {value!r}")
+    return int(value)
+
+
 def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
     """The validated settings of ``config.explain``, with ``overrides`` (flags) applied.
 
@@ -254,6 +270,8 @@ def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
         attribute_maps=_bool("attribute_maps", values["attribute_maps"]),
         map_queries=_all_or_count("map_queries", values["map_queries"]),
         map_steps=_int("map_steps", values["map_steps"], 1),
+        map_layer=_map_layer(values["map_layer"]),
+        map_reference_images=_count("map_reference_images", values["map_reference_images"]),
         measure_maps=_bool("measure_maps", values["measure_maps"]),
         map_images=_int("map_images", values["map_images"], 1))
 

@@ -44,6 +44,7 @@ import numpy as np
 from reid_jax import retrieval
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import kernels
+from reid_jax.models.attribute_head import Calibration
 
 Array = jax.Array
 _PRECISION = retrieval.PRECISION
@@ -432,7 +433,8 @@ def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: A
                   ignore: Array, keep: Array | None = None, k: int = 10,
                   threshold=kernels.DEFAULT_THRESHOLD, complete: bool = False,
                   mode: str | None = None,
-                  projection: IgnoreProjection | None = None) -> SteeredRanking:
+                  projection: IgnoreProjection | None = None,
+                  calibration: Calibration | None = None) -> SteeredRanking:
     """Ranks the kept gallery images for one query by the steered distance; explains the top k.
 
     1. The steered distance of every gallery image (as :func:`steered_distances`, one
@@ -457,6 +459,7 @@ def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: A
       mode: one of :data:`reid_jax.explain.MODES` (as in
         :func:`reid_jax.explain.explain_rankings`); default: by ``complete``.
       projection: :func:`ignore_projection` of ``ignore`` when the caller keeps it.
+      calibration: the head's, read by the ``disagreement`` mode.
 
     Returns:
       :class:`SteeredRanking` (host arrays); fewer than ``k`` ranks when fewer images are kept.
@@ -481,7 +484,7 @@ def steer_ranking(f_query: Array, f_gallery: Array | PreparedGallery, weights: A
     idx, valid, pq, pg, xq, xg, steered, plain = _candidates(
         jnp.asarray(f_query, jnp.float32), *gallery, w, *projection, _bool(keep), count=count)
     out = kernels.explain_rankings(pq, pg, w, k=count, threshold=threshold, mode=mode,
-                                   mesh=None)
+                                   mesh=None, calibration=calibration)
     position = np.asarray(out.indices)  # [count] candidate positions, nearest first
     ranks = np.flatnonzero(np.asarray(valid)[position])[:k]  # ranks holding kept images
     chosen = position[ranks]

@@ -38,10 +38,11 @@ from reid_jax import checkpoints, embeddings, explain, retrieval
 from reid_jax.data import augment, market1501
 from reid_jax.data.attributes import ATTRIBUTE_MEANINGS, ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.data.market1501 import Split
-from reid_jax.explain import figures, report, settings, steering
+from reid_jax.explain import figures, map_outputs, report, settings, steering
 from reid_jax.explain import maps as maps_lib
 from reid_jax.explain import run as explain_run
 from reid_jax.explorer import uploads as uploads_lib
+from reid_jax.models.attribute_head import Calibration, check_calibration
 
 MAX_K = 100
 CACHE_SIZE = 256
@@ -93,7 +94,7 @@ class Explorer:
     :meth:`from_arrays`); thread-safe."""
 
     def __init__(self, *, queries: Split, gallery: Split, query_embeddings: Any,
-                 gallery_embeddings: Any, weights: Any,
+                 gallery_embeddings: Any, weights: Any, calibration: Calibration | None = None,
                  explain_settings: settings.ExplainSettings | None = None,
                  data_root: str | None = None, model: Any = None,
                  config: ml_collections.ConfigDict | None = None,
@@ -122,6 +123,8 @@ class Explorer:
         self.max_k = int(min(MAX_K, len(gallery)))
         self.f_query = fq
         self.weights = jnp.asarray(w)
+        check_calibration(calibration, w.shape[1])
+        self.calibration = calibration  # read by the disagreement mode
         self.gallery = steering.prepare_gallery(fg, self.weights)
         self.qp = np.asarray(queries.pids, np.int64)
         self.qc = np.asarray(queries.cameras, np.int64)
@@ -173,12 +176,19 @@ class Explorer:
         splits = embeddings.split_embeddings(model, config, data, ("query", "gallery"),
                                              None if cache_dir is None else os.fspath(cache_dir))
         kwargs.setdefault("explain_settings", settings.explain_settings(config))
-        kwargs.setdefault("pair_maps", maps_lib.pair_contribution_maps(model, weights))
+        if "pair_maps" not in kwargs:  # the maps of the run's settings (layer, baseline)
+            opts = kwargs["explain_settings"]
+            baseline = map_outputs.map_baseline(
+                model, data.gallery.paths, embeddings.eval_loader_config(config).augment,
+                count=opts.map_reference_images, layer=opts.map_layer)
+            kwargs["pair_maps"] = maps_lib.pair_contribution_maps(
+                model, weights, steps=opts.map_steps, layer=opts.map_layer, baseline=baseline)
         description = {"checkpoint": checkpoint, "step": checkpoints.latest_step(checkpoint),
                        "data_root": data.root, "cache_dir": cache_dir and os.fspath(cache_dir)}
         return cls(queries=data.query, gallery=data.gallery,
                    query_embeddings=splits["query"].features,
                    gallery_embeddings=splits["gallery"].features, weights=weights,
+                   calibration=checkpoints.restore_calibration(checkpoint),
                    data_root=data.root, model=model, config=config,
                    description=description | kwargs.pop("description", {}), **kwargs)
 
@@ -403,7 +413,8 @@ class Explorer:
                 self.f_query[i:i + 1], self.gallery.embeddings, self.weights, self.qp[i:i + 1],
                 self.qc[i:i + 1], self.gp, self.gc, k=k, threshold=threshold, chunk=1,
                 gallery_chunk=len(self.gallery_split), fetch=self.fetch(k),
-                validate=False, **_mode_kwargs(mode)))  # checked once, at load
+                validate=False, calibration=self.calibration,
+                **_mode_kwargs(mode)))  # checked once, at load
             m = self.metrics
             return _Ranking(ex, (m.ap[i], m.inp[i], m.first_rank[i], m.num_matches[i]), None,
                             None, int(self._protocol(ref).sum()))
@@ -412,7 +423,8 @@ class Explorer:
         keep = filtered & base_keep
         out = steering.steer_ranking(self._embedding(ref), self.gallery, self.weights,
                                      ignore=steer.ignore, keep=keep, k=k, threshold=threshold,
-                                     projection=self._projection(steer), **_mode_kwargs(mode))
+                                     projection=self._projection(steer),
+                                     calibration=self.calibration, **_mode_kwargs(mode))
         ex = explain_run.QueryExplanation(
             gallery=out.indices, distances=out.distances, attributes_query=out.attributes_query,
             selected=out.selected, attributes_gallery=out.attributes_gallery, scores=out.scores,

@@ -168,18 +168,40 @@ class ResNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``images [B, H, W, 3] -> feature map [B, h, w, feature_dim]``."""
+        return self.forward_from(self.forward_to(x, 0), 0)
+
+    def forward_to(self, x: jax.Array, stage: int) -> jax.Array:
+        """``images [B, H, W, 3]`` -> the output of stage ``stage`` (1..4; 0: of the stem,
+        conv1-bn1-(relu)-maxpool). ``forward_from(forward_to(x, s), s)`` is ``self(x)``."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"ResNet expects NHWC images [B, H, W, 3], got {x.shape}")
+        _check_stage_index(stage)
         x = self.bn1(self.conv1(x))
         if self.stem_relu:
             x = nnx.relu(x)
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
-        nl_stages = (self.nl1, self.nl2, self.nl3, self.nl4)
-        for s, (stage, nls) in enumerate(zip(stages, nl_stages, strict=True)):
-            nl_positions = self.non_local_after(s)
-            for j, block in enumerate(stage):
-                x = block(x)
-                if j in nl_positions:
-                    x = nls[nl_positions.index(j)](x)
+        for s in range(stage):
+            x = self._stage(x, s)
         return x
+
+    def forward_from(self, x: jax.Array, stage: int) -> jax.Array:
+        """The output of stage ``stage`` (0: of the stem) -> the last feature map."""
+        _check_stage_index(stage)
+        for s in range(stage, 4):
+            x = self._stage(x, s)
+        return x
+
+    def _stage(self, x: jax.Array, s: int) -> jax.Array:
+        stage = (self.layer1, self.layer2, self.layer3, self.layer4)[s]
+        nls = (self.nl1, self.nl2, self.nl3, self.nl4)[s]
+        nl_positions = self.non_local_after(s)
+        for j, block in enumerate(stage):
+            x = block(x)
+            if j in nl_positions:
+                x = nls[nl_positions.index(j)](x)
+        return x
+
+
+def _check_stage_index(stage: int) -> None:
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 4:
+        raise ValueError(f"stage must be an integer in 0..4 (0: the stem), got {stage!r}")

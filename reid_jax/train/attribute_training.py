@@ -51,7 +51,7 @@ from flax import nnx
 
 from reid_jax import atomic_io, checkpoints, config_sections, embeddings, evaluation
 from reid_jax.data import attributes as attributes_lib
-from reid_jax.models.attribute_head import AttributeHead
+from reid_jax.models.attribute_head import AttributeHead, Calibration, fit_calibration
 from reid_jax.train import losses
 
 ATTRIBUTE_FILE = "market_attribute.mat"
@@ -64,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
     """The ``config.attributes`` section: how the attribute head is trained (defaults).
 
     ``epochs`` (30), ``learning_rate`` (1e-3, Adam, constant), ``batch_size`` (64),
-    ``weight_decay`` (0: Adam; > 0: AdamW's decoupled decay), ``seed`` (0). ``tools/
+    ``weight_decay`` (0: Adam; > 0: AdamW's decoupled decay), ``seed`` (0),
+    ``calibration_folds`` (4: identity folds of :func:`cross_fitted_calibration`; 0: none). ``tools/
     train_attributes.py`` reads the section of the checkpoint's config (or ``--config``); its
     flags override single fields.
     """
@@ -74,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 64
     c.weight_decay = 0.0
     c.seed = 0
+    c.calibration_folds = 4
     return c
 
 
@@ -98,6 +100,8 @@ class HeadTrainConfig:
       batch_size: embeddings per step (the last batch of an epoch is padded and masked).
       weight_decay: AdamW's decoupled weight decay (0: plain Adam).
       seed: head initialisation and the per-epoch shuffles.
+      calibration_folds: identity folds of the calibration (:func:`cross_fitted_calibration`);
+        0: the head is saved without one.
     """
 
     epochs: int = 30
@@ -105,6 +109,7 @@ class HeadTrainConfig:
     batch_size: int = 64
     weight_decay: float = 0.0
     seed: int = 0
+    calibration_folds: int = 4
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -117,6 +122,9 @@ class HeadTrainConfig:
         if self.weight_decay < 0:
             raise ValueError(
                 f"HeadTrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.calibration_folds < 0 or self.calibration_folds == 1:
+            raise ValueError(f"HeadTrainConfig.calibration_folds must be 0 (none) or >= 2, got "
+                             f"{self.calibration_folds}")
 
 
 # ------------------------------------------------------------------------------ training
@@ -242,6 +250,66 @@ def train_attribute_head(
                   "steps": steps, "seconds": seconds}
 
 
+def cross_fitted_calibration(
+    features: Any, labels: Any, pids: Any, config: HeadTrainConfig = HeadTrainConfig(),
+) -> tuple[Calibration, dict[str, Any]]:
+    """The head's :class:`Calibration`, fitted on logits of training identities it has not seen.
+
+    The training identities are split into ``config.calibration_folds`` folds (shuffled with
+    ``config.seed``); for each fold a head is trained as :func:`train_attribute_head` trains the
+    real one, on the other folds' images with their own positive ratios, and its logits on the
+    fold's images are kept. Platt scaling (:func:`reid_jax.models.attribute_head.
+    fit_calibration`) on these out-of-fold logits says how the head's logits behave on persons
+    it was not trained on -- which every query and gallery person is (docs/design.md,
+    "Calibrated probabilities"). It is applied to the head trained on all identities.
+
+    Args:
+      features: [n, N] training embeddings; labels: [n, A] in {0, 1}; pids: int [n].
+      config: the head's training settings; ``calibration_folds >= 2``.
+
+    Returns:
+      ``(calibration, info)``: ``info`` has ``folds``, ``num_images``, ``num_identities``,
+      ``seconds`` and the out-of-fold mean logistic loss per attribute before and after
+      (``heldout_loss_raw``, ``heldout_loss_calibrated``).
+    """
+    f, y, _ = _check_training_arrays(features, labels, np.zeros(np.shape(labels)[-1]))
+    pids = np.asarray(pids)
+    folds = int(config.calibration_folds)
+    if folds < 2:
+        raise ValueError(f"calibration needs calibration_folds >= 2, got {folds}")
+    if pids.shape != (f.shape[0],):
+        raise ValueError(f"pids must be [n] = [{f.shape[0]}] (one per image), got {pids.shape}")
+    identities = np.unique(pids)
+    if identities.size < folds:
+        raise ValueError(f"calibration_folds={folds} needs at least {folds} training identities, "
+                         f"got {identities.size}")
+    start = time.perf_counter()
+    np.random.default_rng(np.random.SeedSequence([config.seed, 0xCA1])).shuffle(identities)
+    heldout = np.zeros(y.shape, np.float64)
+    for k in range(folds):
+        hold = np.isin(pids, identities[k::folds])
+        ratios = attributes_lib.positive_ratios(y[~hold]) / 100.0
+        head, _ = train_attribute_head(f[~hold], y[~hold], ratios, config)
+        heldout[hold] = np.asarray(head(jnp.asarray(f[hold])).logits, np.float64)
+        logging.info("calibration fold %d/%d: %d held-out images", k + 1, folds, int(hold.sum()))
+    calibration = fit_calibration(heldout, y)
+
+    def mean_loss(z):
+        return (np.logaddexp(0.0, z) - y * z).mean(axis=0)
+
+    calibrated = heldout * np.asarray(calibration.slope, np.float64) + np.asarray(
+        calibration.intercept, np.float64)
+    info = {"folds": folds, "num_images": int(f.shape[0]),
+            "num_identities": int(identities.size),
+            "seconds": round(time.perf_counter() - start, 2),
+            "heldout_loss_raw": _nan_to_none(mean_loss(heldout)),
+            "heldout_loss_calibrated": _nan_to_none(mean_loss(calibrated))}
+    logging.info("calibration: %d folds in %.1f s; held-out logistic loss %.4f -> %.4f",
+                 folds, info["seconds"], float(np.mean(mean_loss(heldout))),
+                 float(np.mean(mean_loss(calibrated))))
+    return calibration, info
+
+
 # ------------------------------------------------------------------------------ labels
 
 
@@ -363,8 +431,10 @@ def save_with_attribute_head(
     model_state: nnx.State,
     head: AttributeHead,
     extra_meta: Mapping[str, Any],
+    calibration: Calibration | None = None,
 ) -> int:
-    """Writes step ``latest + 1``: ``source_step``'s items with ``model_state`` and the head.
+    """Writes step ``latest + 1``: ``source_step``'s items with ``model_state`` and the head
+    (and its ``calibration``, kept in the meta: ``checkpoints.restore_calibration``).
 
     Every item of ``source_step`` other than model, attribute head and meta (e.g. the training
     state) is copied as it is stored, so training can still resume from the new step. The
@@ -395,6 +465,8 @@ def save_with_attribute_head(
         head_state = nnx.state(head)
         n, a = head_state["kernel"][...].shape
         meta["attribute_head"] = {"embedding_dim": int(n), "num_attributes": int(a)}
+        if calibration is not None:
+            meta["attribute_head"]["calibration"] = calibration.json()
         meta = json.loads(json.dumps(meta, allow_nan=False))
         manager.save(new_step, args=ocp.args.Composite(**{
             checkpoints.MODEL_ITEM: ocp.args.StandardSave(model_state),
@@ -471,6 +543,16 @@ def train_attributes(
     ratios = attributes_lib.positive_ratios(train_labels) / 100.0  # per labelled train image
     head, history = train_attribute_head(train_features, train_labels, ratios, train_config)
     check_converged(history, train_config)
+    calibration, calibration_info = None, None
+    num_ids = int(np.unique(train_pids).size)
+    if train_config.calibration_folds and num_ids < 2:
+        logging.warning("no calibration: it needs at least 2 training identities, got %d",
+                        num_ids)
+    elif train_config.calibration_folds:
+        # At most one fold per identity (tiny datasets); the info records the folds used.
+        calibration, calibration_info = cross_fitted_calibration(
+            train_features, train_labels, train_pids, dataclasses.replace(
+                train_config, calibration_folds=min(train_config.calibration_folds, num_ids)))
     test = evaluate_attribute_head(head, attrs, [split_embeddings[s] for s in TEST_SPLITS])
     print(format_attribute_table(test))
 
@@ -483,6 +565,8 @@ def train_attributes(
         "positive_ratio_per_image": dict(zip(attributes_lib.ATTRIBUTE_NAMES,
                                              (100.0 * ratios).tolist(), strict=True)),
         **history,
+        "calibration": None if calibration is None else {**calibration.json(),
+                                                          **calibration_info},
     }
     new_step = None
     if save:
@@ -490,7 +574,7 @@ def train_attributes(
             "attribute_head_training": {
                 "source_step": source_step, "attributes_file": os.path.abspath(attributes_file),
                 "config": dataclasses.asdict(train_config), "test_mA": test["mA"],
-                "model_fingerprint": fingerprint_before}})
+                "model_fingerprint": fingerprint_before}}, calibration)
     result = {"test": test, "training": training,
               "checkpoint": {"directory": directory, "source_step": source_step,
                              "saved_step": new_step}}
