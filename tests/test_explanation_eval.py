@@ -499,6 +499,12 @@ def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
         assert json.load(f) == m
     with open(run.markdown_path) as f:
         assert f.read() == run.table == quality_table.markdown_table(m)
+    # This head was saved without a calibration: the disagreement reads the raw x, and the
+    # table says so.
+    assert m["settings"]["calibrated_disagreement"] is False
+    assert "from the head's raw probabilities (the checkpoint stores no calibration)" in run.table
+    if isinstance(m["maps"], dict) and "skipped" not in m["maps"]:
+        assert "maps through the last feature map, from the mean map of" in run.table
     out_dir = os.path.dirname(run.json_path)
     assert sorted(os.listdir(out_dir)) == ["embeddings", "explanation_metrics.json",
                                            "explanation_metrics.md"]

@@ -76,6 +76,8 @@ _BOOTSTRAP_SAMPLES = flags.DEFINE_integer(
     "bootstrap_samples", None, "Bootstrap replicates behind the 95 % intervals "
     "(config.explain.bootstrap_samples, 1000).")
 
+_MAP_STEPS = flags.DEFINE_integer(
+    "map_steps", None, "Quadrature nodes of the measured maps (config.explain.map_steps, 32).")
 _MAP_LAYER, _MAP_REFERENCE = cli.define_map_path_flags()
 
 
@@ -92,7 +94,7 @@ def main(argv: list[str]) -> None:
         min_changed_pixels=_MIN_CHANGED_PIXELS.value,
         pixel_tolerance=_PIXEL_TOLERANCE.value, seed=_SEED.value,
         bootstrap_samples=_BOOTSTRAP_SAMPLES.value, measure_maps=_MEASURE_MAPS.value,
-        map_images=_MAP_IMAGES.value, map_layer=_MAP_LAYER.value,
+        map_images=_MAP_IMAGES.value, map_steps=_MAP_STEPS.value, map_layer=_MAP_LAYER.value,
         map_reference_images=_MAP_REFERENCE.value)
     print(result.table, end="")
     print(f"metrics: {result.json_path}")

@@ -1,7 +1,9 @@
 """Attribute maps: where in the images the attribute explanations come from.
 
 Two kinds of map, both complete (their pixels sum to the number they explain) and both taken
-through the model's last feature map (``AGWOutputs.feature_map``, ``[B, h, w, C]``):
+through a feature map of the model: by default its last (``AGWOutputs.feature_map``,
+``[B, h, w, C]``), or the output of an earlier stage (``layer``; docs/attribute_maps.md,
+'Layer'):
 
 * :func:`evidence_maps` — for one image and attribute ``a``, where the image shows ``a``: a map
   of the attribute logit ``z_a = f @ w_a`` (``x_a = sigmoid(z_a)``, the probability behind
@@ -10,18 +12,22 @@ through the model's last feature map (``AGWOutputs.feature_map``, ``[B, h, w, C]
   together sum to the pair's attribute error ``e_a = sum_n (f_n^q - f_n^g)^2 w_na`` (eq. 3.2,
   paper weights or the complete weights ``|w| / sum_a |w|``).
 
-Method (docs/attribute_maps.md, 'The map method'): integrated gradients over the last feature
-map, from a baseline feature map ``F0`` that shows nothing (all zeros; for the L2-normalised
-pre-BN feature, whose direction is undefined at zero, the constant map at BNNeck's running
-mean), along the straight path ``F0 + t (F - F0)``. For a pair both images move along their
+Method (docs/attribute_maps.md, 'The map method'): integrated gradients over that feature map,
+from a baseline feature map ``F0`` — a given one (:func:`reference_baseline`: the mean map of
+reference images, what the tools use), else all zeros (for the L2-normalised pre-BN feature,
+whose direction is undefined at zero, the constant map at BNNeck's running mean) — along the
+straight path ``F0 + t (F - F0)``. For a pair both images move along their
 own path from the *same* ``F0``, so at ``t = 0`` they have the same embedding and ``e_a = 0``:
 the two maps together decompose ``e_a`` itself. The integral over ``t`` is Gauss-Legendre
-quadrature with ``steps`` nodes; the integrand is smooth (GeM is positively homogeneous, so
-along the path from zero every pooled feature grows linearly), and 16 nodes give errors far
-below 1e-3 of ``sum_a |e_a|`` (tests/test_attribute_maps.py). Each node is one backward
-pass from the attributes to the pooled feature for all ``A`` attributes at once (``jax.vjp``
-vmapped over one-hot cotangents) and one shared pass through GeM, which pools every channel
-on its own; the backbone runs forward once per image. Channels are summed,
+quadrature with ``steps`` nodes. At the last map the integrand is smooth (GeM is positively
+homogeneous, so along the path from zero every pooled feature grows linearly), and 16 nodes
+give errors far below 1e-3 of ``sum_a |e_a|`` (tests/test_attribute_maps.py); there each node
+is one backward pass from the attributes to the pooled feature for all ``A`` attributes at once
+(``jax.vjp`` vmapped over one-hot cotangents) and one shared pass through GeM, which pools
+every channel on its own. Through an earlier stage each node is a backward pass per attribute
+through the later stages (:data:`ATTRIBUTE_BATCH` at a time), and ReLUs make the integrand
+rougher (docs/attribute_maps.md, 'Completeness', 'Cost'). The backbone up to the layer runs
+forward once per image. Channels are summed,
 and the ``h x w`` cell maps are spread to the model input's ``H x W`` pixels by
 :func:`resize_maps`, which keeps every map's sum, so completeness holds at pixel level.
 

@@ -152,6 +152,13 @@ def summary_table(metrics: dict[str, Any]) -> SummaryTable:
         "AMD rule: the _s metrics also count pairs whose labels all agree, where attributes "
         "with more than 2/30 of the positive separation count as misses.",
     ]
+    calibrated = metrics["settings"].get("calibrated_disagreement")
+    if calibrated is not None:
+        legend.append(
+            "P(labels differ): from the head's probabilities calibrated on held-out training "
+            "identities." if calibrated else
+            "P(labels differ): from the head's raw probabilities (the checkpoint stores no "
+            "calibration).")
     if "skipped" in cf:
         legend.append(f"Counterfactuals skipped: {cf['skipped']}")
     else:
@@ -192,6 +199,15 @@ def _rate(entry: dict[str, Any], key: str | None) -> str:
     return _pct(value.get("rate", value.get("expected_rate")))
 
 
+def _map_path(maps: dict[str, Any]) -> str:
+    """Where the measured maps' path ran and started, in words (older files: the last map)."""
+    layer = maps.get("layer", 4)
+    where = "the last feature map" if layer == 4 else f"stage {layer}'s output"
+    count = maps.get("reference_images", 0)
+    start = f"the mean map of {count} gallery images" if count else "zeros"
+    return f"maps through {where}, from {start}, {maps.get('steps', 32)} quadrature nodes"
+
+
 def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
     """The maps section of ``metrics`` as a table, or None when it is absent or skipped."""
     maps = metrics.get("maps")
@@ -219,7 +235,8 @@ def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
     legend = (
         f"Attribute maps against the part masks, {maps['num_images']} query images and "
         f"{maps['num_counterfactual_pairs']} counterfactual pairs, values in % of the cases "
-        f"(n). Pointing game: the evidence map's peak lies within {maps['tolerance']:g} px of "
+        f"(n); {_map_path(maps)}. Pointing game: the evidence map's peak lies within "
+        f"{maps['tolerance']:g} px of "
         "the attribute's region (attributes with x_a > 0.5 and a non-empty region). "
         "Counterfactual localisation: the contribution map (eq. 3.2) of the pair's largest-rising "
         "attribute peaks within that distance of the changed region (overall: the localisable "
