@@ -28,7 +28,7 @@ from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.explain import bootstrap
 from reid_jax.explain import metrics as em
 from reid_jax.explain.table import HIT_RANKS, MODES
-from reid_jax.models.attribute_head import Calibration
+from reid_jax.models.attribute_head import Calibration, head_probabilities
 from reid_jax.synthetic.render import blur_radius
 
 DEFAULT_K = 10
@@ -362,11 +362,9 @@ def pair_separations(f_query: Any, f_gallery: Any, weights: Any, mode: str, *,
         q, g = jnp.asarray(fq[lo:lo + chunk]), jnp.asarray(fg[lo:lo + chunk])
         if mode == "scores":
             parts.append(1.0 - _pair_scores(_probabilities(q, w), _probabilities(g, w)))
-        elif mode == "disagreement" and calibration is not None:
-            parts.append(_pair_disagreement(calibration.probabilities(q @ w),
-                                            calibration.probabilities(g @ w)))
         elif mode == "disagreement":
-            parts.append(_pair_disagreement(_probabilities(q, w), _probabilities(g, w)))
+            parts.append(_pair_disagreement(head_probabilities(q @ w, calibration),
+                                            head_probabilities(g @ w, calibration)))
         elif mode == "projection":
             parts.append(_pair_projection(q, g, w))
         else:

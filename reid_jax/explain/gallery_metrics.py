@@ -29,7 +29,7 @@ from reid_jax.explain.metrics import (
     check_mode,
     matching_score_auroc,
 )
-from reid_jax.models.attribute_head import Calibration
+from reid_jax.models.attribute_head import Calibration, head_probabilities
 
 
 def _check_labels(f_query, f_gallery, weights, labels_query, labels_gallery, valid_query,
@@ -171,9 +171,10 @@ def streamed_amd_over_gallery(
     aurocs = ([AurocAccumulator(a, names=names, num_groups=q) for _ in range(1 + len(extra))]
               if mode in SCORE_MODES else [])
     if mode in SCORE_MODES:
-        x_gallery = jax.nn.sigmoid(fg @ w)
+        z_gallery = fg @ w
+        x_gallery = jax.nn.sigmoid(z_gallery)
         # The disagreement reads calibrated probabilities where the head has a calibration.
-        p_gallery = x_gallery if calibration is None else calibration.probabilities(fg @ w)
+        p_gallery = head_probabilities(z_gallery, calibration)
     qc = min(int(query_chunk), q)
     g = lg.shape[0]
     lg_d, vg_d = jnp.asarray(lg), jnp.asarray(vg)
@@ -184,14 +185,14 @@ def streamed_amd_over_gallery(
         lq_c = jnp.asarray(np.pad(lq[start:stop], ((0, pad), (0, 0))))
         vq_c = jnp.asarray(np.pad(vq[start:stop], (0, pad)))
         if mode in SCORE_MODES:
-            x_query = jax.nn.sigmoid(fq_c @ w)
+            z_query = fq_c @ w
+            x_query = jax.nn.sigmoid(z_query)
             if mode == "scores":
                 scores = explain.matching_scores(x_query, x_gallery)  # [qc, G, A]
                 sep = 1.0 - scores
             else:
-                p_query = (x_query if calibration is None
-                           else calibration.probabilities(fq_c @ w))
-                sep = explain.disagreement_probabilities(p_query, p_gallery)
+                sep = explain.disagreement_probabilities(
+                    head_probabilities(z_query, calibration), p_gallery)
                 scores = 1.0 - sep
             pair_ok = vq_c[:, None] & vg_d[None, :]
             agree = lq_c[:, None, :] == lg_d[None, :, :]

@@ -49,7 +49,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from reid_jax import retrieval
-from reid_jax.models.attribute_head import Calibration, check_calibration
+from reid_jax.models.attribute_head import Calibration, check_calibration, head_probabilities
 
 Array = jax.Array
 
@@ -702,14 +702,12 @@ def _explain(fq, fg, w, threshold, calibration, *, k, mode, chunk, mesh):
             check_vma=False,
         )(fq, fg_p, valid, w2)
     d, idx, logits, errors = _merge_top_k(k, d, idx, logits, errors)
-    xq = jax.nn.sigmoid(_dot(fq, w))
+    zq = _dot(fq, w)
+    xq = jax.nn.sigmoid(zq)
     xg = jax.nn.sigmoid(logits)
     if mode == "disagreement":
-        if calibration is None:
-            errors = _disagree(xq[:, None, :], xg)
-        else:
-            errors = _disagree(calibration.probabilities(_dot(fq, w))[:, None, :],
-                               calibration.probabilities(logits))
+        errors = _disagree(head_probabilities(zq, calibration)[:, None, :],
+                           head_probabilities(logits, calibration))
         remainder = jnp.full(d.shape, jnp.nan, d.dtype)
     else:
         remainder = d - jnp.sum(errors, axis=-1)

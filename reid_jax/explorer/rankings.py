@@ -21,6 +21,7 @@ threshold slider only re-selects the confident attributes (the kernel
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 import threading
@@ -87,6 +88,23 @@ def _mode_kwargs(mode: str) -> dict[str, Any]:
 
 def _optional(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _lazy_pair_maps(model: Any, weights: np.ndarray, gallery_paths: Sequence[str],
+                    config: ml_collections.ConfigDict,
+                    opts: settings.ExplainSettings) -> PairMaps:
+    """The checkpoint's map provider; its baseline (the mean map of reference gallery images)
+    is computed at the first map asked for, not at start-up."""
+
+    @functools.cache
+    def provider() -> PairMaps:
+        baseline = map_outputs.map_baseline(
+            model, gallery_paths, embeddings.eval_loader_config(config).augment,
+            count=opts.map_reference_images, layer=opts.map_layer)
+        return maps_lib.pair_contribution_maps(model, weights, steps=opts.map_steps,
+                                               layer=opts.map_layer, baseline=baseline)
+
+    return lambda query, gallery, mode: provider()(query, gallery, mode)
 
 
 class Explorer:
@@ -177,12 +195,8 @@ class Explorer:
                                              None if cache_dir is None else os.fspath(cache_dir))
         kwargs.setdefault("explain_settings", settings.explain_settings(config))
         if "pair_maps" not in kwargs:  # the maps of the run's settings (layer, baseline)
-            opts = kwargs["explain_settings"]
-            baseline = map_outputs.map_baseline(
-                model, data.gallery.paths, embeddings.eval_loader_config(config).augment,
-                count=opts.map_reference_images, layer=opts.map_layer)
-            kwargs["pair_maps"] = maps_lib.pair_contribution_maps(
-                model, weights, steps=opts.map_steps, layer=opts.map_layer, baseline=baseline)
+            kwargs["pair_maps"] = _lazy_pair_maps(model, weights, data.gallery.paths, config,
+                                                  kwargs["explain_settings"])
         description = {"checkpoint": checkpoint, "step": checkpoints.latest_step(checkpoint),
                        "data_root": data.root, "cache_dir": cache_dir and os.fspath(cache_dir)}
         return cls(queries=data.query, gallery=data.gallery,

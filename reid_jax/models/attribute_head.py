@@ -98,6 +98,12 @@ class Calibration(NamedTuple):
         return cls(jnp.asarray(slope), jnp.asarray(intercept))
 
 
+def head_probabilities(logits: jax.Array, calibration: Calibration | None = None) -> jax.Array:
+    """``sigmoid(z)``, or the calibrated ``sigmoid(slope z + intercept)`` when ``calibration``
+    is given: the probabilities the ``disagreement`` explanation reads."""
+    return jax.nn.sigmoid(logits) if calibration is None else calibration.probabilities(logits)
+
+
 def check_calibration(calibration: Calibration | None, num_attributes: int) -> None:
     """Raises ValueError unless ``calibration`` is None or a :class:`Calibration` of
     ``num_attributes`` slopes and intercepts."""
