@@ -48,6 +48,9 @@ from reid_jax.models.attribute_head import AttributeHead, Calibration
 MODEL_ITEM = "model"
 ATTRIBUTE_HEAD_ITEM = "attribute_head"
 META_ITEM = "meta"
+# Training's optimizer items (Adam moments, centers, step), written by ``reid_jax.train.loop`` and
+# read back only when a run resumes; readers know its handler so orbax does not warn about it.
+TRAIN_STATE_ITEM = "train_state"
 # What to do about a step without an attribute head (said once, in the error and the tools' logs).
 NO_HEAD_HINT = ("Run tools/train_attributes.py on this checkpoint first. A tools/train.py run "
                 "writes its steps without the attribute head (training changes the embedding): "
@@ -74,6 +77,7 @@ def item_handlers() -> dict[str, ocp.CheckpointHandler]:
         MODEL_ITEM: ocp.StandardCheckpointHandler(),
         ATTRIBUTE_HEAD_ITEM: ocp.StandardCheckpointHandler(),
         META_ITEM: ocp.JsonCheckpointHandler(),
+        TRAIN_STATE_ITEM: ocp.StandardCheckpointHandler(),
     }
 
 
@@ -93,7 +97,8 @@ def open_manager(
         _check_directory(directory)
     handlers = {**item_handlers(), **(extra_item_handlers or {})}
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        save_interval_steps=0 if read_only else 1)
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 

@@ -20,12 +20,18 @@ ends the program with one line on stderr, ``tools/NAME.py: error: ...``, and exi
 
 Anything else is a bug and keeps its traceback. ``REID_JAX_TRACEBACK=1`` shows the traceback of
 user errors too.
+
+Libraries' routine chatter is left out of the tools' logs: orbax-checkpoint's INFO lines (a
+dozen per checkpoint read or written, two thirds of a demo's log), its warning that a manager
+opened read-only is read-only, and JAX's note that no TPU is present. Their other warnings
+and errors still show, and ``--verbosity=1`` (``-v 1``) shows everything.
 """
 
 from __future__ import annotations
 
 import errno
 import importlib.util
+import logging as std_logging
 import os
 import sys
 import threading
@@ -33,7 +39,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from reid_jax import config_sections
@@ -213,11 +219,41 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
     threading.__excepthook__(args)
 
 
+class _LibraryChatter(std_logging.Filter):
+    """Drops records logged from inside orbax below WARNING, and its warning that a manager we
+    opened read-only on purpose is read-only, unless ``--verbosity`` >= 1."""
+
+    _PACKAGE = f"{os.sep}orbax{os.sep}"
+    _EXPECTED = ("Given directory is read only",)
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if logging.get_verbosity() >= 1 or self._PACKAGE not in record.pathname:
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        return not str(record.msg).startswith(self._EXPECTED)
+
+
+def quiet_library_logs() -> None:
+    """Leaves the libraries' routine INFO lines out of the log (see the module docstring)."""
+    absl_logger = logging.get_absl_logger()
+    if not any(isinstance(f, _LibraryChatter) for f in absl_logger.filters):
+        absl_logger.addFilter(_LibraryChatter())
+    if logging.get_verbosity() < 1:
+        std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-    """``absl.app.run(main)`` with one-line user errors (flags, configs, inputs, disk)."""
+    """``absl.app.run(main)`` with one-line user errors (flags, configs, inputs, disk) and
+    without the libraries' routine INFO lines."""
     threading.excepthook = _thread_excepthook
-    app.run(wrap(main), flags_parser=parse_flags)
+
+    def main_quietly(argv: list[str]) -> Any:
+        quiet_library_logs()  # after flag parsing: --verbosity is known
+        return main(argv)
+
+    app.run(wrap(main_quietly), flags_parser=parse_flags)
 
 
-__all__ = ["DISK_FULL_TEXT", "USER_ERRORS", "disk_full", "fail", "parse_flags", "run",
-           "unknown_config_field", "wrap"]
+__all__ = ["DISK_FULL_TEXT", "USER_ERRORS", "disk_full", "fail", "parse_flags",
+           "quiet_library_logs", "run", "unknown_config_field", "wrap"]

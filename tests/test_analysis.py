@@ -454,7 +454,7 @@ def test_cli_on_an_npz_written_by_extract_features(tmp_path):
                     f"--output_dir={tmp_path / 'out'}", "--num_selective=1", "--num_images=2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "'attributes' holds predicted probabilities, not labels" in res.stderr
-    assert "no --attribute_file and no 'attribute_labels' in --features" in res.stderr
+    assert "no --attributes_file and no 'attribute_labels' in --features" in res.stderr
     md = (tmp_path / "out" / "table_4_1.md").read_text()
     assert md in res.stdout and "| Attribute | #Top1 | Positive ratio (%) |" in md
     assert "| hat | " in md and " | n/a |" in md  # no labels: no positive ratios

@@ -331,7 +331,13 @@ def test_maps_hook_and_server_errors(served, tiny_run):
         response = served["client"].get("/api/maps?query=0&gallery=1&attribute=hat&side=gallery")
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
         with Image.open(io.BytesIO(response.content)) as im:
-            assert im.mode == "RGBA" and im.size == (32, 64)  # the model's input, W x H
+            assert im.mode == "P" and im.size == (32, 64)  # the model's input, W x H
+            rgba = np.asarray(im.convert("RGBA")).astype(int)
+        # The report's colours: opacity up to 0.8, and where a pixel is clearly visible it is
+        # clearly red (positive) or clearly blue (negative).
+        visible = rgba[..., 3] >= 100
+        assert 0 < rgba[..., 3].max() <= 204 and visible.any()
+        assert np.all(np.abs(rgba[..., 0] - rgba[..., 2])[visible] > 50)
         ex.pair_maps = lambda q, g, mode: (np.zeros(3), np.zeros(3))
         response = served["client"].get("/api/maps?query=0&gallery=2&attribute=hat")
         assert response.status_code == 400 and "[A, H, W]" in response.json()["error"]

@@ -62,6 +62,36 @@ def _market_inputs(root, seed=0):
                 report_queries=2, progress=False)
 
 
+def test_library_info_lines_are_left_out_unless_verbose():
+    """orbax's INFO records are dropped (warnings kept, other modules kept); ``-v 1`` keeps all."""
+    import logging as std_logging
+
+    from absl import logging
+
+    cli.quiet_library_logs()
+    cli.quiet_library_logs()  # idempotent: one filter
+    logger = logging.get_absl_logger()
+    filters = [f for f in logger.filters if isinstance(f, cli._LibraryChatter)]
+    assert len(filters) == 1
+
+    def record(path: str, level: int, msg: str = "message") -> std_logging.LogRecord:
+        return std_logging.LogRecord("absl", level, path, 1, msg, None, None)
+
+    orbax = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+    ours = os.path.join(os.sep, "reid_jax", "checkpoints.py")
+    keep = filters[0].filter
+    old = logging.get_verbosity()
+    try:
+        logging.set_verbosity(logging.INFO)
+        assert not keep(record(orbax, std_logging.INFO))
+        assert not keep(record(orbax, std_logging.WARNING, "Given directory is read only=/x"))
+        assert keep(record(orbax, std_logging.WARNING)) and keep(record(ours, std_logging.INFO))
+        logging.set_verbosity(1)
+        assert keep(record(orbax, std_logging.INFO))
+    finally:
+        logging.set_verbosity(old)
+
+
 def test_a_foreign_report_folder_is_refused_not_deleted(tiny_dataset, tmp_path):
     out = tmp_path / "out"
     (out / "report").mkdir(parents=True)

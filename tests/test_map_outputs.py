@@ -82,7 +82,27 @@ def test_report_overlays_switch_by_attribute_rows_and_pie_slices(mapped_run):
     with Image.open(os.path.join(result.output_dir, "report", next(iter(first.values())))) as im:
         ranks = [r for r in (1, 3, 10) if r <= 3]
         assert im.size == (report.THUMBNAIL_WH[0] * (1 + 3 + 2 * len(ranks)), 128)
-        assert im.mode == "RGBA"
+        assert im.mode == "P" and "transparency" in im.info  # palette with alpha
+
+
+def test_overlay_strip_colours_opacity_and_resizing(tmp_path):
+    """Red for +1, blue for -1 at opacity 0.8, transparent at 0; tiles of another size are
+    resized to the thumbnail's."""
+    from PIL import Image
+    w, h = report.THUMBNAIL_WH
+    tile = np.zeros((h, w), np.float32)
+    tile[10, 10], tile[20, 20] = 1.0, -1.0
+    big = np.full((2 * h, 2 * w), 0.5, np.float32)  # resized to (h, w), stays 0.5
+    path = str(tmp_path / "strip.png")
+    report.write_overlay_strip([tile, big], path)
+    with Image.open(path) as im:
+        rgba = np.asarray(im.convert("RGBA")).astype(int)
+    assert rgba.shape == (h, 2 * w, 4)
+    red, blue, zero = rgba[10, 10], rgba[20, 20], rgba[0, 0]
+    assert red[0] > red[1] + 50 and red[0] > red[2] + 50 and blue[2] > blue[0] + 50
+    assert red[3] == blue[3] == 204 and zero[3] <= 1
+    half = rgba[:, w:]
+    assert np.all(np.abs(half[..., 3] - 102) <= 1) and np.all(half[..., 0] > half[..., 2])
 
 
 def test_maps_are_refused_where_they_do_not_apply(tiny_run, tmp_path):

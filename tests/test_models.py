@@ -380,3 +380,45 @@ def test_attribute_head_matches_numpy_and_has_no_bias():
         head(jnp.zeros((5, 8)))
     with pytest.raises(ValueError, match="embedding_dim"):
         AttributeHead(0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [
+    (1, 1, ((0, 0), (0, 0))), (1, 2, ((0, 0), (0, 0))), (1, 2, "SAME"), (1, 1, "VALID"),
+    (3, 2, ((1, 1), (1, 1))),  # not 1x1: lax's own convolution
+    (1, 1, ((1, 1), (0, 0))),  # padded 1x1: lax's own convolution
+])
+def test_conv_as_matrix_product_equals_lax_values_and_gradients(kernel, stride, padding):
+    """``models.conv.conv_general_dilated`` (what the backbone's convs call) is
+    ``lax.conv_general_dilated`` in float64, output and both gradients, odd sizes included."""
+    from jax import lax
+
+    from reid_jax.models import conv
+
+    rng = np.random.default_rng(kernel * 10 + stride)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, 13, 9, 5)))
+        w = jnp.asarray(rng.standard_normal((kernel, kernel, 5, 7)))
+        dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+        def loss(fn, x, w):
+            return jnp.sum(jnp.sin(fn(x, w, (stride, stride), padding, dimension_numbers=dn)))
+
+        want = lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+        got = jax.jit(lambda x, w: conv.conv_general_dilated(
+            x, w, (stride, stride), padding, dimension_numbers=dn))(x, w)
+        assert got.shape == want.shape and got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        grads_want = jax.grad(lambda x, w: loss(lax.conv_general_dilated, x, w), (0, 1))(x, w)
+        grads_got = jax.grad(lambda x, w: loss(conv.conv_general_dilated, x, w), (0, 1))(x, w)
+        for g, r in zip(grads_got, grads_want, strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_backbone_convs_use_the_matrix_product_form():
+    """Every conv of the ResNet and the non-local blocks calls the project's conv function."""
+    from reid_jax.models import conv
+
+    model = ResNet(width=4, blocks=(1, 1, 1, 1), non_local=(0, 1, 0, 0), rngs=nnx.Rngs(0))
+    convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+    assert len(convs) >= 10
+    assert all(c.conv_general_dilated is conv.conv_general_dilated for c in convs)

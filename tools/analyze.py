@@ -3,7 +3,7 @@ r"""The paper's analysis of the embedding (Table 4.1, Figure 4.1), see ``reid_ja
 From arrays (W of the attribute layer, gallery features written by tools/extract_features.py):
 
   python tools/analyze.py --weights=W.npy --features=gallery.npz \
-      --attribute_file=DATA/market_attribute.mat --output_dir=/tmp/analysis
+      --attributes_file=DATA/market_attribute.mat --output_dir=/tmp/analysis
 
 From a checkpoint with an attribute head (features of the gallery of --data_root computed here
 unless --features is given; ratios from DATA_ROOT/market_attribute.mat):
@@ -13,7 +13,7 @@ unless --features is given; ratios from DATA_ROOT/market_attribute.mat):
 
 Writes table_4_1.md, table_4_1.csv, table_4_1.png and component_<n>.png (for --components, or
 the --num_selective most selective components) into --output_dir and prints the table.
-Positive ratios are per identity of the training split of --attribute_file; without one, per
+Positive ratios are per identity of the training split of --attributes_file; without one, per
 identity of the ground-truth labels stored under the key 'attribute_labels' of the --features
 file (uint8/bool [G, A] in {0, 1}, one row per image; stated in the table caption), else left
 out. The key 'attributes' that tools/extract_features.py writes holds *predicted*
@@ -47,8 +47,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _DATA_ROOT = flags.DEFINE_string(
     "data_root", None, "Market-1501-layout root: gallery images, market_attribute.mat.")
 _ATTRIBUTE_FILE = flags.DEFINE_string(
-    "attribute_file", None, "market_attribute.mat for the positive ratios (default: "
+    "attributes_file", None, "market_attribute.mat for the positive ratios (default: "
     "DATA_ROOT/market_attribute.mat when it exists).")
+# The name of earlier versions, still accepted (the other tools spell it --attributes_file).
+flags.DEFINE_alias("attribute_file", "attributes_file")
 _COMPONENTS = flags.DEFINE_list(
     "components", None, "Embedding components to draw (e.g. 12,873); default: the "
     "--num_selective most selective ones.")
@@ -114,7 +116,7 @@ def _analyze() -> None:
         source = (f"NOT the training split: per identity of the features file's labels, "
                   f"{num_ids} identities")
     else:
-        logging.warning("no --attribute_file and no 'attribute_labels' in --features: "
+        logging.warning("no --attributes_file and no 'attribute_labels' in --features: "
                         "Table 4.1 without positive ratios")
 
     components = None

@@ -199,17 +199,10 @@ def _accuracy() -> dict:
 
 def _rank_metrics_bench() -> dict:
     from reid_jax import evaluation
+    from reid_jax.synthetic.distances import market_like_distances
 
-    rng = np.random.default_rng(FLAGS.seed)
-    q, g = FLAGS.num_query, FLAGS.num_gallery
-    ids = np.arange(1, 751)
-    qp = rng.choice(ids, q).astype(np.int32)
-    gp = np.concatenate([rng.choice(ids, g - g // 7 - g // 5), np.zeros(g // 7, int),
-                         np.full(g // 5, -1)]).astype(np.int32)
-    qc = rng.integers(1, 7, q).astype(np.int32)
-    gc = rng.integers(1, 7, g).astype(np.int32)
-    dist = rng.uniform(size=(q, g)).astype(np.float32)
-    dist[qp[:, None] == gp[None]] *= 0.3  # matches rank early, as with a trained model
+    dist, qp, gp, qc, gc = market_like_distances(FLAGS.num_query, FLAGS.num_gallery,
+                                                 FLAGS.seed)
     args = (dist, qp, gp, qc, gc)
     t0 = time.perf_counter()
     fast = evaluation.rank_metrics(*args)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import flags
 
 from reid_jax import cli, evaluation
+from reid_jax.synthetic.distances import market_like_distances
 
 _NUM_QUERY = flags.DEFINE_integer("num_query", 3368, "Queries (Market-1501: 3,368).")
 _NUM_GALLERY = flags.DEFINE_integer("num_gallery", 19732, "Gallery images at factor 1.")
@@ -33,26 +34,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _JSON = flags.DEFINE_string("json", None, "Also write the measurements to this JSON file.")
 
 
-def market_like(num_query: int, num_gallery: int, seed: int) -> tuple[np.ndarray, ...]:
-    """Distances and ids shaped like Market-1501: 750 ids, distractors, junk, 6 cameras."""
-    rng = np.random.default_rng(seed)
-    q, g = num_query, num_gallery
-    ids = np.arange(1, 751)
-    qp = rng.choice(ids, q).astype(np.int32)
-    gp = np.concatenate([rng.choice(ids, g - g // 7 - g // 5), np.zeros(g // 7, int),
-                         np.full(g // 5, -1)]).astype(np.int32)
-    qc = rng.integers(1, 7, q).astype(np.int32)
-    gc = rng.integers(1, 7, g).astype(np.int32)
-    dist = rng.uniform(size=(q, g)).astype(np.float32)
-    dist[qp[:, None] == gp[None]] *= 0.3  # matches rank early, as with a trained model
-    return dist, qp, gp, qc, gc
-
-
 def gallery(kind: str, factor: int, seed: int) -> tuple[np.ndarray, ...]:
     q, g = _NUM_QUERY.value, _NUM_GALLERY.value
     if kind == "distinct":
-        return market_like(q, g * factor, seed)
-    dist, qp, gp, qc, gc = market_like(q, g, seed)
+        return market_like_distances(q, g * factor, seed)
+    dist, qp, gp, qc, gc = market_like_distances(q, g, seed)
     return np.tile(dist, (1, factor)), qp, np.tile(gp, factor), qc, np.tile(gc, factor)
 
 

@@ -41,14 +41,20 @@ from typing import Any
 import jinja2
 import markupsafe
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import SPLIT_FOLDERS
 from reid_jax.explain import map_outputs
 from reid_jax.explain import table as quality_table
-from reid_jax.explain.figures import error_figure, metrics_figure, pie_areas, save_png
+from reid_jax.explain.figures import (
+    PNG_COMPRESS_LEVEL,
+    error_figure,
+    metrics_figure,
+    overlay_image,
+    pie_areas,
+    save_png,
+)
 from reid_jax.progress import ProgressBar
 
 THUMBNAIL_WH = (64, 128)  # Market-1501 images are 64 wide, 128 high; shown at that size.
@@ -195,25 +201,16 @@ def write_thumbnail(src: str, dst: str) -> str:
 
 
 def _signed_tiles(maps: np.ndarray) -> np.ndarray:
-    """uint8 RGBA ``[n, H, W, 4]`` of signed maps ``[n, H, W]`` on one symmetric scale: red
-    positive, blue negative, transparent at 0."""
+    """Signed maps ``[n, H, W]`` on one symmetric scale: float32 in [-1, 1], the largest
+    magnitude of the group at +-1."""
     scale = float(np.abs(maps).max())
-    v = maps / scale if scale > 0 else np.zeros_like(maps)
-    rgba = colormaps["RdBu_r"]((v + 1.0) / 2.0)
-    rgba[..., 3] = np.clip(np.abs(v), 0.0, 1.0) * 0.8
-    return (rgba * 255.0 + 0.5).astype(np.uint8)
+    return (maps / scale if scale > 0 else np.zeros_like(maps)).astype(np.float32)
 
 
 def write_overlay_strip(tiles: Sequence[np.ndarray], path: str) -> None:
-    """One PNG of RGBA tiles side by side, each resized to ``THUMBNAIL_WH``."""
-    w, h = THUMBNAIL_WH
-    strip = Image.new("RGBA", (w * len(tiles), h))
-    for i, tile in enumerate(tiles):
-        im = Image.fromarray(tile, "RGBA")
-        if im.size != (w, h):
-            im = im.resize((w, h), Image.Resampling.BILINEAR)
-        strip.paste(im, (i * w, 0))
-    strip.save(path, "PNG", optimize=False)
+    """One PNG of signed tiles (each ``[H, W]`` in [-1, 1]) side by side, each resized to
+    ``THUMBNAIL_WH`` (``figures.overlay_image``)."""
+    overlay_image(tiles, THUMBNAIL_WH).save(path, "PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def _maps_view(record: dict[str, Any], arrays: dict[str, np.ndarray], figure_ranks: list[int],

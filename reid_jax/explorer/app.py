@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -51,6 +50,7 @@ from starlette.staticfiles import StaticFiles
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import settings
+from reid_jax.explain.figures import PNG_COMPRESS_LEVEL, overlay_image
 from reid_jax.explorer import params, uploads
 from reid_jax.explorer.rankings import Explorer, QueryRef
 
@@ -122,16 +122,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _overlay_png(values: np.ndarray, scale: float) -> bytes:
-    """An RGBA PNG of a signed map ``[H, W]``: red where positive, blue where negative, the
-    opacity growing with ``|value| / scale``."""
-    v = np.clip(np.asarray(values, np.float64) / max(scale, 1e-30), -1.0, 1.0)
-    rgba = np.zeros((*v.shape, 4), np.uint8)
-    rgba[..., 0] = np.where(v > 0, 220, 30)
-    rgba[..., 1] = 40
-    rgba[..., 2] = np.where(v > 0, 30, 220)
-    rgba[..., 3] = np.round(200 * np.sqrt(np.abs(v))).astype(np.uint8)
+    """A PNG overlay of a signed map ``[H, W]`` at its own size, in the report's colours (red
+    positive, blue negative, more opaque with ``|value| / scale``; ``figures.overlay_image``)."""
+    v = np.asarray(values, np.float32) / max(scale, 1e-30)
     out = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(out, "PNG")
+    overlay_image([v], (v.shape[1], v.shape[0])).save(out, "PNG",
+                                                      compress_level=PNG_COMPRESS_LEVEL)
     return out.getvalue()
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reid_jax.models import conv
 from reid_jax.models.batch_norm import BatchNorm
 
 # Torch's default init of ``nn.Conv2d`` (kaiming_uniform with a = sqrt(5) for the weight,
@@ -74,7 +75,8 @@ class NonLocal(nnx.Module):
             return nnx.Conv(
                 cin, cout, (1, 1), padding="VALID", use_bias=True, dtype=dtype,
                 param_dtype=param_dtype, kernel_init=_torch_default_kernel_init,
-                bias_init=_torch_default_bias_init(cin), rngs=rngs,
+                bias_init=_torch_default_bias_init(cin),
+                conv_general_dilated=conv.conv_general_dilated, rngs=rngs,
             )
 
         ci = self.inter_channels

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reid_jax.models import conv
 from reid_jax.models.batch_norm import BatchNorm
 from reid_jax.models.non_local import NonLocal
 
@@ -43,7 +44,8 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, *, dtype, param_dtype,
     pad = kernel // 2
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=_conv_init, rngs=rngs,
+        use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=_conv_init,
+        conv_general_dilated=conv.conv_general_dilated, rngs=rngs,
     )
 
 

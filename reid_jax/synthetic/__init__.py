@@ -1,7 +1,8 @@
 """Synthetic Market-1501-shaped persons: what a person and a scene are (``person``), the
 renderer (``canvas``, ``render``), the dataset
 writer with counterfactual re-rendering (``dataset``) and the part masks written beside every
-image (``masks``), whose public names are given here.
+image (``masks``), whose public names are given here; and Market-shaped distance matrices for
+the ranking benchmarks (``distances``).
 
 They exist so the real data path (reader, attribute labels, training, explanations) runs and is
 tested where Market-1501 cannot be downloaded, and so explanations can be measured against

@@ -86,7 +86,7 @@ from reid_jax.progress import format_seconds
 from reid_jax.train import losses, schedules
 from reid_jax.train.state import TrainState, create_train_state
 
-TRAIN_STATE_ITEM = "train_state"
+TRAIN_STATE_ITEM = checkpoints.TRAIN_STATE_ITEM
 CHECKPOINT_SUBDIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 DATA_AXIS = "data"
@@ -254,9 +254,7 @@ def evaluate_model(
 
 def open_checkpoint_manager(workdir: str, keep: int | None) -> ocp.CheckpointManager:
     """The run's manager on ``workdir/checkpoints`` (layout of ``reid_jax.checkpoints``)."""
-    return checkpoints.open_manager(
-        os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=keep,
-        extra_item_handlers={TRAIN_STATE_ITEM: ocp.StandardCheckpointHandler()})
+    return checkpoints.open_manager(os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=keep)
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
