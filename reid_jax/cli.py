@@ -50,6 +50,18 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
 DISK_FULL_TEXT = "No space left on device"
 
 
+def define_checkpoint_flags(checkpoint_help: str) -> tuple[Any, Any, Any]:
+    """``--checkpoint`` (required; ``checkpoint_help`` says what it must hold), ``--config`` and
+    ``--data_root`` with one meaning in every tool that reads a trained model: the config and the
+    data root default to the ones stored in the checkpoint. Returns the three flag holders."""
+    checkpoint = flags.DEFINE_string("checkpoint", None, checkpoint_help, required=True)
+    config = config_flags.DEFINE_config_file(
+        "config", None, "The model's config file (default: the config stored in the checkpoint).")
+    data_root = flags.DEFINE_string(
+        "data_root", None, "Market-1501-layout folder (default: the config's data.root).")
+    return checkpoint, config, data_root
+
+
 def define_map_path_flags() -> tuple[Any, Any]:
     """``--map_layer`` and ``--map_reference_images`` (where the attribute maps' path runs and
     starts), shared by the tools that compute maps; returns the two flag holders."""
@@ -255,5 +267,6 @@ def run(main: Callable[[list[str]], Any]) -> None:
     app.run(wrap(main_quietly), flags_parser=parse_flags)
 
 
-__all__ = ["DISK_FULL_TEXT", "USER_ERRORS", "disk_full", "fail", "parse_flags",
+__all__ = ["DISK_FULL_TEXT", "USER_ERRORS", "define_checkpoint_flags", "define_map_path_flags",
+           "disk_full", "fail", "parse_flags",
            "quiet_library_logs", "run", "unknown_config_field", "wrap"]

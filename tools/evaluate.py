@@ -22,18 +22,13 @@ import os
 from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from reid_jax import atomic_io, checkpoints, cli, embeddings, evaluation
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.train import attribute_training
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.",
-                                  required=True)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The model's config file (default: the config stored in the checkpoint).")
-_DATA_ROOT = flags.DEFINE_string(
-    "data_root", None, "Market-1501-layout folder (default: the config's data.root).")
+_CHECKPOINT, _CONFIG, _DATA_ROOT = cli.define_checkpoint_flags(
+    "Orbax checkpoint directory.")
 _ATTRIBUTES_FILE = flags.DEFINE_string(
     "attributes_file", None, "market_attribute.mat (default: DATA_ROOT/market_attribute.mat).")
 _OUTPUT = flags.DEFINE_string("output", None,

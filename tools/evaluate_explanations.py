@@ -32,17 +32,12 @@ the config's ``explain`` section (reid_jax/explain/settings.py); each flag overr
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from reid_jax import cli, embeddings
 from reid_jax.explain import quality
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Orbax checkpoint directory with an attribute head.", required=True)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The model's config file (default: the config stored in the checkpoint).")
-_DATA_ROOT = flags.DEFINE_string(
-    "data_root", None, "Market-1501-layout folder (default: the config's data.root).")
+_CHECKPOINT, _CONFIG, _DATA_ROOT = cli.define_checkpoint_flags(
+    "Orbax checkpoint directory with an attribute head.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write into.", required=True)
 _ATTRIBUTES_FILE = flags.DEFINE_string(
     "attributes_file", None, "market_attribute.mat (default: DATA_ROOT/market_attribute.mat).")

@@ -30,18 +30,13 @@ run's order.
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from reid_jax import cli, embeddings
 from reid_jax.explain import run as explain_run
 from reid_jax.explain import settings
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Orbax checkpoint directory with an attribute head.", required=True)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The model's config file (default: the config stored in the checkpoint).")
-_DATA_ROOT = flags.DEFINE_string(
-    "data_root", None, "Market-1501-layout folder (default: the config's data.root).")
+_CHECKPOINT, _CONFIG, _DATA_ROOT = cli.define_checkpoint_flags(
+    "Orbax checkpoint directory with an attribute head.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write into.", required=True)
 _NUM_QUERIES = flags.DEFINE_integer(
     "num_queries", None, "Explain the FIRST N query files by file name (not the N worst; "

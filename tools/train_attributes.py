@@ -24,17 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from reid_jax import cli, embeddings
 from reid_jax.train import attribute_training
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory of the re-id "
-                                  "model (e.g. WORKDIR/checkpoints).", required=True)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The model's config file (default: the config stored in the checkpoint).")
-_DATA_ROOT = flags.DEFINE_string(
-    "data_root", None, "Market-1501-layout folder (default: the config's data.root).")
+_CHECKPOINT, _CONFIG, _DATA_ROOT = cli.define_checkpoint_flags(
+    "Orbax checkpoint directory of the re-id model (e.g. WORKDIR/checkpoints).")
 _ATTRIBUTES_FILE = flags.DEFINE_string(
     "attributes_file", None, "market_attribute.mat (default: DATA_ROOT/market_attribute.mat).")
 # Defaults of these flags: config.attributes (reid_jax.train.attribute_training.default_config).
