@@ -138,26 +138,32 @@ def _head_loss(params: nnx.State, graphdef: nnx.GraphDef, features: jax.Array,
     return losses.weighted_bce(logits, labels, ratios, mask)
 
 
-def _check_training_arrays(features: Any, labels: Any,
-                           positive_ratios: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_training_arrays(features: Any, labels: Any, positive_ratios: Any = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(features [n, N], labels [n, A], positive_ratios [A] or None)`` as float32, checked:
+    shapes, binary labels, finite features, ratios (when given) fractions in [0, 1]."""
     f = np.asarray(features)
     y = np.asarray(labels)
-    r = np.asarray(positive_ratios, np.float64)
     if f.ndim != 2 or f.shape[0] == 0:
         raise ValueError(f"features must be [n, N] with n > 0, got shape {f.shape}")
     if y.ndim != 2 or y.shape[0] != f.shape[0]:
         raise ValueError(f"labels must be [n, A] with n = {f.shape[0]} (one row per embedding), "
                          f"got shape {y.shape}")
-    if r.shape != (y.shape[1],):
-        raise ValueError(f"positive_ratios must be [A] = ({y.shape[1]},), got shape {r.shape}")
-    if not np.all((r >= 0) & (r <= 1)):
-        raise ValueError(f"positive_ratios must be fractions in [0, 1], got range "
-                         f"[{r.min():g}, {r.max():g}] (percentages? divide by 100)")
+    r = None
+    if positive_ratios is not None:
+        r = np.asarray(positive_ratios, np.float64)
+        if r.shape != (y.shape[1],):
+            raise ValueError(f"positive_ratios must be [A] = ({y.shape[1]},), got shape "
+                             f"{r.shape}")
+        if not np.all((r >= 0) & (r <= 1)):
+            raise ValueError(f"positive_ratios must be fractions in [0, 1], got range "
+                             f"[{r.min():g}, {r.max():g}] (percentages? divide by 100)")
+        r = r.astype(np.float32)
     if not np.isin(y, (0, 1)).all():
         raise ValueError("labels must be binary (0/1)")
     if not np.isfinite(f).all():
         raise ValueError("features contain NaN or inf")
-    return f.astype(np.float32), y.astype(np.float32), r.astype(np.float32)
+    return f.astype(np.float32), y.astype(np.float32), r
 
 
 def head_loss(head: AttributeHead, features: Any, labels: Any, positive_ratios: Any) -> float:
@@ -272,7 +278,7 @@ def cross_fitted_calibration(
       ``seconds`` and the out-of-fold mean logistic loss per attribute before and after
       (``heldout_loss_raw``, ``heldout_loss_calibrated``).
     """
-    f, y, _ = _check_training_arrays(features, labels, np.zeros(np.shape(labels)[-1]))
+    f, y, _ = _check_training_arrays(features, labels)
     pids = np.asarray(pids)
     folds = int(config.calibration_folds)
     if folds < 2:
