@@ -268,5 +268,5 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
 
 __all__ = ["DISK_FULL_TEXT", "USER_ERRORS", "define_checkpoint_flags", "define_map_path_flags",
-           "disk_full", "fail", "parse_flags",
-           "quiet_library_logs", "run", "unknown_config_field", "wrap"]
+           "disk_full", "fail", "parse_flags", "quiet_library_logs", "run",
+           "unknown_config_field", "wrap"]
