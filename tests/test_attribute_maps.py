@@ -273,7 +273,7 @@ def test_maps_through_an_earlier_stage_and_from_a_reference_baseline_are_complet
     assert base.shape == feats.shape[1:] == (4, 2, 128)
     np.testing.assert_allclose(np.asarray(base), feats.mean(0), rtol=1e-4, atol=1e-5)
     ev3 = maps.evidence_maps(model, w, images[:4], layer=3, baseline=base, steps=8)
-    view = nnx.merge(parts.graphdef, parts.state)
+    view = nnx.view(model, use_running_average=True)
     z0 = np.asarray(maps._embedding_of_map(view, view.backbone.forward_from(
         jnp.asarray(base)[None], 3)) @ w)[0]  # the network run on from the mean map
     np.testing.assert_allclose(np.asarray(ev3.baseline_logits), z0, rtol=1e-4, atol=1e-5)
@@ -348,10 +348,14 @@ def test_maps_leave_the_model_unchanged(images):
     m.train()
     before = jax.tree.map(np.asarray, nnx.state(m))
     w = _weights(m)
-    maps.evidence_maps(m, w, images[:4])
+    ev = maps.evidence_maps(m, w, images[:4])
     maps.contribution_maps(m, w, images[4:], images[1:4])
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(m)))
     assert m.bnneck.bn.use_running_average is False  # still in train mode
+    # ... and the maps of a train-mode model are those of the same model in eval mode.
+    m.eval()
+    np.testing.assert_array_equal(np.asarray(maps.evidence_maps(m, w, images[:4]).maps),
+                                  np.asarray(ev.maps))
 
 
 def test_bad_shapes_are_rejected_with_their_names(post, images):

@@ -551,6 +551,10 @@ def test_evaluate_measures_the_maps(run):
     for method in ("evidence", "centre", "gradcam"):
         assert 0 <= pg["overall"][method]["rate"] <= 1
     assert 0 < pg["overall"]["chance"]["expected_rate"] < 1
+    # The cases the query labels confirm (the synthetic queries are all labelled).
+    confirmed = pg["labelled_present"]["overall"]["cases"]
+    assert confirmed == round(pg["overall"]["mean_labelled_present"] * pg["overall"]["cases"])
+    assert confirmed <= pg["overall"]["cases"]
     loc = maps["counterfactual_localisation"]
     assert loc["overall_groups"] == ["headwear", "bags", "upper_body", "lower_body"]
     assert sum(g["cases"] for g in loc["groups"].values()) + loc["skipped"]["empty_region"] \

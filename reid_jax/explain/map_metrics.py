@@ -2,7 +2,8 @@
 
 Four measurements (docs/attribute_maps.md, 'Measurements'), each over *cases* and reported as a
 plain JSON-ready dict with counts, rates, and the same per attribute group (``headwear``,
-``bags``, ``upper_body``, ``lower_body``; gender and age: ``whole_person``) and per attribute:
+``bags``, ``upper_body``, ``lower_body``; gender and age: ``whole_person``), per kind of look
+(:data:`ATTRIBUTE_KINDS`: ``colour``, ``shape``, ``object``) and per attribute:
 
 * :func:`pointing_game` — for each image and localisable attribute the model predicts present
   (``x_a > 0.5``) whose region is not empty: does the evidence map's maximum lie within
@@ -47,6 +48,15 @@ DEFAULT_BLUR = 4.0 / 128.0
 WHOLE_PERSON = "whole_person"
 Array = jax.Array
 GROUPS: tuple[str, ...] = (*ATTRIBUTE_GROUPS, WHOLE_PERSON)
+# What kind of look each localisable attribute is (docs/attribute_maps.md, 'Measurements'): a
+# colour shows in the pixels of its garment, a shape in the outline of a part (sleeve and
+# lower-garment length, a dress, long hair), an object is a thing worn or carried.
+ATTRIBUTE_KINDS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(a for a in ATTRIBUTE_NAMES
+                    if a.startswith(("up", "down")) and a not in ("up", "down")),
+    "shape": ("up", "down", "clothes", "hair"),
+    "object": ("hat", "backpack", "bag", "handbag"),
+}
 
 
 class Cases(NamedTuple):
@@ -73,6 +83,10 @@ class Cases(NamedTuple):
 
 def _group(name: str) -> str:
     return attribute_group(name) or WHOLE_PERSON
+
+
+def _kind(name: str) -> str | None:
+    return next((k for k, names in ATTRIBUTE_KINDS.items() if name in names), None)
 
 
 def concatenate(parts: Sequence[Cases], item_offsets: Sequence[int] | None = None) -> Cases:
@@ -115,16 +129,20 @@ def _rates(cases: Cases, select: np.ndarray) -> dict[str, Any]:
 
 def summarise(cases: Cases, attributes: Sequence[str] = ATTRIBUTE_NAMES,
               overall_groups: Sequence[str] | None = None) -> dict[str, Any]:
-    """JSON-ready counts and rates: ``overall``, ``groups`` and ``attributes``.
+    """JSON-ready counts and rates: ``overall``, ``groups``, ``kinds`` and ``attributes``.
 
-    ``overall`` pools the cases of ``overall_groups`` (default: all); every group and attribute
-    with cases is listed. Rates are ``None`` where a selection has no cases.
+    ``overall`` pools the cases of ``overall_groups`` (default: all); every group, kind
+    (:data:`ATTRIBUTE_KINDS`) and attribute with cases is listed. Rates are ``None`` where a
+    selection has no cases.
     """
     groups = np.asarray([_group(attributes[a]) for a in cases.attribute], dtype=object)
+    kinds = np.asarray([_kind(attributes[a]) for a in cases.attribute], dtype=object)
     pooled = (np.ones(len(cases.attribute), bool) if overall_groups is None
               else np.isin(groups, list(overall_groups)))
     out = {"overall": _rates(cases, pooled),
            "groups": {g: _rates(cases, groups == g) for g in GROUPS if (groups == g).any()},
+           "kinds": {k: _rates(cases, kinds == k) for k in ATTRIBUTE_KINDS
+                     if (kinds == k).any()},
            "attributes": {attributes[a]: _rates(cases, cases.attribute == a)
                           for a in sorted(set(cases.attribute.tolist()))},
            "skipped": dict(cases.skipped)}
@@ -202,9 +220,11 @@ def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
                         baselines: Mapping[str, Any] | None = None,
                         tolerance: float = DEFAULT_TOLERANCE,
                         threshold: float = DEFAULT_THRESHOLD,
-                        attributes: Sequence[str] = ATTRIBUTE_NAMES) -> Cases:
+                        attributes: Sequence[str] = ATTRIBUTE_NAMES,
+                        labels: Any = None) -> Cases:
     """Per-case pointing game (see :func:`pointing_game`); methods ``evidence``, ``centre``,
-    one per baseline; expected ``chance``."""
+    one per baseline; expected ``chance``; with ``labels`` also the value ``labelled_present``
+    (1 where the labels say the case's attribute is present, else 0)."""
     maps = _as_array("maps", maps, 4, "[B, A, H, W] evidence maps")
     regions = _as_array("regions", regions, 4, "bool [B, A, H, W] attribute regions")
     probs = _as_array("probabilities", probabilities, 2, "[B, A] attribute probabilities")
@@ -213,6 +233,11 @@ def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
         raise ValueError(f"shapes disagree: maps {maps.shape}, regions {regions.shape}, "
                          f"probabilities {probs.shape}, {len(attributes)} attribute names "
                          "(expected [B, A, H, W], [B, A, H, W], [B, A], A names)")
+    if labels is not None:
+        labels = _as_array("labels", labels, 2, "[B, A] 0/1 attribute labels")
+        if labels.shape != (b, a):
+            raise ValueError(f"labels must have shape {(b, a)} (one row per image), got "
+                             f"{labels.shape}")
     tolerance = _check_tolerance(tolerance)
     base = _check_baselines(baselines, (b, h, w), ("evidence", "centre"))
     base_peaks = {name: [peak(m) for m in bm] for name, bm in base.items()}
@@ -233,15 +258,30 @@ def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
         for name in base:
             outcomes[name].append(near(region, *base_peaks[name][i], tolerance))
         chance.append(dilate(region, tolerance).mean())
+    values = {} if labels is None else {
+        "labelled_present": (labels[items, attrs] > 0).astype(np.float64)}
     return Cases(attrs.astype(np.int64), items.astype(np.int64),
-                 {k: np.asarray(v, bool) for k, v in outcomes.items()}, {},
+                 {k: np.asarray(v, bool) for k, v in outcomes.items()}, values,
                  {"chance": np.asarray(chance, np.float64)}, skipped)
+
+
+def select(cases: Cases, keep: Any) -> Cases:
+    """The cases where bool ``keep [n]`` is true (e.g. the pointing game's cases whose
+    attribute the labels say is present); ``skipped`` stays that of all cases."""
+    keep = np.asarray(keep, bool)
+    if keep.shape != cases.attribute.shape:
+        raise ValueError(f"keep must be bool of shape {cases.attribute.shape} (one per case), "
+                         f"got {keep.shape}")
+    pick = lambda d: {k: v[keep] for k, v in d.items()}  # noqa: E731
+    return Cases(cases.attribute[keep], cases.item[keep], pick(cases.outcomes),
+                 pick(cases.values), pick(cases.expected), dict(cases.skipped))
 
 
 def pointing_game(maps: Any, regions: Any, probabilities: Any, *,
                   baselines: Mapping[str, Any] | None = None,
                   tolerance: float = DEFAULT_TOLERANCE, threshold: float = DEFAULT_THRESHOLD,
-                  attributes: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, Any]:
+                  attributes: Sequence[str] = ATTRIBUTE_NAMES,
+                  labels: Any = None) -> dict[str, Any]:
     """The pointing game of evidence maps against the part masks.
 
     Args:
@@ -254,17 +294,34 @@ def pointing_game(maps: Any, regions: Any, probabilities: Any, *,
       tolerance: pixels; a peak within this Euclidean distance of the region hits.
       threshold: the probability above which the model predicts an attribute present.
       attributes: the ``A`` attribute names.
+      labels: optional ``[B, A]`` 0/1 ground-truth labels of the images.
 
     Returns:
       ``summarise`` of the cases: ``overall``/``groups``/``attributes`` with ``cases``,
       ``evidence``, ``centre`` and each baseline as ``{hits, rate}``, ``chance`` as
       ``{expected_rate}``; ``skipped`` counts present attributes that are not localisable or
-      have an empty region (e.g. hidden); and ``tolerance``, ``threshold``.
+      have an empty region (e.g. hidden); and ``tolerance``, ``threshold``. With ``labels``,
+      ``mean_labelled_present`` (the share of cases the labels confirm) and
+      ``labelled_present``: the same summary over those cases alone — an image that does not
+      show an attribute gives its map nothing to point at (docs/attribute_maps.md,
+      'Measurements').
     """
     cases = pointing_game_cases(maps, regions, probabilities, baselines=baselines,
-                                tolerance=tolerance, threshold=threshold, attributes=attributes)
-    return {**summarise(cases, attributes), "tolerance": float(tolerance),
+                                tolerance=tolerance, threshold=threshold, attributes=attributes,
+                                labels=labels)
+    return {**summarise_pointing(cases, attributes), "tolerance": float(tolerance),
             "threshold": float(threshold)}
+
+
+def summarise_pointing(cases: Cases, attributes: Sequence[str] = ATTRIBUTE_NAMES
+                       ) -> dict[str, Any]:
+    """:func:`summarise` of pointing-game cases, plus ``labelled_present`` (the summary of the
+    cases whose attribute the labels confirm) when the cases carry labels."""
+    out = summarise(cases, attributes)
+    if "labelled_present" in cases.values:
+        out["labelled_present"] = summarise(
+            select(cases, cases.values["labelled_present"] > 0.5), attributes)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,6 +671,7 @@ def completeness(contributions: maps_lib.ContributionMaps | Sequence[np.ndarray]
 
 
 __all__ = [
+    "ATTRIBUTE_KINDS",
     "DEFAULT_BLUR",
     "DEFAULT_FRACTION",
     "DEFAULT_THRESHOLD",
@@ -638,6 +696,8 @@ __all__ = [
     "pointing_game",
     "pointing_game_cases",
     "random_pixels",
+    "select",
     "summarise",
+    "summarise_pointing",
     "top_pixels",
 ]

@@ -5,9 +5,10 @@ four measurements of :mod:`reid_jax.explain.map_metrics` on at most ``map_images
 (``config.explain.map_images``; ``measure_maps=False`` skips the section):
 
 * pointing game: evidence maps of the first ``map_images`` query images against their part
-  regions, 2-pixel tolerance, cases ``x_a > 0.5`` with a non-empty region;
-  baselines the image centre, the distance Grad-CAM of the query against its rank-1 gallery
-  image (``maps.distance_gradcam``) and a random pixel (chance);
+  regions, 2-pixel tolerance, cases ``x_a > 0.5`` with a non-empty region (with the queries'
+  labels also over the cases the labels confirm); baselines the image centre, the distance
+  Grad-CAM of the query against its rank-1 gallery image (``maps.distance_gradcam``) and a
+  random pixel (chance);
 * counterfactual localisation: pairs (gallery image, its re-render with one attribute changed,
   ``reid_jax.explain.counterfactuals``): does the pair's contribution map (eq. 3.2, paper
   weights) of the largest-rising attribute peak within 2 pixels of the changed region?
@@ -37,6 +38,7 @@ from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import map_metrics as mm
 from reid_jax.explain import maps as maps_lib
 from reid_jax.explain.map_outputs import model_inputs
+from reid_jax.progress import ProgressLog
 
 BATCH = 8  # images per map call (bounded memory: maps are [B, A, H, W])
 
@@ -76,7 +78,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
                  counterfactuals: Sequence[Any], augment_config: augment.AugmentConfig,
                  steps: int = maps_lib.DEFAULT_STEPS, seed: int = 0,
                  layer: int = maps_lib.DEFAULT_LAYER, baseline: np.ndarray | None = None,
-                 attributes: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, Any]:
+                 attributes: Sequence[str] = ATTRIBUTE_NAMES,
+                 query_labels: np.ndarray | None = None) -> dict[str, Any]:
     """The maps section (JSON-ready).
 
     Args:
@@ -89,6 +92,9 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
       augment_config: the evaluation transform.
       steps: quadrature nodes; seed: seeds the random pixels of the deletion test.
       layer, baseline: where the maps' path runs and starts (``maps.evidence_maps``).
+      query_labels: optional ``[len(query_paths), A]`` 0/1 labels of the query images: the
+        pointing game is then also reported over the cases the labels confirm
+        (``labelled_present``).
 
     Returns:
       ``{"num_images", "num_counterfactual_pairs", "steps", "tolerance", "pointing_game",
@@ -99,10 +105,17 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
     t0 = time.perf_counter()
     if len(query_paths) != len(partner_paths):
         raise ValueError(f"{len(query_paths)} query paths but {len(partner_paths)} partners")
+    if query_labels is not None and np.shape(query_labels) != (len(query_paths),
+                                                               len(attributes)):
+        raise ValueError(f"query_labels must have shape {(len(query_paths), len(attributes))} "
+                         f"(one row per query path), got {np.shape(query_labels)}")
     attributes = list(attributes)
     weights = np.asarray(weights, np.float32)
     pointing, del_ev, del_con = [], [], []
     complete_q: list[np.ndarray] = []
+    # Below the last map each batch takes tens of seconds: log the rate and ETA.
+    progress = ProgressLog(f"attribute maps (stage {layer})", unit="images and pairs")
+    total = len(query_paths) + len(counterfactuals)
     offset = 0
     for lo, hi in _batches(len(query_paths)):
         images = model_inputs(query_paths[lo:hi], augment_config)
@@ -122,7 +135,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         cam = maps_lib.distance_gradcam(model, images, partners)
         pointing.append(mm.pointing_game_cases(
             _resize(ev.maps, h, w), regions, probs, baselines={"gradcam": _resize(cam, h, w)},
-            attributes=attributes))
+            attributes=attributes,
+            labels=None if query_labels is None else np.asarray(query_labels)[lo:hi]))
         del_ev.append(mm.deletion_evidence_cases(model, weights, images, np.asarray(ev.maps),
                                                  seed=seed + lo, attributes=attributes))
         cm = maps_lib.contribution_maps(model, weights, images, partners, steps=steps,
@@ -131,11 +145,12 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
                                                        seed=seed + lo, attributes=attributes))
         complete_q.append(mm.completeness_errors(cm))
         offset += hi - lo
+        progress(offset, total)
     offsets = list(range(0, len(query_paths), BATCH))
     out: dict[str, Any] = {
         "num_images": len(query_paths), "num_counterfactual_pairs": len(counterfactuals),
         "steps": int(steps), "layer": int(layer), "tolerance": mm.DEFAULT_TOLERANCE,
-        "pointing_game": mm.summarise(mm.concatenate(pointing, offsets), attributes)
+        "pointing_game": mm.summarise_pointing(mm.concatenate(pointing, offsets), attributes)
         if pointing else None,
         "deletion_evidence": {**mm.summarise(mm.concatenate(del_ev, offsets), attributes),
                               "fraction": mm.DEFAULT_FRACTION} if del_ev else None,
@@ -160,6 +175,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
             baselines={"gradcam": _resize(cam, h, w)}, attributes=attributes))
         complete_cf.append(mm.completeness_errors(cm))
         cf_offsets.append(lo)
+        progress(len(query_paths) + hi, total)
     out["counterfactual_localisation"] = (
         mm.summarise(mm.concatenate(localisation, cf_offsets), attributes,
                      overall_groups=tuple(synthetic.ATTRIBUTE_GROUPS))

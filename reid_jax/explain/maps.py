@@ -169,45 +169,49 @@ def pair_index(name: str, index, num_first: int, num_pairs: int) -> np.ndarray:
 
 
 class _Parts(NamedTuple):
-    """An eval-mode view of a model, split: all of it, and its backbone alone (the backbone's
-    graphdef does not hold the retrieval settings, so its forward compiles once per
-    architecture and image size, and the kernels after it compile without the convolutions)."""
+    """A model split for the jitted kernels (:func:`_eval_model` merges it in eval mode)."""
 
     graphdef: nnx.GraphDef
     state: nnx.State
-    backbone_graphdef: nnx.GraphDef
-    backbone_state: nnx.State
 
 
 def _eval_parts(model: AGW) -> _Parts:
-    """The split eval-mode view of ``model`` (``model`` itself is not changed)."""
-    view = nnx.view(model, use_running_average=True)
-    return _Parts(*nnx.split(view), *nnx.split(view.backbone))
+    """``model`` split as it is; the kernels use the merged copy in eval mode, so ``model``
+    itself is not changed. (One split per call: an eval-mode ``nnx.view`` before the split
+    cost several times the split, more than a forward pass of a few images.)"""
+    return _Parts(*nnx.split(model))
+
+
+def _eval_model(graphdef: nnx.GraphDef, state: nnx.State) -> AGW:
+    """Inside a jitted function: the merged model in eval mode (running BatchNorm
+    statistics) — a traced copy, whatever the mode of the model that was split."""
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _backbone_forward(graphdef, state, images):
-    return nnx.merge(graphdef, state)(images).astype(jnp.float32)
+    return _eval_model(graphdef, state).backbone(images).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layer"))
 def _backbone_to(graphdef, state, images, *, layer):
-    return nnx.merge(graphdef, state).forward_to(images, layer).astype(jnp.float32)
+    return _eval_model(graphdef, state).backbone.forward_to(images, layer).astype(jnp.float32)
 
 
 def _features(parts: _Parts, images: Array, layer: int) -> Array:
     """``[B, h, w, C]`` float32 output of stage ``layer`` (4: the last feature map)."""
     if layer == 4:
         return _feature_map(parts, images)
-    return _backbone_to(parts.backbone_graphdef, parts.backbone_state,
-                        jnp.asarray(images, jnp.float32), layer=layer)
+    return _backbone_to(parts.graphdef, parts.state, jnp.asarray(images, jnp.float32),
+                        layer=layer)
 
 
 def _feature_map(parts: _Parts, images: Array) -> Array:
     """``[B, h, w, C]`` float32 last feature map (``AGWOutputs.feature_map``) of model-input
     images, eval mode."""
-    return _backbone_forward(parts.backbone_graphdef, parts.backbone_state,
-                             jnp.asarray(images, jnp.float32))
+    return _backbone_forward(parts.graphdef, parts.state, jnp.asarray(images, jnp.float32))
 
 
 def _embedding_of_pooled(model: AGW, pre_bn: Array) -> Array:
@@ -327,7 +331,7 @@ def _full_channel_sum(grads: Array, delta: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "size", "layer"))
 def _evidence(graphdef, state, feats, weights, baseline, *, steps, size, layer):
-    model = nnx.merge(graphdef, state)
+    model = _eval_model(graphdef, state)
     base = _start(model, feats, baseline, layer)
     delta = feats - base
     embedding = _through(model, layer)
@@ -392,7 +396,7 @@ def evidence_maps(model: AGW, weights: Array, images: Array, *,
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "complete", "size", "layer"))
 def _contributions(graphdef, state, fq_all, fg, query_index, weights, baseline, *, steps,
                    complete, size, layer):
-    model = nnx.merge(graphdef, state)
+    model = _eval_model(graphdef, state)
     fq = fq_all[query_index]
     w = complete_weights(weights) if complete else weights
     base = _start(model, fq, baseline, layer)  # image independent: the same F0 for both images
@@ -525,7 +529,7 @@ def pair_contribution_maps(model: AGW, weights: Array, *, steps: int = DEFAULT_S
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "size"))
 def _gradcam(graphdef, state, fmap, partner_map, partner_index, *, size):
-    model = nnx.merge(graphdef, state)
+    model = _eval_model(graphdef, state)
     partner = jax.lax.stop_gradient(_embedding_of_map(model, partner_map)[partner_index])
 
     def total_distance(m):  # images are independent in eval mode: one gradient for all
@@ -567,7 +571,7 @@ def distance_gradcam(model: AGW, images: Array, partner_images: Array, *,
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _embed(graphdef, state, fmap):
-    return _embedding_of_map(nnx.merge(graphdef, state), fmap)
+    return _embedding_of_map(_eval_model(graphdef, state), fmap)
 
 
 def embed(model: AGW, images: Array) -> Array:

@@ -474,7 +474,8 @@ def measure(
             partner_paths=[data.gallery.paths[g] for g in partner],
             gallery_paths=data.gallery.paths, counterfactuals=accepted[:opts.map_images],
             augment_config=augment_config, steps=opts.map_steps, seed=opts.seed,
-            layer=opts.map_layer, baseline=baseline)
+            layer=opts.map_layer, baseline=baseline,
+            query_labels=lq[first])  # zeros where a query has no labels
         maps_section["reference_images"] = opts.map_reference_images
 
     metrics = {

@@ -175,6 +175,8 @@ def summary_table(metrics: dict[str, Any]) -> SummaryTable:
 # attribute group, columns the map and its baselines (what does not apply is empty).
 MAP_COLUMNS = ("maps", "centre", "distance Grad-CAM", "random")
 MAP_GROUPS = ("overall", "headwear", "bags", "upper_body", "lower_body", "whole_person")
+# The pointing game also by kind of look (map_metrics.ATTRIBUTE_KINDS), as "<kind> attributes".
+MAP_KINDS = ("colour", "shape", "object")
 _MAP_ROWS = (("pointing_game", "pointing game", "evidence", "centre", "gradcam", "chance"),
              ("counterfactual_localisation", "counterfactual localisation", "map", "centre",
               "gradcam", "chance"),
@@ -218,14 +220,22 @@ def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
         part = maps.get(key)
         if not part:
             continue
-        for group in MAP_GROUPS:
-            entry = part["overall"] if group == "overall" else part["groups"].get(group)
-            if not entry or not entry["cases"]:
-                continue
-            cells = tuple(_rate(entry, m) for m in methods)
-            if key.startswith("deletion"):
-                cells = (cells[0], "", "", _pct(0.5))
-            rows.append((title, group, int(entry["cases"]), cells))
+        parts = [(title, part)]
+        if part.get("labelled_present"):  # the pointing game over the cases labels confirm
+            parts.append((f"{title}, labelled present", part["labelled_present"]))
+        for name, summary in parts:
+            selections = [(g, summary["overall"] if g == "overall" else summary["groups"].get(g))
+                          for g in MAP_GROUPS]
+            if key == "pointing_game":
+                selections += [(f"{k} attributes", summary.get("kinds", {}).get(k))
+                               for k in MAP_KINDS]
+            for group, entry in selections:
+                if not entry or not entry["cases"]:
+                    continue
+                cells = tuple(_rate(entry, m) for m in methods)
+                if key.startswith("deletion"):
+                    cells = (cells[0], "", "", _pct(0.5))
+                rows.append((name, group, int(entry["cases"]), cells))
     for key, title in (("query_top1", "query and rank-1"), ("counterfactual",
                                                            "original and re-render")):
         c = (maps.get("completeness") or {}).get(key)
@@ -237,7 +247,10 @@ def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
         f"{maps['num_counterfactual_pairs']} counterfactual pairs, values in % of the cases "
         f"(n); {_map_path(maps)}. Pointing game: the evidence map's peak lies within "
         f"{maps['tolerance']:g} px of "
-        "the attribute's region (attributes with x_a > 0.5 and a non-empty region). "
+        "the attribute's region (attributes with x_a > 0.5 and a non-empty region; "
+        "'labelled present': those of them whose label says the image shows the attribute; "
+        "colour / shape / object attributes: garment colours; sleeve, lower-garment and hair "
+        "length and a dress; hat and bags). "
         "Counterfactual localisation: the contribution map (eq. 3.2) of the pair's largest-rising "
         "attribute peaks within that distance of the changed region (overall: the localisable "
         "changes; whole_person: gender and age). Deletion: blurring the map's top 10 % of pixels "

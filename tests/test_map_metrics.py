@@ -1,0 +1,123 @@
+"""The map measurements' scoring on hand-made maps and regions (reid_jax.explain.map_metrics).
+
+The end-to-end runs (tests/test_explanation_eval.py) check that the section is written; here
+every rule of the pointing game is checked on cases whose answer is known by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid_jax.explain import map_metrics as mm
+
+NAMES = ("hat", "upred", "gender", "downblue")  # headwear, upper body, none, lower body
+H, W = 12, 8
+
+
+def _regions():
+    """bool [2, 4, H, W]: hat in rows 0-1, upper body rows 3-6, lower body rows 7-11."""
+    r = np.zeros((2, len(NAMES), H, W), bool)
+    r[:, 0, 0:2, 2:6] = True
+    r[:, 1, 3:7, 1:7] = True
+    r[:, 3, 7:12, 2:6] = True
+    r[1, 0] = False  # image 1: the hat is hidden (empty region)
+    return r
+
+
+def _maps(peaks):
+    """[2, 4, H, W] maps with one peak per (image, attribute) at ``peaks[i][a]``."""
+    m = np.zeros((2, len(NAMES), H, W), np.float32)
+    for i, row in enumerate(peaks):
+        for a, (y, x) in enumerate(row):
+            m[i, a, y, x] = 1.0
+    return m
+
+
+def test_near_and_dilate_use_the_euclidean_tolerance():
+    region = np.zeros((9, 9), bool)
+    region[4, 4] = True
+    assert mm.near(region, 4, 6, 2.0) and not mm.near(region, 6, 6, 2.0)  # 2 vs 2.83 px
+    assert mm.near(region, 5, 5, 1.5) and not mm.near(region, 5, 5, 1.0)
+    assert mm.dilate(region, 2.0).sum() == 13  # the lattice points of a radius-2 disc
+    assert mm.peak(np.array([[0, 3], [3, 1]])) == (0, 1)  # the first maximum, row-major
+
+
+def test_pointing_game_counts_hits_cases_and_skips():
+    probs = np.array([[0.9, 0.9, 0.9, 0.9],
+                      [0.9, 0.9, 0.2, 0.6]])
+    peaks = [[(1, 3), (0, 0), (5, 4), (9, 4)],  # hat hit, upred missed, downblue hit
+             [(1, 3), (4, 3), (5, 4), (6, 4)]]  # hat (hidden) skipped, upred hit, downblue 1 px
+    out = mm.pointing_game(_maps(peaks), _regions(), probs, attributes=NAMES)
+    assert out["overall"]["cases"] == 5
+    assert out["overall"]["evidence"] == {"hits": 4, "rate": 0.8}
+    assert out["skipped"] == {"not_localisable": 1, "empty_region": 1}
+    assert out["attributes"]["upred"]["evidence"] == {"hits": 1, "rate": 0.5}
+    assert set(out["groups"]) == {"headwear", "upper_body", "lower_body"}
+    # The centre (6, 4) lies in the upper-body region and 1 px from the lower body's.
+    assert out["groups"]["upper_body"]["centre"]["rate"] == 1.0
+    assert out["groups"]["lower_body"]["centre"]["rate"] == 1.0
+    assert out["groups"]["headwear"]["centre"]["rate"] == 0.0
+    assert 0 < out["overall"]["chance"]["expected_rate"] < 1
+    assert "labelled_present" not in out
+    # By kind of look: upred and downblue are colours (4 cases, 3 hits), the hat an object.
+    assert out["kinds"]["colour"]["cases"] == 4 and out["kinds"]["colour"]["evidence"]["hits"] == 3
+    assert out["kinds"]["object"]["evidence"] == {"hits": 1, "rate": 1.0}
+    assert "shape" not in out["kinds"]
+
+
+def test_every_localisable_attribute_has_one_kind():
+    from reid_jax.data.attributes import ATTRIBUTE_NAMES
+    from reid_jax.synthetic.masks import localisable
+
+    kinds = [k for names in mm.ATTRIBUTE_KINDS.values() for k in names]
+    assert len(kinds) == len(set(kinds))
+    assert sorted(kinds) == sorted(np.asarray(ATTRIBUTE_NAMES)[localisable()].tolist())
+
+
+def test_pointing_game_over_the_cases_the_labels_confirm():
+    probs = np.full((2, len(NAMES)), 0.9)
+    peaks = [[(1, 3), (0, 0), (5, 4), (9, 4)],
+             [(0, 0), (4, 3), (5, 4), (0, 0)]]
+    labels = np.array([[1, 0, 1, 1],   # image 0 does not show upred: its miss is left out
+                       [0, 1, 0, 0]])  # image 1 does not show downblue: its miss is left out
+    out = mm.pointing_game(_maps(peaks), _regions(), probs, attributes=NAMES, labels=labels)
+    assert out["overall"]["cases"] == 5 and out["overall"]["evidence"]["hits"] == 3
+    assert out["overall"]["mean_labelled_present"] == pytest.approx(3 / 5)
+    confirmed = out["labelled_present"]
+    assert confirmed["overall"]["cases"] == 3
+    assert confirmed["overall"]["evidence"] == {"hits": 3, "rate": 1.0}
+    assert confirmed["attributes"]["upred"]["cases"] == 1
+    assert confirmed["skipped"] == out["skipped"]
+
+
+def test_select_and_concatenate_keep_cases_aligned():
+    probs = np.full((2, len(NAMES)), 0.9)
+    regions = _regions()
+    maps = _maps([[(1, 3), (4, 3), (5, 4), (9, 4)]] * 2)
+    parts = [mm.pointing_game_cases(maps[i:i + 1], regions[i:i + 1], probs[i:i + 1],
+                                    attributes=NAMES, labels=np.ones((1, len(NAMES))))
+             for i in range(2)]
+    cases = mm.concatenate(parts, [0, 1])
+    assert cases.item.tolist() == [0, 0, 0, 1, 1]
+    kept = mm.select(cases, cases.item == 1)
+    assert kept.attribute.tolist() == [1, 3] and kept.outcomes["evidence"].all()
+    assert kept.values["labelled_present"].tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"keep must be bool of shape \(5,\)"):
+        mm.select(cases, np.ones(4, bool))
+
+
+def test_pointing_game_refuses_bad_shapes_with_their_names():
+    probs = np.full((2, len(NAMES)), 0.9)
+    maps, regions = _maps([[(0, 0)] * 4] * 2), _regions()
+    with pytest.raises(ValueError, match=r"maps must be \[B, A, H, W\]"):
+        mm.pointing_game(maps[0], regions, probs, attributes=NAMES)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        mm.pointing_game(maps, regions[:, :3], probs, attributes=NAMES)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 4\)"):
+        mm.pointing_game(maps, regions, probs, attributes=NAMES, labels=np.ones((1, 4)))
+    with pytest.raises(ValueError, match="tolerance must be"):
+        mm.pointing_game(maps, regions, probs, attributes=NAMES, tolerance=-1.0)
+    with pytest.raises(ValueError, match="baseline name 'centre' is taken"):
+        mm.pointing_game(maps, regions, probs, attributes=NAMES,
+                         baselines={"centre": np.zeros((2, H, W))})
