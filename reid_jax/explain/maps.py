@@ -35,9 +35,9 @@ and the ``h x w`` cell maps are spread to the model input's ``H x W`` pixels by
 last feature map of the total distance); :func:`embed` is the eval-mode retrieval embedding of
 model-input arrays, the same tensor ``reid_jax.embeddings.extract`` computes from files.
 
-All take an ``AGW`` (used in eval mode through a view; the model is not changed), model-input
-images ``[B, H, W, 3]`` (resized and normalised as for evaluation,
-``reid_jax.data.augment.eval_transform``) and the attribute head's weights ``W [N, A]``;
+All take an ``AGW`` (used in eval mode: the kernels merge a split copy of it in eval mode; the
+model is not changed), model-input images ``[B, H, W, 3]`` (resized and normalised as for
+evaluation, ``reid_jax.data.augment.eval_transform``) and the attribute head's weights ``W [N, A]``;
 maps are float32 at the model input's resolution (:func:`resize_maps` for the stored image's).
 Shapes are checked before tracing, with messages that name them.
 """
