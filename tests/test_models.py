@@ -422,3 +422,49 @@ def test_backbone_convs_use_the_matrix_product_form():
     convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
     assert len(convs) >= 10
     assert all(c.conv_general_dilated is conv.conv_general_dilated for c in convs)
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 13, 9, 5), (3, 3), (2, 2), ((1, 1), (1, 1))),  # the stem's pool, odd sizes
+    ((2, 16, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((1, 7, 6, 2), (2, 3), (1, 2), ((0, 1), (2, 0))),
+    ((3, 5, 5, 1), (5, 5), (1, 1), ((0, 0), (0, 0))),  # one window
+])
+def test_max_pool_as_slices_equals_reduce_window_values_and_gradients(shape, window, strides,
+                                                                     padding):
+    """``models.pool.max_pool`` (the stem's pool) is ``nnx.max_pool`` in float64: output and
+    input gradient, under jit and vmap."""
+    from reid_jax.models import pool
+
+    rng = np.random.default_rng(sum(shape))
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(shape))
+
+        def ref(x):
+            return nnx.max_pool(x, window, strides=strides, padding=padding)
+
+        def got(x):
+            return pool.max_pool(x, window, strides, padding)
+
+        want = ref(x)
+        out = jax.jit(got)(x)
+        assert out.shape == want.shape and out.dtype == jnp.float64
+        np.testing.assert_array_equal(out, want)
+        w = jnp.asarray(rng.standard_normal(want.shape))
+        g_want = jax.grad(lambda x: jnp.sum(ref(x) * w))(x)
+        g_got = jax.jit(jax.grad(lambda x: jnp.sum(got(x) * w)))(x)
+        np.testing.assert_allclose(g_got, g_want, rtol=1e-12, atol=1e-12)
+        batched = jax.vmap(lambda x: got(x[None])[0])(x)
+        np.testing.assert_array_equal(batched, want)
+
+
+def test_max_pool_splits_the_gradient_between_tied_maxima_and_rejects_bad_shapes():
+    from reid_jax.models import pool
+
+    x = jnp.zeros((1, 2, 2, 1)).at[0, 0, 0, 0].set(1.0).at[0, 1, 1, 0].set(1.0)
+    g = jax.grad(lambda x: jnp.sum(pool.max_pool(x, (2, 2), (2, 2), ((0, 0), (0, 0)))))(x)
+    np.testing.assert_allclose(g[0, :, :, 0], [[0.5, 0.0], [0.0, 0.5]])
+    with pytest.raises(ValueError, match=r"NHWC input \[B, H, W, C\], got shape \(4, 4\)"):
+        pool.max_pool(jnp.zeros((4, 4)), (3, 3), (2, 2), ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match=r"window \(5, 5\) is larger than the padded input"):
+        pool.max_pool(jnp.zeros((1, 2, 2, 1)), (5, 5), (1, 1), ((1, 1), (1, 1)))

@@ -5,7 +5,8 @@ dicts map one to one (see ``reid_jax.convert_torch``):
 
 - stem: ``conv1`` 7x7/2 (pad 3, no bias) -> ``bn1`` -> [ReLU, only if ``stem_relu``] ->
   max pool 3x3/2 (pad 1). The reference has no ReLU there (its ``self.relu`` is commented out);
-  ``stem_relu=False`` (the default) reproduces that.
+  ``stem_relu=False`` (the default) reproduces that. The pool is ``models.pool.max_pool`` (the
+  same values as ``nnx.max_pool``, a faster gradient on the CPU; docs/training.md).
 - ``layer1..layer4``: ``blocks[i]`` bottlenecks each, ``planes = width * 2**i``, output
   ``4 * planes`` channels; the first block of a stage carries the stride (on its 3x3 conv, v1.5)
   and a ``downsample`` 1x1 conv + BN; ``layer4`` has stride ``last_stride`` (AGW: 1, so a
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reid_jax.models import conv
+from reid_jax.models import conv, pool
 from reid_jax.models.batch_norm import BatchNorm
 from reid_jax.models.non_local import NonLocal
 
@@ -181,7 +182,7 @@ class ResNet(nnx.Module):
         x = self.bn1(self.conv1(x))
         if self.stem_relu:
             x = nnx.relu(x)
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = pool.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         for s in range(stage):
             x = self._stage(x, s)
         return x
