@@ -468,3 +468,55 @@ def test_max_pool_splits_the_gradient_between_tied_maxima_and_rejects_bad_shapes
         pool.max_pool(jnp.zeros((4, 4)), (3, 3), (2, 2), ((1, 1), (1, 1)))
     with pytest.raises(ValueError, match=r"window \(5, 5\) is larger than the padded input"):
         pool.max_pool(jnp.zeros((1, 2, 2, 1)), (5, 5), (1, 1), ((1, 1), (1, 1)))
+
+
+def test_stem_batch_chunks_by_backend_and_image_size():
+    from reid_jax.models import conv
+
+    assert conv.stem_batch_chunk((32, 128, 64, 3), backend="cpu") == 16
+    assert conv.stem_batch_chunk((64, 256, 128, 3), backend="cpu") == 4
+    assert conv.stem_batch_chunk((2, 1024, 1024, 3), backend="cpu") == 1
+    assert conv.stem_batch_chunk((8, 128, 64, 3), backend="cpu") == 8
+    assert conv.stem_batch_chunk((64, 256, 128, 3), backend="gpu") == 64
+    x = jnp.arange(7 * 2, dtype=jnp.float32).reshape(7, 2)
+    calls = []
+
+    def f(a):
+        calls.append(a.shape[0])
+        return a * 2.0
+
+    np.testing.assert_array_equal(conv.in_batch_chunks(f, x, 3), x * 2.0)
+    assert calls == [3, 3, 1]
+    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+        conv.in_batch_chunks(f, x, 0)
+
+
+def test_resnet_with_the_stem_in_batch_chunks_equals_one_convolution(monkeypatch):
+    """The stem's convolution over batch chunks (what the CPU gets) gives the same features and
+    parameter gradients as one convolution, in float64, with an uneven last chunk."""
+    from reid_jax.models import conv
+
+    with jax.enable_x64(True):
+        model = ResNet(width=4, blocks=(1, 1, 1, 1), non_local=(0, 1, 0, 0),
+                       dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 32, 16, 3)))
+        results = {}
+        for name, pixels, chunk in (("one", 10**9, 7), ("chunks", 3 * 32 * 16, 3)):
+            monkeypatch.setattr(conv, "CPU_STEM_CHUNK_PIXELS", pixels)
+            assert conv.stem_batch_chunk(x.shape, backend="cpu") == chunk
+            frozen = nnx.clone(model)
+            frozen.eval()
+            eqns = jax.make_jaxpr(frozen)(x).jaxpr.eqns
+            stem_convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"
+                          and e.invars[1].aval.shape[:2] == (7, 7)]
+            assert len(stem_convs) == -(-7 // chunk)
+
+            def loss(model):  # train mode: BatchNorm normalises with the batch's statistics
+                return jnp.sum(jnp.tanh(model(x)))
+
+            # A new function per setting: jit traces it afresh with the patched chunk size.
+            results[name] = nnx.jit(nnx.value_and_grad(loss))(nnx.clone(model))
+        (v1, g1), (v2, g2) = results["one"], results["chunks"]
+        np.testing.assert_allclose(v2, v1, rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

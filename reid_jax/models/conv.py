@@ -1,5 +1,6 @@
-"""1x1 convolutions of the backbone written as matrix products (the same function, a faster
-gradient on the CPU).
+"""The backbone's convolutions in forms with faster gradients on the CPU (the same functions):
+1x1 convolutions as matrix products, and the stem's convolution over chunks of the batch
+(:func:`stem_batch_chunk`, :func:`in_batch_chunks`).
 
 ``nnx.Conv`` calls its ``conv_general_dilated`` attribute; the backbone's convs get
 :func:`conv_general_dilated` here instead of ``jax.lax``'s. For a 1x1 kernel in the NHWC/HWIO
@@ -58,4 +59,35 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         precision=precision, **kwargs)
 
 
-__all__ = ["conv_general_dilated"]
+# The stem's convolution on the CPU runs over chunks of the batch of at most this many pixels
+# (16 images of 128 x 64): see :func:`stem_batch_chunk`.
+CPU_STEM_CHUNK_PIXELS = 16 * 128 * 64
+
+
+def stem_batch_chunk(images: tuple[int, ...], backend: str | None = None) -> int:
+    """Images per chunk for the stem's convolution of a batch of ``images [B, H, W, C]``.
+
+    On the CPU backend ``max(1, CPU_STEM_CHUNK_PIXELS // (H * W))`` (16 images of 128 x 64, 4 of
+    256 x 128) but at most ``B``; elsewhere ``B`` (one convolution). XLA's CPU backend computes
+    the kernel gradient of the 7x7/2 stem over a large batch several times slower per image than
+    over a small one (measured: 58 ms for 32 images of 128 x 64 at once, 28 ms in two chunks of 16;
+    docs/training.md, "The stem's convolution in batch chunks").
+    """
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return images[0]
+    return min(images[0], max(1, CPU_STEM_CHUNK_PIXELS // (images[1] * images[2])))
+
+
+def in_batch_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
+    """``fn(x)`` for ``x [B, ...]`` computed over consecutive chunks of at most ``chunk`` items
+    and concatenated along the batch axis (the same values when ``fn`` treats items apart)."""
+    if chunk < 1:
+        raise ValueError(f"in_batch_chunks: chunk must be >= 1, got {chunk}")
+    if x.shape[0] <= chunk:
+        return fn(x)
+    return jnp.concatenate([fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+
+
+__all__ = ["CPU_STEM_CHUNK_PIXELS", "conv_general_dilated", "in_batch_chunks",
+           "stem_batch_chunk"]

@@ -6,7 +6,8 @@ dicts map one to one (see ``reid_jax.convert_torch``):
 - stem: ``conv1`` 7x7/2 (pad 3, no bias) -> ``bn1`` -> [ReLU, only if ``stem_relu``] ->
   max pool 3x3/2 (pad 1). The reference has no ReLU there (its ``self.relu`` is commented out);
   ``stem_relu=False`` (the default) reproduces that. The pool is ``models.pool.max_pool`` (the
-  same values as ``nnx.max_pool``, a faster gradient on the CPU; docs/training.md).
+  same values as ``nnx.max_pool``, a faster gradient on the CPU); on the CPU ``conv1`` runs over
+  chunks of the batch (``models.conv.stem_batch_chunk``; both in docs/training.md).
 - ``layer1..layer4``: ``blocks[i]`` bottlenecks each, ``planes = width * 2**i``, output
   ``4 * planes`` channels; the first block of a stage carries the stride (on its 3x3 conv, v1.5)
   and a ``downsample`` 1x1 conv + BN; ``layer4`` has stride ``last_stride`` (AGW: 1, so a
@@ -179,7 +180,7 @@ class ResNet(nnx.Module):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"ResNet expects NHWC images [B, H, W, 3], got {x.shape}")
         _check_stage_index(stage)
-        x = self.bn1(self.conv1(x))
+        x = self.bn1(conv.in_batch_chunks(self.conv1, x, conv.stem_batch_chunk(x.shape)))
         if self.stem_relu:
             x = nnx.relu(x)
         x = pool.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
