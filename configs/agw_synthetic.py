@@ -6,9 +6,10 @@ chance in a few minutes on a 2-core CPU. ``data.root`` must point at the generat
 
 Measured on the default dataset (``tools/make_synthetic.py``: 60 train identities, 669 train
 images; 237 queries, 525 gallery images): 100 epochs = 1789 steps in 4 min 13 s (about 250
-images/s) on a 2-core Intel Xeon, 10.3 min (about 105 images/s with the evaluations and
-checkpoints) on a 2-core AMD EPYC; final mAP 0.79-0.82, rank-1 0.83-0.86, mINP 0.65-0.69 (a
-random ranking scores mAP 0.02, rank-1 0.01). Time grows linearly with the number of training
+images/s) on a 2-core Intel Xeon, 8.5 min (about 120 images/s with the evaluations and
+checkpoints) on a 2-core AMD EPYC; final mAP 0.77-0.82, rank-1 0.82-0.86, mINP 0.61-0.69 over
+seeds and versions whose training differs only in floating-point rounding (a random ranking
+scores mAP 0.02, rank-1 0.01). Time grows linearly with the number of training
 images.
 """
 
