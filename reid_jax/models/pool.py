@@ -8,8 +8,10 @@ of a CPU training step of the demo model (docs/training.md, "The stem's max pool
 offsets first, then column offsets; its gradient is a chain of elementwise selects. Values are
 ``nnx.max_pool``'s exactly; gradients are too wherever a window's maximum is unique. Where two
 entries of a window are exactly equal and largest, the gradient is split between them (JAX's rule
-for ``max``) instead of going to one of them: both are valid subgradients, and with the backbone's
-real-valued activations such ties do not occur in practice.
+for ``max``) instead of going to one of them: both are valid subgradients. In the stem such ties
+come from flat image regions, where the tied entries are the convolution of identical patches:
+there the parameters' gradients (conv kernel, BatchNorm) depend only on the ties' total and are
+the same either way; only the gradient with respect to the image differs.
 """
 
 from __future__ import annotations
