@@ -242,22 +242,21 @@ def _maps_model():
 
 def _maps_bench() -> dict:
     """Maps for the top-k of one query vs one forward pass of the same k + 1 images."""
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
 
+    from reid_jax import embeddings
     from reid_jax.explain import maps
 
     model, weights, h, w = _maps_model()
-    # The floor: the compiled eval forward alone, the model split once outside the timing (as
-    # an extraction over many batches runs it). Every map row is timed as the public call,
-    # with its own split of the model: that overhead counts against the maps.
-    graphdef, state = nnx.split(nnx.view(model, use_running_average=True))
+    # The floor: the extraction's compiled eval forward (reid_jax.embeddings, as
+    # tools/bench_train.py times it), the model split once outside the timing as an extraction
+    # over many batches runs it. Every map row is timed as the public call, with its own split
+    # of the model: that overhead counts against the maps.
+    graphdef, state = embeddings._eval_state(model)
 
-    @jax.jit
     def forward(state, x):
-        m = nnx.merge(graphdef, state)
-        return m.retrieval_embedding(m(x))
+        return embeddings._forward_jit(graphdef, state, None, x,
+                                       outputs=(embeddings.FEATURES,))[embeddings.FEATURES]
 
     steps = FLAGS.maps_steps or maps.DEFAULT_STEPS
     layer = FLAGS.maps_layer or maps.DEFAULT_LAYER
