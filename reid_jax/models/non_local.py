@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reid_jax.models import conv
+from reid_jax.models import conv, initializers
 from reid_jax.models.batch_norm import BatchNorm
 
 # Torch's default init of ``nn.Conv2d`` (kaiming_uniform with a = sqrt(5) for the weight,
 # uniform(+-1/sqrt(fan_in)) for the bias): the reference never re-initialises its non-local
 # convs and ImageNet checkpoints have none, so this is how AGW's blocks start training.
-_torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_torch_default_kernel_init = initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _torch_default_bias_init(fan_in: int) -> nnx.Initializer:

@@ -19,7 +19,8 @@ dicts map one to one (see ``reid_jax.convert_torch``):
 With ``width=64`` the output has 2048 channels (ResNet-50); tests use e.g. ``width=8`` (256).
 
 Initialisation: convs kaiming-normal with fan-out (the reference's ``ResNetNL.random_init`` and
-torchvision), BatchNorm scale 1 and bias 0. AGW normally starts from ImageNet weights instead
+torchvision; ``models.initializers``, the values of ``jax.nn.initializers``), BatchNorm scale 1
+and bias 0. AGW normally starts from ImageNet weights instead
 (``reid_jax.convert_torch``).
 """
 
@@ -31,13 +32,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reid_jax.models import conv, pool
+from reid_jax.models import conv, initializers, pool
 from reid_jax.models.batch_norm import BatchNorm
 from reid_jax.models.non_local import NonLocal
 
 EXPANSION = 4  # bottleneck output channels = 4 * planes
 
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_conv_init = initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, *, dtype, param_dtype,
