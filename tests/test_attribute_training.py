@@ -83,6 +83,21 @@ def test_head_training_lowers_the_loss_and_learns_the_labels():
     np.testing.assert_array_equal(np.asarray(again.kernel[...]), np.asarray(head.kernel[...]))
 
 
+def test_heads_on_as_many_batches_share_one_compiled_epoch():
+    """The calibration's folds differ by a few images: padded to whole batches, their arrays
+    have one shape and the epoch compiles once; the padding rows never enter the loss."""
+    features, labels, ratios = _separable(n=60, dim=8, seed=4)
+    config = at.HeadTrainConfig(epochs=3, learning_rate=1e-2, batch_size=16, seed=0)
+    at.train_attribute_head(features[:50], labels[:50], ratios, config)
+    compiled = at._train_epoch._cache_size()
+    head, history = at.train_attribute_head(features[:55], labels[:55], ratios, config)
+    assert at._train_epoch._cache_size() == compiled  # 50 and 55 rows both pad to 64
+    logits = features[:55].astype(np.float64) @ np.asarray(head.kernel[...], np.float64)
+    assert history["final_loss"] == pytest.approx(
+        _np_weighted_bce(logits, labels[:55], ratios), rel=1e-5)
+    assert history["steps"] == 3 * 4
+
+
 def test_head_loss_matches_numpy_and_blocks_feature_gradients():
     features, labels, ratios = _separable(n=20, dim=8, seed=3)
     head = at.AttributeHead(8, rngs=nnx.Rngs(0))

@@ -33,6 +33,7 @@ then finds the head at the latest step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -138,6 +139,9 @@ def _head_loss(params: nnx.State, graphdef: nnx.GraphDef, features: jax.Array,
     return losses.weighted_bce(logits, labels, ratios, mask)
 
 
+_full_loss = jax.jit(_head_loss, static_argnames="graphdef")
+
+
 def _check_training_arrays(features: Any, labels: Any, positive_ratios: Any = None
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(features [n, N], labels [n, A], positive_ratios [A] or None)`` as float32, checked:
@@ -174,7 +178,7 @@ def head_loss(head: AttributeHead, features: Any, labels: Any, positive_ratios: 
     """
     f, y, r = _check_training_arrays(features, labels, positive_ratios)
     graphdef, params = nnx.split(head)
-    return float(_head_loss(params, graphdef, jnp.asarray(f), jnp.asarray(y),
+    return float(_full_loss(params, graphdef, jnp.asarray(f), jnp.asarray(y),
                             jnp.ones(f.shape[0], jnp.float32), jnp.asarray(r)))
 
 
@@ -187,6 +191,44 @@ def _epoch_batches(rng: np.random.Generator, n: int, batch_size: int
     order[:n] = rng.permutation(n)
     mask[:n] = True
     return order.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "learning_rate", "weight_decay"),
+                   donate_argnums=(0, 1))
+def _train_epoch(params: nnx.State, opt_state: Any, features: jax.Array, labels: jax.Array,
+                 ratios: jax.Array, order: jax.Array, mask: jax.Array, *,
+                 graphdef: nnx.GraphDef, learning_rate: float, weight_decay: float
+                 ) -> tuple[nnx.State, Any, jax.Array]:
+    """One epoch of AdamW steps over ``order`` / ``mask [S, B]`` (:func:`_epoch_batches`) on
+    ``features [m, N]`` / ``labels [m, A]``; returns the new parameters and optimizer state and
+    the ``[S]`` batch losses.
+
+    A module-level function of the arrays, so the folds of the calibration, whose arrays are
+    padded to the same number of rows, reuse one compilation.
+    """
+    tx = _head_optimizer(learning_rate, weight_decay)
+
+    def step(carry, batch):
+        params, opt_state = carry
+        index, valid = batch
+        loss, grads = jax.value_and_grad(_head_loss)(
+            params, graphdef, features[index], labels[index], valid.astype(jnp.float32), ratios)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, opt_state), batch_losses = jax.lax.scan(step, (params, opt_state), (order, mask))
+    return params, opt_state, batch_losses
+
+
+def _head_optimizer(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
+def _padded_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` with zero rows appended up to ``rows`` (never indexed: the epochs' masks)."""
+    out = np.zeros((rows, *x.shape[1:]), x.dtype)
+    out[:x.shape[0]] = x
+    return out
 
 
 def train_attribute_head(
@@ -213,33 +255,27 @@ def train_attribute_head(
     n, dim = f.shape
     head = AttributeHead(dim, y.shape[1], rngs=nnx.Rngs(config.seed))
     graphdef, params = nnx.split(head)
-    tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-    opt_state = tx.init(params)
-    f_dev, y_dev, r_dev = jnp.asarray(f), jnp.asarray(y), jnp.asarray(r)
+    opt_state = _head_optimizer(config.learning_rate, config.weight_decay).init(params)
+    rows = math.ceil(n / config.batch_size) * config.batch_size
+    f_dev, y_dev = jnp.asarray(_padded_rows(f, rows)), jnp.asarray(_padded_rows(y, rows))
+    r_dev = jnp.asarray(r)
+    epoch = functools.partial(_train_epoch, graphdef=graphdef,
+                              learning_rate=float(config.learning_rate),
+                              weight_decay=float(config.weight_decay))
+    rows_valid = jnp.asarray(np.arange(rows) < n, jnp.float32)
 
-    def epoch(params, opt_state, order, mask):
-        def step(carry, batch):
-            params, opt_state = carry
-            index, valid = batch
-            loss, grads = jax.value_and_grad(_head_loss)(
-                params, graphdef, f_dev[index], y_dev[index], valid.astype(jnp.float32), r_dev)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+    def full_loss(params: nnx.State) -> float:  # head_loss, on the padded arrays
+        return float(_full_loss(params, graphdef, f_dev, y_dev, rows_valid, r_dev))
 
-        (params, opt_state), batch_losses = jax.lax.scan(step, (params, opt_state),
-                                                         (order, mask))
-        return params, opt_state, batch_losses
-
-    epoch = jax.jit(epoch, donate_argnums=(0, 1))
-    initial = head_loss(head, f, y, r)
+    initial = full_loss(params)
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xA77]))
     start = time.perf_counter()
     epoch_loss = []
     steps = 0
     for e in range(config.epochs):
         order, mask = _epoch_batches(rng, n, config.batch_size)
-        params, opt_state, batch_losses = epoch(params, opt_state, jnp.asarray(order),
-                                                jnp.asarray(mask))
+        params, opt_state, batch_losses = epoch(params, opt_state, f_dev, y_dev, r_dev,
+                                                jnp.asarray(order), jnp.asarray(mask))
         value = float(jnp.mean(batch_losses))
         if not math.isfinite(value):
             raise FloatingPointError(f"attribute head: non-finite loss {value} in epoch {e + 1}")
@@ -249,7 +285,7 @@ def train_attribute_head(
                                     e + 1, config.epochs, value)
     seconds = time.perf_counter() - start
     head = nnx.merge(graphdef, params)
-    final = head_loss(head, f, y, r)
+    final = full_loss(params)
     logging.info("attribute head: %d epochs, %d steps in %.2f s; loss %.5f -> %.5f",
                  config.epochs, steps, seconds, initial, final)
     return head, {"epoch_loss": epoch_loss, "initial_loss": initial, "final_loss": final,
