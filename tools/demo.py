@@ -29,6 +29,8 @@ from reid_jax import atomic_io, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(REPO, "tools")
+# Programs that compile faster than this are not worth a file in the cache.
+CACHE_MIN_COMPILE_SECONDS = 0.2
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "demo_run", "Folder for everything the demo makes.")
@@ -49,11 +51,22 @@ flags.DEFINE_multi_string("train_override", [],
                           "Extra `--config.X=Y` overrides for tools/train.py (repeatable).")
 
 
+def _child_env() -> dict[str, str]:
+    """The steps' environment: XLA programs compiled by one step are reused by the later ones
+    from ``WORKDIR/jax_cache`` (JAX's persistent compilation cache; README, "What `make demo`
+    does"), unless the user set a cache of their own."""
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR",
+                   os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(CACHE_MIN_COMPILE_SECONDS))
+    return env
+
+
 def _run(step: str, tool: str, *args: str) -> None:
     cmd = [sys.executable, os.path.join(TOOLS, tool), *args]
     print(f"\n=== {step}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO)
+    proc = subprocess.run(cmd, cwd=REPO, env=_child_env())
     if proc.returncode != 0:
         raise SystemExit(f"demo step '{step}' failed (exit {proc.returncode}); fix the error "
                          f"above and run the demo again: finished steps are reused.")
