@@ -168,15 +168,23 @@ def test_make_counterfactuals(dataset):
         np.testing.assert_array_equal(
             synthetic.decode_jpeg(cf.jpeg),
             synthetic.render_counterfactual(dataset, files[cf.gallery_index], name, cf.value))
-    again = counterfactuals.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1)
-    assert [(c.gallery_index, c.attribute) for c in again.accepted] == [
-        (c.gallery_index, c.attribute) for c in made.accepted]
+    # The same set again, rendered ahead by two worker processes.
+    again = counterfactuals.make_counterfactuals(dataset, files, persons, NUM_CF, seed=1,
+                                                 workers=2)
+    assert [(c.gallery_index, c.attribute, c.value, c.changed_pixels, c.jpeg)
+            for c in again.accepted] == [(c.gallery_index, c.attribute, c.value,
+                                          c.changed_pixels, c.jpeg) for c in made.accepted]
+    for a, b in zip(again.accepted, made.accepted, strict=True):
+        np.testing.assert_array_equal(a.part_labels, b.part_labels)
+        np.testing.assert_array_equal(a.changed_region, b.changed_region)
+    for field in ("tried", "rejected", "candidates"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(made, field))
 
 
 def test_invisible_changes_are_rejected(dataset):
     _, files, persons = _gallery(dataset)
     made = counterfactuals.make_counterfactuals(dataset, files, persons[:2], 5,
-                                                min_changed_pixels=10**6)
+                                                min_changed_pixels=10**6, workers=1)
     assert made.accepted == []
     np.testing.assert_array_equal(made.rejected, made.tried)
     assert made.tried.sum() == made.candidates.sum() > 0  # every candidate was tried once
@@ -184,6 +192,8 @@ def test_invisible_changes_are_rejected(dataset):
         counterfactuals.make_counterfactuals(dataset, files, persons, -1)
     with pytest.raises(ValueError, match="pixel_tolerance"):
         counterfactuals.make_counterfactuals(dataset, files, persons, 1, pixel_tolerance=300)
+    with pytest.raises(ValueError, match="workers must be >= 0, got -1"):
+        counterfactuals.make_counterfactuals(dataset, files, persons, 1, workers=-1)
     data = load_market1501(dataset)
     distractor = [i for i, p in enumerate(data.gallery.pids)
                   if p == 0 and synthetic.image_record(dataset, files[i])[0] is None]

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent import futures
 from typing import Any, NamedTuple
 
 import jax
@@ -181,6 +184,54 @@ def _changed_pixels(before: np.ndarray, after: np.ndarray, region: np.ndarray,
     return int(np.sum((diff > tolerance) & region))
 
 
+class _Renders:
+    """Re-renders of gallery images, computed ahead of need in ``workers`` processes.
+
+    :func:`make_counterfactuals` asks for renders in a fixed order and judges each alone, so
+    rendering the next ones while it judges the current changes nothing it decides; with
+    ``workers == 0`` every render is made when it is asked for.
+    """
+
+    def __init__(self, dataset_dir: str | os.PathLike, gallery_files: Sequence[str],
+                 workers: int):
+        # Functions of reid_jax.synthetic (no JAX): what a worker process imports to run them.
+        render = functools.partial(synthetic.render_counterfactual, os.fspath(dataset_dir),
+                                   jpeg=False, return_masks=True)
+        self._original = render  # -> (image, masks)
+        self._changed = functools.partial(render, return_labels=True)  # + region labels
+        self._files = gallery_files
+        self._pending: dict[tuple[int, str | None, Any], futures.Future] = {}
+        self._pool = (futures.ProcessPoolExecutor(workers,
+                                                  mp_context=multiprocessing.get_context("spawn"))
+                      if workers > 0 else None)
+
+    def _call(self, g: int, attribute: str | None, value: Any) -> tuple[Callable, tuple]:
+        fn = self._original if attribute is None else self._changed
+        return fn, (self._files[g], attribute, value)
+
+    def ahead(self, g: int, attribute: str | None, value: Any = None) -> None:
+        """Starts the render of gallery image ``g`` with ``attribute`` set to ``value`` (None:
+        the original)."""
+        key = (g, attribute, value)
+        if self._pool is not None and key not in self._pending:
+            fn, args = self._call(g, attribute, value)
+            self._pending[key] = self._pool.submit(fn, *args)
+
+    def get(self, g: int, attribute: str | None, value: Any = None) -> tuple[Any, ...]:
+        """The render, started ahead or made now: ``(image, masks)`` of the original,
+        ``(image, masks, labels)`` of a change."""
+        future = self._pending.pop((g, attribute, value), None)
+        if future is not None:
+            return future.result()
+        fn, args = self._call(g, attribute, value)
+        return fn(*args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
+
+
 def make_counterfactuals(
     dataset_dir: str | os.PathLike,
     gallery_files: Sequence[str],
@@ -190,6 +241,7 @@ def make_counterfactuals(
     seed: int = 0,
     min_changed_pixels: int = DEFAULT_MIN_CHANGED_PIXELS,
     pixel_tolerance: int = DEFAULT_PIXEL_TOLERANCE,
+    workers: int = 0,
 ) -> CounterfactualSet:
     """Re-renders gallery images with one attribute changed, round-robin over attributes.
 
@@ -203,6 +255,8 @@ def make_counterfactuals(
       min_changed_pixels: a change is kept when at least this many pixels change visibly.
       pixel_tolerance: a pixel changes visibly when a channel moves by more than this (0..255,
         before JPEG).
+      workers: processes that render ahead of the test (0: render in this process); the
+        result is the same for any number.
 
     Returns:
       :class:`CounterfactualSet`.
@@ -212,6 +266,8 @@ def make_counterfactuals(
     if min_changed_pixels < 0 or not 0 <= pixel_tolerance < 255:
         raise ValueError(f"min_changed_pixels must be >= 0 and pixel_tolerance in [0, 255), got "
                          f"{min_changed_pixels}, {pixel_tolerance}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     meta = synthetic.load_meta(dataset_dir)
     quality = int(meta["config"]["jpeg_quality"])
     a_count = NUM_ATTRIBUTES
@@ -242,50 +298,62 @@ def make_counterfactuals(
     originals: collections.OrderedDict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = (
         collections.OrderedDict())
 
+    renders = _Renders(dataset_dir, gallery_files, workers)
+
     def original(g: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if g in originals:
             originals.move_to_end(g)
             return originals[g]
-        image, masks = synthetic.render_counterfactual(dataset_dir, gallery_files[g], None,
-                                                       jpeg=False, return_masks=True)
+        image, masks = renders.get(g, None)
         originals[g] = (image, {part: m > 0 for part, m in masks.items()})
         if len(originals) > _ORIGINALS_CACHED:
             originals.popitem(last=False)
         return originals[g]
 
+    def ahead(a: int) -> None:  # the next candidate of attribute a, and its original
+        if next_candidate[a] < len(candidates[a]):
+            g = candidates[a][next_candidate[a]]
+            if g not in originals:
+                renders.ahead(g, None)
+            renders.ahead(g, ATTRIBUTE_NAMES[a], planned_value(labels[g], a)[1])
+
     accepted: list[Counterfactual] = []
-    while len(accepted) < num_counterfactuals:
-        progressed = False
-        for a in attribute_order.tolist():
-            if len(accepted) >= num_counterfactuals:
+    try:
+        while len(accepted) < num_counterfactuals:
+            progressed = False
+            # This round's first candidates, as many as are still wanted.
+            for a in attribute_order.tolist()[:num_counterfactuals - len(accepted)]:
+                ahead(a)
+            for a in attribute_order.tolist():
+                if len(accepted) >= num_counterfactuals:
+                    break
+                name = ATTRIBUTE_NAMES[a]
+                while next_candidate[a] < len(candidates[a]):
+                    g = candidates[a][next_candidate[a]]
+                    next_candidate[a] += 1
+                    progressed = True
+                    _, value = planned_value(labels[g], a)
+                    before, masks_before = original(g)
+                    after, masks_after, part_labels = renders.get(g, name, value)
+                    tried[a] += 1
+                    region = synthetic.attribute_region(masks_before, masks_after, name, radius[g])
+                    changed = _changed_pixels(before, after, region, pixel_tolerance)
+                    if changed < min_changed_pixels:
+                        rejected[a] += 1
+                        continue
+                    person, _, _ = synthetic.image_record(dataset_dir, gallery_files[g])
+                    labels_after = synthetic.person_labels(
+                        synthetic.change_attribute(person, name, value))
+                    accepted.append(Counterfactual(
+                        gallery_index=int(g), attribute=int(a), value=value,
+                        labels_before=labels[g], labels_after=labels_after,
+                        changed_pixels=changed, jpeg=synthetic.encode_jpeg(after, quality),
+                        part_labels=part_labels, changed_region=region))
+                    break
+            if not progressed:
                 break
-            name = ATTRIBUTE_NAMES[a]
-            while next_candidate[a] < len(candidates[a]):
-                g = candidates[a][next_candidate[a]]
-                next_candidate[a] += 1
-                progressed = True
-                _, value = planned_value(labels[g], a)
-                before, masks_before = original(g)
-                after, masks_after, part_labels = synthetic.render_counterfactual(
-                    dataset_dir, gallery_files[g], name, value, jpeg=False, return_masks=True,
-                    return_labels=True)
-                tried[a] += 1
-                region = synthetic.attribute_region(masks_before, masks_after, name, radius[g])
-                changed = _changed_pixels(before, after, region, pixel_tolerance)
-                if changed < min_changed_pixels:
-                    rejected[a] += 1
-                    continue
-                person, _, _ = synthetic.image_record(dataset_dir, gallery_files[g])
-                labels_after = synthetic.person_labels(
-                    synthetic.change_attribute(person, name, value))
-                accepted.append(Counterfactual(
-                    gallery_index=int(g), attribute=int(a), value=value,
-                    labels_before=labels[g], labels_after=labels_after,
-                    changed_pixels=changed, jpeg=synthetic.encode_jpeg(after, quality),
-                    part_labels=part_labels, changed_region=region))
-                break
-        if not progressed:
-            break
+    finally:
+        renders.close()
     return CounterfactualSet(accepted, tried, rejected,
                              np.asarray([len(c) for c in candidates], np.int64))
 

@@ -453,7 +453,9 @@ def measure(
             num_counterfactuals=opts.num_counterfactuals,
             min_changed_pixels=opts.min_changed_pixels, pixel_tolerance=opts.pixel_tolerance,
             seed=opts.seed, prior=prior.ranked, bootstrap_samples=opts.bootstrap_samples,
-            calibration=calibration)
+            calibration=calibration,
+            # The data's CPU workers (config.data.num_workers) render ahead of the test.
+            render_workers=embeddings.eval_loader_config(config).num_workers)
 
     if not opts.measure_maps:
         maps_section: dict[str, Any] = {"skipped": "measure_maps=False"}
@@ -524,8 +526,8 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
                          embed_fn: Callable[[list[bytes]], np.ndarray],
                          num_counterfactuals: int, min_changed_pixels: int,
                          pixel_tolerance: int, seed: int, prior: np.ndarray,
-                         bootstrap_samples: int,
-                         calibration: Calibration | None) -> tuple[dict[str, Any], list]:
+                         bootstrap_samples: int, calibration: Calibration | None,
+                         render_workers: int = 0) -> tuple[dict[str, Any], list]:
     t0 = time.perf_counter()
     gallery_files = [os.path.join(SPLIT_FOLDERS["gallery"], os.path.basename(p))
                      for p in data.gallery.paths]
@@ -535,7 +537,7 @@ def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,
     made = cfs.make_counterfactuals(root, gallery_files, np.unique(pairs.gallery),
                                 num_counterfactuals, seed=seed,
                                 min_changed_pixels=min_changed_pixels,
-                                pixel_tolerance=pixel_tolerance)
+                                pixel_tolerance=pixel_tolerance, workers=render_workers)
     if not made.accepted:
         return {"skipped": f"no visible counterfactual among {int(made.tried.sum())} tried "
                            f"(min_changed_pixels={min_changed_pixels})"}, []
