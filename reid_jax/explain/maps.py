@@ -470,11 +470,14 @@ def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_i
     steps = _check_steps(steps)
     layer = check_layer(layer)
     parts = _eval_parts(model)
-    # Each query image runs forward once, however many pairs it is in.
-    fq = _features(parts, query_images, layer)
+    # Each image runs forward once, however many pairs it is in; queries and gallery images in
+    # one batch (a query with its top k: the batch of its evidence maps, compiled once).
+    features = _features(parts, jnp.concatenate([jnp.asarray(query_images, jnp.float32),
+                                                 jnp.asarray(gallery_images, jnp.float32)]),
+                         layer)
+    fq, fg = features[:q], features[q:]
     _check_baseline(baseline, fq.shape)
-    return _contributions(parts.graphdef, parts.state, fq,
-                          _features(parts, gallery_images, layer), jnp.asarray(index),
+    return _contributions(parts.graphdef, parts.state, fq, fg, jnp.asarray(index),
                           jnp.asarray(weights, jnp.float32),
                           None if baseline is None else jnp.asarray(baseline, jnp.float32),
                           steps=steps, complete=bool(complete), size=(hg, wg), layer=layer)
