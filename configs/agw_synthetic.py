@@ -5,7 +5,7 @@ augmentation) on a narrow, shallow network and small images, sized to train to a
 chance in a few minutes on a 2-core CPU. ``data.root`` must point at the generated folder.
 
 Measured on the default dataset (``tools/make_synthetic.py``: 60 train identities, 669 train
-images; 237 queries, 525 gallery images): 45 epochs = 807 steps in 241 s of ``tools/train.py``
+images; 237 queries, 525 gallery images): 45 epochs = 807 steps in 234-252 s of ``tools/train.py``
 on a 2-core AMD EPYC (about 130 images/s, with model building, compilation, three evaluations
 and the checkpoints); final mAP 0.746, rank-1 0.814, mINP 0.570 (a random ranking scores mAP
 0.02, rank-1 0.01). 100 epochs at 1e-3 gave mAP 0.77-0.82 over seeds and versions that differ
