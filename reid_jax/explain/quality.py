@@ -427,6 +427,8 @@ def measure(
     logging.info("AUROC and AMD metrics over all pairs and the top %d: %.1f s", k,
                  time.perf_counter() - t0)
 
+    # The evaluation transform and CPU workers of config.data, for the re-renders and the maps.
+    loader_config = embeddings.eval_loader_config(config)
     synthetic_root = os.path.isfile(os.path.join(root, synthetic.META_FILE))
     if not synthetic_root:
         reason = (f"{root} is not a synthetic data root (no {synthetic.META_FILE}); "
@@ -439,7 +441,6 @@ def measure(
         counterfactual = {"skipped": "num_counterfactuals=0"}
     else:
         if embed_fn is None:
-            loader_config = embeddings.eval_loader_config(config)
             batch = embeddings.eval_batch_size(config)
 
             def embed_fn(items: list[bytes]) -> np.ndarray:
@@ -454,8 +455,7 @@ def measure(
             min_changed_pixels=opts.min_changed_pixels, pixel_tolerance=opts.pixel_tolerance,
             seed=opts.seed, prior=prior.ranked, bootstrap_samples=opts.bootstrap_samples,
             calibration=calibration,
-            # The data's CPU workers (config.data.num_workers) render ahead of the test.
-            render_workers=embeddings.eval_loader_config(config).num_workers)
+            render_workers=loader_config.num_workers)  # render ahead of the test
 
     if not opts.measure_maps:
         maps_section: dict[str, Any] = {"skipped": "measure_maps=False"}
@@ -467,7 +467,7 @@ def measure(
         first, partner = map_quality.rank1_partners(
             fq, fg, data.query.pids, data.query.cameras, data.gallery.pids,
             data.gallery.cameras, opts.map_images)
-        augment_config = embeddings.eval_loader_config(config).augment
+        augment_config = loader_config.augment
         baseline = map_outputs.map_baseline(model, data.gallery.paths, augment_config,
                                             count=opts.map_reference_images,
                                             layer=opts.map_layer)
