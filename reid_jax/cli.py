@@ -62,16 +62,21 @@ def define_checkpoint_flags(checkpoint_help: str) -> tuple[Any, Any, Any]:
     return checkpoint, config, data_root
 
 
-def define_map_path_flags() -> tuple[Any, Any]:
-    """``--map_layer`` and ``--map_reference_images`` (where the attribute maps' path runs and
-    starts), shared by the tools that compute maps; returns the two flag holders."""
+def define_map_path_flags() -> tuple[Any, Any, Any]:
+    """``--map_method``, ``--map_layer`` and ``--map_reference_images`` (how the attribute maps
+    are computed, where their path runs and where it starts), shared by the tools that compute
+    maps; returns the three flag holders."""
+    method = flags.DEFINE_enum(
+        "map_method", None, ["integrated_gradients", "deeplift"],
+        "How the maps are computed: deeplift (one backward pass, exact) or integrated_gradients "
+        "(--map_steps nodes) (config.explain.map_method, deeplift).")
     layer = flags.DEFINE_integer(
-        "map_layer", None, "Stage whose output the maps' path runs through, 1..4 (4: the last "
-        "feature map; config.explain.map_layer).")
+        "map_layer", None, "Stage whose output the maps are taken at, 1..4 (4: the last feature "
+        "map; config.explain.map_layer, 2).")
     reference = flags.DEFINE_integer(
         "map_reference_images", None, "The maps' path starts at the mean feature map of this "
         "many gallery images, 0: at zeros (config.explain.map_reference_images).")
-    return layer, reference
+    return method, layer, reference
 
 
 def _program() -> str:

@@ -21,6 +21,10 @@ from reid_jax.models.agw import AGW
 
 H, W_PIX, A = 64, 32, 6
 TINY = dict(width=8, blocks=(1, 1, 1, 1), non_local=(0, 1, 1, 0))
+# This file tests integrated gradients at the last map unless a test names another layer
+# (DeepLIFT, the default method: tests/test_deeplift_maps.py).
+IGM = "integrated_gradients"
+IG = dict(method=IGM, layer=4)
 
 
 def _fill(path, leaf, rng: np.random.Generator):
@@ -85,9 +89,9 @@ class Run(NamedTuple):
 
 def _run(model: AGW, images: np.ndarray, complete: bool = True) -> Run:
     w = _weights(model)
-    return Run(model, w, maps.evidence_maps(model, w, images[:4]),
-               maps.contribution_maps(model, w, images[4:], images[1:4]),
-               maps.contribution_maps(model, w, images[4:], images[1:4], complete=True)
+    return Run(model, w, maps.evidence_maps(model, w, images[:4], **IG),
+               maps.contribution_maps(model, w, images[4:], images[1:4], **IG),
+               maps.contribution_maps(model, w, images[4:], images[1:4], complete=True, **IG)
                if complete else None,
                np.asarray(maps.embed(model, images[1:]), np.float64),
                np.concatenate([np.asarray(_feature_maps(model, images[:4]), np.float64),
@@ -233,7 +237,7 @@ def test_contribution_maps_of_the_normalised_gem_feature_are_complete(images):
     # Its direction is undefined at the zero map; the baseline is BNNeck's running mean.
     m = _model(retrieval_feature="pre_bn")
     w = _weights(m)
-    c = maps.contribution_maps(m, w, images[4:], images[1:4])
+    c = maps.contribution_maps(m, w, images[4:], images[1:4], **IG)
     _check_complete(c, np.asarray(maps.embed(m, images[1:]), np.float64), w, complete=False)
 
 
@@ -245,7 +249,7 @@ def test_evidence_maps_are_complete_and_batch_independent(post, images):
     got = np.asarray(ev.maps, np.float64).sum(axis=(2, 3))
     assert np.abs(got - total).max() <= 1e-4 * np.abs(total).max()
     # Images do not interact (eval mode): replacing one image leaves the others' maps.
-    other = maps.evidence_maps(model, w, images[[0, 1, 2, 4]])
+    other = maps.evidence_maps(model, w, images[[0, 1, 2, 4]], **IG)
     np.testing.assert_allclose(np.asarray(other.maps[:3]), np.asarray(ev.maps[:3]), rtol=1e-4,
                                atol=1e-5 * np.abs(np.asarray(ev.maps)).max())
     assert not np.allclose(np.asarray(other.maps[3]), np.asarray(ev.maps[3]))
@@ -258,10 +262,10 @@ def test_maps_through_an_earlier_stage_and_from_a_reference_baseline_are_complet
     # stay complete.
     model, w = post.model, post.weights
     parts = maps._eval_parts(model)
-    c = maps.contribution_maps(model, w, images[4:], images[1:4], layer=3, steps=64)
+    c = maps.contribution_maps(model, w, images[4:], images[1:4], layer=3, steps=64, method=IGM)
     assert c.query.shape == c.gallery.shape == (3, A, H, W_PIX)
     _check_complete(c, post.embeddings, w, complete=False, tolerance=1e-3)
-    ev = maps.evidence_maps(model, w, images[:4], layer=3, steps=64)
+    ev = maps.evidence_maps(model, w, images[:4], layer=3, steps=64, method=IGM)
     total = np.asarray(ev.logits - ev.baseline_logits[None], np.float64)
     got = np.asarray(ev.maps, np.float64).sum(axis=(2, 3))
     assert np.abs(got - total).max() <= 1e-3 * np.abs(total).max()
@@ -272,16 +276,16 @@ def test_maps_through_an_earlier_stage_and_from_a_reference_baseline_are_complet
     feats = np.asarray(maps._features(parts, images, 3), np.float64)
     assert base.shape == feats.shape[1:] == (4, 2, 128)
     np.testing.assert_allclose(np.asarray(base), feats.mean(0), rtol=1e-4, atol=1e-5)
-    ev3 = maps.evidence_maps(model, w, images[:4], layer=3, baseline=base, steps=8)
+    ev3 = maps.evidence_maps(model, w, images[:4], layer=3, baseline=base, steps=8, method=IGM)
     view = nnx.view(model, use_running_average=True)
     z0 = np.asarray(maps._embedding_of_map(view, view.backbone.forward_from(
         jnp.asarray(base)[None], 3)) @ w)[0]  # the network run on from the mean map
     np.testing.assert_allclose(np.asarray(ev3.baseline_logits), z0, rtol=1e-4, atol=1e-5)
     # At the last map the given baseline replaces the default one; the maps stay complete.
     last = maps.reference_baseline(model, images, layer=4)
-    c4 = maps.contribution_maps(model, w, images[4:], images[1:4], baseline=last)
+    c4 = maps.contribution_maps(model, w, images[4:], images[1:4], baseline=last, **IG)
     _check_complete(c4, post.embeddings, w, complete=False, tolerance=1e-3)
-    ev4 = maps.evidence_maps(model, w, images[:4], baseline=last)
+    ev4 = maps.evidence_maps(model, w, images[:4], baseline=last, **IG)
     assert not np.allclose(np.asarray(ev4.baseline_logits), np.asarray(
         post.evidence.baseline_logits))
     total4 = np.asarray(ev4.logits - ev4.baseline_logits[None], np.float64)
@@ -296,7 +300,7 @@ def test_maps_at_stage_2_have_twice_the_cells(post, images):
     # channels switch on, which the 64 nodes do not integrate to 1 %: completeness is
     # measured on trained models, docs/attribute_maps.md, 'Completeness'.)
     model, w = post.model, post.weights
-    ev = maps.evidence_maps(model, w, images[:4], layer=2, steps=8)
+    ev = maps.evidence_maps(model, w, images[:4], layer=2, steps=8, method=IGM)
     assert ev.maps.shape == (4, A, H, W_PIX)
     np.testing.assert_allclose(np.asarray(ev.logits), np.asarray(post.evidence.logits),
                                rtol=1e-4, atol=1e-5)
@@ -309,16 +313,16 @@ def test_maps_at_stage_2_have_twice_the_cells(post, images):
 
 def test_pairs_of_one_query_and_explicit_indices_agree(post, images):
     model, w, one = post.model, post.weights, post.paper
-    same = maps.contribution_maps(model, w, np.repeat(images[4:], 3, 0), images[1:4])
+    same = maps.contribution_maps(model, w, np.repeat(images[4:], 3, 0), images[1:4], **IG)
     picked = maps.contribution_maps(model, w, images[[0, 2, 4]], images[1:4],
-                                    query_index=np.array([2, 2, 2]))
+                                    query_index=np.array([2, 2, 2]), **IG)
     for other in (same, picked):
         for x, y in zip(one, other, strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
                                        atol=1e-5 * float(np.abs(np.asarray(x)).max()))
     # An identical pair explains (next to) nothing: e ~ 0 and both maps ~ 0 (the same image in
     # two batches: rounding only).
-    z = maps.contribution_maps(model, w, images[4:], images[[4, 1, 2]])
+    z = maps.contribution_maps(model, w, images[4:], images[[4, 1, 2]], **IG)
     assert float(np.abs(np.asarray(z.errors[0])).max()) < 1e-9
     scale = float(np.abs(np.asarray(z.query[1])).max())  # a real pair's
     assert float(np.abs(np.asarray(z.query[0])).max()) < 0.1 * scale, scale
@@ -348,13 +352,13 @@ def test_maps_leave_the_model_unchanged(images):
     m.train()
     before = jax.tree.map(np.asarray, nnx.state(m))
     w = _weights(m)
-    ev = maps.evidence_maps(m, w, images[:4])
-    maps.contribution_maps(m, w, images[4:], images[1:4])
+    ev = maps.evidence_maps(m, w, images[:4], **IG)
+    maps.contribution_maps(m, w, images[4:], images[1:4], **IG)
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(m)))
     assert m.bnneck.bn.use_running_average is False  # still in train mode
     # ... and the maps of a train-mode model are those of the same model in eval mode.
     m.eval()
-    np.testing.assert_array_equal(np.asarray(maps.evidence_maps(m, w, images[:4]).maps),
+    np.testing.assert_array_equal(np.asarray(maps.evidence_maps(m, w, images[:4], **IG).maps),
                                   np.asarray(ev.maps))
 
 

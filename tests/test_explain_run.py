@@ -299,9 +299,11 @@ def test_threshold_parsing():
 
 def test_map_path_settings():
     opts = settings.explain_settings(None)
-    assert (opts.map_layer, opts.map_reference_images) == (4, 64)
-    opts = settings.explain_settings(None, map_layer=2, map_reference_images=0)
-    assert (opts.map_layer, opts.map_reference_images) == (2, 0)
+    assert (opts.map_method, opts.map_layer, opts.map_reference_images) == ("deeplift", 2, 64)
+    opts = settings.explain_settings(None, map_layer=4, map_reference_images=0,
+                                     map_method="integrated_gradients")
+    assert (opts.map_method, opts.map_layer, opts.map_reference_images) == (
+        "integrated_gradients", 4, 0)
     with pytest.raises(ValueError, match=r"config.explain.map_layer must be a stage 1..4 .* "
                                          r"got 5"):
         settings.explain_settings(None, map_layer=5)

@@ -60,8 +60,10 @@ flags.DEFINE_string("maps_checkpoint", None,
                     "a randomly initialised model of --maps_config (the cost does not depend "
                     "on the weights).")
 flags.DEFINE_integer("maps_steps", None, "Quadrature nodes of the maps (default: the library's).")
-flags.DEFINE_integer("maps_layer", None, "Stage whose output the maps' path runs through "
+flags.DEFINE_integer("maps_layer", None, "Stage whose output the maps are taken at "
                      "(default: the library's, maps.DEFAULT_LAYER).")
+flags.DEFINE_enum("maps_method", None, ["integrated_gradients", "deeplift"],
+                  "How the maps are computed (default: the library's, maps.DEFAULT_METHOD).")
 flags.DEFINE_enum("precision", "highest", ["highest", "default"],
                   "Matmul precision of the kernels and distances: 'highest' (full float32 "
                   "products, what reid_jax.retrieval.PRECISION ships) or 'default' (the "
@@ -260,6 +262,7 @@ def _maps_bench() -> dict:
 
     steps = FLAGS.maps_steps or maps.DEFAULT_STEPS
     layer = FLAGS.maps_layer or maps.DEFAULT_LAYER
+    method = FLAGS.maps_method or maps.DEFAULT_METHOD
     k = FLAGS.k
     rng = np.random.default_rng(FLAGS.seed + 2)
     images = jnp.asarray(rng.standard_normal((k + 1, h, w, 3)), jnp.float32)
@@ -268,20 +271,21 @@ def _maps_bench() -> dict:
         "forward": lambda: forward(state, images),
         "embed": lambda: maps.embed(model, images),
         "evidence": lambda: maps.evidence_maps(model, weights, images, steps=steps,
-                                               layer=layer),
+                                               layer=layer, method=method),
         "contributions": lambda: maps.contribution_maps(model, weights, query, gallery,
-                                                        steps=steps, layer=layer),
+                                                        steps=steps, layer=layer, method=method),
         "contributions_complete": lambda: maps.contribution_maps(
-            model, weights, query, gallery, complete=True, steps=steps, layer=layer),
+            model, weights, query, gallery, complete=True, steps=steps, layer=layer,
+            method=method),
         "gradcam": lambda: maps.distance_gradcam(model, gallery, query),
     }
     res = {name: _best_time(run, max(FLAGS.repeats, 3)) for name, run in runs.items()}
     fwd = res["forward"][0]
     a = int(weights.shape[1])
     print()
+    how = f"{steps} quadrature nodes" if method == "integrated_gradients" else "DeepLIFT"
     print(f"attribute maps: {model.feature_dim}-d AGW (width {model.backbone.width}), "
-          f"{h}x{w} images, top-{k} of one query, A={a}, {steps} quadrature nodes, maps at "
-          f"stage {layer}")
+          f"{h}x{w} images, top-{k} of one query, A={a}, {how}, maps at stage {layer}")
     print("| what | maps | seconds | first call s | ratio to the forward |")
     print("|---|---|---|---|---|")
     rows = [("eval forward of the {n} images (floor)", "-", "forward"),
@@ -299,6 +303,7 @@ def _maps_bench() -> dict:
     print(f"goal: evidence + contribution maps of the top-{k}, both images, <= 40x the forward: "
           f"{total / fwd:.1f}x ({'met' if total / fwd <= 40 else 'NOT met'})")
     return {"height": h, "width": w, "k": k, "A": a, "steps": steps, "layer": layer,
+            "method": method,
             "seconds": {name: r[0] for name, r in res.items()},
             "first_call_seconds": {name: r[1] for name, r in res.items()},
             "ratio_to_forward": total / fwd}

@@ -72,8 +72,9 @@ _BOOTSTRAP_SAMPLES = flags.DEFINE_integer(
     "(config.explain.bootstrap_samples, 1000).")
 
 _MAP_STEPS = flags.DEFINE_integer(
-    "map_steps", None, "Quadrature nodes of the measured maps (config.explain.map_steps, 32).")
-_MAP_LAYER, _MAP_REFERENCE = cli.define_map_path_flags()
+    "map_steps", None, "Quadrature nodes of integrated-gradient maps "
+    "(config.explain.map_steps, 32).")
+_MAP_METHOD, _MAP_LAYER, _MAP_REFERENCE = cli.define_map_path_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> None:
         pixel_tolerance=_PIXEL_TOLERANCE.value, seed=_SEED.value,
         bootstrap_samples=_BOOTSTRAP_SAMPLES.value, measure_maps=_MEASURE_MAPS.value,
         map_images=_MAP_IMAGES.value, map_steps=_MAP_STEPS.value, map_layer=_MAP_LAYER.value,
-        map_reference_images=_MAP_REFERENCE.value)
+        map_reference_images=_MAP_REFERENCE.value, map_method=_MAP_METHOD.value)
     print(result.table, end="")
     print(f"metrics: {result.json_path}")
     print(f"table:   {result.markdown_path}")

@@ -4,7 +4,7 @@ r"""Explains the re-id rankings of many queries: JSONL records and an HTML repor
       --data_root=DATA --output_dir=/tmp/explain [--num_queries=100 | --query_files=a.jpg,b.jpg] \
       [--k=10] [--threshold=0.4] [--mode=paper|complete|projection|disagreement] \
       [--order=query|worst_ap] [--error_ranks=1,3,10] [--report_queries=50] \
-      [--attribute_maps [--map_queries=20] [--map_steps=32]]
+      [--attribute_maps [--map_queries=20] [--map_method=deeplift] [--map_layer=2]]
 
 The settings come from the config's ``explain`` section (reid_jax/explain/settings.py; the
 checkpoint's stored config unless --config is given); each flag overrides one field, and so
@@ -78,7 +78,8 @@ _MAP_QUERIES = flags.DEFINE_integer(
     "map_queries", None, "Maps for the first N queries of the run's order, -1: all "
     "(config.explain.map_queries, -1).")
 _MAP_STEPS = flags.DEFINE_integer(
-    "map_steps", None, "Quadrature nodes of the maps (config.explain.map_steps, 32).")
+    "map_steps", None, "Quadrature nodes of integrated-gradient maps "
+    "(config.explain.map_steps, 32).")
 _QUERY_CHUNK = flags.DEFINE_integer(
     "query_chunk", None, "Queries per kernel call (config.explain.query_chunk, 256).")
 
@@ -89,7 +90,7 @@ def _rank(text: str) -> int:
     except ValueError:
         raise ValueError(f"--error_ranks must be ranks (integers), got {text!r}") from None
 
-_MAP_LAYER, _MAP_REFERENCE = cli.define_map_path_flags()
+_MAP_METHOD, _MAP_LAYER, _MAP_REFERENCE = cli.define_map_path_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -110,7 +111,8 @@ def main(argv: list[str]) -> None:
         explanation_metrics=_EXPLANATION_METRICS.value, cache_dir=_CACHE_DIR.value,
         overwrite=_OVERWRITE.value, attribute_maps=_ATTRIBUTE_MAPS.value,
         map_queries=_MAP_QUERIES.value, map_steps=_MAP_STEPS.value,
-        map_layer=_MAP_LAYER.value, map_reference_images=_MAP_REFERENCE.value)
+        map_layer=_MAP_LAYER.value, map_reference_images=_MAP_REFERENCE.value,
+        map_method=_MAP_METHOD.value)
     s = result.summary
     print(f"explained {s['num_queries']} queries ({s['num_valid_queries']} with a valid match): "
           f"mAP {100 * s['mAP']:.2f} %, Rank-1 {100 * s['cmc'][0]:.2f} %, "

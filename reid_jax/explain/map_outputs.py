@@ -90,7 +90,8 @@ def map_baseline(model: Any, gallery_paths: Sequence[str], augment_config: augme
 def query_maps(model: Any, weights: np.ndarray, query_path: str, gallery_paths: Sequence[str],
                augment_config: augment.AugmentConfig, *, mode: str,
                steps: int = maps_lib.DEFAULT_STEPS, layer: int = maps_lib.DEFAULT_LAYER,
-               baseline: np.ndarray | None = None) -> dict[str, np.ndarray]:
+               baseline: np.ndarray | None = None,
+               method: str = maps_lib.DEFAULT_METHOD) -> dict[str, np.ndarray]:
     """The arrays of one query's npz (see the module docstring), without ``gallery_paths``.
 
     Args:
@@ -100,7 +101,8 @@ def query_maps(model: Any, weights: np.ndarray, query_path: str, gallery_paths: 
       augment_config: the evaluation transform (``embeddings.eval_loader_config(c).augment``).
       mode: ``paper`` or ``complete``.
       steps: quadrature nodes; layer, baseline: where the path runs and starts
-        (``reid_jax.explain.maps.evidence_maps``, :func:`map_baseline`).
+        (``reid_jax.explain.maps.evidence_maps``, :func:`map_baseline`); method: how the maps
+        are computed (``maps.MAP_METHODS``).
     """
     check_mode(mode)
     if not gallery_paths:
@@ -108,10 +110,10 @@ def query_maps(model: Any, weights: np.ndarray, query_path: str, gallery_paths: 
     images = model_inputs([query_path, *gallery_paths], augment_config)
     h, w = stored_size(query_path)
     ev = maps_lib.evidence_maps(model, weights, images, steps=steps, layer=layer,
-                                baseline=baseline)
+                                baseline=baseline, method=method)
     cm = maps_lib.contribution_maps(model, weights, images[:1], images[1:],
                                     complete=mode == "complete", steps=steps, layer=layer,
-                                    baseline=baseline)
+                                    baseline=baseline, method=method)
     evidence = np.asarray(maps_lib.resize_maps(ev.maps, h, w), np.float32)
     probabilities = 1.0 / (1.0 + np.exp(-np.asarray(ev.logits, np.float64)))
     return {

@@ -78,6 +78,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
                  counterfactuals: Sequence[Any], augment_config: augment.AugmentConfig,
                  steps: int = maps_lib.DEFAULT_STEPS, seed: int = 0,
                  layer: int = maps_lib.DEFAULT_LAYER, baseline: np.ndarray | None = None,
+                 method: str = maps_lib.DEFAULT_METHOD,
                  attributes: Sequence[str] = ATTRIBUTE_NAMES,
                  query_labels: np.ndarray | None = None) -> dict[str, Any]:
     """The maps section (JSON-ready).
@@ -91,7 +92,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
       counterfactuals: ``Counterfactual`` s with ``part_labels`` / ``changed_region`` (capped).
       augment_config: the evaluation transform.
       steps: quadrature nodes; seed: seeds the random pixels of the deletion test.
-      layer, baseline: where the maps' path runs and starts (``maps.evidence_maps``).
+      layer, baseline, method: where the maps' path runs and starts, and how the maps are
+        computed (``maps.evidence_maps``).
       query_labels: optional ``[len(query_paths), A]`` 0/1 labels of the query images: the
         pointing game is then also reported over the cases the labels confirm
         (``labelled_present``).
@@ -114,7 +116,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
     pointing, del_ev, del_con = [], [], []
     complete_q: list[np.ndarray] = []
     # Below the last map each batch takes tens of seconds: log the rate and ETA.
-    progress = ProgressLog(f"attribute maps (stage {layer})", unit="images and pairs")
+    progress = ProgressLog(f"attribute maps ({method}, stage {layer})", unit="images and pairs")
     total = len(query_paths) + len(counterfactuals)
     offset = 0
     for lo, hi in _batches(len(query_paths)):
@@ -130,7 +132,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         regions = np.stack(regions)
         h, w = regions.shape[-2:]
         ev = maps_lib.evidence_maps(model, weights, images, steps=steps, layer=layer,
-                                    baseline=baseline)
+                                    baseline=baseline, method=method)
         probs = 1.0 / (1.0 + np.exp(-np.asarray(ev.logits, np.float64)))
         cam = maps_lib.distance_gradcam(model, images, partners)
         pointing.append(mm.pointing_game_cases(
@@ -140,7 +142,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         del_ev.append(mm.deletion_evidence_cases(model, weights, images, np.asarray(ev.maps),
                                                  seed=seed + lo, attributes=attributes))
         cm = maps_lib.contribution_maps(model, weights, images, partners, steps=steps,
-                                        layer=layer, baseline=baseline)
+                                        layer=layer, baseline=baseline, method=method)
         del_con.append(mm.deletion_contributions_cases(model, weights, images, partners, cm,
                                                        seed=seed + lo, attributes=attributes))
         complete_q.append(mm.completeness_errors(cm))
@@ -149,7 +151,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
     offsets = list(range(0, len(query_paths), BATCH))
     out: dict[str, Any] = {
         "num_images": len(query_paths), "num_counterfactual_pairs": len(counterfactuals),
-        "steps": int(steps), "layer": int(layer), "tolerance": mm.DEFAULT_TOLERANCE,
+        "steps": int(steps), "layer": int(layer), "method": method,
+        "tolerance": mm.DEFAULT_TOLERANCE,
         "pointing_game": mm.summarise_pointing(mm.concatenate(pointing, offsets), attributes)
         if pointing else None,
         "deletion_evidence": {**mm.summarise(mm.concatenate(del_ev, offsets), attributes),
@@ -167,7 +170,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         region = np.stack([c.changed_region for c in chunk])
         h, w = region.shape[-2:]
         cm = maps_lib.contribution_maps(model, weights, originals, changed, steps=steps,
-                                        layer=layer, baseline=baseline)
+                                        layer=layer, baseline=baseline, method=method)
         top, pair_map = mm.largest_rising(cm)
         cam = maps_lib.distance_gradcam(model, changed, originals)
         localisation.append(mm.counterfactual_localisation_cases(

@@ -1,8 +1,8 @@
 """Attribute maps: where in the images the attribute explanations come from.
 
 Two kinds of map, both complete (their pixels sum to the number they explain) and both taken
-through a feature map of the model: by default its last (``AGWOutputs.feature_map``,
-``[B, h, w, C]``), or the output of an earlier stage (``layer``; docs/attribute_maps.md,
+through a feature map of the model: by default the output of stage 2 (``layer``; the last
+feature map is ``layer=4``, ``AGWOutputs.feature_map``, ``[B, h, w, C]``; docs/attribute_maps.md,
 'Layer'):
 
 * :func:`evidence_maps` — for one image and attribute ``a``, where the image shows ``a``: a map
@@ -12,24 +12,29 @@ through a feature map of the model: by default its last (``AGWOutputs.feature_ma
   together sum to the pair's attribute error ``e_a = sum_n (f_n^q - f_n^g)^2 w_na`` (eq. 3.2,
   paper weights or the complete weights ``|w| / sum_a |w|``).
 
-Method (docs/attribute_maps.md, 'The map method'): integrated gradients over that feature map,
-from a baseline feature map ``F0`` — a given one (:func:`reference_baseline`: the mean map of
-reference images, what the tools use), else all zeros (for the L2-normalised pre-BN feature,
-whose direction is undefined at zero, the constant map at BNNeck's running mean) — along the
-straight path ``F0 + t (F - F0)``. For a pair both images move along their
-own path from the *same* ``F0``, so at ``t = 0`` they have the same embedding and ``e_a = 0``:
-the two maps together decompose ``e_a`` itself. The integral over ``t`` is Gauss-Legendre
-quadrature with ``steps`` nodes. At the last map the integrand is smooth (GeM is positively
-homogeneous, so along the path from zero every pooled feature grows linearly), and 16 nodes
-give errors far below 1e-3 of ``sum_a |e_a|`` (tests/test_attribute_maps.py); there each node
-is one backward pass from the attributes to the pooled feature for all ``A`` attributes at once
-(``jax.vjp`` vmapped over one-hot cotangents) and one shared pass through GeM, which pools
-every channel on its own. Through an earlier stage each node is a backward pass per attribute
-through the later stages (:data:`ATTRIBUTE_BATCH` at a time), and ReLUs make the integrand
-rougher (docs/attribute_maps.md, 'Completeness', 'Cost'). The backbone up to the layer runs
-forward once per image. Channels are summed,
-and the ``h x w`` cell maps are spread to the model input's ``H x W`` pixels by
-:func:`resize_maps`, which keeps every map's sum, so completeness holds at pixel level.
+Both explain the change from a baseline feature map ``F0`` — a given one
+(:func:`reference_baseline`: the mean map of reference images, what the tools use), else all
+zeros (for the L2-normalised pre-BN feature, whose direction is undefined at zero, the constant
+map at BNNeck's running mean) — to the image's ``F``. For a pair both images start from the
+*same* ``F0``, so there they have the same embedding and ``e_a = 0``: the two maps together
+decompose ``e_a`` itself. Two methods (``method``; docs/attribute_maps.md, 'The map method'):
+
+* ``"deeplift"`` (the default): the rest of the model run on differences with DeepLIFT's
+  multipliers (``reid_jax.explain.deeplift``), a fixed linear map of ``F - F0`` whose output is
+  exactly the embedding's change; one backward pass per attribute through it
+  (:data:`ATTRIBUTE_BATCH` at a time) gives maps that sum to the explained number up to
+  rounding, at any layer. A query with its top k takes its contribution maps in forward mode,
+  one pass per cell, when it has fewer cells than pairs times attributes.
+* ``"integrated_gradients"``: the gradient integrated along the straight path
+  ``F0 + t (F - F0)`` by Gauss-Legendre quadrature with ``steps`` nodes. At the last map each
+  node is one backward pass to the pooled feature for all attributes and one pass through GeM,
+  which pools every channel on its own, and the integrand is smooth (GeM is positively
+  homogeneous); through an earlier stage each node is a backward pass per attribute and ReLUs
+  make the integrand rough (docs/attribute_maps.md, 'Completeness', 'Cost').
+
+The backbone up to the layer runs forward once per image. Channels are summed, and the
+``h x w`` cell maps are spread to the model input's ``H x W`` pixels by :func:`resize_maps`,
+which keeps every map's sum, so completeness holds at pixel level.
 
 :func:`distance_gradcam` is the plain Grad-CAM baseline of the measurements (gradient-weighted
 last feature map of the total distance); :func:`embed` is the eval-mode retrieval embedding of
@@ -52,15 +57,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from reid_jax.explain import deeplift
 from reid_jax.explain.kernels import complete_weights
 from reid_jax.models.agw import AGW, AGWOutputs
 
 Array = jax.Array
 
 DEFAULT_STEPS = 32
+# How a map spreads the number it explains over the cells (docs/attribute_maps.md, 'The map
+# method'): integrated gradients along the straight path, or DeepLIFT's multipliers (one
+# backward pass, exact; reid_jax.explain.deeplift).
+MAP_METHODS = ("integrated_gradients", "deeplift")
+DEFAULT_METHOD = "deeplift"
 # The stage whose output the maps are taken at (1..4; 4: the last feature map).
 MAP_LAYERS = (1, 2, 3, 4)
-DEFAULT_LAYER = 4
+DEFAULT_LAYER = 2
 # Attributes per batched backward pass below the last feature map (bounded memory).
 ATTRIBUTE_BATCH = 8
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -132,6 +143,14 @@ def check_layer(layer) -> int:
         raise ValueError(f"layer must be one of {MAP_LAYERS} (the stage whose output the maps "
                          f"are taken at; 4: the last feature map), got {layer!r}")
     return int(layer)
+
+
+def check_method(method) -> str:
+    """``method`` as one of :data:`MAP_METHODS`, or a ValueError naming it."""
+    if method not in MAP_METHODS:
+        raise ValueError(f"method must be one of {MAP_METHODS} (how a map spreads what it "
+                         f"explains over the cells), got {method!r}")
+    return method
 
 
 def _check_baseline(baseline, features_shape: tuple[int, ...]) -> None:
@@ -362,20 +381,47 @@ def _evidence(graphdef, state, feats, weights, baseline, *, steps, size, layer):
     return EvidenceMaps(maps, logits(feats), logits(base[:1])[0])
 
 
+def _deeplift_start(model: AGW, feats: Array, baseline: Array | None, layer: int) -> Array:
+    """``F0`` as one map ``[1, h, w, C]`` (the same for every image)."""
+    return _start(model, feats[:1], baseline, layer)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "size", "layer"))
+def _deeplift_evidence(graphdef, state, feats, weights, baseline, *, size, layer):
+    model = _eval_model(graphdef, state)
+    base = _deeplift_start(model, feats, baseline, layer)
+    delta = feats - base
+
+    def logits_delta(d):  # [B, h, w, C] -> [B, A], linear in d
+        return jnp.matmul(deeplift.embedding_delta(model, layer, base, feats, d).delta,
+                          weights, precision=_HIGHEST)
+
+    _, vjp = jax.vjp(logits_delta, delta)
+    (grads,) = _attribute_vjp(vjp, _one_hot_cotangents(weights.shape[1], feats.shape[0]))
+    cells = _full_channel_sum(grads, delta)
+    embedding = _through(model, layer)
+    return EvidenceMaps(resize_maps(cells, *size),
+                        jnp.matmul(embedding(feats), weights, precision=_HIGHEST),
+                        jnp.matmul(embedding(base), weights, precision=_HIGHEST)[0])
+
+
 def evidence_maps(model: AGW, weights: Array, images: Array, *,
                   steps: int = DEFAULT_STEPS, layer: int = DEFAULT_LAYER,
-                  baseline: Array | None = None) -> EvidenceMaps:
+                  baseline: Array | None = None,
+                  method: str = DEFAULT_METHOD) -> EvidenceMaps:
     """Where each image shows each attribute: maps of ``z_a = f @ w_a`` (behind eq. 3.1).
 
     Args:
       model: the re-id model (used in eval mode; not changed).
       weights: ``[N, A]`` attribute-head weights ``W``.
       images: ``[B, H, W, 3]`` model-input images (eval transform).
-      steps: quadrature nodes of the path integral (one backward pass for all attributes each).
-      layer: the stage whose output the path runs through (:data:`MAP_LAYERS`; 4: the last
-        feature map, ``H/16 x W/16`` cells; 2: ``H/8 x W/8``; docs/attribute_maps.md, 'Layer').
-      baseline: the path's start, one feature map ``[h, w, C]`` of that layer
+      steps: quadrature nodes of integrated gradients (unused by DeepLIFT).
+      layer: the stage whose output the maps are taken at (:data:`MAP_LAYERS`; 2: ``H/8 x
+        W/8`` cells; 4: the last feature map, ``H/16 x W/16``; docs/attribute_maps.md, 'Layer').
+      baseline: the change explained starts here, one feature map ``[h, w, C]`` of that layer
         (:func:`reference_baseline`); None: zeros (the last map: as in 'Baseline').
+      method: ``"deeplift"`` (one backward pass per attribute, exact) or
+        ``"integrated_gradients"`` (``steps`` nodes) (:data:`MAP_METHODS`).
 
     Returns:
       :class:`EvidenceMaps`: ``maps [B, A, H, W]`` (positive: the pixels raise ``z_a``), the
@@ -385,9 +431,15 @@ def evidence_maps(model: AGW, weights: Array, images: Array, *,
     _check_weights(model, weights)
     steps = _check_steps(steps)
     layer = check_layer(layer)
+    method = check_method(method)
     parts = _eval_parts(model)
     feats = _features(parts, images, layer)
     _check_baseline(baseline, feats.shape)
+    if method == "deeplift":
+        return _deeplift_evidence(
+            parts.graphdef, parts.state, feats, jnp.asarray(weights, jnp.float32),
+            None if baseline is None else jnp.asarray(baseline, jnp.float32), size=(h, w),
+            layer=layer)
     return _evidence(parts.graphdef, parts.state, feats, jnp.asarray(weights, jnp.float32),
                      None if baseline is None else jnp.asarray(baseline, jnp.float32),
                      steps=steps, size=(h, w), layer=layer)
@@ -437,10 +489,72 @@ def _contributions(graphdef, state, fq_all, fg, query_index, weights, baseline, 
         distances=jnp.sum(jnp.square(diff), axis=-1))
 
 
+def _cell_masks(shape: tuple[int, ...]) -> Array:
+    """``[h w, 1, h, w, 1]`` one-hot masks of the cells of a ``[., h, w, .]`` map."""
+    h, w = shape[1], shape[2]
+    return jnp.eye(h * w, dtype=jnp.float32).reshape(h * w, 1, h, w, 1)
+
+
+def _per_dimension_cells(linear, delta: Array) -> Array:
+    """``[B, h, w, N]``: the change of each embedding dimension that each cell makes,
+    ``linear(delta * cell mask)`` for every cell (one forward-mode pass per cell, batched
+    :data:`ATTRIBUTE_BATCH` cells at a time); ``linear`` maps ``[B, h, w, C] -> [B, N]``."""
+    masks = _cell_masks(delta.shape)
+    out = jax.lax.map(lambda m: linear(delta * m), masks,
+                      batch_size=min(ATTRIBUTE_BATCH, masks.shape[0]))  # [h w, B, N]
+    b, h, w = delta.shape[:3]
+    return jnp.moveaxis(out, 0, 1).reshape(b, h, w, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "complete", "size", "layer"))
+def _deeplift_contributions(graphdef, state, fq_all, fg, query_index, weights, baseline, *,
+                            complete, size, layer):
+    model = _eval_model(graphdef, state)
+    w = complete_weights(weights) if complete else weights
+    base = _deeplift_start(model, fq_all, baseline, layer)  # the same F0 for both images
+    dg = fg - base
+    embedding = _through(model, layer)
+    fq = fq_all[query_index]
+    diff = embedding(fq) - embedding(fg)  # both start at f(F0): e_a = sum_n w_na diff_n^2
+    cot = _one_hot_cotangents(w.shape[1], fg.shape[0])
+
+    def gallery_errors(xg):  # [P, A], linear in xg; diff^2 = diff * (its change)
+        eg = deeplift.embedding_delta(model, layer, base, fg, xg).delta
+        return jnp.matmul(-diff * eg, w, precision=_HIGHEST)
+
+    _, vjp = jax.vjp(gallery_errors, dg)
+    (gg,) = _attribute_vjp(vjp, cot)
+    gallery = _full_channel_sum(gg, dg)
+    num_cells = fq_all.shape[1] * fq_all.shape[2]
+    if fq_all.shape[0] * num_cells < fg.shape[0] * w.shape[1]:
+        # Fewer cells of the queries than (pair, attribute) cotangents (a query with its top
+        # k): one forward-mode pass per query cell gives every pair's and attribute's map.
+        dq_all = fq_all - base
+        _, linear = jax.linearize(
+            lambda d: deeplift.embedding_delta(model, layer, base, fq_all, d).delta, dq_all)
+        per_dim = _per_dimension_cells(linear, dq_all)[query_index]  # [P, h, w, N]
+        query = jnp.einsum("phwn,pn,na->pahw", per_dim, diff, w, precision=_HIGHEST)
+    else:
+        dq = fq - base
+
+        def query_errors(xq):
+            eq = deeplift.embedding_delta(model, layer, base, fq, xq).delta
+            return jnp.matmul(diff * eq, w, precision=_HIGHEST)
+
+        _, vjp = jax.vjp(query_errors, dq)
+        (gq,) = _attribute_vjp(vjp, cot)
+        query = _full_channel_sum(gq, dq)
+    return ContributionMaps(
+        query=resize_maps(query, *size), gallery=resize_maps(gallery, *size),
+        errors=jnp.matmul(jnp.square(diff), w, precision=_HIGHEST),
+        distances=jnp.sum(jnp.square(diff), axis=-1))
+
+
 def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_images: Array,
                       *, query_index=None, complete: bool = False,
                       steps: int = DEFAULT_STEPS, layer: int = DEFAULT_LAYER,
-                      baseline: Array | None = None) -> ContributionMaps:
+                      baseline: Array | None = None,
+                      method: str = DEFAULT_METHOD) -> ContributionMaps:
     """Where each image of a pair makes up the pair's attribute errors ``e_a`` (eq. 3.2).
 
     Args:
@@ -452,8 +566,9 @@ def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_i
         of one query), else pair ``p`` uses query ``p`` (``Q == P``).
       complete: use the complete weights ``|w_na| / sum_a |w_na|`` (``e_a >= 0``, summing to the
         squared distance) instead of the paper's ``w_na``.
-      steps: quadrature nodes of the path integral.
-      layer, baseline: as :func:`evidence_maps` (both images start from the same baseline).
+      steps: quadrature nodes of integrated gradients.
+      layer, baseline, method: as :func:`evidence_maps` (both images start from the same
+        baseline).
 
     Returns:
       :class:`ContributionMaps`: ``query``, ``gallery`` ``[P, A, H, W]``, whose sums over both
@@ -469,6 +584,7 @@ def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_i
     index = pair_index("query_index", query_index, q, p)
     steps = _check_steps(steps)
     layer = check_layer(layer)
+    method = check_method(method)
     parts = _eval_parts(model)
     # Each image runs forward once, however many pairs it is in; queries and gallery images in
     # one batch (a query with its top k: the batch of its evidence maps, compiled once).
@@ -477,6 +593,12 @@ def contribution_maps(model: AGW, weights: Array, query_images: Array, gallery_i
                          layer)
     fq, fg = features[:q], features[q:]
     _check_baseline(baseline, fq.shape)
+    if method == "deeplift":
+        return _deeplift_contributions(
+            parts.graphdef, parts.state, fq, fg, jnp.asarray(index),
+            jnp.asarray(weights, jnp.float32),
+            None if baseline is None else jnp.asarray(baseline, jnp.float32),
+            complete=bool(complete), size=(hg, wg), layer=layer)
     return _contributions(parts.graphdef, parts.state, fq, fg, jnp.asarray(index),
                           jnp.asarray(weights, jnp.float32),
                           None if baseline is None else jnp.asarray(baseline, jnp.float32),
@@ -503,11 +625,12 @@ MAP_MODES = ("paper", "complete")
 
 
 def pair_contribution_maps(model: AGW, weights: Array, *, steps: int = DEFAULT_STEPS,
-                           layer: int = DEFAULT_LAYER, baseline: Array | None = None):
+                           layer: int = DEFAULT_LAYER, baseline: Array | None = None,
+                           method: str = DEFAULT_METHOD):
     """A function ``(query [H, W, 3], gallery [H, W, 3], mode) -> (query maps [A, H, W],
     gallery maps [A, H, W])`` of one pair of model-input images: the contribution maps of
     :func:`contribution_maps` in ``mode`` (one of :data:`MAP_MODES`), as numpy float32, at
-    ``layer`` from ``baseline``.
+    ``layer`` from ``baseline`` by ``method``.
 
     It is the explorer's map provider (``reid_jax.explorer.Explorer(pair_maps=...)``); modes
     without a map (``projection``, ``disagreement``) raise ``ValueError`` naming the mode.
@@ -515,6 +638,7 @@ def pair_contribution_maps(model: AGW, weights: Array, *, steps: int = DEFAULT_S
     _check_weights(model, weights)
     steps = _check_steps(steps)
     layer = check_layer(layer)
+    method = check_method(method)
     w = jnp.asarray(weights, jnp.float32)
 
     def pair_maps(query_input, gallery_input, mode: str):
@@ -524,7 +648,7 @@ def pair_contribution_maps(model: AGW, weights: Array, *, steps: int = DEFAULT_S
         out = contribution_maps(model, w, jnp.asarray(query_input)[None],
                                 jnp.asarray(gallery_input)[None],
                                 complete=mode == "complete", steps=steps, layer=layer,
-                                baseline=baseline)
+                                baseline=baseline, method=method)
         return np.asarray(out.query[0], np.float32), np.asarray(out.gallery[0], np.float32)
 
     return pair_maps
@@ -588,8 +712,10 @@ def embed(model: AGW, images: Array) -> Array:
 __all__ = [
     "ATTRIBUTE_BATCH",
     "DEFAULT_LAYER",
+    "DEFAULT_METHOD",
     "DEFAULT_STEPS",
     "MAP_LAYERS",
+    "MAP_METHODS",
     "MAP_MODES",
     "ContributionMaps",
     "EvidenceMaps",
@@ -599,6 +725,7 @@ __all__ = [
     "evidence_maps",
     "pair_contribution_maps",
     "check_layer",
+    "check_method",
     "pair_index",
     "quadrature",
     "reference_baseline",

@@ -346,6 +346,7 @@ def measure(
     map_steps: int | None = None,
     map_layer: int | None = None,
     map_reference_images: int | None = None,
+    map_method: str | None = None,
 ) -> MeasurementResult:
     """Measures the explanations of a checkpoint on the test split of ``data_root``.
 
@@ -371,9 +372,9 @@ def measure(
       bootstrap_samples: replicates of the bootstrap behind the intervals.
       embed_fn: embeds a list of JPEG bytes ``-> [n, N]`` (default: the checkpoint's model with
         the eval transform of ``config``).
-      measure_maps, map_images, map_steps, map_layer, map_reference_images: the ``maps``
-        section (``reid_jax.explain.map_quality``): on or off, the cap on its images,
-        quadrature nodes, the layer and the reference images of the path's start.
+      measure_maps, map_images, map_steps, map_layer, map_reference_images, map_method: the
+        ``maps`` section (``reid_jax.explain.map_quality``): on or off, the cap on its images,
+        quadrature nodes, the layer, the reference images of the path's start and the method.
 
     Returns:
       :class:`MeasurementResult`.
@@ -385,7 +386,8 @@ def measure(
         config, k=k, threshold=threshold, num_counterfactuals=num_counterfactuals,
         min_changed_pixels=min_changed_pixels, pixel_tolerance=pixel_tolerance, seed=seed,
         bootstrap_samples=bootstrap_samples, measure_maps=measure_maps, map_images=map_images,
-        map_steps=map_steps, map_layer=map_layer, map_reference_images=map_reference_images)
+        map_steps=map_steps, map_layer=map_layer, map_reference_images=map_reference_images,
+        map_method=map_method)
     k = opts.k
     output_dir = os.path.abspath(os.fspath(output_dir))
     data = sources.load_dataset(root, config, need_queries=True)
@@ -476,7 +478,7 @@ def measure(
             partner_paths=[data.gallery.paths[g] for g in partner],
             gallery_paths=data.gallery.paths, counterfactuals=accepted[:opts.map_images],
             augment_config=augment_config, steps=opts.map_steps, seed=opts.seed,
-            layer=opts.map_layer, baseline=baseline,
+            layer=opts.map_layer, baseline=baseline, method=opts.map_method,
             query_labels=lq[first])  # zeros where a query has no labels
         maps_section["reference_images"] = opts.map_reference_images
 
@@ -497,6 +499,7 @@ def measure(
             "interval_level": bootstrap.LEVEL,
             "measure_maps": opts.measure_maps,
             "map_images": opts.map_images,
+            "map_method": opts.map_method,
             "map_steps": opts.map_steps,
             "map_layer": opts.map_layer,
             "map_reference_images": opts.map_reference_images,

@@ -421,6 +421,7 @@ def run(
     map_steps: int | None = None,
     map_layer: int | None = None,
     map_reference_images: int | None = None,
+    map_method: str | None = None,
 ) -> RunResult:
     """Explains the rankings of many queries; writes JSONL, ``summary.json`` and the report.
 
@@ -450,8 +451,8 @@ def run(
       overwrite: replace outputs in ``output_dir`` that this tool did not write (they are
         moved aside, not deleted); without it such a folder is refused before any work.
       progress: draw progress bars on stderr.
-      attribute_maps, map_queries, map_steps, map_layer, map_reference_images: overrides of
-        ``config.explain``: write
+      attribute_maps, map_queries, map_steps, map_layer, map_reference_images, map_method:
+        overrides of ``config.explain``: write
         ``maps/<query stem>.npz`` (``reid_jax.explain.map_outputs``) for the first
         ``map_queries`` queries of the run's order (needs ``checkpoint`` and mode ``paper`` or
         ``complete``); each such record names its file under ``maps``. ``output_dir/maps``
@@ -482,7 +483,7 @@ def run(
         config, k=k, threshold=threshold, mode=mode, order=order, error_ranks=error_ranks,
         report_queries=report_queries, query_chunk=query_chunk, attribute_maps=attribute_maps,
         map_queries=map_queries, map_steps=map_steps, map_layer=map_layer,
-        map_reference_images=map_reference_images)
+        map_reference_images=map_reference_images, map_method=map_method)
     if opts.attribute_maps:
         map_outputs.check_mode(opts.mode)
         if not use_checkpoint:
@@ -551,6 +552,7 @@ def run(
         "error_ranks": list(opts.error_ranks),
         "num_report_queries": int(num_report),
         "num_map_queries": int(num_maps),
+        "map_method": opts.map_method if num_maps else None,
         "map_steps": int(opts.map_steps) if num_maps else None,
         "map_layer": int(opts.map_layer) if num_maps else None,
         "map_reference_images": int(opts.map_reference_images) if num_maps else None,
@@ -608,7 +610,7 @@ def _write_maps(staging: str, record: dict[str, Any], data: Market1501, data_roo
     gallery_paths = [data.gallery.paths[g] for g in record["gallery"]["index"]]
     arrays = map_outputs.query_maps(model, weights, query_path, gallery_paths, augment_config,
                                     mode=opts.mode, steps=opts.map_steps, layer=opts.map_layer,
-                                    baseline=baseline)
+                                    baseline=baseline, method=opts.map_method)
     return map_outputs.write_query_maps(
         staging, query_path, arrays, [os.path.relpath(p, data_root) for p in gallery_paths])
 

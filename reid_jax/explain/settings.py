@@ -71,8 +71,11 @@ def default_config() -> ml_collections.ConfigDict:
       or ``complete``; docs/attribute_maps.md, 'Outputs').
     * ``map_queries`` (-1): maps for the first this many queries of the run's order (-1: all
       explained queries; the report's first page holds ``reid_jax.explain.report.PAGE_SIZE``).
-    * ``map_steps`` (32): quadrature nodes of the maps' path integral.
-    * ``map_layer`` (4): the stage whose output the maps' path runs through (1..4; 4: the last
+    * ``map_method`` ("deeplift"): how the maps are computed ("deeplift": one backward pass,
+      exact; "integrated_gradients": ``map_steps`` nodes; docs/attribute_maps.md, 'The map
+      method').
+    * ``map_steps`` (32): quadrature nodes of the maps' path integral (integrated gradients).
+    * ``map_layer`` (2): the stage whose output the maps are taken at (1..4; 4: the last
       feature map; docs/attribute_maps.md, 'Layer').
     * ``map_reference_images`` (64): the path starts at the mean feature map of this many
       gallery images, evenly spaced in file order (0: at zeros; docs/attribute_maps.md,
@@ -100,8 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.bootstrap_samples = 1000
     c.attribute_maps = False
     c.map_queries = -1
+    c.map_method = "deeplift"
     c.map_steps = 32
-    c.map_layer = 4
+    c.map_layer = 2
     c.map_reference_images = 64
     c.measure_maps = True
     c.map_images = 48
@@ -132,8 +136,9 @@ class ExplainSettings:
     bootstrap_samples: int = 1000
     attribute_maps: bool = False
     map_queries: int | None = None
+    map_method: str = "deeplift"
     map_steps: int = 32
-    map_layer: int = 4
+    map_layer: int = 2
     map_reference_images: int = 64
     measure_maps: bool = True
     map_images: int = 48
@@ -213,6 +218,18 @@ def _map_layer(value: Any) -> int:
     return int(value)
 
 
+# How the attribute maps are computed (as reid_jax.explain.maps.MAP_METHODS, which imports
+# the model; the settings stay light).
+MAP_METHODS = ("integrated_gradients", "deeplift")
+
+
+def _map_method(value: Any) -> str:
+    if value not in MAP_METHODS:
+        raise ValueError(f"config.explain.map_method must be one of {MAP_METHODS}, got "
+                         f"{value!r}")
+    return value
+
+
 def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
     """The validated settings of ``config.explain``, with ``overrides`` (flags) applied.
 
@@ -269,6 +286,7 @@ def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
         bootstrap_samples=_int("bootstrap_samples", values["bootstrap_samples"], 1),
         attribute_maps=_bool("attribute_maps", values["attribute_maps"]),
         map_queries=_all_or_count("map_queries", values["map_queries"]),
+        map_method=_map_method(values["map_method"]),
         map_steps=_int("map_steps", values["map_steps"], 1),
         map_layer=_map_layer(values["map_layer"]),
         map_reference_images=_count("map_reference_images", values["map_reference_images"]),

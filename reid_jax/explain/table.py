@@ -207,6 +207,8 @@ def _map_path(maps: dict[str, Any]) -> str:
     where = "the last feature map" if layer == 4 else f"stage {layer}'s output"
     count = maps.get("reference_images", 0)
     start = f"the mean map of {count} gallery images" if count else "zeros"
+    if maps.get("method") == "deeplift":
+        return f"DeepLIFT maps through {where}, from {start}"
     return f"maps through {where}, from {start}, {maps.get('steps', 32)} quadrature nodes"
 
 

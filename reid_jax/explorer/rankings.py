@@ -102,7 +102,8 @@ def _lazy_pair_maps(model: Any, weights: np.ndarray, gallery_paths: Sequence[str
             model, gallery_paths, embeddings.eval_loader_config(config).augment,
             count=opts.map_reference_images, layer=opts.map_layer)
         return maps_lib.pair_contribution_maps(model, weights, steps=opts.map_steps,
-                                               layer=opts.map_layer, baseline=baseline)
+                                               layer=opts.map_layer, baseline=baseline,
+                                               method=opts.map_method)
 
     return lambda query, gallery, mode: provider()(query, gallery, mode)
 
