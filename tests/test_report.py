@@ -501,3 +501,28 @@ def test_explanation_quality_falls_back_to_generic_tables(tmp_path):
     report.write_report(out3, _summary(), records, data_root=tmp_path / "data")
     assert not os.path.exists(out3 / "explanation_metrics.json")
     assert "No explanation_metrics.json was given" in open(out3 / "index.html").read()
+
+
+def test_overlay_scale_saturates_the_top_percent_of_the_pixels():
+    from reid_jax.explain import figures
+
+    # A peaky map: one cell of 64 pixels holds values 100x the rest. Scaled to its maximum the
+    # rest would draw at 1 % opacity; at the 99th percentile of |value| it stays visible.
+    maps = np.full((2, 128, 64), 0.01)
+    maps[0, :8, :8] = -1.0
+    maps[1, 100:, :] = np.linspace(0.0, 0.02, 64)
+    scale = figures.overlay_scale(maps)
+    want = np.quantile(np.abs(maps), 0.99)
+    assert scale == pytest.approx(want) and 0.01 < scale < 1.0
+    tiles = np.clip(maps / scale, -1, 1)
+    assert (np.abs(tiles) == 1).mean() <= 2 * figures.OVERLAY_SATURATED
+    # Mostly zero maps fall back to the largest magnitude; all-zero and empty maps to 0.
+    sparse = np.zeros((128, 64))
+    sparse[3, 4] = -2.0
+    assert figures.overlay_scale(sparse) == 2.0
+    assert figures.overlay_scale(np.zeros((4, 4))) == 0.0
+    assert figures.overlay_scale(np.zeros((0, 4))) == 0.0
+    # The report's tiles use it: the group on one scale, larger values at full colour.
+    tiles = report._signed_tiles(maps)
+    assert tiles.dtype == np.float32
+    np.testing.assert_allclose(tiles, maps / scale, rtol=1e-6)

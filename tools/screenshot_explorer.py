@@ -50,11 +50,13 @@ def browser(width: int, height: int, profile: str):
 
 
 def idle(driver, timeout: float) -> None:
-    """Waits until the page has no request in flight."""
+    """Waits until the page has no request in flight and every image has loaded (the map
+    overlays load on their own, after the page's requests: the first computes the maps)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, timeout).until(
-        lambda d: d.execute_script("return document.body.dataset.busy") == "0")
+    WebDriverWait(driver, timeout).until(lambda d: d.execute_script(
+        "return document.body.dataset.busy === '0' && "
+        "Array.from(document.querySelectorAll('img.map')).every(i => i.complete)"))
 
 
 def main(argv: list[str]) -> None:

@@ -257,6 +257,25 @@ def _overlay_palette() -> bytes:
 _OVERLAY_PALETTE = _overlay_palette()
 
 
+# The share of a group of maps' pixels drawn at full colour (docs/attribute_maps.md, 'Outputs').
+OVERLAY_SATURATED = 0.01
+
+
+def overlay_scale(maps: np.ndarray) -> float:
+    """The colour scale of a group of signed maps drawn together: the ``1 - OVERLAY_SATURATED``
+    quantile of ``|maps|`` (the largest magnitude where that is 0; 0 for all-zero maps).
+
+    A map that puts most of its mass into a few cells would show only those at the largest
+    magnitude; at the 99th percentile the top 1 % of the pixels saturate and the rest of the
+    map stays visible (as saliency viewers clip outliers, e.g. captum's ``outlier_perc``).
+    """
+    magnitude = np.abs(np.asarray(maps, np.float64)).ravel()
+    if magnitude.size == 0:
+        return 0.0
+    scale = float(np.quantile(magnitude, 1.0 - OVERLAY_SATURATED))
+    return scale if scale > 0 else float(magnitude.max())
+
+
 def overlay_image(tiles: Sequence[np.ndarray], size: tuple[int, int]) -> Image.Image:
     """Signed maps as one overlay image, the tiles side by side: each tile ``[H, W]`` holds
     values in [-1, 1] (a map divided by its scale) and is resized to ``size`` = (width, height).
@@ -285,5 +304,6 @@ def save_png(fig: Figure, path: str) -> str:
     return path
 
 
-__all__ = ["FIGURE_SIZE", "PNG_COMPRESS_LEVEL", "attribute_colors", "error_figure",
-           "metrics_figure", "overlay_image", "pie_areas", "save_png"]
+__all__ = ["FIGURE_SIZE", "OVERLAY_SATURATED", "PNG_COMPRESS_LEVEL", "attribute_colors",
+           "error_figure", "metrics_figure", "overlay_image", "overlay_scale", "pie_areas",
+           "save_png"]

@@ -52,6 +52,7 @@ from reid_jax.explain.figures import (
     error_figure,
     metrics_figure,
     overlay_image,
+    overlay_scale,
     pie_areas,
     save_png,
 )
@@ -201,9 +202,9 @@ def write_thumbnail(src: str, dst: str) -> str:
 
 
 def _signed_tiles(maps: np.ndarray) -> np.ndarray:
-    """Signed maps ``[n, H, W]`` on one symmetric scale: float32 in [-1, 1], the largest
-    magnitude of the group at +-1."""
-    scale = float(np.abs(maps).max())
+    """Signed maps ``[n, H, W]`` on one symmetric scale (``figures.overlay_scale``): float32,
+    +-1 at the scale (larger magnitudes are drawn at full colour)."""
+    scale = overlay_scale(maps)
     return (maps / scale if scale > 0 else np.zeros_like(maps)).astype(np.float32)
 
 

@@ -50,7 +50,7 @@ from starlette.staticfiles import StaticFiles
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import settings
-from reid_jax.explain.figures import PNG_COMPRESS_LEVEL, overlay_image
+from reid_jax.explain.figures import PNG_COMPRESS_LEVEL, overlay_image, overlay_scale
 from reid_jax.explorer import params, uploads
 from reid_jax.explorer.rankings import Explorer, QueryRef
 
@@ -217,7 +217,7 @@ def create_app(explorer: Explorer, *, max_upload_bytes: int = uploads.DEFAULT_MA
         side = params.choice(p, "side", ("query", "gallery"), "query")
         qm, gm = explorer.maps(ref, gallery, mode)
         a = ATTRIBUTE_NAMES.index(attribute)
-        scale = float(max(np.abs(qm[a]).max(), np.abs(gm[a]).max()))
+        scale = overlay_scale(np.stack([qm[a], gm[a]]))
         png = _overlay_png(qm[a] if side == "query" else gm[a], scale)
         return Response(png, media_type="image/png")
 
