@@ -64,7 +64,7 @@ def define_checkpoint_flags(checkpoint_help: str) -> tuple[Any, Any, Any]:
 
 def define_map_path_flags() -> tuple[Any, Any, Any]:
     """``--map_method``, ``--map_layer`` and ``--map_reference_images`` (how the attribute maps
-    are computed, where their path runs and where it starts), shared by the tools that compute
+    are computed, where they are taken and what they start from), shared by the tools that compute
     maps; returns the three flag holders."""
     method = flags.DEFINE_enum(
         "map_method", None, ["integrated_gradients", "deeplift"],
@@ -74,8 +74,8 @@ def define_map_path_flags() -> tuple[Any, Any, Any]:
         "map_layer", None, "Stage whose output the maps are taken at, 1..4 (4: the last feature "
         "map; config.explain.map_layer, 2).")
     reference = flags.DEFINE_integer(
-        "map_reference_images", None, "The maps' path starts at the mean feature map of this "
-        "many gallery images, 0: at zeros (config.explain.map_reference_images).")
+        "map_reference_images", None, "The maps' baseline is the mean feature map of this "
+        "many gallery images, 0: zeros (config.explain.map_reference_images).")
     return method, layer, reference
 
 

@@ -145,6 +145,12 @@ def test_deeplift_complete_weights_and_batch_independence(model, images):
                                method="deeplift")
     _check_complete(c, f, w, complete=True, tolerance=1e-3)
     ev = maps.evidence_maps(model, w, images[:4], layer=2, method="deeplift")
+    # The difference starts at the baseline (zeros here), not at an image of the batch: the
+    # baseline logits are those integrated gradients report from the same start.
+    ig = maps.evidence_maps(model, w, images[:4], layer=2, method="integrated_gradients",
+                            steps=1)
+    np.testing.assert_allclose(np.asarray(ev.baseline_logits), np.asarray(ig.baseline_logits),
+                               rtol=1e-5, atol=1e-6)
     other = maps.evidence_maps(model, w, images[[0, 1, 2, 4]], layer=2, method="deeplift")
     np.testing.assert_allclose(np.asarray(other.maps[:3]), np.asarray(ev.maps[:3]), rtol=1e-4,
                                atol=1e-5 * np.abs(np.asarray(ev.maps)).max())
@@ -185,17 +191,30 @@ def test_pair_provider_and_settings_take_the_method(model, images):
 
 
 def test_forward_mode_for_a_query_with_its_top_k_gives_the_same_maps(model, images):
-    # One query and 3 pairs with 6 attributes: 18 cotangents. At stage 3 (4 x 2 cells) the
-    # query's maps are taken in forward mode, one pass per cell; with the query repeated for
-    # every pair (3 x 8 = 24 cells) in reverse mode.
+    # 3 pairs with 6 attributes: 18 cotangents. At stage 3 (4 x 2 cells) the queries' maps are
+    # taken in forward mode, one pass per cell, for one query (8 cells) or two (16); with a
+    # query per pair (3 x 8 = 24 cells) in reverse mode.
     layer = 3
     w = _weights(model)
+    f = np.asarray(maps.embed(model, images[1:]), np.float64)
     one = maps.contribution_maps(model, w, images[4:], images[1:4], layer=layer,
                                  method="deeplift")
+    _check_complete(one, f, w, complete=False, tolerance=1e-3)
     rep = maps.contribution_maps(model, w, np.repeat(images[4:], 3, 0), images[1:4],
                                  layer=layer, method="deeplift")
     scale = np.abs(np.asarray(rep.query)).max()
-    np.testing.assert_allclose(np.asarray(one.query), np.asarray(rep.query), rtol=1e-4,
-                               atol=1e-5 * scale)
-    np.testing.assert_allclose(np.asarray(one.gallery), np.asarray(rep.gallery), rtol=1e-4,
-                               atol=1e-5 * scale)
+    for got in (one, maps.contribution_maps(model, w, images[[0, 4]], images[1:4], layer=layer,
+                                            query_index=[1, 1, 1], method="deeplift")):
+        np.testing.assert_allclose(np.asarray(got.query), np.asarray(rep.query), rtol=1e-4,
+                                   atol=1e-5 * scale)
+        np.testing.assert_allclose(np.asarray(got.gallery), np.asarray(rep.gallery), rtol=1e-4,
+                                   atol=1e-5 * scale)
+    # Two queries in forward mode, each pair with its own: as each query alone.
+    two = maps.contribution_maps(model, w, images[[4, 0]], images[1:4], layer=layer,
+                                 query_index=[0, 1, 0], method="deeplift")
+    np.testing.assert_allclose(np.asarray(two.query)[[0, 2]], np.asarray(one.query)[[0, 2]],
+                               rtol=1e-4, atol=1e-5 * scale)
+    alone = maps.contribution_maps(model, w, images[:1], images[2:3], layer=layer,
+                                   method="deeplift")  # 1 x 8 cells < 6: reverse mode
+    np.testing.assert_allclose(np.asarray(two.query)[1], np.asarray(alone.query)[0],
+                               rtol=1e-4, atol=1e-5 * scale)

@@ -21,7 +21,8 @@ maps of the ``k`` pairs in the run's mode (``reid_jax.explain.maps``; docs/attri
 ``H x W`` is the stored query image's size (128 x 64 for Market-1501): maps are computed at
 the model input's size and brought there by :func:`reid_jax.explain.maps.resize_maps`, which
 keeps every map's sum, so ``query_contribution[r, a].sum() + gallery_contribution[r, a].sum()``
-is ``errors[r, a]`` up to the quadrature error. Images are read with the evaluation transform
+is ``errors[r, a]`` (up to rounding with DeepLIFT, the quadrature error with integrated
+gradients). Images are read with the evaluation transform
 of ``config.data`` (:func:`model_inputs`), the transform behind the run's embeddings, so the
 maps decompose the embedding that was ranked.
 """
@@ -100,9 +101,9 @@ def query_maps(model: Any, weights: np.ndarray, query_path: str, gallery_paths: 
       query_path, gallery_paths: image files of the query and its ranked images.
       augment_config: the evaluation transform (``embeddings.eval_loader_config(c).augment``).
       mode: ``paper`` or ``complete``.
-      steps: quadrature nodes; layer, baseline: where the path runs and starts
-        (``reid_jax.explain.maps.evidence_maps``, :func:`map_baseline`); method: how the maps
-        are computed (``maps.MAP_METHODS``).
+      steps: quadrature nodes (integrated gradients); layer, baseline: where the maps are taken
+        and what they start from (``reid_jax.explain.maps.evidence_maps``,
+        :func:`map_baseline`); method: how the maps are computed (``maps.MAP_METHODS``).
     """
     check_mode(mode)
     if not gallery_paths:

@@ -92,7 +92,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
       counterfactuals: ``Counterfactual`` s with ``part_labels`` / ``changed_region`` (capped).
       augment_config: the evaluation transform.
       steps: quadrature nodes; seed: seeds the random pixels of the deletion test.
-      layer, baseline, method: where the maps' path runs and starts, and how the maps are
+      layer, baseline, method: where the maps are taken, what they start from, and how they are
         computed (``maps.evidence_maps``).
       query_labels: optional ``[len(query_paths), A]`` 0/1 labels of the query images: the
         pointing game is then also reported over the cases the labels confirm

@@ -72,7 +72,8 @@ DEFAULT_METHOD = "deeplift"
 # The stage whose output the maps are taken at (1..4; 4: the last feature map).
 MAP_LAYERS = (1, 2, 3, 4)
 DEFAULT_LAYER = 2
-# Attributes per batched backward pass below the last feature map (bounded memory).
+# Attributes per batched backward pass (integrated gradients below the last feature map,
+# DeepLIFT at every layer), and cells per batched forward-mode pass (bounded memory).
 ATTRIBUTE_BATCH = 8
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -82,7 +83,8 @@ class EvidenceMaps(NamedTuple):
 
     Attributes:
       maps: float32 ``[B, A, H, W]`` in logit units; ``maps[b, a].sum()`` is
-        ``logits[b, a] - baseline_logits[a]`` (up to quadrature error).
+        ``logits[b, a] - baseline_logits[a]`` (up to rounding with DeepLIFT, quadrature error
+        with integrated gradients).
       logits: float32 ``[B, A]`` ``z = f @ W`` of the images (``x = sigmoid(z)``).
       baseline_logits: float32 ``[A]`` ``z`` of the baseline feature map.
     """
@@ -322,8 +324,8 @@ def _channel_sum(pooled_grads: Array, sensitivity: Array) -> Array:
 
 
 def _start(model: AGW, features: Array, baseline: Array | None, layer: int) -> Array:
-    """The path's start ``F0`` at the maps' layer: the given baseline, else zeros (at the last
-    map: :func:`_baseline_map`)."""
+    """The baseline ``F0`` at the maps' layer (the path's start): the given baseline, else
+    zeros (at the last map: :func:`_baseline_map`)."""
     if baseline is not None:
         return jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), features.shape)
     return _baseline_map(model, features) if layer == 4 else jnp.zeros_like(features)

@@ -374,7 +374,7 @@ def measure(
         the eval transform of ``config``).
       measure_maps, map_images, map_steps, map_layer, map_reference_images, map_method: the
         ``maps`` section (``reid_jax.explain.map_quality``): on or off, the cap on its images,
-        quadrature nodes, the layer, the reference images of the path's start and the method.
+        quadrature nodes, the layer, the reference images of the baseline and the method.
 
     Returns:
       :class:`MeasurementResult`.

@@ -77,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     * ``map_steps`` (32): quadrature nodes of the maps' path integral (integrated gradients).
     * ``map_layer`` (2): the stage whose output the maps are taken at (1..4; 4: the last
       feature map; docs/attribute_maps.md, 'Layer').
-    * ``map_reference_images`` (64): the path starts at the mean feature map of this many
+    * ``map_reference_images`` (64): the maps' baseline is the mean feature map of this many
       gallery images, evenly spaced in file order (0: at zeros; docs/attribute_maps.md,
       'Baseline').
     * ``measure_maps`` (True): ``tools/evaluate_explanations.py`` measures the maps against
