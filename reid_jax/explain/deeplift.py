@@ -136,15 +136,9 @@ def non_local(nl: NonLocal, x: Diff) -> Diff:
 def backbone_from(model: AGW, x: Diff, stage: int) -> Diff:
     """``ResNet.forward_from(x, stage)`` on differences: the output of stage ``stage`` -> the
     last feature map (float32, as the maps take it)."""
-    net = model.backbone
     for s in range(stage, 4):
-        blocks = (net.layer1, net.layer2, net.layer3, net.layer4)[s]
-        nls = (net.nl1, net.nl2, net.nl3, net.nl4)[s]
-        positions = net.non_local_after(s)
-        for j, block in enumerate(blocks):
-            x = bottleneck(block, x)
-            if j in positions:
-                x = non_local(nls[positions.index(j)], x)
+        for module in model.backbone.stage_modules(s):
+            x = non_local(module, x) if isinstance(module, NonLocal) else bottleneck(module, x)
     return _map(lambda v: v.astype(jnp.float32), x)
 
 

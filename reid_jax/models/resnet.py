@@ -196,14 +196,22 @@ class ResNet(nnx.Module):
             x = self._stage(x, s)
         return x
 
-    def _stage(self, x: jax.Array, s: int) -> jax.Array:
+    def stage_modules(self, s: int) -> list[nnx.Module]:
+        """The modules of stage ``s`` (0..3) in the order they run: its bottlenecks, each
+        non-local block right after its bottleneck."""
         stage = (self.layer1, self.layer2, self.layer3, self.layer4)[s]
         nls = (self.nl1, self.nl2, self.nl3, self.nl4)[s]
         nl_positions = self.non_local_after(s)
+        modules: list[nnx.Module] = []
         for j, block in enumerate(stage):
-            x = block(x)
+            modules.append(block)
             if j in nl_positions:
-                x = nls[nl_positions.index(j)](x)
+                modules.append(nls[nl_positions.index(j)])
+        return modules
+
+    def _stage(self, x: jax.Array, s: int) -> jax.Array:
+        for module in self.stage_modules(s):
+            x = module(x)
         return x
 
 
