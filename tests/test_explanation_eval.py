@@ -565,6 +565,14 @@ def test_evaluate_measures_the_maps(run):
     confirmed = pg["labelled_present"]["overall"]["cases"]
     assert confirmed == round(pg["overall"]["mean_labelled_present"] * pg["overall"]["cases"])
     assert confirmed <= pg["overall"]["cases"]
+    # The cases of the attributes the head tells apart on the labelled test images.
+    learned = pg["learned"]
+    accuracy = learned["attribute_accuracy"]
+    assert list(accuracy) == list(run.metrics["attribute_names"])
+    assert learned["learned_attributes"] == [a for a, x in accuracy.items()
+                                             if x is not None and x >= learned["min_accuracy"]]
+    assert learned["overall"]["cases"] == sum(
+        e["cases"] for a, e in pg["attributes"].items() if a in learned["learned_attributes"])
     loc = maps["counterfactual_localisation"]
     assert loc["overall_groups"] == ["headwear", "bags", "upper_body", "lower_body"]
     assert sum(g["cases"] for g in loc["groups"].values()) + loc["skipped"]["empty_region"] \

@@ -91,6 +91,31 @@ def test_pointing_game_over_the_cases_the_labels_confirm():
     assert confirmed["skipped"] == out["skipped"]
 
 
+def test_pointing_game_over_the_attributes_the_model_has_learned():
+    probs = np.full((2, len(NAMES)), 0.9)
+    peaks = [[(1, 3), (0, 0), (5, 4), (9, 4)],  # hat hit, upred missed, downblue hit
+             [(0, 0), (4, 3), (5, 4), (0, 0)]]  # upred hit, downblue missed
+    cases = mm.pointing_game_cases(_maps(peaks), _regions(), probs, attributes=NAMES)
+    accuracy = np.array([0.95, 0.5, np.nan, 0.8])  # hat, upred, gender (not measured), downblue
+    out = mm.summarise_pointing(cases, NAMES, attribute_accuracy=accuracy)
+    learned = out["learned"]
+    assert learned["learned_attributes"] == ["hat", "downblue"]  # 0.8 counts; NaN does not
+    assert learned["min_accuracy"] == 0.8
+    assert learned["attribute_accuracy"] == {"hat": 0.95, "upred": 0.5, "gender": None,
+                                             "downblue": 0.8}
+    assert learned["overall"]["cases"] == 3 and learned["overall"]["evidence"]["hits"] == 2
+    assert "upred" not in learned["attributes"]
+    assert out["overall"]["cases"] == 5  # the whole game is unchanged
+    stricter = mm.summarise_pointing(cases, NAMES, attribute_accuracy=accuracy,
+                                     min_accuracy=0.9)["learned"]
+    assert stricter["learned_attributes"] == ["hat"] and stricter["overall"]["cases"] == 1
+    assert "learned" not in mm.summarise_pointing(cases, NAMES)
+    with pytest.raises(ValueError, match=r"attribute_accuracy must have shape \(4,\)"):
+        mm.summarise_pointing(cases, NAMES, attribute_accuracy=np.ones(3))
+    with pytest.raises(ValueError, match="min_accuracy must lie in"):
+        mm.summarise_pointing(cases, NAMES, attribute_accuracy=accuracy, min_accuracy=80)
+
+
 def test_select_and_concatenate_keep_cases_aligned():
     probs = np.full((2, len(NAMES)), 0.9)
     regions = _regions()

@@ -476,9 +476,28 @@ def test_existing_output_is_not_overwritten_and_failures_leave_nothing(tiny, tmp
     assert sorted(os.listdir(tmp_path)) == ["ds", "foreign"]
 
 
+def test_training_identities_can_have_fewer_images():
+    plain = synthetic.plan_dataset(synthetic.DatasetConfig(num_train_ids=30, num_test_ids=4,
+                                                           images_per_id=12))
+    few = synthetic.plan_dataset(synthetic.DatasetConfig(num_train_ids=30, num_test_ids=4,
+                                                         images_per_id=12, train_images_per_id=4))
+
+    def per_split(meta):
+        return collections.Counter(im["file"].split("/")[0] for im in meta["images"])
+
+    assert per_split(few)["bounding_box_train"] <= 30 * 5 < per_split(plain)["bounding_box_train"]
+    # The test identities are the same persons with the same images.
+    test = lambda meta: [im for im in meta["images"]  # noqa: E731
+                         if not im["file"].startswith("bounding_box_train")]
+    assert test(few) == test(plain)
+    assert few["config"]["train_images_per_id"] == 4
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="images_per_id must be >= 4"):
         synthetic.DatasetConfig(images_per_id=2)
+    with pytest.raises(ValueError, match="train_images_per_id must be >= 4"):
+        synthetic.DatasetConfig(train_images_per_id=3)
     with pytest.raises(ValueError, match="<= 9999"):
         synthetic.DatasetConfig(num_train_ids=5000, num_test_ids=5000)
     with pytest.raises(FileNotFoundError, match="not a synthetic dataset"):

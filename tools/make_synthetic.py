@@ -22,6 +22,9 @@ _NUM_TRAIN_IDS = flags.DEFINE_integer("num_train_ids", 60, "Identities in boundi
 _NUM_TEST_IDS = flags.DEFINE_integer("num_test_ids", 60, "Identities in query / gallery.")
 _IMAGES_PER_ID = flags.DEFINE_integer(
     "images_per_id", 11, "Mean images per identity (test identities: queries included).")
+_TRAIN_IMAGES_PER_ID = flags.DEFINE_integer(
+    "train_images_per_id", None, "Mean images per training identity (default: "
+    "--images_per_id); at least 4.")
 _NUM_DISTRACTORS = flags.DEFINE_integer("num_distractors", 100, "Gallery images with pid 0000.")
 _NUM_JUNK = flags.DEFINE_integer("num_junk", 20, "Gallery images with pid -1.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed; the same seed writes the same bytes.")
@@ -41,7 +44,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = synthetic.DatasetConfig(
         num_train_ids=_NUM_TRAIN_IDS.value, num_test_ids=_NUM_TEST_IDS.value,
-        images_per_id=_IMAGES_PER_ID.value, num_distractors=_NUM_DISTRACTORS.value,
+        images_per_id=_IMAGES_PER_ID.value, train_images_per_id=_TRAIN_IMAGES_PER_ID.value,
+        num_distractors=_NUM_DISTRACTORS.value,
         num_junk=_NUM_JUNK.value, seed=_SEED.value, jpeg_quality=_JPEG_QUALITY.value)
     summary = synthetic.generate_dataset(_OUTPUT_DIR.value, config,
                                          num_workers=_NUM_WORKERS.value,

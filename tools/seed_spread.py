@@ -36,6 +36,8 @@ flags.DEFINE_string("config", None, "Training config of the demo (default: the d
                     "configs/agw_synthetic.py).")
 flags.DEFINE_integer("num_train_ids", None, "Synthetic training identities (demo default).")
 flags.DEFINE_integer("num_test_ids", None, "Synthetic test identities (demo default).")
+flags.DEFINE_integer("train_images_per_id", None,
+                     "Mean images per training identity (demo default).")
 flags.DEFINE_integer("head_epochs", None, "Epochs of attribute-head training (demo default).")
 flags.DEFINE_multi_string("train_override", [], "Extra `--config.X=Y` overrides for "
                           "tools/train.py in every run (repeatable).")
@@ -55,7 +57,8 @@ def _seeds(values: list[str]) -> list[int]:
 
 def _demo(seed: int, workdir: str) -> None:
     given = {"config": FLAGS.config, "num_train_ids": FLAGS.num_train_ids,
-             "num_test_ids": FLAGS.num_test_ids, "head_epochs": FLAGS.head_epochs}
+             "num_test_ids": FLAGS.num_test_ids,
+             "train_images_per_id": FLAGS.train_images_per_id, "head_epochs": FLAGS.head_epochs}
     cmd = [sys.executable, os.path.join(REPO, "tools", "demo.py"), f"--workdir={workdir}",
            f"--seed={seed}", f"--train_override=--config.seed={seed}",
            *(f"--{k}={v}" for k, v in given.items() if v is not None),

@@ -43,6 +43,9 @@ from reid_jax.synthetic.masks import ATTRIBUTE_GROUPS, attribute_group, localisa
 DEFAULT_TOLERANCE = 2.0
 DEFAULT_FRACTION = 0.1
 DEFAULT_THRESHOLD = 0.5
+# An attribute counts as learned when the head tells it apart on the labelled test images at
+# least this well (balanced accuracy; docs/attribute_maps.md, 'Measurements').
+LEARNED_ACCURACY = 0.8
 # Blur of the deletion test: Gaussian sigma as a fraction of the image height (4 px at 128).
 DEFAULT_BLUR = 4.0 / 128.0
 WHOLE_PERSON = "whole_person"
@@ -313,14 +316,43 @@ def pointing_game(maps: Any, regions: Any, probabilities: Any, *,
             "threshold": float(threshold)}
 
 
-def summarise_pointing(cases: Cases, attributes: Sequence[str] = ATTRIBUTE_NAMES
-                       ) -> dict[str, Any]:
+def summarise_pointing(cases: Cases, attributes: Sequence[str] = ATTRIBUTE_NAMES, *,
+                       attribute_accuracy: Any = None,
+                       min_accuracy: float = LEARNED_ACCURACY) -> dict[str, Any]:
     """:func:`summarise` of pointing-game cases, plus ``labelled_present`` (the summary of the
-    cases whose attribute the labels confirm) when the cases carry labels."""
+    cases whose attribute the labels confirm) when the cases carry labels, and ``learned``
+    (the summary of the cases whose attribute the model has learned) when
+    ``attribute_accuracy`` is given.
+
+    Args:
+      cases: from :func:`pointing_game_cases`.
+      attributes: the attribute names (``A``).
+      attribute_accuracy: optional float ``[A]``: the head's balanced accuracy per attribute on
+        labelled images (the mean of its true-positive and true-negative rates,
+        ``reid_jax.evaluation.attribute_metrics``; NaN: not measured, e.g. one class only). An
+        attribute whose accuracy is at least ``min_accuracy`` is *learned*: a map can only point
+        at what the model tells apart.
+      min_accuracy: that threshold, in ``[0, 1]``.
+    """
     out = summarise(cases, attributes)
     if "labelled_present" in cases.values:
         out["labelled_present"] = summarise(
             select(cases, cases.values["labelled_present"] > 0.5), attributes)
+    if attribute_accuracy is not None:
+        accuracy = np.asarray(attribute_accuracy, np.float64)
+        if accuracy.shape != (len(attributes),):
+            raise ValueError(f"attribute_accuracy must have shape ({len(attributes)},) (one "
+                             f"balanced accuracy per attribute), got {accuracy.shape}")
+        if not 0.0 <= float(min_accuracy) <= 1.0:
+            raise ValueError(f"min_accuracy must lie in [0, 1], got {min_accuracy}")
+        learned = np.nan_to_num(accuracy, nan=-1.0) >= min_accuracy
+        out["learned"] = {
+            **summarise(select(cases, learned[cases.attribute]), attributes),
+            "min_accuracy": float(min_accuracy),
+            "learned_attributes": [a for a, keep in zip(attributes, learned, strict=True)
+                                   if keep],
+            "attribute_accuracy": {a: None if np.isnan(x) else round(float(x), 4)
+                                   for a, x in zip(attributes, accuracy, strict=True)}}
     return out
 
 

@@ -80,7 +80,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
                  layer: int = maps_lib.DEFAULT_LAYER, baseline: np.ndarray | None = None,
                  method: str = maps_lib.DEFAULT_METHOD,
                  attributes: Sequence[str] = ATTRIBUTE_NAMES,
-                 query_labels: np.ndarray | None = None) -> dict[str, Any]:
+                 query_labels: np.ndarray | None = None,
+                 attribute_accuracy: np.ndarray | None = None) -> dict[str, Any]:
     """The maps section (JSON-ready).
 
     Args:
@@ -97,6 +98,9 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
       query_labels: optional ``[len(query_paths), A]`` 0/1 labels of the query images: the
         pointing game is then also reported over the cases the labels confirm
         (``labelled_present``).
+      attribute_accuracy: optional ``[A]`` balanced accuracy of the head per attribute on the
+        labelled test images: the pointing game is then also reported over the attributes the
+        model has learned (``learned``, ``map_metrics.LEARNED_ACCURACY``).
 
     Returns:
       ``{"num_images", "num_counterfactual_pairs", "steps", "tolerance", "pointing_game",
@@ -153,7 +157,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         "num_images": len(query_paths), "num_counterfactual_pairs": len(counterfactuals),
         "steps": int(steps), "layer": int(layer), "method": method,
         "tolerance": mm.DEFAULT_TOLERANCE,
-        "pointing_game": mm.summarise_pointing(mm.concatenate(pointing, offsets), attributes)
+        "pointing_game": mm.summarise_pointing(mm.concatenate(pointing, offsets), attributes,
+                                               attribute_accuracy=attribute_accuracy)
         if pointing else None,
         "deletion_evidence": {**mm.summarise(mm.concatenate(del_ev, offsets), attributes),
                               "fraction": mm.DEFAULT_FRACTION} if del_ev else None,

@@ -71,7 +71,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from reid_jax import atomic_io, checkpoints, embeddings, explain, synthetic
+from reid_jax import atomic_io, checkpoints, embeddings, evaluation, explain, synthetic
 from reid_jax.data import sources
 from reid_jax.data.attributes import (
     ATTRIBUTE_NAMES,
@@ -479,7 +479,9 @@ def measure(
             gallery_paths=data.gallery.paths, counterfactuals=accepted[:opts.map_images],
             augment_config=augment_config, steps=opts.map_steps, seed=opts.seed,
             layer=opts.map_layer, baseline=baseline, method=opts.map_method,
-            query_labels=lq[first])  # zeros where a query has no labels
+            query_labels=lq[first],  # zeros where a query has no labels
+            attribute_accuracy=_head_accuracy(np.concatenate([fq[vq], fg[vg]]), weights,
+                                              np.concatenate([lq[vq], lg[vg]])))
         maps_section["reference_images"] = opts.map_reference_images
 
     metrics = {
@@ -522,6 +524,19 @@ def measure(
     logging.info("explanation metrics written to %s and %s (%.1f s in all)", json_path, md_path,
                  time.perf_counter() - start)
     return MeasurementResult(metrics, json_path, md_path, markdown_table(metrics))
+
+
+def _head_accuracy(features: np.ndarray, weights: np.ndarray, labels: np.ndarray
+                   ) -> np.ndarray | None:
+    """The raw head's balanced accuracy per attribute (present at ``x_a >= 0.5``) on labelled
+    images ``[n, N]``, NaN where the labels hold one class only (nothing to tell apart), or
+    None without labelled images: which attributes the model has learned
+    (docs/attribute_maps.md, 'Measurements')."""
+    if not len(features):
+        return None
+    logits = np.asarray(features, np.float64) @ np.asarray(weights, np.float64)
+    m = evaluation.attribute_metrics(1.0 / (1.0 + np.exp(-logits)), labels)
+    return (m["tpr_per_attribute"] + m["tnr_per_attribute"]) / 2  # NaN: a rate undefined
 
 
 def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,

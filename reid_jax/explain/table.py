@@ -212,6 +212,14 @@ def _map_path(maps: dict[str, Any]) -> str:
     return f"maps through {where}, from {start}, {maps.get('steps', 32)} quadrature nodes"
 
 
+def _learned_legend(maps: dict[str, Any]) -> str:
+    learned = (maps.get("pointing_game") or {}).get("learned")
+    if not learned:
+        return ""
+    return ("'learned attributes': those of them that the head tells apart on the labelled test "
+            f"images with a balanced accuracy of at least {_pct(learned['min_accuracy'])} %; ")
+
+
 def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
     """The maps section of ``metrics`` as a table, or None when it is absent or skipped."""
     maps = metrics.get("maps")
@@ -225,6 +233,8 @@ def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
         parts = [(title, part)]
         if part.get("labelled_present"):  # the pointing game over the cases labels confirm
             parts.append((f"{title}, labelled present", part["labelled_present"]))
+        if part.get("learned"):  # ... and over the attributes the model has learned
+            parts.append((f"{title}, learned attributes", part["learned"]))
         for name, summary in parts:
             selections = [(g, summary["overall"] if g == "overall" else summary["groups"].get(g))
                           for g in MAP_GROUPS]
@@ -251,6 +261,7 @@ def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
         f"{maps['tolerance']:g} px of "
         "the attribute's region (attributes with x_a > 0.5 and a non-empty region; "
         "'labelled present': those of them whose label says the image shows the attribute; "
+        f"{_learned_legend(maps)}"
         "colour / shape / object attributes: garment colours; sleeve, lower-garment and hair "
         "length and a dress; hat and bags). "
         "Counterfactual localisation: the contribution map (eq. 3.2) of the pair's largest-rising "

@@ -363,12 +363,14 @@ def _track(rng: np.random.Generator) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
     """What ``generate_dataset`` makes. ``images_per_id`` is the mean number of images per
-    identity (train; for test identities queries included); ``num_distractors`` pid-0000 and
+    identity (for test identities queries included), ``train_images_per_id`` that of the
+    training identities when given (None: ``images_per_id``); ``num_distractors`` pid-0000 and
     ``num_junk`` pid -1 gallery images."""
 
     num_train_ids: int = 60
     num_test_ids: int = 60
     images_per_id: int = 11
+    train_images_per_id: int | None = None
     num_distractors: int = 100
     num_junk: int = 20
     seed: int = 0
@@ -384,6 +386,9 @@ class DatasetConfig:
         if self.images_per_id < 4:
             raise ValueError(f"images_per_id must be >= 4 (two cameras, a query and a gallery "
                              f"image in each), got {self.images_per_id}")
+        if self.train_images_per_id is not None and self.train_images_per_id < 4:
+            raise ValueError(f"train_images_per_id must be >= 4 (an identity of a P x K batch "
+                             f"has K = 4 images), got {self.train_images_per_id}")
         if self.num_distractors < 0 or self.num_junk < 0:
             raise ValueError("num_distractors and num_junk must be >= 0")
         if not 1 <= self.jpeg_quality <= 100:
@@ -437,7 +442,9 @@ def plan_dataset(config: DatasetConfig) -> dict[str, Any]:
         key = f"{pid:04d}"
         persons[key] = sample_person(prng).to_dict()
         test = pid in test_ids
-        n = max(4, int(round(config.images_per_id * prng.uniform(0.7, 1.3))))
+        mean = config.images_per_id if test or config.train_images_per_id is None else (
+            config.train_images_per_id)
+        n = max(4, int(round(mean * prng.uniform(0.7, 1.3))))
         # Test identities need a query and a gallery image in every camera.
         max_cams = min(NUM_CAMERAS, n // 2 if test else n)
         k = int(np.clip(prng.choice([2, 3, 4, 5, 6], p=(0.1, 0.15, 0.25, 0.3, 0.2)), 2, max_cams))
