@@ -20,7 +20,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check reid_jax tools configs tests
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=20 tests
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --workdir=$(DEMO_DIR)
