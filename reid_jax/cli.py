@@ -35,6 +35,7 @@ import logging as std_logging
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -195,14 +196,34 @@ def parse_flags(argv: list[str]) -> list[str]:
 # Running main.
 
 
+# One report at a time on stderr: a Python thread's traceback (orbax's writers fail in their
+# own threads when the disk fills) waits for the one-line error, which holds the lock to the end.
+# Reentrant: a thread's hook may itself end the program with the line.
+_STDERR_LOCK = threading.RLock()
+
+
+def _last_words(line: str) -> NoReturn:
+    """Writes ``line`` as the program's last output on stderr and ends it with status 1, at
+    once: the storage library's own threads print tracebacks straight to the stderr file
+    descriptor while they shut down, so that descriptor goes to /dev/null first and the line
+    goes to a copy of it."""
+    with _STDERR_LOCK:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        stderr = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        time.sleep(0.05)  # writes already under way land before the line
+        os.write(stderr, (line + "\n").encode())
+        os._exit(1)
+
+
 def _report(error: BaseException) -> NoReturn:
     if os.environ.get("REID_JAX_TRACEBACK"):
         traceback.print_exception(error)
     full = disk_full(error)
-    if full is not None:
-        sys.stdout.flush()
-        print(f"{_program()}: error: {_disk_full_line(full)}", file=sys.stderr, flush=True)
-        os._exit(1)  # background writers must not bury the line under shutdown noise
+    if full is not None:  # background writers must not bury the line under shutdown noise
+        _last_words(f"{_program()}: error: {_disk_full_line(full)}")
     if isinstance(error, KeyboardInterrupt):
         fail("interrupted", status=130)
     if isinstance(error, USER_ERRORS):
@@ -233,7 +254,8 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
     the one line at once; other thread errors keep Python's report."""
     if args.exc_value is not None and disk_full(args.exc_value) is not None:
         _report(args.exc_value)
-    threading.__excepthook__(args)
+    with _STDERR_LOCK:
+        threading.__excepthook__(args)
 
 
 class _LibraryChatter(std_logging.Filter):

@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import zipfile
 
@@ -289,6 +291,54 @@ def test_disk_full_is_the_last_line_and_checkpoints_survive(tiny_dataset, tmp_pa
             checkpoints.restore_meta(ckpt, step)  # every committed step reads back
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_thread_tracebacks_wait_for_the_one_line_error(capsys, monkeypatch):
+    """A background thread's traceback is printed under the lock the fatal one-line error holds
+    to the end, so it can neither interleave with that line nor follow it."""
+    monkeypatch.setattr(threading, "excepthook", cli._thread_excepthook)
+
+    def fails() -> None:
+        raise RuntimeError("Event loop is closed")
+
+    with cli._STDERR_LOCK:  # as _report holds it while it prints the line and exits
+        thread = threading.Thread(target=fails)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()  # its report waits for the lock
+        assert "Event loop is closed" not in capsys.readouterr().err
+    thread.join(10)
+    assert not thread.is_alive()
+    assert "RuntimeError: Event loop is closed" in capsys.readouterr().err
+
+
+def test_disk_full_line_stays_last_while_other_threads_write_to_stderr(tmp_path):
+    """The one-line error ends the output and the program (status 1) while other threads keep
+    writing to the stderr file descriptor, as the storage library's do while it shuts down."""
+    script = tmp_path / "chatty.py"
+    script.write_text(textwrap.dedent("""
+        import errno, os, sys, threading, time
+        from reid_jax import cli
+
+        def chatter():
+            while True:
+                os.write(2, b"Traceback (most recent call last):\\nRuntimeError: loop closed\\n")
+
+        def main(argv):
+            for _ in range(3):
+                threading.Thread(target=chatter, daemon=True).start()
+            time.sleep(0.2)
+            raise OSError(errno.ENOSPC, "No space left on device", "/ckpt/w")
+
+        cli.run(main)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "RuntimeError: loop closed" in proc.stderr  # the threads did write before it
+    assert _last_line(proc) == ("chatty.py: error: no space left on device while writing "
+                                "/ckpt/w; free space and run the same command again (finished "
+                                "files and committed checkpoints are intact)")
 
 
 def test_analyze_keeps_one_set_of_figures_and_names_num_selective(tmp_path):
