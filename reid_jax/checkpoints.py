@@ -357,6 +357,37 @@ def restore_calibration(directory: str | os.PathLike,
                                  f"{directory}: meta 'attribute_head.calibration'")
 
 
+def restore_head_accuracy(directory: str | os.PathLike,
+                          step: int | None = None) -> dict[str, float | None] | None:
+    """The attribute head's balanced accuracy per attribute on the labelled test images,
+    stored with ``step`` (default: latest) by ``tools/train_attributes.py`` (None for a value:
+    those images show one class only), or None where the head was saved without it (earlier
+    versions). ``reid_jax.explain.learned`` says what the report and the explorer make of it.
+
+    Raises:
+      ValueError: the stored value is not a mapping of attribute names to numbers in [0, 1]
+        or None (naming the checkpoint and the field).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    meta = restore_meta(directory, step)
+    head = meta.get("attribute_head")
+    if not isinstance(head, dict) or head.get("test_accuracy") is None:
+        return None
+    stored = head["test_accuracy"]
+    where = f"{directory}: meta 'attribute_head.test_accuracy'"
+    if not isinstance(stored, dict):
+        raise ValueError(f"{where} must map attribute names to accuracies, got "
+                         f"{type(stored).__name__}")
+    out: dict[str, float | None] = {}
+    for name, value in stored.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0.0 <= float(value) <= 1.0):
+            raise ValueError(f"{where}: {name!r} must be a number in [0, 1] or null, got "
+                             f"{value!r}")
+        out[str(name)] = None if value is None else float(value)
+    return out
+
+
 def restore_attribute_head(
     directory: str | os.PathLike, step: int | None = None
 ) -> AttributeHead:

@@ -194,6 +194,10 @@ def test_evaluate_attribute_head_matches_attribute_metrics(tmp_path):
                             ("precision", "precision_per_attribute")):
             value = expected[column][k]
             assert (row[key] is None) if np.isnan(value) else row[key] == pytest.approx(value)
+        # Both rates or None: an attribute with one class in these images is not measured.
+        two = (expected["tpr_per_attribute"][k] + expected["tnr_per_attribute"][k]) / 2
+        assert (row["two_class_accuracy"] is None) if np.isnan(two) else (
+            row["two_class_accuracy"] == pytest.approx(two))
         assert row["positive_ratio"] == pytest.approx(100 * labels[:, k].mean())
     json.dumps(result, allow_nan=False)  # JSON-ready: undefined values are None
     table = at.format_attribute_table(result)
@@ -259,7 +263,15 @@ def test_train_attributes_saves_head_and_leaves_reid_weights_unchanged(trained):
     assert embeddings.model_fingerprint(new) == trained["fingerprint"]
     assert meta["attribute_head_training"]["source_step"] == source
     calibration = meta["attribute_head"].pop("calibration")
+    test_accuracy = meta["attribute_head"].pop("test_accuracy")
     assert meta["attribute_head"] == {"embedding_dim": 256, "num_attributes": 30}
+    # The head's balanced accuracy on the test images travels with it (the report and the
+    # explorer mark what it has not learned); the step it was trained from has none.
+    assert test_accuracy == checkpoints.restore_head_accuracy(directory) == {
+        name: row["two_class_accuracy"] for name, row in result["test"]["per_attribute"].items()}
+    assert list(test_accuracy) == list(ATTRIBUTE_NAMES)
+    assert None in test_accuracy.values() and any(v is not None for v in test_accuracy.values())
+    assert checkpoints.restore_head_accuracy(directory, source) is None
     # The calibration: fitted on held-out training identities (one fold per identity here:
     # 5 identities, 4 folds asked), stored with the head, reported in the metrics.
     stored = checkpoints.restore_calibration(directory)

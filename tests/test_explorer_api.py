@@ -11,10 +11,10 @@ from conftest import run_tool
 from PIL import Image
 from starlette.testclient import TestClient
 
-from reid_jax import evaluation, retrieval
+from reid_jax import checkpoints, evaluation, retrieval
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
+from reid_jax.explain import learned, settings, steering
 from reid_jax.explain import run as explain_run
-from reid_jax.explain import settings, steering
 from reid_jax.explorer import app as explorer_app
 from reid_jax.explorer.rankings import Explorer, QueryRef
 
@@ -292,6 +292,14 @@ def test_host_header_and_security_headers(served):
     assert info["defaults"]["k"] == served["explorer"].settings.k
     assert info["uploads"] and info["images"] and info["maps"]
     assert client.get("/static/explorer.css").status_code == 200
+    # Each attribute with the head's test accuracy (stored with the head), status and caution.
+    head = checkpoints.restore_head_accuracy(served["explorer"].description["checkpoint"])
+    assert info["min_accuracy"] == learned.LEARNED_ACCURACY
+    for a in info["attributes"]:
+        value = head[a["name"]]
+        assert a["accuracy"] == value
+        assert a["status"] == learned.status(value)
+        assert a["caution"] == learned.caution(a["name"], value)
 
 
 def test_real_maps_decompose_the_errors_the_page_shows(served):
@@ -375,3 +383,14 @@ def test_explorer_from_arrays_without_images_or_model():
                                     keep=~retrieval.excluded(ex.qp[2], ex.qc[2], ex.gp, ex.gc),
                                     k=5)
     assert got["indices"] == direct.indices.tolist()
+    # Embeddings without the head's test accuracy: nothing is marked.
+    info = client.get("/api/info").json()
+    assert info["min_accuracy"] is None
+    assert all(a["status"] is None and a["caution"] is None for a in info["attributes"])
+    marked = Explorer.from_arrays(fq, fg, w, query_pids=np.arange(q) % 3 + 1,
+                                  query_cameras=np.ones(q, int), gallery_pids=np.arange(g) % 4,
+                                  gallery_cameras=np.arange(g) % 3 + 1,
+                                  head_accuracy={n: 0.5 if n == "up" else 0.9
+                                                 for n in ATTRIBUTE_NAMES})
+    assert [a["name"] for a in marked.info()["attributes"] if a["status"] == "not learned"] \
+        == ["up"]

@@ -176,6 +176,21 @@ def test_the_page_in_a_browser(server, driver, tmp_path):
     WebDriverWait(driver, 120).until(lambda d: all(
         d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
         for img in d.find_elements(By.CSS_SELECTOR, "#maps img.map")))
+    # Each attribute's caution (not learned / not measured by the head) shows under the
+    # selector with its map, and only then; unlearned attributes are starred in the steering.
+    by_status = {a["status"]: a for a in info["attributes"]}
+    assert set(by_status) <= {"learned", "not learned", "not measured"} and by_status
+    select = Select(driver.find_element(By.CSS_SELECTOR, "#maps select"))
+    caution = driver.find_element(By.CSS_SELECTOR, "#maps .caution")
+    for status, a in by_status.items():
+        select.select_by_value(a["name"])
+        assert caution.is_displayed() == (status != "learned")
+        if status != "learned":
+            assert caution.text == a["caution"]
+    starred = [row.get_attribute("data-attribute") for row in driver.find_elements(
+        By.CSS_SELECTOR, "#steer-table tbody tr.weak")]
+    assert starred == [a["name"] for a in info["attributes"] if a["status"] == "not learned"]
+    assert driver.find_element(By.ID, "steer-note").is_displayed() == bool(starred)
     driver.find_element(By.CSS_SELECTOR, '#modes label[data-mode="projection"]').click()
     idle(driver)
     assert "|r|²" in driver.find_element(By.ID, "pie-caption").text
@@ -264,3 +279,29 @@ def test_the_page_in_a_browser(server, driver, tmp_path):
     assert not errors, errors
     driver.save_screenshot(str(tmp_path / "explorer.png"))
     assert urllib.parse.urlparse(server).hostname == "127.0.0.1"
+
+
+def test_report_page_shows_the_caution_of_the_chosen_map(driver, tiny_run, tmp_path):
+    """The static report's map switch (a click on an attribute row) also switches the caution
+    of attributes the head has not learned or that were not measured."""
+    from reid_jax.explain import learned
+    from reid_jax.explain import run as explain_run
+
+    result = explain_run.run(checkpoint=tiny_run["checkpoint"], data_root=tiny_run["data"],
+                             output_dir=tmp_path / "out", queries=1, k=3, threshold=0.0,
+                             attribute_maps=True, map_queries=1, progress=False)
+    cautions = learned.cautions(result.summary["head_accuracy"])
+    driver.get(f"file://{tmp_path / 'out' / 'report' / 'queries.html'}")
+    card = driver.find_element(By.CSS_SELECTOR, "section[data-strips]")
+    caution = card.find_element(By.CSS_SELECTOR, ".caution")
+    rows = card.find_elements(By.CSS_SELECTOR, "tr.pick[data-attr]")
+    names = [row.get_attribute("data-attr") for row in rows]
+    assert any(n in cautions for n in names), (names, sorted(cautions))
+    for row, name in zip(rows, names, strict=True):
+        row.find_element(By.CSS_SELECTOR, "th").click()
+        assert card.find_element(By.CSS_SELECTOR, ".mapname").text == name
+        assert caution.is_displayed() == (name in cautions)
+        if name in cautions:
+            assert caution.text == cautions[name]
+    card.find_element(By.CSS_SELECTOR, 'a[data-attr=""]').click()  # hide the maps
+    assert not caution.is_displayed()

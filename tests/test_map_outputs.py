@@ -10,10 +10,10 @@ import re
 import numpy as np
 import pytest
 
-from reid_jax import synthetic
+from reid_jax import checkpoints, synthetic
 from reid_jax.data import market1501
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
-from reid_jax.explain import counterfactuals, map_outputs, report
+from reid_jax.explain import counterfactuals, learned, map_outputs, report
 from reid_jax.explain import run as explain_run
 
 A = len(ATTRIBUTE_NAMES)
@@ -62,7 +62,7 @@ def test_maps_decompose_the_errors_the_run_ranked(mapped_run, tiny_run):
         np.testing.assert_allclose(base_g, np.broadcast_to(base_q, base_g.shape), atol=2e-3)
 
 
-def test_report_overlays_switch_by_attribute_rows_and_pie_slices(mapped_run):
+def test_report_overlays_switch_by_attribute_rows_and_pie_slices(mapped_run, tiny_run):
     result, records = mapped_run
     html = open(os.path.join(result.output_dir, "report", "queries.html")).read()
     cards = re.findall(r"<section class=\"card\" id=\"q(\d+)\"( data-strips='([^']*)')?", html)
@@ -77,6 +77,18 @@ def test_report_overlays_switch_by_attribute_rows_and_pie_slices(mapped_run):
     assert rows and set(rows) <= set(first) | set(strips[2])
     assert areas and set(areas) <= set(first) | set(strips[2])
     assert "document.addEventListener(\"click\"" in html and "<script src" not in html
+    # The head's test accuracy came with the checkpoint: each card names the cautions of its
+    # strips' attributes that the head has not learned or that were not measured.
+    head = result.summary["head_accuracy"]
+    assert head == learned.summary(checkpoints.restore_head_accuracy(tiny_run["checkpoint"]))
+    expected = learned.cautions(head)
+    assert expected
+    found = re.findall(r"data-strips='([^']*)' data-cautions='([^']*)'", html)
+    assert len(found) == 2
+    for files, cautions in found:
+        files, cautions = (json.loads(x.replace("&#34;", '"').replace("&#39;", "'"))
+                           for x in (files, cautions))
+        assert cautions == {n: expected[n] for n in files if n in expected}
     # A strip holds the query, the k ranked images and two tiles per error composition.
     from PIL import Image
     with Image.open(os.path.join(result.output_dir, "report", next(iter(first.values())))) as im:

@@ -10,7 +10,10 @@ images once (cached in CHECKPOINT/embedding_cache), trains the N x 30 bias-free 
 on the weighted BCE (the re-id weights are never changed), prints mA / accuracy / precision /
 recall / F1 overall and per attribute on the test identities (query + gallery images with
 labels), writes them to CHECKPOINT/attribute_metrics.json and saves a new checkpoint step with
-the unchanged model and the head (``reid_jax.checkpoints.restore_attribute_head`` reads it).
+the unchanged model and the head (``reid_jax.checkpoints.restore_attribute_head`` reads it) and,
+with the head, its balanced accuracy per attribute on those test images
+(``reid_jax.checkpoints.restore_head_accuracy``): the report and the explorer mark the
+attributes it has not learned (docs/attribute_maps.md, 'Attributes the model has not learned').
 ``reid_jax.train.attribute_training`` has the details.
 
 The head fits this checkpoint's embedding only: a later ``tools/train.py`` run in the same workdir

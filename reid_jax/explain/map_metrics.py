@@ -37,15 +37,13 @@ import numpy as np
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import maps as maps_lib
 from reid_jax.explain.kernels import complete_weights
+from reid_jax.explain.learned import LEARNED_ACCURACY
 from reid_jax.models.agw import AGW
 from reid_jax.synthetic.masks import ATTRIBUTE_GROUPS, attribute_group, localisable
 
 DEFAULT_TOLERANCE = 2.0
 DEFAULT_FRACTION = 0.1
 DEFAULT_THRESHOLD = 0.5
-# An attribute counts as learned when the head tells it apart on the labelled test images at
-# least this well (balanced accuracy; docs/attribute_maps.md, 'Measurements').
-LEARNED_ACCURACY = 0.8
 # Blur of the deletion test: Gaussian sigma as a fraction of the image height (4 px at 128).
 DEFAULT_BLUR = 4.0 / 128.0
 WHOLE_PERSON = "whole_person"

@@ -100,7 +100,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         (``labelled_present``).
       attribute_accuracy: optional ``[A]`` balanced accuracy of the head per attribute on the
         labelled test images: the pointing game is then also reported over the attributes the
-        model has learned (``learned``, ``map_metrics.LEARNED_ACCURACY``).
+        model has learned (``learned``, ``reid_jax.explain.learned.LEARNED_ACCURACY``).
 
     Returns:
       ``{"num_images", "num_counterfactual_pairs", "steps", "tolerance", "pointing_game",

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -45,7 +45,7 @@ from PIL import Image
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import SPLIT_FOLDERS
-from reid_jax.explain import map_outputs
+from reid_jax.explain import learned, map_outputs
 from reid_jax.explain import table as quality_table
 from reid_jax.explain.figures import (
     PNG_COMPRESS_LEVEL,
@@ -237,9 +237,13 @@ def _maps_view(record: dict[str, Any], arrays: dict[str, np.ndarray], figure_ran
 def _query_view(record: dict[str, Any], *, thumbs: Callable[[str, int, str], str],
                 figures: Callable[[dict, int], tuple[str, list]], error_ranks: Sequence[int],
                 mode: str, maps: dict[str, np.ndarray] | None = None,
-                overlay: Callable[[str, list[np.ndarray]], str] | None = None
-                ) -> dict[str, Any]:
-    """One query row (Figure 4.2) and its error compositions (Figure 4.3)."""
+                overlay: Callable[[str, list[np.ndarray]], str] | None = None,
+                head: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One query row (Figure 4.2) and its error compositions (Figure 4.3); ``head`` (the run
+    summary's ``head_accuracy``, ``reid_jax.explain.learned.summary``) marks the rows and maps
+    of the attributes the head has not learned or that were not measured."""
+    cautions = learned.cautions(head)
+    not_learned = set(head["not_learned"]) if head else set()
     q = record["query"]
     gal = record["gallery"]
     k = len(gal["index"])
@@ -257,7 +261,9 @@ def _query_view(record: dict[str, Any], *, thumbs: Callable[[str, int, str], str
             cells.append({"score": s, "probability": record["gallery_probabilities"][r][j],
                           "percent": score_percent(s), "color": _score_color(s)})
         attributes.append({"display": att["display"], "probability": att["probability"],
-                           "attribute": att["attribute"], "cells": cells})
+                           "attribute": att["attribute"], "cells": cells,
+                           "caution": cautions.get(att["attribute"]),
+                           "not_learned": att["attribute"] in not_learned})
     what = _MODE_WHAT[mode]
     figs = []
     for rank in error_ranks:
@@ -289,7 +295,8 @@ def _query_view(record: dict[str, Any], *, thumbs: Callable[[str, int, str], str
             "first_match": f"rank {first}" if first is not None else "none",
             "num_matches": record["num_matches"],
             "thumb": thumbs("query", q["index"], q["file"]), "gallery": gallery,
-            "attributes": attributes, "figures": figs, "strips": strips, "chosen": chosen}
+            "attributes": attributes, "figures": figs, "strips": strips, "chosen": chosen,
+            "cautions": {n: cautions[n] for n in strips if n in cautions}}
 
 
 def _generic_tables(metrics: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -400,6 +407,24 @@ def _quality_view(metrics: dict[str, Any], summary: dict[str, Any],
     return view
 
 
+def _not_learned_text(head: Mapping[str, Any] | None) -> str:
+    """The summary page's line on the attributes the head has not learned."""
+    if not head:
+        return ("not known: the attribute head was saved without its test accuracy (train it "
+                "again with tools/train_attributes.py to have them marked)")
+    threshold = f"{100 * head['min_accuracy']:.0f} %"
+    if not head["not_learned"]:
+        text = f"none: the head reads every measured attribute at >= {threshold}"
+    else:
+        listed = ", ".join(f"{n} {100 * head['accuracy'][n]:.0f} %" for n in head["not_learned"])
+        text = (f"{listed} (balanced accuracy on the labelled test images below {threshold}; "
+                "their rows and maps are marked: a map cannot show what the model does not "
+                "hold)")
+    if head["not_measured"]:
+        text += f"; not measured (one class in the test images): {', '.join(head['not_measured'])}"
+    return text
+
+
 def _index_context(summary: dict[str, Any], records: Sequence[dict], pages: int,
                    metrics_png: str | None) -> dict[str, Any]:
     cmc = summary["cmc"]
@@ -425,6 +450,7 @@ def _index_context(summary: dict[str, Any], records: Sequence[dict], pages: int,
         ("order", _ORDER_TEXT.get(summary["order"], summary["order"])),
         ("drawn in this report", f"{len(records)} queries on {pages} page(s); "
                                  f"explanations.jsonl holds all {summary['num_queries']}"),
+        ("attributes not learned", _not_learned_text(summary.get("head_accuracy"))),
     ]
     names = summary.get("attribute_names", ATTRIBUTE_NAMES)
     metrics = summary.get("explanation_metrics")
@@ -532,7 +558,8 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
             arrays, overlay = maps_of(record)
             views.append(_query_view(record, thumbs=thumbs, figures=figures,
                                      error_ranks=error_ranks, mode=mode, maps=arrays,
-                                     overlay=overlay))
+                                     overlay=overlay,
+                                     head=summary.get("head_accuracy")))
             if tick is not None:
                 tick(1)
         html = page_template.render(

@@ -35,7 +35,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ from reid_jax.data.market1501 import (
     Market1501,
     Split,
 )
-from reid_jax.explain import map_outputs, report, settings
+from reid_jax.explain import learned, map_outputs, report, settings
 from reid_jax.models.attribute_head import Calibration
 from reid_jax.progress import ProgressBar
 
@@ -404,6 +404,7 @@ def run(
     gallery_embeddings: Any = None,
     weights: Any = None,
     calibration: Calibration | None = None,
+    head_accuracy: Mapping[str, float | None] | None = None,
     queries: str | int | Sequence[str] = "all",
     k: int | None = None,
     threshold: Any = None,
@@ -441,6 +442,10 @@ def run(
       query_embeddings, gallery_embeddings, weights: the precomputed alternative.
       calibration: the head's calibration for the ``disagreement`` mode with precomputed
         inputs (with ``checkpoint``: the one stored with its head, if any).
+      head_accuracy: the head's balanced accuracy per attribute on labelled test images
+        (``{name: value or None}``) with precomputed inputs (with ``checkpoint``: the one
+        stored with its head, if any); the summary and the report mark the attributes it has
+        not learned (``reid_jax.explain.learned``).
       queries: ``"all"``, a count (first ``N``) or query file names.
       k, threshold, mode, order, error_ranks, report_queries, query_chunk: overrides of
         ``config.explain`` (see ``reid_jax.explain.settings.default_config``).
@@ -492,6 +497,12 @@ def run(
     if use_checkpoint:
         weights = embeddings.head_weights(checkpoint)
         calibration = checkpoints.restore_calibration(checkpoint)
+        head_accuracy = checkpoints.restore_head_accuracy(checkpoint)
+        if head_accuracy is None:
+            logging.info("the attribute head of %s was saved without its test accuracy (an "
+                         "earlier tools/train_attributes.py): attributes it has not learned "
+                         "are not marked", checkpoint)
+    head = learned.summary(head_accuracy)
     data = load_data(data_root, config)
     selected = select_queries(data.query, queries)
     metrics_json, metrics_path = _load_metrics_json(explanation_metrics, output_dir)
@@ -548,6 +559,7 @@ def run(
         "mode": opts.mode,
         "mode_equation": MODE_EQUATIONS[opts.mode],
         "calibrated": calibration is not None,
+        "head_accuracy": head,
         "order": opts.order,
         "error_ranks": list(opts.error_ranks),
         "num_report_queries": int(num_report),

@@ -26,7 +26,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,7 +39,7 @@ from reid_jax import checkpoints, embeddings, explain, retrieval
 from reid_jax.data import augment, market1501
 from reid_jax.data.attributes import ATTRIBUTE_MEANINGS, ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.data.market1501 import Split
-from reid_jax.explain import figures, map_outputs, report, settings, steering
+from reid_jax.explain import figures, learned, map_outputs, report, settings, steering
 from reid_jax.explain import maps as maps_lib
 from reid_jax.explain import run as explain_run
 from reid_jax.explorer import uploads as uploads_lib
@@ -114,6 +114,7 @@ class Explorer:
 
     def __init__(self, *, queries: Split, gallery: Split, query_embeddings: Any,
                  gallery_embeddings: Any, weights: Any, calibration: Calibration | None = None,
+                 head_accuracy: Mapping[str, float | None] | None = None,
                  explain_settings: settings.ExplainSettings | None = None,
                  data_root: str | None = None, model: Any = None,
                  config: ml_collections.ConfigDict | None = None,
@@ -144,6 +145,8 @@ class Explorer:
         self.weights = jnp.asarray(w)
         check_calibration(calibration, w.shape[1])
         self.calibration = calibration  # read by the disagreement mode
+        # Which attributes the head has learned: the page marks the others' maps and filters.
+        self.head_accuracy = learned.summary(head_accuracy)
         self.gallery = steering.prepare_gallery(fg, self.weights)
         self.qp = np.asarray(queries.pids, np.int64)
         self.qc = np.asarray(queries.cameras, np.int64)
@@ -204,6 +207,7 @@ class Explorer:
                    query_embeddings=splits["query"].features,
                    gallery_embeddings=splits["gallery"].features, weights=weights,
                    calibration=checkpoints.restore_calibration(checkpoint),
+                   head_accuracy=checkpoints.restore_head_accuracy(checkpoint),
                    data_root=data.root, model=model, config=config,
                    description=description | kwargs.pop("description", {}), **kwargs)
 
@@ -267,6 +271,7 @@ class Explorer:
         modes = [{"name": m, "equation": explain_run.MODE_EQUATIONS.get(m, m),
                   "rule": rules[report.MODE_RULES.get(m, "paper_pie")],
                   "pie": pies.get(m, "positive")} for m in self.modes]
+        head = self.head_accuracy
         summary = None
         if self.summary is not None:
             summary = {key: self.summary[key] for key in ("mAP", "mINP", "num_valid_queries",
@@ -276,8 +281,9 @@ class Explorer:
             "run": {k: v for k, v in self.description.items() if v is not None},
             "num_queries": len(self.queries_split), "num_gallery": len(self.gallery_split),
             "embedding_dim": int(self.f_query.shape[1]),
-            "attributes": [{"name": n, "meaning": ATTRIBUTE_MEANINGS[n], "color": colors[n]}
-                           for n in ATTRIBUTE_NAMES],
+            "attributes": [{"name": n, "meaning": ATTRIBUTE_MEANINGS[n], "color": colors[n],
+                            **self._learned(n)} for n in ATTRIBUTE_NAMES],
+            "min_accuracy": None if head is None else head["min_accuracy"],
             "modes": modes,
             "defaults": {"k": min(s.k, self.max_k), "threshold": s.threshold_json(),
                          "mode": s.mode},
@@ -288,6 +294,16 @@ class Explorer:
             "maps": self.pair_maps is not None,
             "map_modes": list(self.map_modes),
         }
+
+    def _learned(self, name: str) -> dict[str, Any]:
+        """``accuracy`` (balanced, on the labelled test images), ``status`` and ``caution``
+        of one attribute (None each where the head came without its test accuracy)."""
+        head = self.head_accuracy
+        if head is None:
+            return {"accuracy": None, "status": None, "caution": None}
+        value = head["accuracy"][name]
+        return {"accuracy": value, "status": learned.status(value, head["min_accuracy"]),
+                "caution": learned.caution(name, value, head["min_accuracy"])}
 
     def query_entry(self, index: int) -> dict[str, Any]:
         m = self.metrics

@@ -418,8 +418,11 @@ def evaluate_attribute_head(
       JSON-ready dict: ``mA``, ``accuracy``, ``precision``, ``recall``, ``f1`` (instance-based,
       ``reid_jax.evaluation.attribute_metrics``), ``num_images``, ``num_identities``, the
       ``splits`` used and ``per_attribute``: ``{name: {accuracy (balanced, the mA term),
-      precision, recall, f1, positive_ratio (percent of these images)}}`` (undefined values are
-      None).
+      two_class_accuracy, precision, recall, f1, positive_ratio (percent of these images)}}``
+      (undefined values are None). ``two_class_accuracy`` is the mean of the true-positive and
+      true-negative rates, None where these images show one class only (the mA term then falls
+      back to the one rate defined): whether the head tells the attribute apart
+      (``reid_jax.explain.learned``).
     """
     features, labels, pids = split_labels(attrs, splits)
     if len(names) != labels.shape[1]:
@@ -428,13 +431,14 @@ def evaluate_attribute_head(
     m = evaluation.attribute_metrics(probabilities, labels)
     ratio = 100.0 * labels.astype(np.float64).mean(axis=0)
     per_attribute = {}
-    columns = zip(names, _nan_to_none(m["accuracy_per_attribute"]),
+    two_class = (m["tpr_per_attribute"] + m["tnr_per_attribute"]) / 2  # NaN: one class
+    columns = zip(names, _nan_to_none(m["accuracy_per_attribute"]), _nan_to_none(two_class),
                   _nan_to_none(m["precision_per_attribute"]),
                   _nan_to_none(m["recall_per_attribute"]), _nan_to_none(m["f1_per_attribute"]),
                   ratio.tolist(), strict=True)
-    for name, acc, prec, rec, f1, pos in columns:
-        per_attribute[name] = {"accuracy": acc, "precision": prec, "recall": rec, "f1": f1,
-                               "positive_ratio": pos}
+    for name, acc, two, prec, rec, f1, pos in columns:
+        per_attribute[name] = {"accuracy": acc, "two_class_accuracy": two, "precision": prec,
+                               "recall": rec, "f1": f1, "positive_ratio": pos}
     return {
         "mA": float(m["mA"]), "accuracy": float(m["accuracy"]),
         "precision": float(m["precision"]), "recall": float(m["recall"]), "f1": float(m["f1"]),
@@ -474,9 +478,15 @@ def save_with_attribute_head(
     head: AttributeHead,
     extra_meta: Mapping[str, Any],
     calibration: Calibration | None = None,
+    test_accuracy: Mapping[str, float | None] | None = None,
 ) -> int:
     """Writes step ``latest + 1``: ``source_step``'s items with ``model_state`` and the head
-    (and its ``calibration``, kept in the meta: ``checkpoints.restore_calibration``).
+    (and its ``calibration`` and ``test_accuracy``, kept in the meta:
+    ``checkpoints.restore_calibration``, ``checkpoints.restore_head_accuracy``).
+
+    ``test_accuracy`` is the head's balanced accuracy per attribute on the labelled test images
+    (None where they show one class): the report and the explorer mark the attributes it has
+    not learned (``reid_jax.explain.learned``).
 
     Every item of ``source_step`` other than model, attribute head and meta (e.g. the training
     state) is copied as it is stored, so training can still resume from the new step. The
@@ -509,6 +519,10 @@ def save_with_attribute_head(
         meta["attribute_head"] = {"embedding_dim": int(n), "num_attributes": int(a)}
         if calibration is not None:
             meta["attribute_head"]["calibration"] = calibration.json()
+        if test_accuracy is not None:
+            meta["attribute_head"]["test_accuracy"] = {
+                name: None if value is None else float(value)
+                for name, value in test_accuracy.items()}
         meta = json.loads(json.dumps(meta, allow_nan=False))
         manager.save(new_step, args=ocp.args.Composite(**{
             checkpoints.MODEL_ITEM: ocp.args.StandardSave(model_state),
@@ -616,7 +630,9 @@ def train_attributes(
             "attribute_head_training": {
                 "source_step": source_step, "attributes_file": os.path.abspath(attributes_file),
                 "config": dataclasses.asdict(train_config), "test_mA": test["mA"],
-                "model_fingerprint": fingerprint_before}}, calibration)
+                "model_fingerprint": fingerprint_before}}, calibration,
+            test_accuracy={name: row["two_class_accuracy"]
+                           for name, row in test["per_attribute"].items()})
     result = {"test": test, "training": training,
               "checkpoint": {"directory": directory, "source_step": source_step,
                              "saved_step": new_step}}

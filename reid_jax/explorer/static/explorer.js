@@ -364,9 +364,13 @@
     table.append(head);
     r.selected_attributes.forEach((a, j) => {
       const ignored = state.ignore.has(a.attribute);
+      const info = state.info.attributes[a.index];
+      const weak = info.status === "not learned";  // starred as in the steering table
       const row = el("tr", { "data-attribute": a.attribute },
-        el("th", { class: ignored ? "ignored" : "", text: a.display,
-                   title: ignored ? "ignored in the ranking" : state.info.attributes[a.index].meaning }),
+        el("th", { class: [ignored ? "ignored" : "", weak ? "weak" : ""].join(" ").trim(),
+                   text: weak ? `${a.display} *` : a.display,
+                   title: ignored ? "ignored in the ranking"
+                     : info.caution ? `${info.meaning}. ${info.caution}` : info.meaning }),
         el("td", { class: "q", text: pct(a.probability, 0), title: `x_q = ${a.probability.toFixed(4)}` }));
       for (let i = 0; i < n; i++) {
         const s = r.matching_scores[i][j];
@@ -511,12 +515,21 @@
       return;
     }
     const names = state.info.attributes.map((a) => a.name);
+    const byName = Object.fromEntries(state.info.attributes.map((a) => [a.name, a]));
     const select = el("select", { "aria-label": "attribute of the maps" });
-    for (const name of names) select.append(el("option", { value: name, text: name }));
+    for (const a of state.info.attributes) {
+      // Attributes the head has not learned: their maps cannot show where they are.
+      const tag = a.status === "not learned" ? ` (not learned, ${Math.round(100 * a.accuracy)} %)` : "";
+      select.append(el("option", { value: a.name, text: a.name + tag }));
+    }
     const first = parts.find((p) => names.includes(p.name));
     select.value = first ? first.name : names[0];
     const pair = el("div", { class: "pair" });
+    const caution = el("p", { class: "caution", role: "note" });
     const draw = () => {
+      const c = byName[select.value].caution;
+      caution.textContent = c || "";
+      caution.hidden = !c;
       const p = new URLSearchParams({ gallery: String(r.gallery.index[i]), attribute: select.value,
                                       mode: r.error_mode });
       p.set(state.query.kind === "upload" ? "upload" : "query", String(state.query.key));
@@ -530,7 +543,7 @@
       }
     };
     select.addEventListener("change", draw);
-    box.append(el("label", {}, "attribute maps of ", select), pair);
+    box.append(el("label", {}, "attribute maps of ", select), caution, pair);
     draw();
   }
 
@@ -544,8 +557,10 @@
       const require = el("select", { "data-require": name, title: `require ${name}` },
         el("option", { value: "", text: "any" }), el("option", { value: "present", text: "present" }),
         el("option", { value: "absent", text: "absent" }));
-      const row = el("tr", { "data-attribute": name },
-        el("td", { text: name, title: attribute.meaning }),
+      const weak = attribute.status === "not learned";
+      const row = el("tr", { "data-attribute": name, class: weak ? "weak" : "" },
+        el("td", { text: weak ? `${name} *` : name,
+                   title: attribute.caution ? `${attribute.meaning}. ${attribute.caution}` : attribute.meaning }),
         el("td", { class: "prob", "data-prob": name }),
         el("td", {}, ignore), el("td", {}, require));
       ignore.addEventListener("change", () => {
@@ -560,6 +575,13 @@
         steeringChanged();
       });
       body.append(row);
+    }
+    const weak = state.info.attributes.filter((a) => a.status === "not learned");
+    if (weak.length) {
+      $("steer-note").textContent = `* not learned by the model (balanced accuracy below ${Math.round(100 * state.info.min_accuracy)} % on the labelled test images): `
+        + weak.map((a) => `${a.name} ${Math.round(100 * a.accuracy)} %`).join(", ")
+        + ". Requiring one filters at close to chance.";
+      $("steer-note").hidden = false;
     }
     const colours = (prefix, base) => state.info.attributes.map((a) => a.name)
       .filter((n) => n.startsWith(prefix) && n !== base);
