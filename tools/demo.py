@@ -111,6 +111,33 @@ class _Record:
         atomic_io.write_json(self.path, self.done)
 
 
+def _check_data(data: str, work: str) -> None:
+    """Stops when WORKDIR/data was made with other generator settings than this demo asks for
+    (e.g. by an earlier version's demo): reusing it would quietly train and explain another
+    dataset, and deleting it is the user's call."""
+    path = os.path.join(data, "synthetic_meta.json")
+    try:
+        with open(path) as f:
+            made = json.load(f).get("config") or {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); delete {data} to make the data "
+                         "again") from e
+    # Data of versions before train_images_per_id gave every identity images_per_id images.
+    have = {"num_train_ids": made.get("num_train_ids"), "num_test_ids": made.get("num_test_ids"),
+            "train_images_per_id": made.get("train_images_per_id") or made.get("images_per_id"),
+            "seed": made.get("seed")}
+    wanted = {"num_train_ids": FLAGS.num_train_ids, "num_test_ids": FLAGS.num_test_ids,
+              "train_images_per_id": FLAGS.train_images_per_id, "seed": FLAGS.seed}
+    differ = [k for k in wanted if have[k] != wanted[k]]
+    if differ:
+        made_text = " ".join(f"--{k}={have[k]}" for k in differ)
+        asked_text = " ".join(f"--{k}={wanted[k]}" for k in differ)
+        raise ValueError(
+            f"{data} was made with {made_text}, this demo asks for {asked_text} (an earlier "
+            f"version's demo?): delete {work} or pass another --workdir to run the demo anew, "
+            f"or pass {made_text} to keep using that data")
+
+
 def main(argv):
     del argv
     started = time.time()
@@ -124,6 +151,7 @@ def main(argv):
     os.makedirs(work, exist_ok=True)
 
     if os.path.exists(os.path.join(data, "synthetic_meta.json")):
+        _check_data(data, work)
         _skip("synthetic data", f"{data} exists")
     else:
         _run("synthetic data", "make_synthetic.py", f"--output_dir={data}",
@@ -139,9 +167,13 @@ def main(argv):
     from reid_jax import checkpoints  # imported late (jax): the demo prints its first step at once
     from reid_jax.explain import report
 
-    if checkpoints.has_attribute_head(checkpoint):
+    if checkpoints.has_attribute_head(checkpoint) and (
+            checkpoints.restore_head_accuracy(checkpoint) is not None):
         _skip("attribute head", "the checkpoint has one")
     else:
+        if checkpoints.has_attribute_head(checkpoint):  # saved by an earlier version
+            print("the attribute head was saved without its test accuracy: training it again, "
+                  "so that the report marks the attributes it has not learned", flush=True)
         _run("attribute head", "train_attributes.py", f"--checkpoint={checkpoint}",
              f"--data_root={data}", *_given(epochs=FLAGS.head_epochs, lr=FLAGS.head_lr))
 
