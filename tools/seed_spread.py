@@ -8,8 +8,8 @@ AGW model and the attribute head).  A seed whose demo finished is reused (the de
 is up to date).  Then WORKDIR/seed_spread.json and WORKDIR/seed_spread.md hold, per row of the
 explanation-quality table and per explanation, the mean and the range (min–max) over the
 seeds, and the same for the re-id mAP, rank-1 and mINP (reid_jax/explain/spread.py).  The
-table is printed too.  A demo-sized seed takes 5 minutes of a 2-core Intel Xeon, 13-16
-minutes of a 2-core AMD EPYC (README, "Explanations measured").
+table is printed too.  A demo-sized seed takes 4.6-7.7 minutes of a 2-core AMD EPYC
+(README, "Explanations measured").
 --aggregate_only summarises the runs already in WORKDIR without running a demo.
 """
 
