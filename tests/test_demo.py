@@ -29,9 +29,10 @@ def test_demo_refuses_data_made_with_other_settings(tmp_path, config, made, aske
     proc = run_tool("demo.py", f"--workdir={work}", expect_ok=False, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == (f"tools/demo.py: error: {work / 'data'} was made with {made}, this demo asks for "
-                    f"{asked} (an earlier version's demo?): delete {work} or pass another "
-                    f"--workdir to run the demo anew, or pass {made} to keep using that data")
+    assert last == (f"tools/demo.py: error: {work / 'data'} was made with {made}, this demo "
+                    f"asks for {asked} (an earlier version's demo?): delete {work} or pass "
+                    f"another --workdir to run the demo anew, or pass {made} to keep using "
+                    "that data")
     assert sorted(p.name for p in work.iterdir()) == ["data"]  # nothing started, nothing lost
 
 
@@ -42,6 +43,6 @@ def test_demo_names_an_unreadable_data_record(tmp_path):
     proc = run_tool("demo.py", f"--workdir={work}", expect_ok=False, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"tools/demo.py: error: {work / 'data' / 'synthetic_meta.json'} cannot be "
-                           "read (")
+    meta = work / "data" / "synthetic_meta.json"
+    assert last.startswith(f"tools/demo.py: error: {meta} cannot be read (")
     assert last.endswith(f"delete {work / 'data'} to make the data again")
