@@ -85,10 +85,17 @@ def test_report_overlays_switch_by_attribute_rows_and_pie_slices(mapped_run, tin
     assert expected
     found = re.findall(r"data-strips='([^']*)' data-cautions='([^']*)'", html)
     assert len(found) == 2
-    for files, cautions in found:
+    cards = html.split('<section class="card" id="q')[1:3]
+    for card, (files, cautions) in zip(cards, found, strict=True):
         files, cautions = (json.loads(x.replace("&#34;", '"').replace("&#39;", "'"))
                            for x in (files, cautions))
         assert cautions == {n: expected[n] for n in files if n in expected}
+        # The map shown first is of a learned attribute where the card has one; its caution
+        # paragraph is hidden then, and shows the caution otherwise.
+        chosen = re.search(r'<b class="mapname">(\w+)</b>', card).group(1)
+        assert (chosen in cautions) == all(n in cautions for n in files)
+        shown = re.search(r'<p class="caution"( hidden)?>([^<]*)</p>', card)
+        assert bool(shown.group(1)) == (chosen not in cautions)
     # A strip holds the query, the k ranked images and two tiles per error composition.
     from PIL import Image
     with Image.open(os.path.join(result.output_dir, "report", next(iter(first.values())))) as im:

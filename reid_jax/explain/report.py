@@ -287,7 +287,8 @@ def _query_view(record: dict[str, Any], *, thumbs: Callable[[str, int, str], str
             wanted.append(str(maps["attributes"][int(np.argmax(errors))]))
         wanted = list(dict.fromkeys(wanted))
         strips = _maps_view(record, maps, [f["rank"] for f in figs], wanted, overlay)
-        chosen = wanted[0] if wanted else None
+        # The first map shown is of an attribute the head has learned, where there is one.
+        chosen = next((n for n in wanted if n not in cautions), wanted[0]) if wanted else None
         for i, f in enumerate(figs):
             f["tiles"] = (k + 1 + 2 * i, k + 2 + 2 * i)
     return {"number": record["position"] + 1, "file": q["file"], "pid": q["pid"],

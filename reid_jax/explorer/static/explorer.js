@@ -522,7 +522,9 @@
       const tag = a.status === "not learned" ? ` (not learned, ${Math.round(100 * a.accuracy)} %)` : "";
       select.append(el("option", { value: a.name, text: a.name + tag }));
     }
-    const first = parts.find((p) => names.includes(p.name));
+    // The first map shown is the largest slice's of an attribute the head has learned.
+    const first = parts.find((p) => names.includes(p.name) && !byName[p.name].caution)
+      || parts.find((p) => names.includes(p.name));
     select.value = first ? first.name : names[0];
     const pair = el("div", { class: "pair" });
     const caution = el("p", { class: "caution", role: "note" });
