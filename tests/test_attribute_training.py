@@ -19,6 +19,7 @@ from configs import agw_market1501
 from reid_jax import checkpoints, embeddings, evaluation, synthetic
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
+from reid_jax.explain import learned
 from reid_jax.models.agw import AGW
 from reid_jax.train import attribute_training as at
 from reid_jax.train import loop
@@ -340,6 +341,12 @@ def test_tools_train_attributes_then_evaluate(trained, dataset, tmp_path):
     assert "downbrown" in result.stdout and "saved the attribute head as step" in result.stdout
     step = checkpoints.latest_step(directory)
     assert json.load(open(metrics))["checkpoint"]["saved_step"] == step
+    # The attributes the head has not learned are named with their balanced accuracy.
+    head = learned.summary(checkpoints.restore_head_accuracy(directory))
+    assert head["not_learned"]  # a head of 3 epochs on a random model
+    line = next(x for x in result.stdout.splitlines() if x.startswith("not learned"))
+    assert line == ("not learned (balanced accuracy on the test images below 80 %): " + ", ".join(
+        f"{n} {100 * head['accuracy'][n]:.0f} %" for n in head["not_learned"]))
 
     output = tmp_path / "eval.json"
     result = _tool("evaluate.py", f"--checkpoint={directory}", f"--data_root={dataset}",

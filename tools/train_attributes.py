@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from reid_jax import cli, embeddings
+from reid_jax.explain import learned
 from reid_jax.train import attribute_training
 
 _CHECKPOINT, _CONFIG, _DATA_ROOT = cli.define_checkpoint_flags(
@@ -91,6 +92,13 @@ def main(argv: list[str]) -> None:
         raw, fitted = np.mean(cal["heldout_loss_raw"]), np.mean(cal["heldout_loss_calibrated"])
         print(f"calibration: {cal['folds']} identity folds in {cal['seconds']:.1f} s, held-out "
               f"logistic loss {raw:.4f} -> {fitted:.4f}")
+    # What the head has not learned (the report and the explorer mark these attributes).
+    head = learned.summary({name: row["two_class_accuracy"]
+                            for name, row in result["test"]["per_attribute"].items()})
+    if head["not_learned"]:
+        print(f"not learned (balanced accuracy on the test images below "
+              f"{100 * head['min_accuracy']:.0f} %): "
+              + ", ".join(f"{n} {100 * head['accuracy'][n]:.0f} %" for n in head["not_learned"]))
     saved = result["checkpoint"]["saved_step"]
     if saved is not None:
         print(f"saved the attribute head as step {saved} of {result['checkpoint']['directory']} "
