@@ -496,6 +496,9 @@ def attribute_metrics(probabilities: Any, labels: Any, threshold: Any = 0.5) -> 
       TPR alone (the classes present are averaged, as sklearn's ``balanced_accuracy_score``).
       Every attribute stays in ``mA``; ``num_attributes_without_positives`` /
       ``num_attributes_without_negatives`` say how many were affected.
+      ``two_class_accuracy_per_attribute`` is ``(TPR_a + TNR_a) / 2`` without that rule: NaN
+      where one class is missing (whether the classes are told apart; the report marks
+      attributes below 80 %).
       ``precision_per_attribute = TP/(TP+FP)``, ``recall_per_attribute = TPR``,
       ``f1_per_attribute = 2PR/(P+R)``: NaN where undefined (zero denominator, or P or R NaN);
       F1 is 0 when P = R = 0.
@@ -515,7 +518,8 @@ def attribute_metrics(probabilities: Any, labels: Any, threshold: Any = 0.5) -> 
       threshold: scalar or [A] in [0, 1].
     Returns:
       dict with float ``mA``, ``accuracy``, ``precision``, ``recall``, ``f1``; float64 [A]
-      ``accuracy_per_attribute``, ``tpr_per_attribute``, ``tnr_per_attribute``,
+      ``accuracy_per_attribute``, ``two_class_accuracy_per_attribute``, ``tpr_per_attribute``,
+      ``tnr_per_attribute``,
       ``precision_per_attribute``, ``recall_per_attribute``, ``f1_per_attribute``; int
       ``num_attributes_without_positives``, ``num_attributes_without_negatives``,
       ``num_instances_without_positives``.
@@ -583,6 +587,7 @@ def attribute_metrics(probabilities: Any, labels: Any, threshold: Any = 0.5) -> 
     return {
         "mA": float(balanced.mean()),
         "accuracy_per_attribute": balanced,
+        "two_class_accuracy_per_attribute": (tpr + tnr) / 2,  # NaN: one class missing
         "tpr_per_attribute": tpr,
         "tnr_per_attribute": tnr,
         "precision_per_attribute": prec_a,

@@ -536,7 +536,7 @@ def _head_accuracy(features: np.ndarray, weights: np.ndarray, labels: np.ndarray
         return None
     logits = np.asarray(features, np.float64) @ np.asarray(weights, np.float64)
     m = evaluation.attribute_metrics(1.0 / (1.0 + np.exp(-logits)), labels)
-    return (m["tpr_per_attribute"] + m["tnr_per_attribute"]) / 2  # NaN: a rate undefined
+    return m["two_class_accuracy_per_attribute"]
 
 
 def _counterfactual_part(root: str, data: Any, fq: np.ndarray, fg: np.ndarray,

@@ -431,8 +431,8 @@ def evaluate_attribute_head(
     m = evaluation.attribute_metrics(probabilities, labels)
     ratio = 100.0 * labels.astype(np.float64).mean(axis=0)
     per_attribute = {}
-    two_class = (m["tpr_per_attribute"] + m["tnr_per_attribute"]) / 2  # NaN: one class
-    columns = zip(names, _nan_to_none(m["accuracy_per_attribute"]), _nan_to_none(two_class),
+    columns = zip(names, _nan_to_none(m["accuracy_per_attribute"]),
+                  _nan_to_none(m["two_class_accuracy_per_attribute"]),
                   _nan_to_none(m["precision_per_attribute"]),
                   _nan_to_none(m["recall_per_attribute"]), _nan_to_none(m["f1_per_attribute"]),
                   ratio.tolist(), strict=True)
