@@ -526,3 +526,58 @@ def test_overlay_scale_saturates_the_top_percent_of_the_pixels():
     tiles = report._signed_tiles(maps)
     assert tiles.dtype == np.float32
     np.testing.assert_allclose(tiles, maps / scale, rtol=1e-6)
+
+
+def _files(folder) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
+
+
+def test_figures_drawn_by_worker_processes_are_the_same_files(tmp_path):
+    records = _records(tmp_path / "data", num_queries=4)
+    summary = _summary(num_queries=4)
+    report.write_report(tmp_path / "one", summary, records, data_root=tmp_path / "data",
+                        figure_workers=1)
+    report.write_report(tmp_path / "two", summary, records, data_root=tmp_path / "data",
+                        figure_workers=2)
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert sum(name.startswith("fig/errors-") for name in one) == 8  # 4 queries x ranks 1, 4
+    assert one.keys() == two.keys()
+    assert [n for n in one if one[n] != two[n]] == []
+    # The pies' clickable areas (drawn on pages with maps) come back from the workers too.
+    e = np.asarray(records[0]["errors"][0])
+    job = {"errors": e, "distance": float(np.abs(e).sum()), "mode": "paper", "rank": 1,
+           "gallery_label": "x"}
+    drawer = report._ErrorFigures(2)
+    try:
+        drawer.submit("pie", str(tmp_path / "pie.png"), job)
+        areas = drawer.result("pie")
+    finally:
+        drawer.close()
+    assert areas and areas == report.write_error_figure(str(tmp_path / "inline.png"), **job)
+
+
+def test_a_bad_record_fails_with_its_message_from_a_worker(tmp_path):
+    records = _records(tmp_path / "data")
+    records[1]["errors"][0] = records[1]["errors"][0][:5]
+    with pytest.raises(ValueError, match=r"errors must have shape \[30\]"):
+        report.write_report(tmp_path / "r", _summary(), records, data_root=tmp_path / "data",
+                            figure_workers=2)
+
+
+def test_figure_workers():
+    assert report.num_figure_workers(500, 1) == 1
+    assert report.num_figure_workers(500, 0) == 0
+    assert report.num_figure_workers(3, 8) == 3  # never more workers than figures
+    assert report.num_figure_workers(report.FIGURE_POOL_MIN - 1) == 1
+    cores = len(os.sched_getaffinity(0))
+    assert report.num_figure_workers(report.FIGURE_POOL_MIN) == min(cores,
+                                                                  report.FIGURE_POOL_MIN)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="figure_workers must be an integer >= 0"):
+            report.num_figure_workers(10, bad)

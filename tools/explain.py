@@ -82,6 +82,9 @@ _MAP_STEPS = flags.DEFINE_integer(
     "(config.explain.map_steps, 32).")
 _QUERY_CHUNK = flags.DEFINE_integer(
     "query_chunk", None, "Queries per kernel call (config.explain.query_chunk, 256).")
+_REPORT_WORKERS = flags.DEFINE_integer(
+    "report_workers", None, "Processes that draw the report's error figures (1: this one). "
+    "Default: one per usable core when the report has 12 figures or more.", lower_bound=0)
 
 
 def _rank(text: str) -> int:
@@ -112,7 +115,7 @@ def main(argv: list[str]) -> None:
         overwrite=_OVERWRITE.value, attribute_maps=_ATTRIBUTE_MAPS.value,
         map_queries=_MAP_QUERIES.value, map_steps=_MAP_STEPS.value,
         map_layer=_MAP_LAYER.value, map_reference_images=_MAP_REFERENCE.value,
-        map_method=_MAP_METHOD.value)
+        map_method=_MAP_METHOD.value, report_workers=_REPORT_WORKERS.value)
     s = result.summary
     print(f"explained {s['num_queries']} queries ({s['num_valid_queries']} with a valid match): "
           f"mAP {100 * s['mAP']:.2f} %, Rank-1 {100 * s['cmc'][0]:.2f} %, "

@@ -211,6 +211,19 @@ def pie_areas(fig: Figure, names: Sequence[str] = ATTRIBUTE_NAMES
     return out
 
 
+def write_error_figure(path: str, errors: Sequence[float], distance: float, *, mode: str,
+                       rank: int, gallery_label: str, names: Sequence[str] = ATTRIBUTE_NAMES,
+                       remainder: float | None = None) -> list[tuple[str, list[int]]]:
+    """:func:`error_figure` saved as a PNG at ``path``; returns its :func:`pie_areas`.
+
+    A module-level function of plain arguments, so the report can draw its figures in worker
+    processes (``reid_jax.explain.report``)."""
+    fig = error_figure(errors, distance, mode=mode, rank=rank, gallery_label=gallery_label,
+                       names=names, remainder=remainder)
+    save_png(fig, path)
+    return pie_areas(fig, names)
+
+
 def metrics_figure(cmc: Sequence[float], ap_histogram: dict[str, Sequence[float]]) -> Figure:
     """CMC curve (ranks 1..len(cmc)) and the histogram of the per-query APs.
 
@@ -306,4 +319,4 @@ def save_png(fig: Figure, path: str) -> str:
 
 __all__ = ["FIGURE_SIZE", "OVERLAY_SATURATED", "PNG_COMPRESS_LEVEL", "attribute_colors",
            "error_figure", "metrics_figure", "overlay_image", "overlay_scale", "pie_areas",
-           "save_png"]
+           "save_png", "write_error_figure"]

@@ -34,13 +34,17 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import jinja2
 import markupsafe
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
@@ -53,13 +57,17 @@ from reid_jax.explain.figures import (
     metrics_figure,
     overlay_image,
     overlay_scale,
-    pie_areas,
     save_png,
+    write_error_figure,
 )
 from reid_jax.progress import ProgressBar
 
 THUMBNAIL_WH = (64, 128)  # Market-1501 images are 64 wide, 128 high; shown at that size.
 PAGE_SIZE = 20
+# Error figures are the slow part of a report (matplotlib: about 0.2 s each on a 2-core CPU,
+# three per query): from this many on they are drawn in worker processes, one per usable core
+# (docs/design.md, "What the report shows").
+FIGURE_POOL_MIN = 12
 METRICS_COPY = "explanation_metrics.json"  # the metrics shown, copied into the report
 
 DISPLAY_RULES: dict[str, str] = {
@@ -195,6 +203,71 @@ def write_thumbnail(src: str, dst: str) -> str:
     except OSError as e:
         raise ValueError(f"report: image {src} does not decode: {e}") from e
     return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing the error figures.
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
+def num_figure_workers(num_figures: int, workers: int | None = None) -> int:
+    """Worker processes to draw ``num_figures`` error figures with: ``workers`` when given
+    (0 or 1: in this process), else one per usable core from :data:`FIGURE_POOL_MIN` figures
+    on (fewer figures do not pay for starting the workers)."""
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"figure_workers must be an integer >= 0, got {workers!r}")
+        return min(workers, max(num_figures, 1))
+    if num_figures < FIGURE_POOL_MIN:
+        return 1
+    return min(_usable_cores(), num_figures)
+
+
+class _ErrorFigures:
+    """Draws a report's error figures (``figures.write_error_figure``): all are submitted up
+    front and collected in page order, in worker processes when ``workers > 1``, else in this
+    process. A worker's error reaches :meth:`result` as it is; a pool that breaks (a worker
+    killed) or cannot start leaves the figures to this process."""
+
+    def __init__(self, workers: int):
+        self._pool: ProcessPoolExecutor | None = None
+        self._jobs: dict[Any, tuple[str, dict[str, Any], Future | None]] = {}
+        if workers > 1:
+            try:  # "spawn": the caller may hold JAX's threads, which fork must not copy
+                self._pool = ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("spawn"))
+            except (OSError, ValueError) as e:
+                logging.warning("report: drawing the figures in this process (%s)", e)
+
+    def submit(self, key: Any, path: str, kwargs: dict[str, Any]) -> None:
+        future = None
+        if self._pool is not None:
+            try:
+                future = self._pool.submit(write_error_figure, path, **kwargs)
+            except BrokenProcessPool:
+                self._pool = None
+        self._jobs[key] = (path, kwargs, future)
+
+    def result(self, key: Any) -> list[tuple[str, list[int]]]:
+        """The pie's areas of figure ``key`` (:func:`figures.pie_areas`), once it is written."""
+        path, kwargs, future = self._jobs.pop(key)
+        if future is not None:
+            try:
+                return future.result()
+            except BrokenProcessPool as e:
+                logging.warning("report: a figure worker stopped (%s); drawing %s here", e,
+                                path)
+        return write_error_figure(path, **kwargs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,10 +546,45 @@ def _index_context(summary: dict[str, Any], records: Sequence[dict], pages: int,
 # The report.
 
 
+def _write_pages(report_dir: str, summary: dict[str, Any], records: Sequence[dict[str, Any]], *,
+                 maps_of: Callable, thumbs: Callable, figures: Callable,
+                 progress: bool | Callable[[int], None]) -> int:
+    """The pages of query rows, :data:`PAGE_SIZE` queries each; returns their number."""
+    mode = summary["mode"]
+    error_ranks = summary.get("error_ranks", [])
+    bar = ProgressBar(len(records), "report") if progress is True else None
+    tick = progress if callable(progress) else (bar.update if bar else None)
+    pages = max(1, -(-len(records) // PAGE_SIZE)) if records else 0
+    page_template = _ENV.get_template("queries.html")
+    for page in range(pages):
+        chunk = records[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+        first, last = chunk[0]["position"] + 1, chunk[-1]["position"] + 1
+        views = []
+        for record in chunk:
+            arrays, overlay = maps_of(record)
+            views.append(_query_view(record, thumbs=thumbs, figures=figures,
+                                     error_ranks=error_ranks, mode=mode, maps=arrays,
+                                     overlay=overlay,
+                                     head=summary.get("head_accuracy")))
+            if tick is not None:
+                tick(1)
+        html = page_template.render(
+            title=f"Explained rankings, queries {first}–{last}",
+            heading=f"Queries {first}–{last} of {summary['num_queries']}", k=summary["k"],
+            mode=mode, order=summary["order"], page=page, pages=pages,
+            rule_texts=_rules(mode), queries=views)
+        with open(os.path.join(report_dir, _page_name(page)), "w", encoding="utf-8") as f:
+            f.write(html)
+    if bar is not None:
+        bar.close()
+    return pages
+
+
 def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
                  records: Sequence[dict[str, Any]], *, data_root: str | os.PathLike,
                  progress: bool | Callable[[int], None] = False,
-                 maps_root: str | os.PathLike | None = None) -> str:
+                 maps_root: str | os.PathLike | None = None,
+                 figure_workers: int | None = 1) -> str:
     """Writes the report into ``report_dir`` (created; must not exist yet) and returns the path
     of its ``index.html``.
 
@@ -492,6 +600,11 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
       progress: ``True`` draws a stderr bar; a callable is called with the queries done.
       maps_root: the folder the records' ``maps`` paths are relative to (the run's output
         folder); records with maps get overlays. Default: ``report_dir``'s parent.
+      figure_workers: processes that draw the error figures (0 or 1: this one); None: one per
+        usable core from :data:`FIGURE_POOL_MIN` figures on (:func:`num_figure_workers`). The
+        files are the same either way. Workers start with ``multiprocessing``'s "spawn" (the
+        caller may hold JAX's threads), which imports the calling script again: guard its
+        entry point with ``if __name__ == "__main__":``.
     """
     report_dir = os.fspath(report_dir)
     if os.path.exists(report_dir):
@@ -519,16 +632,23 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
             done[key] = rel
         return done[key]
 
-    def figures(record: dict, rank: int) -> tuple[str, list]:
+    def figure_rel(record: dict, rank: int) -> str:
+        return f"fig/errors-{record['position'] + 1:05d}-rank{rank:02d}.png"
+
+    def figure_job(record: dict, rank: int) -> dict[str, Any]:
         gal = record["gallery"]
-        remainder = record["remainder"][rank - 1] if mode == "projection" else None
-        fig = error_figure(record["errors"][rank - 1], gal["distance"][rank - 1], mode=mode,
-                           rank=rank, gallery_label=f"id {gal['pid'][rank - 1]:04d} cam "
-                                                    f"{gal['camera'][rank - 1]}", names=names,
-                           remainder=remainder)
-        rel = f"fig/errors-{record['position'] + 1:05d}-rank{rank:02d}.png"
-        save_png(fig, os.path.join(report_dir, rel))
-        return rel, pie_areas(fig, names)
+        return {"errors": record["errors"][rank - 1], "distance": gal["distance"][rank - 1],
+                "mode": mode, "rank": rank,
+                "gallery_label": f"id {gal['pid'][rank - 1]:04d} cam {gal['camera'][rank - 1]}",
+                "names": list(names),
+                "remainder": record["remainder"][rank - 1] if mode == "projection" else None}
+
+    jobs = [(record, rank) for record in records for rank in error_ranks
+            if rank <= len(record["gallery"]["index"])]
+    drawer = _ErrorFigures(num_figure_workers(len(jobs), figure_workers))
+
+    def figures(record: dict, rank: int) -> tuple[str, list]:
+        return figure_rel(record, rank), drawer.result((record["position"], rank))
 
     def maps_of(record: dict) -> tuple[dict | None, Callable | None]:
         if not record.get("maps"):
@@ -547,31 +667,15 @@ def write_report(report_dir: str | os.PathLike, summary: dict[str, Any],
 
         return arrays, overlay
 
-    bar = ProgressBar(len(records), "report") if progress is True else None
-    tick = progress if callable(progress) else (bar.update if bar else None)
-    pages = max(1, -(-len(records) // PAGE_SIZE)) if records else 0
-    page_template = _ENV.get_template("queries.html")
-    for page in range(pages):
-        chunk = records[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
-        first, last = chunk[0]["position"] + 1, chunk[-1]["position"] + 1
-        views = []
-        for record in chunk:
-            arrays, overlay = maps_of(record)
-            views.append(_query_view(record, thumbs=thumbs, figures=figures,
-                                     error_ranks=error_ranks, mode=mode, maps=arrays,
-                                     overlay=overlay,
-                                     head=summary.get("head_accuracy")))
-            if tick is not None:
-                tick(1)
-        html = page_template.render(
-            title=f"Explained rankings, queries {first}–{last}",
-            heading=f"Queries {first}–{last} of {summary['num_queries']}", k=summary["k"],
-            mode=mode, order=summary["order"], page=page, pages=pages,
-            rule_texts=_rules(mode), queries=views)
-        with open(os.path.join(report_dir, _page_name(page)), "w", encoding="utf-8") as f:
-            f.write(html)
-    if bar is not None:
-        bar.close()
+    try:
+        for record, rank in jobs:
+            drawer.submit((record["position"], rank),
+                          os.path.join(report_dir, figure_rel(record, rank)),
+                          figure_job(record, rank))
+        pages = _write_pages(report_dir, summary, records, maps_of=maps_of, thumbs=thumbs,
+                             figures=figures, progress=progress)
+    finally:
+        drawer.close()
     metrics_png = None
     if summary.get("cmc") and summary.get("ap_histogram"):
         metrics_png = "fig/metrics.png"

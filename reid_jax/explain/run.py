@@ -423,6 +423,7 @@ def run(
     map_layer: int | None = None,
     map_reference_images: int | None = None,
     map_method: str | None = None,
+    report_workers: int | None = 1,
 ) -> RunResult:
     """Explains the rankings of many queries; writes JSONL, ``summary.json`` and the report.
 
@@ -462,6 +463,11 @@ def run(
         ``map_queries`` queries of the run's order (needs ``checkpoint`` and mode ``paper`` or
         ``complete``); each such record names its file under ``maps``. ``output_dir/maps``
         is always published with the other outputs (empty without maps).
+      report_workers: processes that draw the report's error figures
+        (``reid_jax.explain.report.write_report``'s ``figure_workers``): 1 draws them in this
+        process; more, or None (one per usable core), start worker processes with
+        ``multiprocessing``'s "spawn", so the calling script must guard its entry point with
+        ``if __name__ == "__main__":`` (``tools/explain.py`` does).
 
     Returns:
       :class:`RunResult`.
@@ -602,7 +608,8 @@ def run(
         map_bar.close()
         atomic_io.write_json(os.path.join(staging, SUMMARY_NAME), summary, indent=1)
         report.write_report(os.path.join(staging, REPORT_NAME), summary, report_records,
-                            data_root=data_root, progress=progress, maps_root=staging)
+                            data_root=data_root, progress=progress, maps_root=staging,
+                            figure_workers=report_workers)
         outputs.publish(staging)
     logging.info("explained %d queries: %s, report %s", len(selected),
                  os.path.join(output_dir, JSONL_NAME),
