@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import maps as maps_lib
@@ -524,7 +525,7 @@ def deletion_evidence_cases(model: AGW, weights: Any, images: Any, maps: Any, *,
                          "[B, A, H, W], [N, A], A names)")
     count = _check_fraction(fraction, h * w)
     blurred = np.asarray(gaussian_blur(jnp.asarray(images), _sigma(h, blur)))
-    x = _sigmoid(_embed_batches(model, images, batch_size) @ weights)
+    x = special.expit(_embed_batches(model, images, batch_size) @ weights)
     items, attrs = np.nonzero(x > threshold)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
     top = np.stack([top_pixels(maps[i, k], count) for i, k in zip(items, attrs, strict=True)]
@@ -542,10 +543,6 @@ def deletion_evidence_cases(model: AGW, weights: Any, images: Any, maps: Any, *,
                  {"not_present": int((x <= threshold).sum())})
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
 def _case_probabilities(model, weights, images, blurred, items, attrs, masks, batch_size):
     if not len(items):
         return np.zeros(0)
@@ -554,7 +551,7 @@ def _case_probabilities(model, weights, images, blurred, items, attrs, masks, ba
         i, k = items[lo:lo + batch_size], attrs[lo:lo + batch_size]
         changed = _blend(images[i], blurred[i], masks[lo:lo + batch_size])
         f = _embed_batches(model, changed, batch_size)
-        out.append(_sigmoid(np.einsum("bn,nb->b", f, weights[:, k])))
+        out.append(special.expit(np.einsum("bn,nb->b", f, weights[:, k])))
     return np.concatenate(out)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import special
 
 from reid_jax import atomic_io
 from reid_jax.data import augment
@@ -116,7 +117,7 @@ def query_maps(model: Any, weights: np.ndarray, query_path: str, gallery_paths: 
                                     complete=mode == "complete", steps=steps, layer=layer,
                                     baseline=baseline, method=method)
     evidence = np.asarray(maps_lib.resize_maps(ev.maps, h, w), np.float32)
-    probabilities = 1.0 / (1.0 + np.exp(-np.asarray(ev.logits, np.float64)))
+    probabilities = special.expit(np.asarray(ev.logits, np.float64))
     return {
         "attributes": np.asarray(ATTRIBUTE_NAMES[:weights.shape[1]]),
         "query_probabilities": probabilities[0].astype(np.float32),

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from scipy import special
 
 from reid_jax import retrieval, synthetic
 from reid_jax.data import augment
@@ -137,7 +138,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         h, w = regions.shape[-2:]
         ev = maps_lib.evidence_maps(model, weights, images, steps=steps, layer=layer,
                                     baseline=baseline, method=method)
-        probs = 1.0 / (1.0 + np.exp(-np.asarray(ev.logits, np.float64)))
+        probs = special.expit(np.asarray(ev.logits, np.float64))
         cam = maps_lib.distance_gradcam(model, images, partners)
         pointing.append(mm.pointing_game_cases(
             _resize(ev.maps, h, w), regions, probs, baselines={"gradcam": _resize(cam, h, w)},

@@ -70,6 +70,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import logging
+from scipy import special
 
 from reid_jax import atomic_io, checkpoints, embeddings, evaluation, explain, synthetic
 from reid_jax.data import sources
@@ -535,7 +536,7 @@ def _head_accuracy(features: np.ndarray, weights: np.ndarray, labels: np.ndarray
     if not len(features):
         return None
     logits = np.asarray(features, np.float64) @ np.asarray(weights, np.float64)
-    m = evaluation.attribute_metrics(1.0 / (1.0 + np.exp(-logits)), labels)
+    m = evaluation.attribute_metrics(special.expit(logits), labels)
     return m["two_class_accuracy_per_attribute"]
 
 

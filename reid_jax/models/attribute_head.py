@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from scipy import special
 
 from reid_jax.data.attributes import NUM_ATTRIBUTES
 
@@ -153,7 +154,7 @@ def fit_calibration(logits: Any, labels: Any, *, ridge: float = 1e-3,
     params = np.stack([np.ones(z.shape[1]), np.zeros(z.shape[1])], axis=1)  # [A, 2]
     current = loss(params)
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.einsum("nak,ak->na", design, params)))
+        p = special.expit(np.einsum("nak,ak->na", design, params))
         grad = np.einsum("na,nak->ak", p - y, design) / n + ridge * params
         hess = (np.einsum("na,nak,nal->akl", p * (1.0 - p), design, design) / n
                 + ridge * np.eye(2)[None])
