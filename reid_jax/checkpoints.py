@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from reid_jax.models.agw import AGW, model_kwargs
-from reid_jax.models.attribute_head import AttributeHead, Calibration
+from reid_jax.models.attribute_head import AttributeHead, Calibration, check_accuracy
 
 MODEL_ITEM = "model"
 ATTRIBUTE_HEAD_ITEM = "attribute_head"
@@ -373,19 +373,8 @@ def restore_head_accuracy(directory: str | os.PathLike,
     head = meta.get("attribute_head")
     if not isinstance(head, dict) or head.get("test_accuracy") is None:
         return None
-    stored = head["test_accuracy"]
-    where = f"{directory}: meta 'attribute_head.test_accuracy'"
-    if not isinstance(stored, dict):
-        raise ValueError(f"{where} must map attribute names to accuracies, got "
-                         f"{type(stored).__name__}")
-    out: dict[str, float | None] = {}
-    for name, value in stored.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0.0 <= float(value) <= 1.0):
-            raise ValueError(f"{where}: {name!r} must be a number in [0, 1] or null, got "
-                             f"{value!r}")
-        out[str(name)] = None if value is None else float(value)
-    return out
+    return check_accuracy(head["test_accuracy"],
+                          f"{directory}: meta 'attribute_head.test_accuracy'")
 
 
 def restore_attribute_head(

@@ -57,12 +57,12 @@ def test_summary_lists_what_is_not_learned_and_not_measured():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ([0.9] * 30, "must map attribute names to numbers, got list"),
+    ([0.9] * 30, "head accuracy must map attribute names to accuracies, got list"),
     ({"up": 0.5}, r"missing \['backpack'"),
     ({**_accuracy(), "sleeves": 0.5}, r"unknown \['sleeves'\]"),
-    (_accuracy(up=1.2), r"head accuracy of 'up' must be a number in \[0, 1\] or None, got 1.2"),
-    (_accuracy(up="high"), r"head accuracy of 'up' must be .* got 'high'"),
-    (_accuracy(up=True), r"head accuracy of 'up' must be .* got True"),
+    (_accuracy(up=1.2), r"head accuracy: 'up' must be a number in \[0, 1\] or null, got 1.2"),
+    (_accuracy(up="high"), r"head accuracy: 'up' must be .* got 'high'"),
+    (_accuracy(up=True), r"head accuracy: 'up' must be .* got True"),
 ])
 def test_bad_accuracies_are_named(bad, message):
     with pytest.raises(ValueError, match=message):

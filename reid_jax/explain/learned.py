@@ -10,11 +10,11 @@ it (docs/attribute_maps.md, 'Attributes the model has not learned').
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reid_jax.data.attributes import ATTRIBUTE_MEANINGS, ATTRIBUTE_NAMES
+from reid_jax.models import attribute_head
 
 # An attribute counts as learned when the head tells it apart on the labelled test images at
 # least this well (balanced accuracy: the mean of the true-positive and true-negative rates).
@@ -26,33 +26,14 @@ LEARNED, NOT_LEARNED, NOT_MEASURED = "learned", "not learned", "not measured"
 def check_accuracy(accuracy: Mapping[str, Any] | None,
                    names: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, float | None] | None:
     """``accuracy`` as ``{name: float in [0, 1] or None}`` over exactly ``names`` (None: not
-    measured), or None when not given.
+    measured), or None when not given (``models.attribute_head.check_accuracy``).
 
     Raises:
       ValueError: names missing or unknown, or a value that is not a number in [0, 1] / None.
     """
     if accuracy is None:
         return None
-    if not isinstance(accuracy, Mapping):
-        raise ValueError(f"head accuracy must map attribute names to numbers, got "
-                         f"{type(accuracy).__name__}")
-    missing = [n for n in names if n not in accuracy]
-    extra = sorted(set(accuracy) - set(names))
-    if missing or extra:
-        raise ValueError(f"head accuracy must name exactly the {len(names)} attributes; "
-                         f"missing {missing}, unknown {extra}")
-    out: dict[str, float | None] = {}
-    for name in names:
-        value = accuracy[name]
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            out[name] = None
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"head accuracy of {name!r} must be a number in [0, 1] or None, "
-                             f"got {value!r}")
-        out[name] = float(value)
-    return out
+    return attribute_head.check_accuracy(accuracy, "head accuracy", names)
 
 
 def _check_threshold(min_accuracy: float) -> float:

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -117,6 +119,46 @@ def check_calibration(calibration: Calibration | None, num_attributes: int) -> N
     if shapes != ((num_attributes,), (num_attributes,)):
         raise ValueError(f"calibration must have slope and intercept of shape ({num_attributes},) "
                          f"(one per attribute of the weights), got {shapes[0]} and {shapes[1]}")
+
+
+def check_accuracy(accuracy: Any, where: str,
+                   names: Sequence[str] | None = None) -> dict[str, float | None]:
+    """The head's balanced accuracy per attribute as ``{name: float in [0, 1] or None}`` (None
+    or NaN: not measured, the test images show one class), as ``tools/train_attributes.py``
+    stores it with the head and the report and the explorer read it
+    (``reid_jax.explain.learned``).
+
+    Args:
+      accuracy: the values to check.
+      where: what they are, named first in every message (a checkpoint's meta field, ...).
+      names: when given, ``accuracy`` must name exactly these attributes (returned in this
+        order).
+
+    Raises:
+      ValueError: not a mapping, names missing or unknown, or a value that is not a number in
+        [0, 1] or None.
+    """
+    if not isinstance(accuracy, Mapping):
+        raise ValueError(f"{where} must map attribute names to accuracies, got "
+                         f"{type(accuracy).__name__}")
+    if names is not None:
+        missing = [n for n in names if n not in accuracy]
+        extra = sorted(set(accuracy) - set(names))
+        if missing or extra:
+            raise ValueError(f"{where} must name exactly the {len(names)} attributes; missing "
+                             f"{missing}, unknown {extra}")
+    out: dict[str, float | None] = {}
+    for name in (names if names is not None else accuracy):
+        value = accuracy[name]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            out[str(name)] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{where}: {name!r} must be a number in [0, 1] or null, got "
+                             f"{value!r}")
+        out[str(name)] = float(value)
+    return out
 
 
 def fit_calibration(logits: Any, labels: Any, *, ridge: float = 1e-3,
