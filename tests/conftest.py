@@ -50,6 +50,17 @@ def tool_env() -> dict[str, str]:
     return env
 
 
+def file_bytes(root: str | os.PathLike) -> dict[str, bytes]:
+    """Every file below ``root`` as ``{path relative to root: bytes}``."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
 def run_tool(name: str, *args: str, expect_ok: bool = True,
              timeout: float = 900) -> subprocess.CompletedProcess:
     """Runs ``tools/<name>`` as a user would; asserts success unless ``expect_ok=False``."""

@@ -9,6 +9,7 @@ import re
 import markupsafe
 import numpy as np
 import pytest
+from conftest import file_bytes
 from PIL import Image
 
 from reid_jax import explain
@@ -528,24 +529,14 @@ def test_overlay_scale_saturates_the_top_percent_of_the_pixels():
     np.testing.assert_allclose(tiles, maps / scale, rtol=1e-6)
 
 
-def _files(folder) -> dict[str, bytes]:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, folder)] = fh.read()
-    return out
-
-
-def test_figures_drawn_by_worker_processes_are_the_same_files(tmp_path):
+def test_figures_drawn_by_worker_processes_are_the_samefile_bytes(tmp_path):
     records = _records(tmp_path / "data", num_queries=4)
     summary = _summary(num_queries=4)
     report.write_report(tmp_path / "one", summary, records, data_root=tmp_path / "data",
                         figure_workers=1)
     report.write_report(tmp_path / "two", summary, records, data_root=tmp_path / "data",
                         figure_workers=2)
-    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    one, two = file_bytes(tmp_path / "one"), file_bytes(tmp_path / "two")
     assert sum(name.startswith("fig/errors-") for name in one) == 8  # 4 queries x ranks 1, 4
     assert one.keys() == two.keys()
     assert [n for n in one if one[n] != two[n]] == []

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import file_bytes
 from PIL import Image
 
 from reid_jax import synthetic
@@ -23,16 +24,6 @@ from reid_jax.synthetic import render as sr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = synthetic.DatasetConfig(num_train_ids=4, num_test_ids=4, images_per_id=6,
                                num_distractors=5, num_junk=3, seed=3)
-
-
-def _files(root: str) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            path = os.path.join(dirpath, n)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -436,10 +427,10 @@ def test_render_counterfactual_from_the_dataset(tiny):
 def test_same_seed_same_bytes_any_workers_other_seed_differs(tiny, tmp_path):
     again = tmp_path / "again"
     synthetic.generate_dataset(again, TINY, num_workers=2)
-    assert _files(tiny) == _files(str(again))
+    assert file_bytes(tiny) == file_bytes(str(again))
     other = tmp_path / "other"
     synthetic.generate_dataset(other, dataclasses.replace(TINY, seed=4))
-    a, b = _files(tiny), _files(str(other))
+    a, b = file_bytes(tiny), file_bytes(str(other))
     assert a["market_attribute.mat"] != b["market_attribute.mat"] or a.keys() != b.keys()
     shared = a.keys() & b.keys()
     assert not any(a[k] == b[k] for k in shared if k.endswith(".jpg"))
