@@ -567,8 +567,9 @@ def test_figure_workers():
     assert report.num_figure_workers(3, 8) == 3  # never more workers than figures
     assert report.num_figure_workers(report.FIGURE_POOL_MIN - 1) == 1
     cores = len(os.sched_getaffinity(0))
-    assert report.num_figure_workers(report.FIGURE_POOL_MIN) == min(cores,
-                                                                  report.FIGURE_POOL_MIN)
+    assert report.num_figure_workers(report.FIGURE_POOL_MIN) == min(
+        cores, report.FIGURE_WORKERS_MAX, report.FIGURE_POOL_MIN)
+    assert report.num_figure_workers(10_000) == min(cores, report.FIGURE_WORKERS_MAX)
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="figure_workers must be an integer >= 0"):
             report.num_figure_workers(10, bad)

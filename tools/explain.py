@@ -84,7 +84,8 @@ _QUERY_CHUNK = flags.DEFINE_integer(
     "query_chunk", None, "Queries per kernel call (config.explain.query_chunk, 256).")
 _REPORT_WORKERS = flags.DEFINE_integer(
     "report_workers", None, "Processes that draw the report's error figures (1: this one). "
-    "Default: one per usable core when the report has 12 figures or more.", lower_bound=0)
+    "Default: one per usable core, at most 8, when the report has 12 figures or more.",
+    lower_bound=0)
 
 
 def _rank(text: str) -> int:

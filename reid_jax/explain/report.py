@@ -68,6 +68,9 @@ PAGE_SIZE = 20
 # three per query): from this many on they are drawn in worker processes, one per usable core
 # (docs/design.md, "What the report shows").
 FIGURE_POOL_MIN = 12
+# At most this many by default: a worker holds about 300 MB (it imports the calling script, and
+# with it JAX).
+FIGURE_WORKERS_MAX = 8
 METRICS_COPY = "explanation_metrics.json"  # the metrics shown, copied into the report
 
 DISPLAY_RULES: dict[str, str] = {
@@ -218,15 +221,15 @@ def _usable_cores() -> int:
 
 def num_figure_workers(num_figures: int, workers: int | None = None) -> int:
     """Worker processes to draw ``num_figures`` error figures with: ``workers`` when given
-    (0 or 1: in this process), else one per usable core from :data:`FIGURE_POOL_MIN` figures
-    on (fewer figures do not pay for starting the workers)."""
+    (0 or 1: in this process), else one per usable core, at most :data:`FIGURE_WORKERS_MAX`,
+    from :data:`FIGURE_POOL_MIN` figures on (fewer figures do not pay for starting them)."""
     if workers is not None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"figure_workers must be an integer >= 0, got {workers!r}")
         return min(workers, max(num_figures, 1))
     if num_figures < FIGURE_POOL_MIN:
         return 1
-    return min(_usable_cores(), num_figures)
+    return min(_usable_cores(), FIGURE_WORKERS_MAX, num_figures)
 
 
 class _ErrorFigures:
