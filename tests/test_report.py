@@ -573,3 +573,38 @@ def test_figure_workers():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="figure_workers must be an integer >= 0"):
             report.num_figure_workers(10, bad)
+
+
+class _Broken:
+    """A process pool whose workers cannot start (``start="submit"``) or die (``"result"``)."""
+
+    def __init__(self, start: str):
+        self.start = start
+
+    def __call__(self, workers, mp_context=None):
+        return self
+
+    def submit(self, fn, *args, **kwargs):
+        if self.start == "submit":
+            raise OSError("cannot start a process")
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+        future = Future()
+        future.set_exception(BrokenProcessPool("a worker was killed"))
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+@pytest.mark.parametrize("start", ["submit", "result"])
+def test_figures_fall_back_to_this_process_when_workers_fail(tmp_path, monkeypatch, start):
+    records = _records(tmp_path / "data")
+    report.write_report(tmp_path / "one", _summary(), records, data_root=tmp_path / "data",
+                        figure_workers=1)
+    monkeypatch.setattr(report, "ProcessPoolExecutor", _Broken(start))
+    report.write_report(tmp_path / "two", _summary(), records, data_root=tmp_path / "data",
+                        figure_workers=2)
+    one, two = file_bytes(tmp_path / "one"), file_bytes(tmp_path / "two")
+    assert sum(n.startswith("fig/errors-") for n in two) == 6
+    assert [n for n in one if one[n] != two.get(n)] == []

@@ -37,7 +37,7 @@ import math
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -251,9 +251,11 @@ class _ErrorFigures:
     def submit(self, key: Any, path: str, kwargs: dict[str, Any]) -> None:
         future = None
         if self._pool is not None:
-            try:
+            try:  # workers start on submission: a failure to start one shows here
                 future = self._pool.submit(write_error_figure, path, **kwargs)
-            except BrokenProcessPool:
+            except (BrokenProcessPool, OSError, RuntimeError) as e:
+                logging.warning("report: drawing the figures in this process (%s)", e)
+                self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
         self._jobs[key] = (path, kwargs, future)
 
@@ -263,9 +265,9 @@ class _ErrorFigures:
         if future is not None:
             try:
                 return future.result()
-            except BrokenProcessPool as e:
-                logging.warning("report: a figure worker stopped (%s); drawing %s here", e,
-                                path)
+            except (BrokenProcessPool, CancelledError) as e:
+                logging.warning("report: no figure worker drew %s (%s); drawing it here",
+                                path, e or type(e).__name__)
         return write_error_figure(path, **kwargs)
 
     def close(self) -> None:
