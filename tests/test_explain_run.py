@@ -365,27 +365,32 @@ def _snapshot(folder) -> dict[str, bytes]:
     return out
 
 
-def test_interrupted_run_leaves_previous_outputs(market, tmp_path, monkeypatch):
+@pytest.mark.parametrize("drawn_in", ["figures", "thumbnails with figure workers"])
+def test_interrupted_run_leaves_previous_outputs(market, tmp_path, monkeypatch, drawn_in):
     first = _run(market, tmp_path, queries=3)
     before = _snapshot(tmp_path)
     calls = []
-    original = report.error_figure
+    # The run dies while drawing the report: in a figure drawn in this process, or in a
+    # thumbnail while worker processes draw the figures.
+    name, workers = (("write_error_figure", 1) if drawn_in == "figures"
+                     else ("write_thumbnail", 2))
+    original = getattr(report, name)
 
-    def failing(*args, **kwargs):  # the run dies while drawing the report
+    def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt("simulated interruption")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(report, "error_figure", failing)
+    monkeypatch.setattr(report, name, failing)
     with pytest.raises(KeyboardInterrupt):
-        _run(market, tmp_path, queries=5, order="worst_ap")
+        _run(market, tmp_path, queries=5, order="worst_ap", report_workers=workers)
     assert _snapshot(tmp_path) == before  # old outputs intact, nothing staged left behind
     assert len(explain_run.read_jsonl(first.jsonl)) == 3
     # A first run that fails leaves nothing at all.
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        _run(market, tmp_path / "fresh", queries=5)
+        _run(market, tmp_path / "fresh", queries=5, report_workers=workers)
     assert os.listdir(tmp_path / "fresh") == []
 
 
