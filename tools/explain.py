@@ -32,8 +32,8 @@ from __future__ import annotations
 from absl import app, flags
 
 from reid_jax import cli, embeddings
+from reid_jax.explain import report, settings
 from reid_jax.explain import run as explain_run
-from reid_jax.explain import settings
 
 _CHECKPOINT, _CONFIG, _DATA_ROOT = cli.define_checkpoint_flags(
     "Orbax checkpoint directory with an attribute head.")
@@ -84,8 +84,8 @@ _QUERY_CHUNK = flags.DEFINE_integer(
     "query_chunk", None, "Queries per kernel call (config.explain.query_chunk, 256).")
 _REPORT_WORKERS = flags.DEFINE_integer(
     "report_workers", None, "Processes that draw the report's error figures (1: this one). "
-    "Default: one per usable core, at most 8, when the report has 12 figures or more.",
-    lower_bound=0)
+    f"Default: one per usable core, at most {report.FIGURE_WORKERS_MAX}, when the report has "
+    f"{report.FIGURE_POOL_MIN} figures or more.", lower_bound=0)
 
 
 def _rank(text: str) -> int:
