@@ -281,7 +281,10 @@ class ResultSet:
         missing = [n for n in self.names if not os.path.lexists(os.path.join(staging, n))]
         if missing:
             raise ValueError(f"cannot publish {staging}: it lacks {missing}")
-        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        # The set is named for its time and its staging folder, whose name is unique: two
+        # runs of one process within one second must not aim at the same set.
+        stamp = (time.strftime("%Y%m%d-%H%M%S") + "-"
+                 + os.path.basename(os.path.normpath(staging)).removeprefix("staging-"))
         sets = os.path.join(self.home, "sets")
         os.makedirs(sets, exist_ok=True)
         target = os.path.join(sets, stamp)

@@ -84,3 +84,19 @@ def test_written_files_get_the_usual_mode_not_mkstemps_private_one(tmp_path):
         assert os.stat(path).st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_two_result_sets_published_within_one_second_do_not_collide(tmp_path, monkeypatch):
+    # One process publishing twice in the same second (a fast tool run twice, or a test)
+    # must get two sets; the second replaces the first.
+    monkeypatch.setattr(atomic_io.time, "strftime", lambda fmt: "20260101-000000")
+    results = atomic_io.ResultSet(tmp_path / "out", ["summary.json"])
+    for text in ("first", "second"):
+        with results.staging() as staging:
+            with open(os.path.join(staging, "summary.json"), "w") as f:
+                f.write(text)
+            results.publish(staging)
+        assert (tmp_path / "out" / "summary.json").read_text() == text
+    home = tmp_path / "out" / atomic_io.ResultSet.FOLDER
+    assert len(os.listdir(home / "sets")) == 1
+    assert not [n for n in os.listdir(home) if n.startswith("staging-")]
