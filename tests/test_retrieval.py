@@ -71,4 +71,6 @@ def test_squared_distances_match_float64_under_jit_and_vmap():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert got[1, 2] >= 0.0
     batched = jax.vmap(retrieval.squared_distances, in_axes=(0, None))(fq[:, None], fg)
-    np.testing.assert_allclose(np.asarray(batched)[:, 0], got, rtol=1e-6, atol=1e-6)
+    # One query row at a time is another matrix product shape: equal up to float32 rounding
+    # of the norms (|q|^2 + |g|^2 is about 64 here; its ulp is 7.6e-6).
+    np.testing.assert_allclose(np.asarray(batched)[:, 0], got, rtol=1e-6, atol=5e-5)

@@ -8,7 +8,8 @@ the model when uploads are to be embedded. It answers
 
 * the ranking of a query with its explanation (:meth:`Explorer.rank`). Unsteered rankings of
   dataset queries go through ``explain.run.explain_queries`` and ``make_record`` — the code of
-  ``tools/explain.py`` — so they equal its JSONL records; steered rankings and uploads go through
+  ``tools/explain.py`` — so they equal its JSONL records (floats up to float32 rounding,
+  ``docs/explorer.md``); steered rankings and uploads go through
   ``explain.steering.steer_ranking`` and the same ``make_record``;
 * the split's mAP / CMC with a steering (:meth:`Explorer.split_metrics`);
 * the query list (:meth:`Explorer.queries`), images by index, uploads.
