@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import file_bytes
 from PIL import Image
 
 from reid_jax import evaluation, explain, progress, retrieval
@@ -356,19 +357,10 @@ def test_bad_inputs(market, tmp_path):
 # Atomic outputs.
 
 
-def _snapshot(folder) -> dict[str, bytes]:
-    out = {}
-    for base, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(base, f)
-            out[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return out
-
-
 @pytest.mark.parametrize("drawn_in", ["figures", "thumbnails with figure workers"])
 def test_interrupted_run_leaves_previous_outputs(market, tmp_path, monkeypatch, drawn_in):
     first = _run(market, tmp_path, queries=3)
-    before = _snapshot(tmp_path)
+    before = file_bytes(tmp_path)
     calls = []
     # The run dies while drawing the report: in a figure drawn in this process, or in a
     # thumbnail while worker processes draw the figures.
@@ -385,7 +377,7 @@ def test_interrupted_run_leaves_previous_outputs(market, tmp_path, monkeypatch, 
     monkeypatch.setattr(report, name, failing)
     with pytest.raises(KeyboardInterrupt):
         _run(market, tmp_path, queries=5, order="worst_ap", report_workers=workers)
-    assert _snapshot(tmp_path) == before  # old outputs intact, nothing staged left behind
+    assert file_bytes(tmp_path) == before  # old outputs intact, nothing staged left behind
     assert len(explain_run.read_jsonl(first.jsonl)) == 3
     # A first run that fails leaves nothing at all.
     calls.clear()

@@ -529,7 +529,7 @@ def test_overlay_scale_saturates_the_top_percent_of_the_pixels():
     np.testing.assert_allclose(tiles, maps / scale, rtol=1e-6)
 
 
-def test_figures_drawn_by_worker_processes_are_the_samefile_bytes(tmp_path):
+def test_figures_drawn_by_worker_processes_are_the_same_files(tmp_path):
     records = _records(tmp_path / "data", num_queries=4)
     summary = _summary(num_queries=4)
     report.write_report(tmp_path / "one", summary, records, data_root=tmp_path / "data",
