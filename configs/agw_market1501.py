@@ -12,9 +12,11 @@ Every field (docs/design.md, "AGW as the reference has it", for the recipe):
   input pipeline, ``eval_batch_size``; reader options of the folder
   (``reid_jax.embeddings.load_dataset``): ``verify_images`` (False; True: decode every image
   once while reading the folder and fail on one that does not) and ``skip_undecodable``
-  (False; with ``verify_images``: leave such images out instead, logged). Any
-  ``reid_jax.data.augment.AugmentConfig`` field (``flip_prob``, ``pad``, ``erase_prob``, ...)
-  may be added here to override the reference augmentation.
+  (False; with ``verify_images``: leave such images out instead, logged). The training
+  augmentation: every field of ``reid_jax.data.augment.AugmentConfig`` (``interpolation``,
+  ``flip_prob``, ``pad``, ``erase_prob``, ``erase_area``, ``erase_min_aspect``,
+  ``erase_fill``, ``mean``, ``std``) with the reference's values, each one settable on the
+  command line (``--config.data.erase_prob=0``).
 - ``model``: ``reid_jax.models.agw.default_model_config`` (ResNet-50, last stride 1, non-local
   blocks (0, 2, 3, 0), GeM p=3, the reference's quirks); ``model.dtype`` follows ``dtype``.
   ``model.retrieval_feature`` ("post_bn" | "pre_bn") and ``model.normalize_feature`` (True)
@@ -53,8 +55,11 @@ Note: one revision of the reference yml says ``MAX_EPOCHS: 160``; the AGW paper'
 this project use 120 (nothing changes after epoch 70 but the length).
 """
 
+import dataclasses
+
 import ml_collections
 
+from reid_jax.data import augment
 from reid_jax.explain import settings as explain_settings
 from reid_jax.models.agw import default_model_config
 from reid_jax.train import attribute_training
@@ -88,6 +93,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 128
     config.data.verify_images = False
     config.data.skip_undecodable = False
+    # The training augmentation, every field of it, so that the command line can change any
+    # (--config.data.erase_prob=0): AugmentConfig's defaults are the reference's.
+    for field in dataclasses.fields(augment.AugmentConfig):
+        if field.name not in ("height", "width"):
+            value = field.default  # a tuple copied, so that the printed config has no aliases
+            config.data[field.name] = tuple(list(value)) if isinstance(value, tuple) else value
 
     config.model = default_model_config()
     config.model.dtype = config.get_ref("dtype")

@@ -6,6 +6,7 @@ The training runs use ``configs/agw_tiny.py`` on a tiny synthetic Market-1501 fo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging as logging_std
@@ -313,6 +314,28 @@ def test_reference_config_is_the_agw_recipe():
     s = load_config("agw_synthetic")
     assert s.model.width < c.model.width and s.optim.weight_decay == 5e-4
     assert s.loss.center_loss_weight == 5e-4
+
+
+@pytest.mark.parametrize("name", ["agw_market1501", "agw_synthetic", "agw_tiny"])
+def test_every_augmentation_field_is_set_on_the_command_line(name):
+    from absl import flags
+    from ml_collections import config_flags
+
+    from reid_jax.data import augment
+
+    defaults = {f.name: f.default for f in dataclasses.fields(augment.AugmentConfig)}
+    c = load_config(name)
+    for field, value in defaults.items():
+        if field not in ("height", "width", "pad"):  # sizes are each config's own
+            assert field in c.data and c.data[field] == value, field
+    assert loop.loader_config(c).augment.erase_prob == 0.5
+    argv = ["train.py", f"--config={CONFIGS / (name + '.py')}", "--config.data.erase_prob=0",
+            "--config.data.erase_area=(0.1,0.2)", "--config.data.flip_prob=0.25"]
+    flag_values = flags.FlagValues()  # as tools/train.py defines its --config
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    aug = loop.loader_config(flag_values.config).augment
+    assert (aug.erase_prob, aug.erase_area, aug.flip_prob) == (0.0, (0.1, 0.2), 0.25)
 
 
 def test_loader_config_rejects_unknown_data_fields():
