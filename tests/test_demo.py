@@ -10,7 +10,7 @@ import re
 import shutil
 
 import pytest
-from conftest import REPO, TINY_EPOCHS, run_tool
+from conftest import REPO, TINY_EPOCHS, file_bytes, run_tool
 
 from reid_jax import checkpoints
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
@@ -53,6 +53,28 @@ def test_demo_names_an_unreadable_data_record(tmp_path):
     meta = work / "data" / "synthetic_meta.json"
     assert last.startswith(f"tools/demo.py: error: {meta} cannot be read (")
     assert last.endswith(f"delete {work / 'data'} to make the data again")
+
+
+def test_demo_refuses_a_model_trained_with_another_config(tmp_path, tiny_run):
+    work = tmp_path / "demo_run"
+    shutil.copytree(tiny_run["data"], work / "data")
+    shutil.copytree(tiny_run["workdir"], work / "train")
+    ckpt = work / "train" / "checkpoints"
+    before = file_bytes(work / "train")
+    made = json.loads((work / "data" / "synthetic_meta.json").read_text())["config"]
+    proc = run_tool(
+        "demo.py", f"--workdir={work}", f"--config={REPO / 'configs' / 'agw_tiny.py'}",
+        f"--num_train_ids={made['num_train_ids']}", f"--num_test_ids={made['num_test_ids']}",
+        f"--train_images_per_id={made['images_per_id']}", f"--seed={made['seed']}",
+        f"--train_override=--config.num_epochs={TINY_EPOCHS}",
+        "--train_override=--config.data.erase_prob=0", expect_ok=False, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"tools/demo.py: error: {work / 'train'} holds a model trained with another "
+                    "config than this demo's (data.erase_prob: 0.5 -> 0.0; an earlier version's "
+                    f"demo?): delete {work / 'train'} to train it anew (the data is kept), or "
+                    "pass another --workdir")
+    assert file_bytes(work / "train") == before and checkpoints.latest_step(ckpt) is not None
 
 
 def test_demo_retrains_a_head_saved_without_its_accuracy_and_reruns_what_used_it(

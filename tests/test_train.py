@@ -28,6 +28,7 @@ import pytest
 from flax import nnx
 
 from reid_jax import checkpoints, synthetic
+from reid_jax.data import augment
 from reid_jax.data.market1501 import load_market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
@@ -321,8 +322,6 @@ def test_every_augmentation_field_is_set_on_the_command_line(name):
     from absl import flags
     from ml_collections import config_flags
 
-    from reid_jax.data import augment
-
     own = {"agw_market1501": {}, "agw_synthetic": {"erase_prob": 0.0}, "agw_tiny": {"pad": 4}}
     c = load_config(name)
     for field in dataclasses.fields(augment.AugmentConfig):
@@ -426,7 +425,8 @@ def test_straight_run_outputs(straight_run, tiny_root):
     assert again["rank1"] == pytest.approx(metrics["rank1"], abs=1e-6)
 
 
-def test_killed_and_restarted_run_ends_with_the_same_weights(straight_run, tiny_root, tmp_path):
+def test_killed_and_restarted_run_ends_with_the_same_weights(straight_run, tiny_root, tmp_path,
+                                                              caplog):
     workdir = tmp_path / "interrupted"
     # Stops after step 3; its checkpoints: step 2 (periodic) and 3 (end of run).
     first = loop.train_and_evaluate(tiny_config(tiny_root, num_train_steps=3), str(workdir))
@@ -451,12 +451,38 @@ def test_killed_and_restarted_run_ends_with_the_same_weights(straight_run, tiny_
     # Resuming a finished run trains nothing more and re-evaluates the same model, also when a
     # later step holds the same state (tools/train_attributes.py adds one with the head).
     shutil.copytree(workdir / "checkpoints" / str(STEPS), workdir / "checkpoints" / str(STEPS + 1))
-    again = loop.train_and_evaluate(tiny_config(tiny_root, num_train_steps=STEPS),
-                                         str(workdir))
+    changed = tiny_config(tiny_root, num_train_steps=STEPS)
+    changed.data.erase_prob, changed.log_every_steps = 0.0, 7
+    caplog.clear()  # the resumption above warned of its longer run (num_train_steps)
+    with caplog.at_level(logging_std.WARNING):
+        again = loop.train_and_evaluate(changed, str(workdir))
     assert again["mAP"] == pytest.approx(result["mAP"], abs=1e-6)
+    # ... and says that the model it holds was trained with another config.
+    warnings = [r.getMessage() for r in caplog.records if "another config" in r.getMessage()]
+    assert len(warnings) == 1 and f"step {STEPS + 1}" in warnings[0], warnings
+    assert warnings[0].endswith(": data.erase_prob: 0.5 -> 0.0"), warnings[0]
     # A shorter run cannot resume from a later step.
     with pytest.raises(ValueError, match="past this run's 4 steps"):
         loop.train_and_evaluate(tiny_config(tiny_root, num_train_steps=4), str(workdir))
+
+
+def test_config_changes_name_the_trained_fields_that_differ():
+    config = load_config("agw_tiny")
+    saved = json.loads(config.to_json_best_effort())
+    assert loop.config_changes(saved, config) == []
+    config.optim.milestones = (1, 2)
+    config.data.root, config.eval_every_epochs = "/elsewhere", 9  # not what is trained
+    config.attributes.epochs = 3  # the head's section
+    del saved["model"]["gem_p"]
+    assert loop.config_changes(saved, config) == [
+        f"model.gem_p: (none) -> {config.model.gem_p}", "optim.milestones: [2] -> [1, 2]"]
+    # A config saved before the augmentation fields were in it trained with their defaults.
+    synthetic = load_config("agw_synthetic")
+    older = json.loads(synthetic.to_json_best_effort())
+    for field in dataclasses.fields(augment.AugmentConfig):
+        if field.name not in ("height", "width"):
+            del older["data"][field.name]
+    assert loop.config_changes(older, synthetic) == ["data.erase_prob: 0.5 -> 0.0"]
 
 
 def test_attribute_head_warning_names_the_step_and_the_fix(tmp_path):

@@ -138,6 +138,34 @@ def _check_data(data: str, work: str) -> None:
             f"or pass {made_text} to keep using that data")
 
 
+def _check_training(checkpoint: str, data: str, work: str) -> None:
+    """Stops when WORKDIR/train holds a model trained with another config than this demo's (by
+    an earlier version's demo, say): training would resume, find the run finished and keep that
+    model (docs/design.md, "Resuming")."""
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    from reid_jax import checkpoints
+    from reid_jax.train import loop
+
+    argv = ["train.py", f"--config={FLAGS.config}", f"--config.data.root={data}",
+            *FLAGS.train_override]
+    values = absl_flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    try:
+        values(argv, known_only=True)
+        saved = checkpoints.restore_meta(checkpoint).get("config") or {}
+    except (absl_flags.Error, OSError, ValueError, KeyError):
+        return  # tools/train.py reports a config or checkpoint it cannot read, in its own words
+    changes = loop.config_changes(saved, values.config)
+    if changes:
+        train_dir = os.path.dirname(checkpoint)
+        raise ValueError(
+            f"{train_dir} holds a model trained with another config than this demo's "
+            f"({'; '.join(changes)}; an earlier version's demo?): delete {train_dir} to train "
+            f"it anew (the data is kept), or pass another --workdir")
+
+
 def main(argv):
     del argv
     started = time.time()
@@ -161,6 +189,8 @@ def main(argv):
              f"--contact_sheet={os.path.join(work, 'contact_sheet.png')}")
 
     # Training resumes from its latest checkpoint and returns at once when it is complete.
+    if os.path.isdir(checkpoint) and os.listdir(checkpoint):
+        _check_training(checkpoint, data, work)
     _run("train AGW", "train.py", f"--config={FLAGS.config}", f"--workdir={train_dir}",
          f"--config.data.root={data}", *FLAGS.train_override)
 

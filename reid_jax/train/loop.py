@@ -56,6 +56,7 @@ docs/scaling.md, "Multi-host training".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as logging_std
 import math
@@ -77,8 +78,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from reid_jax import atomic_io, checkpoints, embeddings, evaluation
+from reid_jax.data import augment, sources
 from reid_jax.data import loader as loader_lib
-from reid_jax.data import sources
 from reid_jax.data.market1501 import Market1501
 from reid_jax.data.sampler import RandomIdentitySampler
 from reid_jax.models.agw import AGW
@@ -259,6 +260,46 @@ def open_checkpoint_manager(workdir: str, keep: int | None) -> ocp.CheckpointMan
 
 def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
+
+
+# Settings of how a run reads, logs and saves, not of what it trains, and the sections the
+# training does not read (the attribute head's and the explanations'): a resumed run may change
+# them without a word.
+_UNTRAINED_FIELDS = frozenset({
+    "data.root", "data.source", "data.tfds_data_dir", "data.tfds_config", "data.num_workers",
+    "data.prefetch", "data.backend", "data.eval_batch_size", "data.verify_images",
+    "data.skip_undecodable", "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
+    "keep_checkpoints"})
+_UNTRAINED_SECTIONS = ("attributes.", "explain.")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """``"path: saved -> now"`` for every training field whose value in ``config`` differs from
+    the ``saved`` config (a checkpoint's ``meta['config']``); fields of one side only count,
+    shown as ``(none)``, but an augmentation field a saved config lacks is the default the loader
+    trained with. Runtime fields and the head's and explanations' sections are left out
+    (docs/design.md, "Resuming")."""
+    before, now = _flat(saved), _flat(_config_json(config))
+    for field in dataclasses.fields(augment.AugmentConfig):
+        value = field.default
+        before.setdefault(f"data.{field.name}", list(value) if isinstance(value, tuple) else value)
+    changes = []
+    for path in sorted(set(before) | set(now)):
+        if path in _UNTRAINED_FIELDS or path.startswith(_UNTRAINED_SECTIONS):
+            continue
+        old, new = before.get(path, "(none)"), now.get(path, "(none)")
+        if old != new:
+            changes.append(f"{path}: {old} -> {new}")
+    return changes
 
 
 def save_train_checkpoint(
@@ -485,6 +526,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if latest is not None:
             state = restore_train_checkpoint(manager, state, latest)
             logging.info("resumed from %s step %d", manager.directory, latest)
+            changes = config_changes(
+                checkpoints.restore_meta(checkpoint_dir, latest).get("config") or {}, config)
+            if changes:
+                logging.warning(
+                    "%s step %d was trained with another config; from here on this run's "
+                    "values hold, the steps before keep the old ones (use a new --workdir to "
+                    "train with these from the start): %s", manager.directory, latest,
+                    "; ".join(changes))
         start = int(jax.device_get(state.step))
         if start > total_steps:
             raise ValueError(
