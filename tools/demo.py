@@ -138,7 +138,7 @@ def _check_data(data: str, work: str) -> None:
             f"or pass {made_text} to keep using that data")
 
 
-def _check_training(checkpoint: str, data: str, work: str) -> None:
+def _check_training(checkpoint: str, data: str) -> None:
     """Stops when WORKDIR/train holds a model trained with another config than this demo's (by
     an earlier version's demo, say): training would resume, find the run finished and keep that
     model (docs/design.md, "Resuming")."""
@@ -190,7 +190,7 @@ def main(argv):
 
     # Training resumes from its latest checkpoint and returns at once when it is complete.
     if os.path.isdir(checkpoint) and os.listdir(checkpoint):
-        _check_training(checkpoint, data, work)
+        _check_training(checkpoint, data)
     _run("train AGW", "train.py", f"--config={FLAGS.config}", f"--workdir={train_dir}",
          f"--config.data.root={data}", *FLAGS.train_override)
 
