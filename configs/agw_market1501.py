@@ -55,8 +55,6 @@ Note: one revision of the reference yml says ``MAX_EPOCHS: 160``; the AGW paper'
 this project use 120 (nothing changes after epoch 70 but the length).
 """
 
-import dataclasses
-
 import ml_collections
 
 from reid_jax.data import augment
@@ -95,10 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.skip_undecodable = False
     # The training augmentation, every field of it, so that the command line can change any
     # (--config.data.erase_prob=0): AugmentConfig's defaults are the reference's.
-    for field in dataclasses.fields(augment.AugmentConfig):
-        if field.name not in ("height", "width"):
-            value = field.default  # a tuple copied, so that the printed config has no aliases
-            config.data[field.name] = tuple(list(value)) if isinstance(value, tuple) else value
+    for name, value in augment.recipe_defaults().items():
+        config.data[name] = value
 
     config.model = default_model_config()
     config.model.dtype = config.get_ref("dtype")

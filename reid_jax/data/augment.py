@@ -126,6 +126,14 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig.std must be > 0, got {self.std}")
 
 
+def recipe_defaults() -> dict[str, Any]:
+    """Every ``AugmentConfig`` field but the size, with its default (the reference's recipe):
+    the fields a config's ``data`` section carries. Tuples are fresh objects, so that a printed
+    config holds no aliases."""
+    return {f.name: tuple(list(f.default)) if isinstance(f.default, tuple) else f.default
+            for f in dataclasses.fields(AugmentConfig) if f.name not in ("height", "width")}
+
+
 def describe(item: Any) -> str:
     """A short human-readable name of an image item, for error messages."""
     if isinstance(item, Mapping):

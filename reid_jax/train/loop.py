@@ -56,7 +56,6 @@ docs/scaling.md, "Multi-host training".
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as logging_std
 import math
@@ -74,7 +73,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
 from reid_jax import atomic_io, checkpoints, embeddings, evaluation
@@ -273,25 +272,16 @@ _UNTRAINED_FIELDS = frozenset({
 _UNTRAINED_SECTIONS = ("attributes.", "explain.")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return out
-
-
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
     """``"path: saved -> now"`` for every training field whose value in ``config`` differs from
     the ``saved`` config (a checkpoint's ``meta['config']``); fields of one side only count,
     shown as ``(none)``, but an augmentation field a saved config lacks is the default the loader
     trained with. Runtime fields and the head's and explanations' sections are left out
     (docs/design.md, "Resuming")."""
-    before, now = _flat(saved), _flat(_config_json(config))
-    for field in dataclasses.fields(augment.AugmentConfig):
-        value = field.default
-        before.setdefault(f"data.{field.name}", list(value) if isinstance(value, tuple) else value)
+    before = traverse_util.flatten_dict(saved, sep=".")
+    now = traverse_util.flatten_dict(_config_json(config), sep=".")
+    for name, value in augment.recipe_defaults().items():
+        before.setdefault(f"data.{name}", list(value) if isinstance(value, tuple) else value)
     changes = []
     for path in sorted(set(before) | set(now)):
         if path in _UNTRAINED_FIELDS or path.startswith(_UNTRAINED_SECTIONS):
