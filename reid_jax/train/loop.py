@@ -323,14 +323,12 @@ def _abstract(tree: Any) -> Any:
 
 def restore_train_checkpoint(
     manager: ocp.CheckpointManager, state: TrainState, step: int
-) -> tuple[TrainState, dict[str, Any]]:
-    """``state`` with every array replaced by step ``step`` of ``manager`` (same shardings),
-    and that step's ``meta`` (read in the same restore)."""
+) -> TrainState:
+    """``state`` with every array replaced by step ``step`` of ``manager`` (same shardings)."""
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**{
             checkpoints.MODEL_ITEM: ocp.args.StandardRestore(_abstract(state.model_state())),
             TRAIN_STATE_ITEM: ocp.args.StandardRestore(_abstract(state.optimizer_items())),
-            checkpoints.META_ITEM: ocp.args.JsonRestore(),
         }))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(
@@ -339,8 +337,7 @@ def restore_train_checkpoint(
             "the config the run was started with."
         ) from e
     state = state.with_model_state(restored[checkpoints.MODEL_ITEM])
-    return (state.with_optimizer_items(restored[TRAIN_STATE_ITEM]),
-            dict(restored[checkpoints.META_ITEM]))
+    return state.with_optimizer_items(restored[TRAIN_STATE_ITEM])
 
 
 # Kept here too for the tools that log it beside training messages.
@@ -517,9 +514,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         latest = checkpoints.latest_step(checkpoint_dir)
         if latest is not None:
-            state, meta = restore_train_checkpoint(manager, state, latest)
+            state = restore_train_checkpoint(manager, state, latest)
             logging.info("resumed from %s step %d", manager.directory, latest)
-            changes = config_changes(meta.get("config") or {}, config)
+            changes = config_changes(
+                checkpoints.restore_meta(checkpoint_dir, latest).get("config") or {}, config)
             if changes:
                 logging.warning(
                     "%s step %d was trained with another config; from here on this run's "
