@@ -38,6 +38,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -257,6 +258,31 @@ def _items_at(manager: ocp.CheckpointManager, step: int) -> set[str]:
     return {k for k, v in manager.item_metadata(step).items() if v is not None}
 
 
+def _path_name(path: tuple[Any, ...]) -> str:
+    """``backbone.bn1.bias`` for a pytree key path (orbax's metadata or an ``nnx.State``)."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return ".".join(p for p in parts if p != "value")
+
+
+def shape_mismatches(stored: Any, built: Any, limit: int = 5) -> list[str]:
+    """The arrays whose stored shape differs from the one built, as ``"name: stored [16, 3] ->
+    built [32, 3]"`` (at most ``limit``, then a count), from ``manager.item_metadata(step)[item]``
+    and the abstract state a restore would fill. Arrays of one side only are left to the
+    restore, which names the missing keys itself; checking shapes first spares the user orbax's
+    failing asynchronous reads."""
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+        return {_path_name(path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if hasattr(leaf, "shape")}
+
+    before, now = shapes(stored), shapes(built)
+    differ = [f"{name}: stored {list(before[name])} -> built {list(now[name])}"
+              for name in sorted(before.keys() & now.keys()) if before[name] != now[name]]
+    if len(differ) > limit:
+        differ = differ[:limit] + [f"... {len(differ) - limit} more"]
+    return differ
+
+
 def restore_meta(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """The ``meta`` JSON of ``step`` (default: latest) of ``directory``."""
     directory = os.path.abspath(os.fspath(directory))
@@ -324,6 +350,20 @@ def restore_model(
         graphdef, abstract_state = nnx.split(abstract)
         saved_config = meta.get("config") if isinstance(meta.get("config"), dict) else None
         same_model = saved_config is not None and _same_model(config, saved_config)
+
+        def refuse(cause: str) -> ValueError:
+            saved = saved_config.get("model") if saved_config else None
+            return ValueError(
+                f"cannot restore the model of {directory} step {step} into the model built from "
+                f"config.model={model_kwargs(config)} (checkpoint's config.model: {saved}): "
+                f"{cause}")
+
+        differ: list[str] = []
+        if not same_model:  # shapes first: a clear list, and no failing asynchronous reads
+            with contextlib.suppress(Exception):  # unreadable metadata: the restore names it
+                differ = shape_mismatches(manager.item_metadata(step)[MODEL_ITEM], abstract_state)
+        if differ:
+            raise refuse("arrays of another shape: " + "; ".join(differ))
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 **{MODEL_ITEM: ocp.args.StandardRestore(abstract_state)}))
@@ -332,11 +372,7 @@ def restore_model(
                 # The model it was saved from is the one built: the files are at fault.
                 with _reading(directory, step, "model weights"):
                     raise
-            saved = saved_config.get("model") if saved_config else None
-            raise ValueError(
-                f"cannot restore the model of {directory} step {step} into the model built from "
-                f"config.model={model_kwargs(config)} (checkpoint's config.model: {saved}): {e}"
-            ) from e
+            raise refuse(str(e)) from e
         model = nnx.merge(graphdef, restored[MODEL_ITEM])
         return model, meta
     finally:

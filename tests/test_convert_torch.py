@@ -369,6 +369,11 @@ def test_checkpoint_round_trip_with_attribute_head(tmp_path):
         checkpoints.restore_model(directory, config, step=5)
     with pytest.raises(ValueError, match="cannot restore the model of .*ckpt step 7"):
         checkpoints.restore_model(directory, _config(blocks=(1, 2, 1, 1), non_local=(0, 1, 0, 0)))
+    # Another width: the arrays of another shape are listed, read from the metadata.
+    with pytest.raises(ValueError, match=(
+            rf"cannot restore the model of .*ckpt step 7 .*arrays of another shape: "
+            rf"backbone\.\S+: stored \[.*{WIDTH}.*\] -> built \[.*{2 * WIDTH}.*\]")):
+        checkpoints.restore_model(directory, _config(width=2 * WIDTH))
     missing = tmp_path / "missing"
     with pytest.raises(FileNotFoundError, match=f"{missing} does not exist"):
         checkpoints.restore_model(missing, config)

@@ -464,6 +464,16 @@ def test_killed_and_restarted_run_ends_with_the_same_weights(straight_run, tiny_
     # A shorter run cannot resume from a later step.
     with pytest.raises(ValueError, match="past this run's 4 steps"):
         loop.train_and_evaluate(tiny_config(tiny_root, num_train_steps=4), str(workdir))
+    # A step that does not fit this config's model is refused with the fields that changed.
+    wider = tiny_config(tiny_root, num_train_steps=STEPS)
+    width = wider.model.width
+    wider.model.width = 2 * width
+    with pytest.raises(ValueError, match=(
+            rf"cannot resume from checkpoint step {STEPS + 1} .*the fields that differ from the "
+            rf"config it was trained with: .*model\.width: {width} -> {2 * width} "
+            rf"\(arrays of another shape: backbone\.\S+: stored \[.*{width}.*\] -> built "
+            rf"\[.*{2 * width}.*\]")):
+        loop.train_and_evaluate(wider, str(workdir))
 
 
 def test_config_changes_name_the_trained_fields_that_differ():

@@ -322,20 +322,41 @@ def _abstract(tree: Any) -> Any:
 
 
 def restore_train_checkpoint(
-    manager: ocp.CheckpointManager, state: TrainState, step: int
+    manager: ocp.CheckpointManager, state: TrainState, step: int,
+    changes: Sequence[str] = (),
 ) -> TrainState:
-    """``state`` with every array replaced by step ``step`` of ``manager`` (same shardings)."""
+    """``state`` with every array replaced by step ``step`` of ``manager`` (same shardings).
+
+    ``changes`` are the trained fields in which this run's config differs from the one the step
+    was trained with (:func:`config_changes`); a step that cannot be restored into ``state``
+    names them, since a changed field (``model.width``) is the usual cause.
+    """
+    def refuse(cause: str) -> ValueError:
+        differ = (f"; the fields that differ from the config it was trained with: "
+                  f"{'; '.join(changes)}" if changes else "")
+        return ValueError(
+            f"cannot resume from checkpoint step {step} in {manager.directory}: it does not "
+            f"match the model/optimizer built from this config{differ} ({cause}). Use a new "
+            "--workdir or the config the run was started with.")
+
+    model_state, optimizer_items = state.model_state(), state.optimizer_items()
+    try:
+        stored = manager.item_metadata(step)
+    except Exception:  # noqa: BLE001 (unreadable metadata: the restore below names the fault)
+        stored = None
+    if stored is not None and stored.get(checkpoints.MODEL_ITEM) is not None:
+        # Shapes first, from the metadata: a clear list, and no failing asynchronous reads.
+        differ = (checkpoints.shape_mismatches(stored[checkpoints.MODEL_ITEM], model_state)
+                  or checkpoints.shape_mismatches(stored.get(TRAIN_STATE_ITEM), optimizer_items))
+        if differ:
+            raise refuse("arrays of another shape: " + "; ".join(differ))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**{
-            checkpoints.MODEL_ITEM: ocp.args.StandardRestore(_abstract(state.model_state())),
-            TRAIN_STATE_ITEM: ocp.args.StandardRestore(_abstract(state.optimizer_items())),
+            checkpoints.MODEL_ITEM: ocp.args.StandardRestore(_abstract(model_state)),
+            TRAIN_STATE_ITEM: ocp.args.StandardRestore(_abstract(optimizer_items)),
         }))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"cannot resume from checkpoint step {step} in {manager.directory}: it does not "
-            f"match the model/optimizer built from this config ({e}). Use a new --workdir or "
-            "the config the run was started with."
-        ) from e
+        raise refuse(str(e)) from e
     state = state.with_model_state(restored[checkpoints.MODEL_ITEM])
     return state.with_optimizer_items(restored[TRAIN_STATE_ITEM])
 
@@ -514,10 +535,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         latest = checkpoints.latest_step(checkpoint_dir)
         if latest is not None:
-            state = restore_train_checkpoint(manager, state, latest)
-            logging.info("resumed from %s step %d", manager.directory, latest)
+            # The stored config first: a step that does not fit this config's model is named
+            # with the fields that changed.
             changes = config_changes(
                 checkpoints.restore_meta(checkpoint_dir, latest).get("config") or {}, config)
+            state = restore_train_checkpoint(manager, state, latest, changes)
+            logging.info("resumed from %s step %d", manager.directory, latest)
             if changes:
                 logging.warning(
                     "%s step %d was trained with another config; from here on this run's "
