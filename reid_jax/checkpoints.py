@@ -259,9 +259,10 @@ def _items_at(manager: ocp.CheckpointManager, step: int) -> set[str]:
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
-    """``backbone.bn1.bias`` for a pytree key path (orbax's metadata or an ``nnx.State``)."""
+    """``backbone.bn1.bias`` for a pytree key path (orbax's metadata or an ``nnx.State``; the
+    variable's own ``value`` at the end is dropped)."""
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    return ".".join(p for p in parts if p != "value")
+    return ".".join(parts[:-1] if parts[-1:] == ["value"] else parts)
 
 
 def shape_mismatches(stored: Any, built: Any, limit: int = 5) -> list[str]:

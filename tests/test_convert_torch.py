@@ -381,3 +381,20 @@ def test_checkpoint_round_trip_with_attribute_head(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=f"{empty} holds no checkpoint"):
         checkpoints.restore_attribute_head(empty)
+
+
+def test_shape_mismatches_name_the_arrays_of_another_shape():
+    """Stored metadata keys (``DictKey`` .. ``value``) and a built state's keys (``GetAttrKey``
+    ``value``) name the same array; a module called ``value`` keeps its name."""
+    stored = {"value": {"kernel": {"value": jax.ShapeDtypeStruct((3, 8), np.float32)}},
+              "bias": {"value": jax.ShapeDtypeStruct((8,), np.float32)},
+              "old": {"value": jax.ShapeDtypeStruct((2,), np.float32)}}
+    built = {"value": {"kernel": nnx.Param(jax.ShapeDtypeStruct((3, 16), np.float32))},
+             "bias": nnx.Param(jax.ShapeDtypeStruct((8,), np.float32))}
+    assert checkpoints.shape_mismatches(stored, nnx.State(built)) == [
+        "value.kernel: stored [3, 8] -> built [3, 16]"]
+    many = {f"w{i}": jax.ShapeDtypeStruct((i + 1,), np.float32) for i in range(7)}
+    wider = {k: jax.ShapeDtypeStruct((2 * v.shape[0],), np.float32) for k, v in many.items()}
+    differ = checkpoints.shape_mismatches(many, wider, limit=5)
+    assert len(differ) == 6 and differ[0] == "w0: stored [1] -> built [2]"
+    assert differ[-1] == "... 2 more"
