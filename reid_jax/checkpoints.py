@@ -284,6 +284,22 @@ def shape_mismatches(stored: Any, built: Any, limit: int = 5) -> list[str]:
     return differ
 
 
+def stored_shape_mismatches(manager: ocp.CheckpointManager, step: int,
+                            built_items: dict[str, Any]) -> list[str]:
+    """:func:`shape_mismatches` of step ``step``'s metadata against ``built_items`` (item name ->
+    the state a restore would fill), for the first item that has any; ``[]`` where the metadata
+    cannot be read (the restore then names the fault)."""
+    try:
+        stored = manager.item_metadata(step)
+    except Exception:  # noqa: BLE001 (unreadable metadata: the restore names the fault)
+        return []
+    for name, built in built_items.items():
+        differ = shape_mismatches(stored.get(name), built)
+        if differ:
+            return differ
+    return []
+
+
 def restore_meta(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """The ``meta`` JSON of ``step`` (default: latest) of ``directory``."""
     directory = os.path.abspath(os.fspath(directory))
@@ -359,11 +375,9 @@ def restore_model(
                 f"config.model={model_kwargs(config)} (checkpoint's config.model: {saved}): "
                 f"{cause}")
 
-        differ: list[str] = []
-        if not same_model:  # shapes first: a clear list, and no failing asynchronous reads
-            with contextlib.suppress(Exception):  # unreadable metadata: the restore names it
-                differ = shape_mismatches(manager.item_metadata(step)[MODEL_ITEM], abstract_state)
-        if differ:
+        # Shapes first: a clear list, and no failing asynchronous reads.
+        if not same_model and (differ := stored_shape_mismatches(
+                manager, step, {MODEL_ITEM: abstract_state})):
             raise refuse("arrays of another shape: " + "; ".join(differ))
         try:
             restored = manager.restore(step, args=ocp.args.Composite(

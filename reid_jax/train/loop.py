@@ -340,16 +340,11 @@ def restore_train_checkpoint(
             "--workdir or the config the run was started with.")
 
     model_state, optimizer_items = state.model_state(), state.optimizer_items()
-    try:
-        stored = manager.item_metadata(step)
-    except Exception:  # noqa: BLE001 (unreadable metadata: the restore below names the fault)
-        stored = None
-    if stored is not None and stored.get(checkpoints.MODEL_ITEM) is not None:
-        # Shapes first, from the metadata: a clear list, and no failing asynchronous reads.
-        differ = (checkpoints.shape_mismatches(stored[checkpoints.MODEL_ITEM], model_state)
-                  or checkpoints.shape_mismatches(stored.get(TRAIN_STATE_ITEM), optimizer_items))
-        if differ:
-            raise refuse("arrays of another shape: " + "; ".join(differ))
+    # Shapes first, from the metadata: a clear list, and no failing asynchronous reads.
+    differ = checkpoints.stored_shape_mismatches(manager, step, {
+        checkpoints.MODEL_ITEM: model_state, TRAIN_STATE_ITEM: optimizer_items})
+    if differ:
+        raise refuse("arrays of another shape: " + "; ".join(differ))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**{
             checkpoints.MODEL_ITEM: ocp.args.StandardRestore(_abstract(model_state)),
