@@ -390,3 +390,58 @@ def test_bad_shapes_are_rejected_with_their_names(post, images):
     with pytest.raises(ValueError, match=r"baseline must be one feature map \[h, w, C\] = "
                                          r"\[8, 4, 64\] .* got shape \[4, 2, 256\]"):
         maps.evidence_maps(model, w, images, layer=2, baseline=np.zeros((4, 2, 256)))
+
+
+def test_part_occlusion_maps_are_the_logit_drops_of_greying_each_part(post, images):
+    """map_metrics.part_occlusion_maps against the model's own embeddings of the greyed images,
+    in float64; a part under min_pixels is not greyed (-inf), and masks at another size are read
+    at the model input's pixels (nearest) and the maps returned at the masks' size."""
+    from reid_jax.explain import map_metrics as mm
+
+    model, w = post.model, post.weights
+    x = images[:2]
+    labels = np.zeros((2, H, W_PIX), np.uint8)
+    labels[:, 20:40] = 1
+    labels[:, 40:] = 2
+    labels[1, 40:] = 3  # image 1 has no part 2 but a part 3
+    labels[0, 0, :3] = 4  # 3 pixels: below min_pixels
+    got = mm.part_occlusion_maps(model, w, x, labels, batch_size=4)
+    assert got.shape == (2, A, H, W_PIX) and got.dtype == np.float32
+
+    def logits(batch):
+        return np.asarray(maps.embed(model, batch), np.float64) @ w.astype(np.float64)
+
+    z = logits(x)
+    for i in range(2):
+        for part in np.unique(labels[i]).tolist():
+            at = labels[i] == part
+            if at.sum() < mm.DEFAULT_MIN_PART_PIXELS:
+                assert np.isneginf(got[i][:, at]).all()
+                continue
+            grey = x[i:i + 1].copy()
+            grey[0][at] = 0.0
+            want = z[i] - logits(grey)[0]
+            np.testing.assert_allclose(got[i][:, at], np.repeat(want[:, None], at.sum(), 1),
+                                       rtol=1e-4, atol=1e-4)
+    # Masks at twice the input's size: the same drops, returned at the masks' size.
+    big = np.repeat(np.repeat(labels, 2, axis=1), 2, axis=2)
+    twice = mm.part_occlusion_maps(model, w, x, big, batch_size=4)
+    assert twice.shape == (2, A, 2 * H, 2 * W_PIX)
+    np.testing.assert_allclose(twice[:, :, ::2, ::2], got, rtol=1e-5, atol=1e-5)
+    # The part each attribute is read from, and the pixel that stands for it.
+    top = mm.top_part_regions(got)
+    points = mm.part_occlusion_points(got)
+    for i in range(2):
+        for k in range(A):
+            part = labels[i][top[i, k]]
+            assert len(np.unique(part)) == 1  # one whole part
+            assert top[i, k].sum() == (labels[i] == part[0]).sum()
+            assert top[i, k][tuple(points[i, k])]
+    with pytest.raises(ValueError, match="one mask per image: 1 masks for 2 images"):
+        mm.part_occlusion_maps(model, w, x, labels[:1])
+    with pytest.raises(ValueError, match="region indices >= 0, got float32"):
+        mm.part_occlusion_maps(model, w, x, labels.astype(np.float32))
+    with pytest.raises(ValueError, match="min_pixels must be >= 1, got 0"):
+        mm.part_occlusion_maps(model, w, x, labels, min_pixels=0)
+    with pytest.raises(ValueError, match=r"part_labels must be int \[B, H, W\]"):
+        mm.part_occlusion_maps(model, w, x, labels[0])

@@ -548,7 +548,8 @@ def test_evaluate_writes_json_and_markdown(run, dataset, checkpoints_dir):
     assert table[0].startswith("| metric | n | prior (fixed order) | chance | eq. 3.2 (paper)")
     maps_rows = quality_table.maps_table(m).rows
     assert sum(line.startswith("| ") for line in table) == 1 + 2 + 8 + 12 + 1 + len(maps_rows)
-    assert "| measurement | group | n | maps | centre | distance Grad-CAM | random |" in table
+    assert ("| measurement | group | n | maps | centre | distance Grad-CAM | part occlusion | "
+            "random |") in table
 
 
 def test_evaluate_measures_the_maps(run):
@@ -558,9 +559,16 @@ def test_evaluate_measures_the_maps(run):
     pg = maps["pointing_game"]
     assert pg["overall"]["cases"] == sum(g["cases"] for g in pg["groups"].values()) > 0
     assert set(pg["groups"]) <= {"headwear", "bags", "upper_body", "lower_body"}
-    for method in ("evidence", "centre", "gradcam"):
+    for method in ("evidence", "centre", "gradcam", "occlusion"):
         assert 0 <= pg["overall"][method]["rate"] <= 1
     assert 0 < pg["overall"]["chance"]["expected_rate"] < 1
+    # The same cases scored against the part whose greying lowers z_a most.
+    agreement = maps["occlusion_agreement"]
+    assert agreement["overall"]["cases"] == pg["overall"]["cases"]
+    assert agreement["skipped"] == pg["skipped"]
+    for method in ("evidence", "centre", "gradcam"):
+        assert 0 <= agreement["overall"][method]["rate"] <= 1
+    assert "occlusion" not in agreement["overall"]
     # The cases the query labels confirm (the synthetic queries are all labelled).
     confirmed = pg["labelled_present"]["overall"]["cases"]
     assert confirmed == round(pg["overall"]["mean_labelled_present"] * pg["overall"]["cases"])
@@ -586,6 +594,7 @@ def test_evaluate_measures_the_maps(run):
         # and integrated gradients leave ~10 % (docs/attribute_maps.md, 'Where the maps fail').
         assert c["pairs"] == MAP_IMAGES and 0 <= c["mean"] <= c["max"] < 1e-3, c
     assert "| pointing game | overall |" in run.table
+    assert "| agreement with part occlusion | overall |" in run.table
 
 
 def test_evaluate_numbers_equal_the_library(run, dataset, checkpoints_dir):

@@ -146,3 +146,69 @@ def test_pointing_game_refuses_bad_shapes_with_their_names():
     with pytest.raises(ValueError, match="baseline name 'centre' is taken"):
         mm.pointing_game(maps, regions, probs, attributes=NAMES,
                          baselines={"centre": np.zeros((2, H, W))})
+
+
+def test_baseline_points_are_scored_on_the_same_cases():
+    probs = np.array([[0.9, 0.9, 0.9, 0.9],
+                      [0.9, 0.9, 0.2, 0.6]])
+    maps = _maps([[(1, 3), (0, 0), (5, 4), (9, 4)], [(1, 3), (4, 3), (5, 4), (6, 4)]])
+    points = np.zeros((2, len(NAMES), 2), np.int64)
+    points[0] = [(11, 0), (4, 2), (0, 0), (8, 3)]  # hat missed, upred hit, downblue hit
+    points[1] = [(0, 0), (11, 7), (0, 0), (10, 5)]  # upred missed, downblue hit
+    out = mm.pointing_game(maps, _regions(), probs, attributes=NAMES,
+                           baseline_points={"occlusion": points})
+    assert out["overall"]["cases"] == 5
+    assert out["overall"]["occlusion"] == {"hits": 3, "rate": 0.6}
+    assert out["attributes"]["downblue"]["occlusion"]["hits"] == 2
+    assert out["overall"]["evidence"]["hits"] == 4  # the maps' own score is unchanged
+    with pytest.raises(ValueError, match=r"baseline 'occlusion' must have shape \(2, 4, 2\) "
+                                         r"\(one \(row, column\) per image and attribute\)"):
+        mm.pointing_game(maps, _regions(), probs, attributes=NAMES,
+                         baseline_points={"occlusion": points[:, :3]})
+    with pytest.raises(ValueError, match="baseline name 'evidence' is taken"):
+        mm.pointing_game(maps, _regions(), probs, attributes=NAMES,
+                         baseline_points={"evidence": points})
+
+
+def _occlusion(tops):
+    """[2, 4, H, W] part-occlusion maps over three horizontal parts (rows 0-3, 4-7, 8-11):
+    ``tops[i][a]`` is the part whose greying lowers attribute a most."""
+    m = np.zeros((2, len(NAMES), H, W), np.float32)
+    for i, row in enumerate(tops):
+        for a, part in enumerate(row):
+            m[i, a, 4 * part:4 * part + 4] = 2.0
+            m[i, a, 4 * ((part + 1) % 3):4 * ((part + 1) % 3) + 4] = 1.0
+    return m
+
+
+def test_part_occlusion_points_are_the_deepest_pixels_of_the_top_part():
+    occ = _occlusion([[0, 1, 2, 2], [1, 1, 1, 0]])
+    occ[1, 2, 0, 0] = -np.inf  # a part too small to grey never wins
+    top = mm.top_part_regions(occ)
+    assert top[0, 0, 0:4].all() and top[0, 0].sum() == 4 * W
+    points = mm.part_occlusion_points(occ)
+    # The deepest pixels of a 4 x 8 band: rows 1-2 (first: 1), columns 3-4 (first: 3).
+    assert points[0, 0].tolist() == [1, 3] and points[0, 1].tolist() == [5, 3]
+    assert points[0, 3].tolist() == [9, 3]
+    with pytest.raises(ValueError, match=r"occlusion_maps must be \[B, A, H, W\]"):
+        mm.part_occlusion_points(occ[0])
+
+
+def test_agreement_with_part_occlusion_scores_the_part_the_model_reads():
+    probs = np.array([[0.9, 0.9, 0.9, 0.9],
+                      [0.9, 0.9, 0.2, 0.6]])
+    # Image 0: upred read from the top part (rows 0-3), downblue from the middle (4-7);
+    # image 1: upred from the bottom (8-11), downblue from the bottom.
+    occ = _occlusion([[0, 0, 1, 1], [0, 2, 0, 2]])
+    peaks = [[(1, 3), (2, 2), (5, 4), (11, 4)],  # hat agrees, upred agrees, downblue 4 px off
+             [(1, 3), (4, 3), (5, 4), (10, 4)]]  # (hat hidden), upred 4 px off, downblue agrees
+    cases = mm.occlusion_agreement_cases(_maps(peaks), occ, _regions(), probs,
+                                         attributes=NAMES)
+    out = mm.summarise(cases, NAMES)
+    assert out["overall"]["cases"] == 5  # the pointing game's cases
+    assert out["overall"]["evidence"]["hits"] == 3
+    assert out["attributes"]["upred"]["evidence"]["hits"] == 1
+    assert out["skipped"] == {"not_localisable": 1, "empty_region": 1}
+    with pytest.raises(ValueError, match="must have the same shape"):
+        mm.occlusion_agreement_cases(_maps(peaks), occ[:, :3], _regions(), probs,
+                                     attributes=NAMES)

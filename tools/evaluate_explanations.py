@@ -15,8 +15,9 @@ probability that the labels differ, where they apply:
       and the mean over attributes),
   (3) AMD's Ex-Precision / Ex-mAP (_d, _s, and _s by AMD's rule) over all pairs and the top-k,
   (4) the attribute maps against the part masks (synthetic data roots; --nomeasure_maps skips,
-      --map_images caps): pointing game, counterfactual localisation, deletion, completeness,
-      per attribute group (docs/attribute_maps.md, 'Measurements'),
+      --map_images caps): pointing game (with a part-occlusion reference), agreement with
+      part occlusion, counterfactual localisation, deletion, completeness, per attribute group
+      (docs/attribute_maps.md, 'Measurements'),
 against two baselines — a fixed attribute order from the training split (its identities'
 labels, and its images' nearest neighbours under the model) and chance — with 95 % bootstrap
 intervals over queries and counterfactual images (the top-k ranks are those of
@@ -62,7 +63,8 @@ _SEED = flags.DEFINE_integer("seed", None, "Seeds the choice of counterfactuals 
                              "bootstrap (config.explain.seed, 0).")
 _MEASURE_MAPS = flags.DEFINE_bool(
     "measure_maps", None, "Measure the attribute maps against the part masks: pointing game, "
-    "counterfactual localisation, deletion, completeness (synthetic data roots; "
+    "agreement with part occlusion, counterfactual localisation, deletion, completeness "
+    "(synthetic data roots; "
     "config.explain.measure_maps, True).")
 _MAP_IMAGES = flags.DEFINE_integer(
     "map_images", None, "Cap on the images of each map measurement "

@@ -10,6 +10,10 @@ plain JSON-ready dict with counts, rates, and the same per attribute group (``he
   ``tolerance`` pixels of the region? Baselines on the same cases: the image centre, any
   attribute-agnostic maps given (e.g. :func:`reid_jax.explain.maps.distance_gradcam`), and the
   chance of a uniformly random pixel.
+* :func:`part_occlusion_maps` — a reference that uses the part masks: the drop of ``z_a`` when
+  each labelled part is greyed. Its top part (:func:`part_occlusion_points`) is scored in the
+  pointing game beside the baselines, and :func:`occlusion_agreement_cases` asks whether a
+  map peaks on that part (does the map find what the model reads?).
 * :func:`counterfactual_localisation` — for a gallery image and its re-render with one attribute
   changed: does the contribution map of the pair's largest-rising attribute peak inside the
   changed region? (and is that attribute one the change flipped?)
@@ -33,7 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import special
+from scipy import ndimage, special
 
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.explain import maps as maps_lib
@@ -45,6 +49,8 @@ from reid_jax.synthetic.masks import ATTRIBUTE_GROUPS, attribute_group, localisa
 DEFAULT_TOLERANCE = 2.0
 DEFAULT_FRACTION = 0.1
 DEFAULT_THRESHOLD = 0.5
+# Parts smaller than this (pixels of the model input) are not greyed by the occlusion reference.
+DEFAULT_MIN_PART_PIXELS = 4
 # Blur of the deletion test: Gaussian sigma as a fraction of the image height (4 px at 128).
 DEFAULT_BLUR = 4.0 / 128.0
 WHOLE_PERSON = "whole_person"
@@ -201,14 +207,15 @@ def _as_array(name: str, x: Any, ndim: int, what: str) -> np.ndarray:
 
 
 def _check_baselines(baselines: Mapping[str, Any] | None, shape: tuple[int, ...],
-                     reserved: Sequence[str]) -> dict[str, np.ndarray]:
+                     reserved: Sequence[str], what: str = "one map per image"
+                     ) -> dict[str, np.ndarray]:
     out = {}
     for name, m in (baselines or {}).items():
         if name in reserved:
             raise ValueError(f"baseline name {name!r} is taken; use another")
         a = np.asarray(m)
         if a.shape != shape:
-            raise ValueError(f"baseline {name!r} must have shape {shape} (one map per image), "
+            raise ValueError(f"baseline {name!r} must have shape {shape} ({what}), "
                              f"got {a.shape}")
         out[name] = a
     return out
@@ -220,13 +227,14 @@ def _check_baselines(baselines: Mapping[str, Any] | None, shape: tuple[int, ...]
 
 def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
                         baselines: Mapping[str, Any] | None = None,
+                        baseline_points: Mapping[str, Any] | None = None,
                         tolerance: float = DEFAULT_TOLERANCE,
                         threshold: float = DEFAULT_THRESHOLD,
                         attributes: Sequence[str] = ATTRIBUTE_NAMES,
                         labels: Any = None) -> Cases:
     """Per-case pointing game (see :func:`pointing_game`); methods ``evidence``, ``centre``,
-    one per baseline; expected ``chance``; with ``labels`` also the value ``labelled_present``
-    (1 where the labels say the case's attribute is present, else 0)."""
+    one per baseline and baseline point; expected ``chance``; with ``labels`` also the value
+    ``labelled_present`` (1 where the labels say the case's attribute is present, else 0)."""
     maps = _as_array("maps", maps, 4, "[B, A, H, W] evidence maps")
     regions = _as_array("regions", regions, 4, "bool [B, A, H, W] attribute regions")
     probs = _as_array("probabilities", probabilities, 2, "[B, A] attribute probabilities")
@@ -243,6 +251,8 @@ def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
     tolerance = _check_tolerance(tolerance)
     base = _check_baselines(baselines, (b, h, w), ("evidence", "centre"))
     base_peaks = {name: [peak(m) for m in bm] for name, bm in base.items()}
+    points = _check_baselines(baseline_points, (b, a, 2), ("evidence", "centre", *base),
+                              "one (row, column) per image and attribute")
     centre = (h // 2, w // 2)
     loc = localisable(attributes)
     present = probs > threshold
@@ -251,7 +261,7 @@ def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
                "empty_region": int((present & loc[None] & ~nonempty).sum())}
     items, attrs = np.nonzero(present & loc[None] & nonempty)
     outcomes: dict[str, list[bool]] = {"evidence": [], "centre": []}
-    outcomes.update({name: [] for name in base})
+    outcomes.update({name: [] for name in (*base, *points)})
     chance = []
     for i, k in zip(items.tolist(), attrs.tolist(), strict=True):
         region = regions[i, k].astype(bool)
@@ -259,6 +269,8 @@ def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
         outcomes["centre"].append(near(region, *centre, tolerance))
         for name in base:
             outcomes[name].append(near(region, *base_peaks[name][i], tolerance))
+        for name, pts in points.items():
+            outcomes[name].append(near(region, *(int(x) for x in pts[i, k]), tolerance))
         chance.append(dilate(region, tolerance).mean())
     values = {} if labels is None else {
         "labelled_present": (labels[items, attrs] > 0).astype(np.float64)}
@@ -281,6 +293,7 @@ def select(cases: Cases, keep: Any) -> Cases:
 
 def pointing_game(maps: Any, regions: Any, probabilities: Any, *,
                   baselines: Mapping[str, Any] | None = None,
+                  baseline_points: Mapping[str, Any] | None = None,
                   tolerance: float = DEFAULT_TOLERANCE, threshold: float = DEFAULT_THRESHOLD,
                   attributes: Sequence[str] = ATTRIBUTE_NAMES,
                   labels: Any = None) -> dict[str, Any]:
@@ -293,6 +306,9 @@ def pointing_game(maps: Any, regions: Any, probabilities: Any, *,
       probabilities: ``[B, A]`` ``x = sigmoid(z)``; a case is an attribute with ``x > threshold``.
       baselines: name -> ``[B, H, W]`` attribute-agnostic maps scored on the same cases (e.g.
         ``{"gradcam": distance_gradcam(...)}``).
+      baseline_points: name -> int ``[B, A, 2]``: a method that names one pixel (row,
+        column) per image and attribute, scored on the same cases (e.g.
+        ``{"occlusion": part_occlusion_points(...)}``).
       tolerance: pixels; a peak within this Euclidean distance of the region hits.
       threshold: the probability above which the model predicts an attribute present.
       attributes: the ``A`` attribute names.
@@ -309,8 +325,8 @@ def pointing_game(maps: Any, regions: Any, probabilities: Any, *,
       'Measurements').
     """
     cases = pointing_game_cases(maps, regions, probabilities, baselines=baselines,
-                                tolerance=tolerance, threshold=threshold, attributes=attributes,
-                                labels=labels)
+                                baseline_points=baseline_points, tolerance=tolerance,
+                                threshold=threshold, attributes=attributes, labels=labels)
     return {**summarise_pointing(cases, attributes), "tolerance": float(tolerance),
             "threshold": float(threshold)}
 
@@ -353,6 +369,131 @@ def summarise_pointing(cases: Cases, attributes: Sequence[str] = ATTRIBUTE_NAMES
             "attribute_accuracy": {a: None if np.isnan(x) else round(float(x), 4)
                                    for a, x in zip(attributes, accuracy, strict=True)}}
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Part occlusion: where the model reads an attribute, one labelled part at a time.
+
+
+def _resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of ``[H', W']`` part labels to ``[height, width]`` (the label
+    under each output pixel's centre)."""
+    h, w = labels.shape
+    if (h, w) == (height, width):
+        return labels
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def part_occlusion_maps(model: AGW, weights: Any, images: Any, part_labels: Any, *,
+                        min_pixels: int = DEFAULT_MIN_PART_PIXELS,
+                        batch_size: int = 32) -> np.ndarray:
+    """How much greying each labelled part of an image lowers each attribute logit.
+
+    One part at a time (every region of the part mask, the background included, that covers
+    at least ``min_pixels`` pixels of the model input) is filled with the mean colour (model
+    input 0: the evaluation transform subtracts the mean), and the image is embedded again. A
+    pixel's value is ``z_a(image) - z_a(image with the pixel's part greyed)``, ``z = f @ W``:
+    the part where an attribute's map is highest is the part the model reads it from, by this
+    test. It needs the part masks, so it is a reference for the measurements on synthetic
+    data, not an explanation (docs/attribute_maps.md, 'Baselines').
+
+    Args:
+      model: the re-id model (used in eval mode; not changed).
+      weights: ``[N, A]`` attribute-head weights ``W``.
+      images: ``[B, H, W, 3]`` model-input images (eval transform).
+      part_labels: int ``[B, H', W']`` region index per pixel (the part masks at the stored
+        image's size; brought to ``H x W`` by nearest neighbour for the occlusion).
+      min_pixels: smaller parts are not greyed; their pixels get ``-inf``.
+      batch_size: images per forward pass.
+
+    Returns:
+      float32 ``[B, A, H', W']``: per pixel, the drop of ``z_a`` when its part is greyed.
+    """
+    images = _as_array("images", images, 4, "[B, H, W, 3] model-input images").astype(
+        np.float32)
+    weights = _as_array("weights", weights, 2, "[N, A]").astype(np.float32)
+    labels = _as_array("part_labels", part_labels, 3, "int [B, H, W] part labels")
+    b, h, w, _ = images.shape
+    if len(labels) != b:
+        raise ValueError(f"part_labels must hold one mask per image: {len(labels)} masks for "
+                         f"{b} images")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
+        raise ValueError(f"part_labels must be region indices >= 0, got {labels.dtype} values "
+                         f"from {labels.min(initial=0)}")
+    if int(min_pixels) < 1:
+        raise ValueError(f"min_pixels must be >= 1, got {min_pixels}")
+    occluded, owners = [], []
+    for i in range(b):
+        small = _resize_labels(labels[i], h, w)
+        parts, counts = np.unique(small, return_counts=True)
+        for part in parts[counts >= int(min_pixels)].tolist():
+            x = images[i].copy()
+            x[small == part] = 0.0
+            occluded.append(x)
+            owners.append((i, part))
+    z = _embed_batches(model, images, batch_size) @ weights
+    drops = np.full((b, int(labels.max(initial=0)) + 1, weights.shape[1]), -np.inf, np.float32)
+    if occluded:
+        z_occluded = _embed_batches(model, np.stack(occluded), batch_size) @ weights
+        for (i, part), zo in zip(owners, z_occluded, strict=True):
+            drops[i, part] = z[i] - zo
+    return np.stack([np.moveaxis(drops[i][labels[i]], -1, 0) for i in range(b)])
+
+
+def top_part_regions(occlusion_maps: Any) -> np.ndarray:
+    """bool ``[B, A, H, W]``: the pixels of the part whose greying lowers each attribute most
+    (where a :func:`part_occlusion_maps` map is highest)."""
+    m = _as_array("occlusion_maps", occlusion_maps, 4, "[B, A, H, W] part occlusion maps")
+    top = m.max(axis=(-2, -1), keepdims=True)
+    return (m == top) & np.isfinite(top)
+
+
+def part_occlusion_points(occlusion_maps: Any) -> np.ndarray:
+    """int ``[B, A, 2]``: for each image and attribute, the (row, column) deepest inside the
+    part whose greying lowers ``z_a`` most (the pixel farthest from the part's edge), the one
+    pixel the part-occlusion reference points at in the pointing game (of several deepest
+    pixels, the one nearest their centroid).
+
+    A part is where this reference ends; its deepest pixel stands for it (the first pixel in
+    row-major order would lie on the part's top edge, within the pointing game's tolerance of
+    the part above it)."""
+    top = top_part_regions(occlusion_maps)
+    b, a, h, w = top.shape
+    out = np.zeros((b, a, 2), np.int64)
+    for i in range(b):
+        for k in range(a):
+            if top[i, k].any():
+                depth = ndimage.distance_transform_edt(np.pad(top[i, k], 1))[1:-1, 1:-1]
+                ys, xs = np.nonzero(depth == depth.max())
+                # Of the deepest pixels, the one nearest their centroid (first in row-major).
+                j = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+                out[i, k] = ys[j], xs[j]
+    return out
+
+
+def occlusion_agreement_cases(maps: Any, occlusion_maps: Any, regions: Any,
+                              probabilities: Any, *,
+                              baselines: Mapping[str, Any] | None = None,
+                              tolerance: float = DEFAULT_TOLERANCE,
+                              threshold: float = DEFAULT_THRESHOLD,
+                              attributes: Sequence[str] = ATTRIBUTE_NAMES) -> Cases:
+    """The pointing game's cases (``x_a > threshold``, localisable, non-empty region), scored
+    against the part the model reads the attribute from instead of the part that shows it: a
+    hit when the map's peak lies within ``tolerance`` pixels of the part whose greying lowers
+    ``z_a`` most (:func:`top_part_regions`). It asks whether a map finds what the model reads,
+    whether or not the model reads the right part. Methods ``evidence``, ``centre`` and each
+    baseline; expected ``chance`` (a random pixel near that part)."""
+    regions = _as_array("regions", regions, 4, "bool [B, A, H, W] attribute regions")
+    top = top_part_regions(occlusion_maps)
+    if top.shape != regions.shape:
+        raise ValueError(f"occlusion_maps {top.shape} and regions {regions.shape} must have "
+                         "the same shape [B, A, H, W]")
+    nonempty = regions.reshape(*regions.shape[:2], -1).any(axis=-1)
+    return pointing_game_cases(maps, top & nonempty[..., None, None], probabilities,
+                               baselines=baselines, tolerance=tolerance, threshold=threshold,
+                               attributes=attributes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -701,6 +842,7 @@ __all__ = [
     "ATTRIBUTE_KINDS",
     "DEFAULT_BLUR",
     "DEFAULT_FRACTION",
+    "DEFAULT_MIN_PART_PIXELS",
     "DEFAULT_THRESHOLD",
     "DEFAULT_TOLERANCE",
     "GROUPS",
@@ -719,6 +861,9 @@ __all__ = [
     "gaussian_blur",
     "largest_rising",
     "near",
+    "occlusion_agreement_cases",
+    "part_occlusion_maps",
+    "part_occlusion_points",
     "peak",
     "pointing_game",
     "pointing_game_cases",
@@ -726,5 +871,6 @@ __all__ = [
     "select",
     "summarise",
     "summarise_pointing",
+    "top_part_regions",
     "top_pixels",
 ]

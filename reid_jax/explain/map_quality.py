@@ -8,7 +8,10 @@ four measurements of :mod:`reid_jax.explain.map_metrics` on at most ``map_images
   regions, 2-pixel tolerance, cases ``x_a > 0.5`` with a non-empty region (with the queries'
   labels also over the cases the labels confirm); baselines the image centre, the distance
   Grad-CAM of the query against its rank-1 gallery image (``maps.distance_gradcam``) and a
-  random pixel (chance);
+  random pixel (chance); and, as a reference that uses the part masks, the part whose greying
+  lowers ``z_a`` most (``map_metrics.part_occlusion_maps``);
+* agreement with part occlusion: on the same cases, does the evidence map peak on that part
+  (does the map find what the model reads, right part or not)?
 * counterfactual localisation: pairs (gallery image, its re-render with one attribute changed,
   ``reid_jax.explain.counterfactuals``): does the pair's contribution map (eq. 3.2, paper
   weights) of the largest-rising attribute peak within 2 pixels of the changed region?
@@ -105,9 +108,10 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
 
     Returns:
       ``{"num_images", "num_counterfactual_pairs", "steps", "tolerance", "pointing_game",
-      "counterfactual_localisation", "deletion_evidence", "deletion_contributions",
-      "completeness": {"query_top1", "counterfactual"}, "seconds"}``; each measurement is
-      ``map_metrics.summarise`` output with ``overall``, ``groups`` and ``attributes``.
+      "occlusion_agreement", "counterfactual_localisation", "deletion_evidence",
+      "deletion_contributions", "completeness": {"query_top1", "counterfactual"},
+      "seconds"}``; each measurement is ``map_metrics.summarise`` output with ``overall``,
+      ``groups`` and ``attributes``.
     """
     t0 = time.perf_counter()
     if len(query_paths) != len(partner_paths):
@@ -118,7 +122,7 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
                          f"(one row per query path), got {np.shape(query_labels)}")
     attributes = list(attributes)
     weights = np.asarray(weights, np.float32)
-    pointing, del_ev, del_con = [], [], []
+    pointing, agreement, del_ev, del_con = [], [], [], []
     complete_q: list[np.ndarray] = []
     # Below the last map each batch takes tens of seconds: log the rate and ETA.
     progress = ProgressLog(f"attribute maps ({method}, stage {layer})", unit="images and pairs")
@@ -127,23 +131,30 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
     for lo, hi in _batches(len(query_paths)):
         images = model_inputs(query_paths[lo:hi], augment_config)
         partners = model_inputs(partner_paths[lo:hi], augment_config)
-        regions = []
+        regions, part_labels = [], []
         for p in query_paths[lo:hi]:
-            r = synthetic.read_attribute_regions(p, attributes)
-            if r is None:
+            mask = synthetic.read_part_mask(p)
+            if mask is None:
                 raise ValueError(f"{p} has no part mask (masks/ of a synthetic data root); the "
                                  "pointing game needs them (--nomeasure_maps skips maps)")
-            regions.append(r)
+            regions.append(synthetic.attribute_regions(mask, attributes))
+            part_labels.append(mask.labels)
         regions = np.stack(regions)
         h, w = regions.shape[-2:]
         ev = maps_lib.evidence_maps(model, weights, images, steps=steps, layer=layer,
                                     baseline=baseline, method=method)
         probs = special.expit(np.asarray(ev.logits, np.float64))
-        cam = maps_lib.distance_gradcam(model, images, partners)
+        cam = _resize(maps_lib.distance_gradcam(model, images, partners), h, w)
+        occlusion = mm.part_occlusion_maps(model, weights, images, np.stack(part_labels))
+        evidence = _resize(ev.maps, h, w)
         pointing.append(mm.pointing_game_cases(
-            _resize(ev.maps, h, w), regions, probs, baselines={"gradcam": _resize(cam, h, w)},
+            evidence, regions, probs, baselines={"gradcam": cam},
+            baseline_points={"occlusion": mm.part_occlusion_points(occlusion)},
             attributes=attributes,
             labels=None if query_labels is None else np.asarray(query_labels)[lo:hi]))
+        agreement.append(mm.occlusion_agreement_cases(
+            evidence, occlusion, regions, probs, baselines={"gradcam": cam},
+            attributes=attributes))
         del_ev.append(mm.deletion_evidence_cases(model, weights, images, np.asarray(ev.maps),
                                                  seed=seed + lo, attributes=attributes))
         cm = maps_lib.contribution_maps(model, weights, images, partners, steps=steps,
@@ -161,6 +172,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
         "pointing_game": mm.summarise_pointing(mm.concatenate(pointing, offsets), attributes,
                                                attribute_accuracy=attribute_accuracy)
         if pointing else None,
+        "occlusion_agreement": mm.summarise(mm.concatenate(agreement, offsets), attributes)
+        if agreement else None,
         "deletion_evidence": {**mm.summarise(mm.concatenate(del_ev, offsets), attributes),
                               "fraction": mm.DEFAULT_FRACTION} if del_ev else None,
         "deletion_contributions": {**mm.summarise(mm.concatenate(del_con, offsets), attributes),

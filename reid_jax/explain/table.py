@@ -173,16 +173,19 @@ def summary_table(metrics: dict[str, Any]) -> SummaryTable:
 
 # The maps table (docs/attribute_maps.md, 'Measurements'): one row per measurement and
 # attribute group, columns the map and its baselines (what does not apply is empty).
-MAP_COLUMNS = ("maps", "centre", "distance Grad-CAM", "random")
+MAP_COLUMNS = ("maps", "centre", "distance Grad-CAM", "part occlusion", "random")
 MAP_GROUPS = ("overall", "headwear", "bags", "upper_body", "lower_body", "whole_person")
 # The pointing game also by kind of look (map_metrics.ATTRIBUTE_KINDS), as "<kind> attributes".
 MAP_KINDS = ("colour", "shape", "object")
-_MAP_ROWS = (("pointing_game", "pointing game", "evidence", "centre", "gradcam", "chance"),
+_MAP_ROWS = (("pointing_game", "pointing game", "evidence", "centre", "gradcam", "occlusion",
+              "chance"),
+             ("occlusion_agreement", "agreement with part occlusion", "evidence", "centre",
+              "gradcam", None, "chance"),
              ("counterfactual_localisation", "counterfactual localisation", "map", "centre",
-              "gradcam", "chance"),
-             ("deletion_evidence", "deletion, evidence (x_a)", "map", None, None, None),
+              "gradcam", None, "chance"),
+             ("deletion_evidence", "deletion, evidence (x_a)", "map", None, None, None, None),
              ("deletion_contributions", "deletion, contributions (e_a)", "map", None, None,
-              None))
+              None, None))
 
 
 class MapsTable(NamedTuple):
@@ -246,14 +249,15 @@ def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
                     continue
                 cells = tuple(_rate(entry, m) for m in methods)
                 if key.startswith("deletion"):
-                    cells = (cells[0], "", "", _pct(0.5))
+                    cells = (*cells[:-1], _pct(0.5))
                 rows.append((name, group, int(entry["cases"]), cells))
     for key, title in (("query_top1", "query and rank-1"), ("counterfactual",
                                                            "original and re-render")):
         c = (maps.get("completeness") or {}).get(key)
         if c and c["pairs"]:
             rows.append((f"completeness error, {title} (max / mean)", "pairs",
-                         int(c["pairs"]), (f"{c['max']:.1e} / {c['mean']:.1e}", "", "", "")))
+                         int(c["pairs"]),
+                         (f"{c['max']:.1e} / {c['mean']:.1e}", *[""] * (len(MAP_COLUMNS) - 1))))
     legend = (
         f"Attribute maps against the part masks, {maps['num_images']} query images and "
         f"{maps['num_counterfactual_pairs']} counterfactual pairs, values in % of the cases "
@@ -263,7 +267,11 @@ def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
         "'labelled present': those of them whose label says the image shows the attribute; "
         f"{_learned_legend(maps)}"
         "colour / shape / object attributes: garment colours; sleeve, lower-garment and hair "
-        "length and a dress; hat and bags). "
+        "length and a dress; hat and bags). Part occlusion, a reference that uses the part "
+        "masks: the part whose greying (the mean colour) lowers z_a most; its deepest pixel "
+        "is the peak. "
+        "Agreement with part occlusion: on the pointing game's cases, the evidence map peaks "
+        "within that distance of that part (does the map find what the model reads?). "
         "Counterfactual localisation: the contribution map (eq. 3.2) of the pair's largest-rising "
         "attribute peaks within that distance of the changed region (overall: the localisable "
         "changes; whole_person: gender and age). Deletion: blurring the map's top 10 % of pixels "
