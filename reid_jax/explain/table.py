@@ -175,7 +175,8 @@ def summary_table(metrics: dict[str, Any]) -> SummaryTable:
 # attribute group, columns the map and its baselines (what does not apply is empty).
 MAP_COLUMNS = ("maps", "centre", "distance Grad-CAM", "part occlusion", "random")
 MAP_GROUPS = ("overall", "headwear", "bags", "upper_body", "lower_body", "whole_person")
-# The pointing game also by kind of look (map_metrics.ATTRIBUTE_KINDS), as "<kind> attributes".
+# The pointing game and the agreement with part occlusion also by kind of look
+# (map_metrics.ATTRIBUTE_KINDS), as "<kind> attributes".
 MAP_KINDS = ("colour", "shape", "object")
 _MAP_ROWS = (("pointing_game", "pointing game", "evidence", "centre", "gradcam", "occlusion",
               "chance"),
@@ -241,7 +242,7 @@ def maps_table(metrics: dict[str, Any]) -> MapsTable | None:
         for name, summary in parts:
             selections = [(g, summary["overall"] if g == "overall" else summary["groups"].get(g))
                           for g in MAP_GROUPS]
-            if key == "pointing_game":
+            if key in ("pointing_game", "occlusion_agreement"):
                 selections += [(f"{k} attributes", summary.get("kinds", {}).get(k))
                                for k in MAP_KINDS]
             for group, entry in selections:
