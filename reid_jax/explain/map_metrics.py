@@ -456,8 +456,8 @@ def part_occlusion_points(occlusion_maps: Any) -> np.ndarray:
     pixel the part-occlusion reference points at in the pointing game (of several deepest
     pixels, the one nearest their centroid).
 
-    A part is where this reference ends; its deepest pixel stands for it (the first pixel in
-    row-major order would lie on the part's top edge, within the pointing game's tolerance of
+    The reference names a part, not a pixel; the part's deepest pixel stands for it (its first
+    pixel in row-major order would lie on its top edge, within the pointing game's tolerance of
     the part above it)."""
     top = top_part_regions(occlusion_maps)
     b, a, h, w = top.shape
