@@ -423,6 +423,10 @@ def test_part_occlusion_maps_are_the_logit_drops_of_greying_each_part(post, imag
             want = z[i] - logits(grey)[0]
             np.testing.assert_allclose(got[i][:, at], np.repeat(want[:, None], at.sum(), 1),
                                        rtol=1e-4, atol=1e-4)
+    # The images' own logits given (as the measurements pass the evidence maps'): the same.
+    given = mm.part_occlusion_maps(model, w, x, labels, logits=z.astype(np.float32),
+                                   batch_size=4)
+    np.testing.assert_allclose(given, got, rtol=1e-4, atol=1e-4)
     # Masks at twice the input's size: the same drops, returned at the masks' size.
     big = np.repeat(np.repeat(labels, 2, axis=1), 2, axis=2)
     twice = mm.part_occlusion_maps(model, w, x, big, batch_size=4)
@@ -441,6 +445,8 @@ def test_part_occlusion_maps_are_the_logit_drops_of_greying_each_part(post, imag
         mm.part_occlusion_maps(model, w, x, labels[:1])
     with pytest.raises(ValueError, match="region indices >= 0, got float32"):
         mm.part_occlusion_maps(model, w, x, labels.astype(np.float32))
+    with pytest.raises(ValueError, match=r"logits must have shape \(2, 6\)"):
+        mm.part_occlusion_maps(model, w, x, labels, logits=z[:1])
     with pytest.raises(ValueError, match="min_pixels must be >= 1, got 0"):
         mm.part_occlusion_maps(model, w, x, labels, min_pixels=0)
     with pytest.raises(ValueError, match=r"part_labels must be int \[B, H, W\]"):

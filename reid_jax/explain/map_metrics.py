@@ -387,7 +387,7 @@ def _resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def part_occlusion_maps(model: AGW, weights: Any, images: Any, part_labels: Any, *,
-                        min_pixels: int = DEFAULT_MIN_PART_PIXELS,
+                        logits: Any = None, min_pixels: int = DEFAULT_MIN_PART_PIXELS,
                         batch_size: int = 32) -> np.ndarray:
     """How much greying each labelled part of an image lowers each attribute logit.
 
@@ -405,6 +405,8 @@ def part_occlusion_maps(model: AGW, weights: Any, images: Any, part_labels: Any,
       images: ``[B, H, W, 3]`` model-input images (eval transform).
       part_labels: int ``[B, H', W']`` region index per pixel (the part masks at the stored
         image's size; brought to ``H x W`` by nearest neighbour for the occlusion).
+      logits: optional ``[B, A]`` ``z`` of the images as they are (e.g. ``EvidenceMaps.logits``,
+        already computed beside the maps); None: computed here.
       min_pixels: smaller parts are not greyed; their pixels get ``-inf``.
       batch_size: images per forward pass.
 
@@ -433,7 +435,13 @@ def part_occlusion_maps(model: AGW, weights: Any, images: Any, part_labels: Any,
             x[small == part] = 0.0
             occluded.append(x)
             owners.append((i, part))
-    z = _embed_batches(model, images, batch_size) @ weights
+    if logits is None:
+        z = _embed_batches(model, images, batch_size) @ weights
+    else:
+        z = np.asarray(logits, np.float32)
+        if z.shape != (b, weights.shape[1]):
+            raise ValueError(f"logits must have shape {(b, weights.shape[1])} (one row of "
+                             f"attribute logits per image), got {z.shape}")
     drops = np.full((b, int(labels.max(initial=0)) + 1, weights.shape[1]), -np.inf, np.float32)
     if occluded:
         z_occluded = _embed_batches(model, np.stack(occluded), batch_size) @ weights

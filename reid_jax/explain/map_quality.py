@@ -145,7 +145,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
                                     baseline=baseline, method=method)
         probs = special.expit(np.asarray(ev.logits, np.float64))
         cam = _resize(maps_lib.distance_gradcam(model, images, partners), h, w)
-        occlusion = mm.part_occlusion_maps(model, weights, images, np.stack(part_labels))
+        occlusion = mm.part_occlusion_maps(model, weights, images, np.stack(part_labels),
+                                           logits=ev.logits)
         evidence = _resize(ev.maps, h, w)
         pointing.append(mm.pointing_game_cases(
             evidence, regions, probs, baselines={"gradcam": cam},
