@@ -451,3 +451,27 @@ def test_part_occlusion_maps_are_the_logit_drops_of_greying_each_part(post, imag
         mm.part_occlusion_maps(model, w, x, labels, min_pixels=0)
     with pytest.raises(ValueError, match=r"part_labels must be int \[B, H, W\]"):
         mm.part_occlusion_maps(model, w, x, labels[0])
+
+
+def test_deletion_evidence_takes_the_logits_computed_beside_the_maps(post, images):
+    """map_metrics.deletion_evidence_cases given the images' logits (as the measurements pass
+    the evidence maps') scores the same cases as when it embeds the images itself, and logits
+    of another shape are refused with the shape expected."""
+    from reid_jax.explain import map_metrics as mm
+
+    model, w = post.model, post.weights
+    x = images[:3]
+    ev = maps.evidence_maps(model, w, x)
+    names = [f"a{k}" for k in range(A)]
+    own = mm.deletion_evidence_cases(model, w, x, np.asarray(ev.maps), threshold=0.0,
+                                     batch_size=4, attributes=names)
+    given = mm.deletion_evidence_cases(model, w, x, np.asarray(ev.maps), logits=ev.logits,
+                                       threshold=0.0, batch_size=4, attributes=names)
+    assert len(own.item) == 3 * A  # threshold 0: every (image, attribute) is a case
+    np.testing.assert_array_equal(given.item, own.item)
+    np.testing.assert_array_equal(given.attribute, own.attribute)
+    for key in ("drop_map", "drop_random"):
+        np.testing.assert_allclose(given.values[key], own.values[key], atol=1e-5)
+    with pytest.raises(ValueError, match=r"logits must have shape \(3, 6\)"):
+        mm.deletion_evidence_cases(model, w, x, np.asarray(ev.maps), logits=ev.logits[:2],
+                                   attributes=names)

@@ -435,13 +435,7 @@ def part_occlusion_maps(model: AGW, weights: Any, images: Any, part_labels: Any,
             x[small == part] = 0.0
             occluded.append(x)
             owners.append((i, part))
-    if logits is None:
-        z = _embed_batches(model, images, batch_size) @ weights
-    else:
-        z = np.asarray(logits, np.float32)
-        if z.shape != (b, weights.shape[1]):
-            raise ValueError(f"logits must have shape {(b, weights.shape[1])} (one row of "
-                             f"attribute logits per image), got {z.shape}")
+    z = _image_logits(model, weights, images, logits, batch_size)
     drops = np.full((b, int(labels.max(initial=0)) + 1, weights.shape[1]), -np.inf, np.float32)
     if occluded:
         z_occluded = _embed_batches(model, np.stack(occluded), batch_size) @ weights
@@ -657,10 +651,23 @@ def _embed_batches(model: AGW, images: np.ndarray, batch_size: int) -> np.ndarra
     return np.concatenate(parts)
 
 
+def _image_logits(model: AGW, weights: np.ndarray, images: np.ndarray, logits: Any,
+                  batch_size: int) -> np.ndarray:
+    """float32 ``[B, A]`` ``z = f @ W`` of the images: ``logits`` when given (checked against
+    the images and weights), else computed."""
+    if logits is None:
+        return _embed_batches(model, images, batch_size) @ weights
+    z = np.asarray(logits, np.float32)
+    if z.shape != (len(images), weights.shape[1]):
+        raise ValueError(f"logits must have shape {(len(images), weights.shape[1])} (one row "
+                         f"of attribute logits per image), got {z.shape}")
+    return z
+
+
 def deletion_evidence_cases(model: AGW, weights: Any, images: Any, maps: Any, *,
-                            fraction: float = DEFAULT_FRACTION, blur: float = DEFAULT_BLUR,
-                            threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
-                            batch_size: int = 32,
+                            logits: Any = None, fraction: float = DEFAULT_FRACTION,
+                            blur: float = DEFAULT_BLUR, threshold: float = DEFAULT_THRESHOLD,
+                            seed: int = 0, batch_size: int = 32,
                             attributes: Sequence[str] = ATTRIBUTE_NAMES) -> Cases:
     """Per-case deletion test of evidence maps (see :func:`deletion_evidence`)."""
     images = _as_array("images", images, 4, "[B, H, W, 3] model-input images").astype(
@@ -674,7 +681,7 @@ def deletion_evidence_cases(model: AGW, weights: Any, images: Any, maps: Any, *,
                          "[B, A, H, W], [N, A], A names)")
     count = _check_fraction(fraction, h * w)
     blurred = np.asarray(gaussian_blur(jnp.asarray(images), _sigma(h, blur)))
-    x = special.expit(_embed_batches(model, images, batch_size) @ weights)
+    x = special.expit(_image_logits(model, weights, images, logits, batch_size))
     items, attrs = np.nonzero(x > threshold)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
     top = np.stack([top_pixels(maps[i, k], count) for i, k in zip(items, attrs, strict=True)]
@@ -705,9 +712,9 @@ def _case_probabilities(model, weights, images, blurred, items, attrs, masks, ba
 
 
 def deletion_evidence(model: AGW, weights: Any, images: Any, maps: Any, *,
-                      fraction: float = DEFAULT_FRACTION, blur: float = DEFAULT_BLUR,
-                      threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
-                      batch_size: int = 32,
+                      logits: Any = None, fraction: float = DEFAULT_FRACTION,
+                      blur: float = DEFAULT_BLUR, threshold: float = DEFAULT_THRESHOLD,
+                      seed: int = 0, batch_size: int = 32,
                       attributes: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, Any]:
     """Deletion test of evidence maps: for every attribute the model predicts present
     (``x_a > threshold``), blur the ``fraction`` of the image's pixels where its evidence map is
@@ -716,6 +723,8 @@ def deletion_evidence(model: AGW, weights: Any, images: Any, maps: Any, *,
     Args:
       model: the re-id model; weights: ``[N, A]``; images: ``[B, H, W, 3]`` model-input images;
       maps: ``[B, A, H, W]`` their evidence maps (model-input size).
+      logits: optional ``[B, A]`` ``z`` of the images as they are (e.g. ``EvidenceMaps.logits``,
+        computed beside the maps); None: computed here.
       fraction: share of the pixels blurred.
       blur: Gaussian sigma as a fraction of the image height (the blurred image replaces the
         chosen pixels).
@@ -728,8 +737,9 @@ def deletion_evidence(model: AGW, weights: Any, images: Any, maps: Any, *,
       ``summarise`` of the cases: method ``map`` (success), ``mean_drop_map`` and
       ``mean_drop_random`` (drops of ``x_a``); ``fraction``, ``blur``.
     """
-    cases = deletion_evidence_cases(model, weights, images, maps, fraction=fraction, blur=blur,
-                                    threshold=threshold, seed=seed, batch_size=batch_size,
+    cases = deletion_evidence_cases(model, weights, images, maps, logits=logits,
+                                    fraction=fraction, blur=blur, threshold=threshold,
+                                    seed=seed, batch_size=batch_size,
                                     attributes=attributes)
     return {**summarise(cases, attributes), "fraction": float(fraction), "blur": float(blur)}
 

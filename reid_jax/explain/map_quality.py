@@ -157,7 +157,8 @@ def measure_maps(model: Any, weights: np.ndarray, *, query_paths: Sequence[str],
             evidence, occlusion, regions, probs, baselines={"gradcam": cam},
             attributes=attributes))
         del_ev.append(mm.deletion_evidence_cases(model, weights, images, np.asarray(ev.maps),
-                                                 seed=seed + lo, attributes=attributes))
+                                                 logits=ev.logits, seed=seed + lo,
+                                                 attributes=attributes))
         cm = maps_lib.contribution_maps(model, weights, images, partners, steps=steps,
                                         layer=layer, baseline=baseline, method=method)
         del_con.append(mm.deletion_contributions_cases(model, weights, images, partners, cm,
