@@ -15,6 +15,7 @@ def test_bench_explain_measures_every_section_and_writes_json(tmp_path):
                     "--pairs_queries=4", "--noisolate", "--maps_rounds=2",
                     f"--maps_config={REPO / 'configs' / 'agw_tiny.py'}", f"--json={out}")
     assert "| explain_rankings top-10 |" in proc.stdout
+    assert "| rank_metrics (16 queries x 128 gallery) | seconds |" in proc.stdout
     assert "| vectorised `rank_metrics` |" in proc.stdout
     assert "2 interleaved rounds" in proc.stdout
     assert "best / best" in proc.stdout and "median / median" in proc.stdout

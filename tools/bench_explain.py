@@ -437,7 +437,8 @@ def _rank_metrics_print() -> dict:
     rm = _rank_metrics_bench()
     speed = rm["loop_s"] / rm["vectorised_s"]
     print()
-    print("| rank_metrics (Market size) | seconds |")
+    print(f"| rank_metrics ({FLAGS.num_query:,} queries x {FLAGS.num_gallery:,} gallery) "
+          "| seconds |")
     print("|---|---|")
     print(f"| vectorised `rank_metrics` | {rm['vectorised_s']:.3f} |")
     print(f"| per-query numpy loop | {rm['loop_s']:.3f} |")
