@@ -109,17 +109,9 @@ def _data(num_query):
 
 
 def _best_time(fn, repeats):
-    import jax
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best, first
+    """(best, first call) seconds of ``fn`` over ``repeats`` calls after a warm-up."""
+    r = _interleaved({"run": fn}, repeats)["run"]
+    return r["best"], r["first"]
 
 
 def _measure(name: str) -> dict:
