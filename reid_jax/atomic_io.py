@@ -43,6 +43,22 @@ def public_mode(path: str | os.PathLike, *, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> str:
+    """``path`` as an absolute path, or a ``NotADirectoryError`` naming the file in the way
+    when ``path`` or a folder above it is a file (checked before any work; nothing is made)."""
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"cannot be made: {probe} is a file"
+        raise NotADirectoryError(f"{what} {path} {where}, not a folder")
+    return path
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this machine (signal 0 probes without signalling)."""
     if pid <= 0:
@@ -226,6 +242,7 @@ class ResultSet:
     def check(self) -> None:
         """Raises ``FileExistsError`` before any work when an output would replace something
         this mechanism did not write (unless ``overwrite``)."""
+        check_output_folder(self.output_dir)
         found = self.foreign()
         if found and not self.overwrite:
             raise FileExistsError(
@@ -266,6 +283,7 @@ class ResultSet:
                 raise
             self.clean_stale()
             path = tempfile.mkdtemp(prefix=f"staging-{os.getpid()}-", dir=self.home)
+            public_mode(path, folder=True)  # the published set is read as a plain folder
             try:
                 yield path
             finally:

@@ -16,7 +16,8 @@ ends the program with one line on stderr, ``tools/NAME.py: error: ...``, and exi
   not bury the message in shutdown noise (committed checkpoints are complete; see
   ``docs/design.md``, "Outputs");
 * Ctrl-C: one line, exit status 130 (a tool that saves work on interruption, such as
-  ``tools/train.py``, says where it saved before).
+  ``tools/train.py``, says where it saved before), also when it lands in a finaliser or a
+  garbage-collection callback, which Python would report with a traceback of its own.
 
 Anything else is a bug and keeps its traceback. ``REID_JAX_TRACEBACK=1`` shows the traceback of
 user errors too.
@@ -249,6 +250,16 @@ def wrap(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     return wrapped
 
 
+def _unraisable_hook(unraisable: Any) -> None:
+    """Ctrl-C that lands in a finaliser or a garbage-collection callback (JAX runs one at
+    every collection) is not raised but printed as "Exception ignored in ..." with a
+    traceback; the interruption is reported as its one line anyway, so drop that print.
+    Everything else keeps Python's report."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
     """A full disk in a background writer (orbax saves asynchronously) ends the program with
     the one line at once; other thread errors keep Python's report."""
@@ -286,6 +297,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
     """``absl.app.run(main)`` with one-line user errors (flags, configs, inputs, disk) and
     without the libraries' routine INFO lines."""
     threading.excepthook = _thread_excepthook
+    sys.unraisablehook = _unraisable_hook
 
     def main_quietly(argv: list[str]) -> Any:
         quiet_library_logs()  # after flag parsing: --verbosity is known

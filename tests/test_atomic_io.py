@@ -100,3 +100,35 @@ def test_two_result_sets_published_within_one_second_do_not_collide(tmp_path, mo
     home = tmp_path / "out" / atomic_io.ResultSet.FOLDER
     assert len(os.listdir(home / "sets")) == 1
     assert not [n for n in os.listdir(home) if n.startswith("staging-")]
+
+
+def test_a_published_set_is_readable_as_a_plain_folder_is(tmp_path):
+    # mkdtemp makes the staging folder 0700; published, it must read as a folder made by mkdir.
+    mask = os.umask(0o022)
+    try:
+        results = atomic_io.ResultSet(tmp_path / "out", ["report"])
+        with results.staging() as staging:
+            os.mkdir(os.path.join(staging, "report"))
+            results.publish(staging)
+        target = os.path.realpath(tmp_path / "out" / "report")
+        assert os.stat(os.path.dirname(target)).st_mode & 0o777 == 0o755
+    finally:
+        os.umask(mask)
+
+
+def test_an_output_folder_through_a_file_is_refused_before_any_work(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    assert atomic_io.check_output_folder(tmp_path / "new" / "deeper") == str(
+        tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()  # nothing is made
+    with pytest.raises(NotADirectoryError, match=f"output folder {a_file} is a file, not a "
+                                                 "folder"):
+        atomic_io.check_output_folder(a_file)
+    with pytest.raises(NotADirectoryError, match=f"--output_dir {a_file}/sub cannot be made: "
+                                                 f"{a_file} is a file, not a folder"):
+        atomic_io.check_output_folder(a_file / "sub", "--output_dir")
+    with pytest.raises(NotADirectoryError, match=f"output folder {a_file} is a file"):
+        with atomic_io.ResultSet(a_file, ["summary.json"]).staging():
+            pass
+    assert a_file.read_text() == "mine"

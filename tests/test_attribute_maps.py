@@ -163,8 +163,10 @@ def test_quadrature_integrates_polynomials_exactly():
         for k in range(2 * steps):
             assert abs(float(np.dot(w.astype(np.float64), t.astype(np.float64) ** k))
                        - 1 / (k + 1)) < 1e-6
-    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
-        maps.quadrature(0)
+    for bad in (0, maps.MAX_STEPS + 1, 2.0):
+        with pytest.raises(ValueError, match=r"steps must be an integer in 1\.\.1024 "
+                                             r"\(quadrature nodes\), got"):
+            maps.quadrature(bad)
 
 
 def test_embed_is_the_models_retrieval_embedding(post, linear, images):
@@ -379,7 +381,7 @@ def test_bad_shapes_are_rejected_with_their_names(post, images):
         maps.contribution_maps(model, w, images[:2], images[2:5], query_index=[0, 2, 1])
     with pytest.raises(ValueError, match=r"query_index must be ints of shape \(3,\)"):
         maps.contribution_maps(model, w, images[:2], images[2:5], query_index=[0, 1])
-    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"steps must be an integer in 1\.\.1024"):
         maps.evidence_maps(model, w, images, steps=0)
     with pytest.raises(ValueError, match="images is empty"):
         maps.distance_gradcam(model, images[:0], images[:1])
@@ -443,8 +445,12 @@ def test_part_occlusion_maps_are_the_logit_drops_of_greying_each_part(post, imag
             assert top[i, k][tuple(points[i, k])]
     with pytest.raises(ValueError, match="one mask per image: 1 masks for 2 images"):
         mm.part_occlusion_maps(model, w, x, labels[:1])
-    with pytest.raises(ValueError, match="region indices >= 0, got float32"):
+    with pytest.raises(ValueError, match="part_labels must be integer region indices, got "
+                                         "float32"):
         mm.part_occlusion_maps(model, w, x, labels.astype(np.float32))
+    with pytest.raises(ValueError, match="part_labels must be region indices >= 0, got values "
+                                         "from -1"):
+        mm.part_occlusion_maps(model, w, x, labels.astype(np.int32) - 1)
     with pytest.raises(ValueError, match=r"logits must have shape \(2, 6\)"):
         mm.part_occlusion_maps(model, w, x, labels, logits=z[:1])
     with pytest.raises(ValueError, match="min_pixels must be >= 1, got 0"):

@@ -310,6 +310,14 @@ def test_map_path_settings():
         settings.explain_settings(None, map_layer=5)
     with pytest.raises(ValueError, match="map_reference_images"):
         settings.explain_settings(None, map_reference_images=-1)
+    # Refused before any work, not after the ranking (the quadrature of 200,000 nodes would
+    # allocate hundreds of GiB); the same bound as the kernels'.
+    from reid_jax.explain import maps
+    assert settings.MAX_MAP_STEPS == maps.MAX_STEPS
+    assert settings.explain_settings(None, map_steps=settings.MAX_MAP_STEPS).map_steps == 1024
+    with pytest.raises(ValueError, match="config.explain.map_steps must be at most 1024, got "
+                                         "200000"):
+        settings.explain_settings(None, map_steps=200_000)
     from reid_jax.explain import map_outputs
     paths = [f"g{i}.jpg" for i in range(10)]
     assert map_outputs.reference_paths(paths, 3) == ["g0.jpg", "g4.jpg", "g9.jpg"]

@@ -691,6 +691,34 @@ def test_errors(dataset, checkpoints_dir, tmp_path):
     assert not os.path.exists(tmp_path / "o" / ee.JSON_NAME)  # nothing written on failure
 
 
+def test_what_would_fail_at_the_end_is_refused_before_any_work(dataset, checkpoints_dir,
+                                                               tmp_path, monkeypatch):
+    """An output folder through a file and a broken part mask fail before the embeddings
+    (minutes of work on a full split), not when the results are written or the maps read."""
+    from reid_jax import embeddings as emb_lib
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the embeddings were computed before the inputs were checked")
+
+    monkeypatch.setattr(emb_lib, "split_embeddings", no_work)
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    ok = dict(checkpoint=checkpoints_dir / "with_head", num_counterfactuals=0)
+    with pytest.raises(NotADirectoryError, match=f"output folder {a_file} is a file"):
+        ee.measure(**ok, data_root=dataset, output_dir=a_file)
+    assert a_file.read_text() == "mine"
+    broken = shutil.copytree(dataset, tmp_path / "broken")
+    query = load_market1501(broken).query.paths[-1]
+    mask = synthetic.mask_path(query)
+    open(mask, "r+b").truncate(50)
+    with pytest.raises(ValueError, match=f"{mask} cannot be read as the part mask of {query}"):
+        ee.measure(**ok, data_root=broken, output_dir=tmp_path / "o")
+    assert not os.path.exists(tmp_path / "o")
+    # Without the maps section the masks are not read.
+    with pytest.raises(AssertionError, match="the embeddings were computed"):
+        ee.measure(**ok, data_root=broken, output_dir=tmp_path / "o", measure_maps=False)
+
+
 # --------------------------------------------------------------------------------------------
 # The command line.
 

@@ -82,7 +82,9 @@ def test_library_info_lines_are_left_out_unless_verbose():
     orbax = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
     ours = os.path.join(os.sep, "reid_jax", "checkpoints.py")
     keep = filters[0].filter
-    old = logging.get_verbosity()
+    # Restored as it was: set_verbosity would pin the absl logger's level where it may have
+    # been unset, and a later test's caplog would see none of its INFO records.
+    old_level = logger.level
     try:
         logging.set_verbosity(logging.INFO)
         assert not keep(record(orbax, std_logging.INFO))
@@ -91,7 +93,7 @@ def test_library_info_lines_are_left_out_unless_verbose():
         logging.set_verbosity(1)
         assert keep(record(orbax, std_logging.INFO))
     finally:
-        logging.set_verbosity(old)
+        logger.setLevel(old_level)
 
 
 def test_a_foreign_report_folder_is_refused_not_deleted(tiny_dataset, tmp_path):
@@ -107,6 +109,24 @@ def test_a_foreign_report_folder_is_refused_not_deleted(tiny_dataset, tmp_path):
     aside = [p for p in os.listdir(out) if p.startswith("report.replaced-")]
     assert len(aside) == 1 and (out / aside[0] / "thesis.tex").read_text() == "my thesis"
     assert (out / "report" / "index.html").is_file()
+
+
+def test_an_output_folder_through_a_file_is_named_before_any_work(tiny_dataset, tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    with pytest.raises(NotADirectoryError, match=f"output folder {a_file} is a file, not a "
+                                                 "folder"):
+        explain_run.run(output_dir=a_file, **_market_inputs(tiny_dataset))
+    proc = run_tool("make_synthetic.py", f"--output_dir={a_file}/data", "--num_train_ids=1",
+                    "--num_test_ids=1", expect_ok=False)
+    assert_one_line_error(proc, "make_synthetic.py", f"--output_dir {a_file}/data cannot be "
+                          f"made: {a_file} is a file, not a folder")
+    proc = run_tool("make_synthetic.py", f"--output_dir={tmp_path}/data", "--num_train_ids=1",
+                    "--num_test_ids=1", f"--contact_sheet={a_file}/sheet.png", expect_ok=False)
+    assert_one_line_error(proc, "make_synthetic.py", f"the folder of --contact_sheet {a_file} "
+                          "is a file, not a folder")
+    assert not (tmp_path / "data").exists()  # refused before the dataset was drawn
+    assert a_file.read_text() == "mine"
 
 
 def test_publishing_swaps_complete_sets_and_cleans_killed_runs(tiny_dataset, tmp_path):
@@ -339,6 +359,38 @@ def test_disk_full_line_stays_last_while_other_threads_write_to_stderr(tmp_path)
     assert _last_line(proc) == ("chatty.py: error: no space left on device while writing "
                                 "/ckpt/w; free space and run the same command again (finished "
                                 "files and committed checkpoints are intact)")
+
+
+def test_ctrl_c_in_a_garbage_collection_callback_is_the_one_line_too(tmp_path):
+    """Ctrl-C that lands in a finaliser (JAX runs a callback at every garbage collection) is
+    not printed by Python as "Exception ignored in ..." with a traceback; other errors there
+    still are."""
+    script = tmp_path / "drawing.py"
+    script.write_text(textwrap.dedent("""
+        from reid_jax import cli
+
+        class Interrupted:
+            def __del__(self):
+                raise KeyboardInterrupt
+
+        class Broken:
+            def __del__(self):
+                raise RuntimeError("a finaliser's own bug")
+
+        def main(argv):
+            Broken()
+            Interrupted()
+            raise KeyboardInterrupt
+
+        cli.run(main)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert _last_line(proc) == "drawing.py: error: interrupted"
+    assert proc.stderr.count("Exception ignored") == 1, proc.stderr
+    assert "RuntimeError: a finaliser's own bug" in proc.stderr
+    assert "KeyboardInterrupt" not in proc.stderr
 
 
 def test_analyze_keeps_one_set_of_figures_and_names_num_selective(tmp_path):

@@ -146,6 +146,15 @@ def test_pointing_game_refuses_bad_shapes_with_their_names():
     with pytest.raises(ValueError, match="baseline name 'centre' is taken"):
         mm.pointing_game(maps, regions, probs, attributes=NAMES,
                          baselines={"centre": np.zeros((2, H, W))})
+    # A NaN map's argmax is its first pixel, a "hit" wherever a region starts there.
+    nan = np.full_like(maps, np.nan, dtype=np.float32)
+    with pytest.raises(ValueError, match=f"maps must be finite, got {nan.size} NaN or infinite "
+                                         f"values of {nan.size}"):
+        mm.pointing_game(nan, regions, probs, attributes=NAMES)
+    with pytest.raises(ValueError, match="baseline 'gradcam' must be finite, got 1 NaN"):
+        cam = np.zeros((2, H, W), np.float32)
+        cam[1, 3, 4] = np.inf
+        mm.pointing_game(maps, regions, probs, attributes=NAMES, baselines={"gradcam": cam})
 
 
 def test_baseline_points_are_scored_on_the_same_cases():

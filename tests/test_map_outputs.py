@@ -145,6 +145,12 @@ def test_maps_are_refused_where_they_do_not_apply(tiny_run, tmp_path):
     np.savez(bad, attributes=np.asarray(ATTRIBUTE_NAMES))
     with pytest.raises(ValueError, match=r"bad.npz lack \['gallery_paths'"):
         map_outputs.read_query_maps(bad)
+    flat = tmp_path / "flat.npz"  # every field there, of the wrong rank
+    np.savez(flat, **{k: np.zeros(3) for k in map_outputs.FIELDS})
+    with pytest.raises(ValueError, match=r"flat.npz: attributes must be \[A\] and "
+                                         r"gallery_evidence \[k, A, H, W\], got shapes \(3,\) "
+                                         r"and \(3,\)"):
+        map_outputs.read_query_maps(flat)
 
 
 def test_counterfactual_re_renders_carry_their_part_masks(tiny_dataset):

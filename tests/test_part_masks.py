@@ -192,3 +192,68 @@ def test_without_masks_the_dataset_reads_as_before_and_maps_are_unavailable(tmp_
         synthetic.read_part_mask(image)
     with pytest.raises(ValueError, match=r"uint8 \[H, W\]"):
         masks_lib.encode_png(np.zeros((4, 4), np.int32))
+
+
+@pytest.fixture(scope="module")
+def masked_root(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("masked") / "data"
+    synthetic.generate_dataset(root, synthetic.DatasetConfig(
+        num_train_ids=1, num_test_ids=1, images_per_id=4, num_distractors=0, num_junk=0,
+        seed=2))
+    return str(root)
+
+
+def _broken_copy(root: str, tmp_path) -> tuple[str, str, str]:
+    """(image, its mask path, regions.json path) in a copy of ``root``."""
+    copy = shutil.copytree(root, tmp_path / "copy")
+    image = market1501.load_market1501(copy).query.paths[0]
+    return image, masks_lib.mask_path(image), masks_lib.regions_path(image)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: open(p, "wb").close(), "cannot be read as the part mask of"),
+    (lambda p: open(p, "r+b").truncate(100), "cannot be read as the part mask of"),
+    (lambda p: Image.fromarray(np.asarray(Image.open(p))[:64]).save(p),
+     r"must have its image's size: it is 64x64 \(width x height\), .* is 64x128"),
+    (lambda p: Image.open(p).transpose(Image.Transpose.ROTATE_90).save(p),
+     r"it is 128x64 \(width x height\), .* is 64x128"),
+])
+def test_a_broken_mask_is_named_with_what_is_wrong(masked_root, tmp_path, damage, message):
+    image, mask, _ = _broken_copy(masked_root, tmp_path)
+    damage(mask)
+    with pytest.raises(ValueError, match=message) as e:
+        synthetic.read_part_mask(image)
+    assert mask in str(e.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: "{\"format\": ", "is not valid JSON: Expecting value"),
+    (lambda d: [1, 2], "not a reid_jax.part_masks file .a JSON object., got list"),
+    (lambda d: {**d, "regions": {**d["regions"], "a": "sky"}},
+     "'regions' must map '0'..'n-1' to region names"),
+    (lambda d: {**d, "regions": {"0": "background", "1": 5}},
+     "'regions' must map '0'..'n-1' to region names"),
+    (lambda d: {k: v for k, v in d.items() if k != "attributes"},
+     r"'attributes' must map each attribute to the list of region names that show it"),
+    (lambda d: {**d, "attributes": ["hat"]}, "'attributes' must map each attribute"),
+    (lambda d: {**d, "attributes": {**d["attributes"], "hat": None}},
+     r"attribute 'hat' must list region names \(\[\] for none\), got None"),
+    (lambda d: {**d, "attributes": {**d["attributes"], "hat": "hat"}},
+     r"attribute 'hat' must list region names \(\[\] for none\), got 'hat'"),
+    (lambda d: {**d, "attributes": {**d["attributes"], "hat": ["sky"]}},
+     r"attribute 'hat' names unknown regions \['sky'\]"),
+    (lambda d: {**d, "attributes": {k: v for k, v in d["attributes"].items()
+                                    if k not in ("hat", "gender")}},
+     r"'attributes' lacks \['hat', 'gender'\] \(list \[\] for an attribute no region shows\)"),
+])
+def test_a_broken_regions_file_is_named_with_the_field_at_fault(masked_root, tmp_path, edit,
+                                                                 message):
+    image, _, regions = _broken_copy(masked_root, tmp_path)
+    with open(regions) as f:
+        doc = json.load(f)
+    new = edit(doc)
+    with open(regions, "w") as f:
+        f.write(new if isinstance(new, str) else json.dumps(new))
+    with pytest.raises(ValueError, match=message) as e:
+        synthetic.read_part_mask(image)
+    assert str(e.value).startswith(regions)

@@ -497,6 +497,19 @@ def test_explanation_quality_falls_back_to_generic_tables(tmp_path):
     index = open(out2 / "index.html", encoding="utf-8").read()
     assert esc("format 'other/2', not 'reid_jax.explanation_metrics/2'") in index
     assert "<td>x</td><td class=\"num\">0.5</td>" in index
+    # A maps section this version cannot read: the table above still shows, the maps say why.
+    for i, (maps, reason) in enumerate((
+            ({"pointing_game": 5}, "'int' object has no attribute 'get'"),
+            ({"num_images": 2, "pointing_game": {"groups": {}}}, "KeyError: 'overall'"))):
+        m = _eval_metrics()
+        m["maps"] = maps
+        out4 = tmp_path / f"report4-{i}"
+        report.write_report(out4, _summary(explanation_metrics=m), records,
+                            data_root=tmp_path / "data")
+        index = open(out4 / "index.html", encoding="utf-8").read()
+        assert "list metrics" in index
+        assert esc(f"Attribute maps not shown: the file's maps section cannot be read "
+                   f"({reason})") in index
     # No metrics: no copy, the hint.
     out3 = tmp_path / "report3"
     report.write_report(out3, _summary(), records, data_root=tmp_path / "data")

@@ -12,10 +12,11 @@ Market-sized (751 / 750 identities, about 13k train, 20k gallery, 3.4k query ima
 from __future__ import annotations
 
 import json
+import os
 
 from absl import app, flags
 
-from reid_jax import cli, synthetic
+from reid_jax import atomic_io, cli, synthetic
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Dataset root to create.", required=True)
 _NUM_TRAIN_IDS = flags.DEFINE_integer("num_train_ids", 60, "Identities in bounding_box_train.")
@@ -47,6 +48,11 @@ def main(argv: list[str]) -> None:
         images_per_id=_IMAGES_PER_ID.value, train_images_per_id=_TRAIN_IMAGES_PER_ID.value,
         num_distractors=_NUM_DISTRACTORS.value,
         num_junk=_NUM_JUNK.value, seed=_SEED.value, jpeg_quality=_JPEG_QUALITY.value)
+    # Paths through a file are refused before any image is drawn.
+    atomic_io.check_output_folder(_OUTPUT_DIR.value, "--output_dir")
+    if _CONTACT_SHEET.value:
+        atomic_io.check_output_folder(os.path.dirname(os.path.abspath(_CONTACT_SHEET.value)),
+                                      "the folder of --contact_sheet")
     summary = synthetic.generate_dataset(_OUTPUT_DIR.value, config,
                                          num_workers=_NUM_WORKERS.value,
                                          overwrite=_OVERWRITE.value,

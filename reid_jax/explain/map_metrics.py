@@ -206,6 +206,16 @@ def _as_array(name: str, x: Any, ndim: int, what: str) -> np.ndarray:
     return a
 
 
+def _as_maps(name: str, x: Any, ndim: int, what: str) -> np.ndarray:
+    """``_as_array`` for maps: NaN or infinity is refused (a NaN map's "peak" would be its
+    first pixel, a hit wherever a region starts there)."""
+    a = _as_array(name, x, ndim, what)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite, got {int((~np.isfinite(a)).sum())} NaN or "
+                         f"infinite values of {a.size}")
+    return a
+
+
 def _check_baselines(baselines: Mapping[str, Any] | None, shape: tuple[int, ...],
                      reserved: Sequence[str], what: str = "one map per image"
                      ) -> dict[str, np.ndarray]:
@@ -217,7 +227,7 @@ def _check_baselines(baselines: Mapping[str, Any] | None, shape: tuple[int, ...]
         if a.shape != shape:
             raise ValueError(f"baseline {name!r} must have shape {shape} ({what}), "
                              f"got {a.shape}")
-        out[name] = a
+        out[name] = _as_maps(f"baseline {name!r}", a, len(shape), str(shape))
     return out
 
 
@@ -235,7 +245,7 @@ def pointing_game_cases(maps: Any, regions: Any, probabilities: Any, *,
     """Per-case pointing game (see :func:`pointing_game`); methods ``evidence``, ``centre``,
     one per baseline and baseline point; expected ``chance``; with ``labels`` also the value
     ``labelled_present`` (1 where the labels say the case's attribute is present, else 0)."""
-    maps = _as_array("maps", maps, 4, "[B, A, H, W] evidence maps")
+    maps = _as_maps("maps", maps, 4, "[B, A, H, W] evidence maps")
     regions = _as_array("regions", regions, 4, "bool [B, A, H, W] attribute regions")
     probs = _as_array("probabilities", probabilities, 2, "[B, A] attribute probabilities")
     b, a, h, w = maps.shape
@@ -421,9 +431,11 @@ def part_occlusion_maps(model: AGW, weights: Any, images: Any, part_labels: Any,
     if len(labels) != b:
         raise ValueError(f"part_labels must hold one mask per image: {len(labels)} masks for "
                          f"{b} images")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
-        raise ValueError(f"part_labels must be region indices >= 0, got {labels.dtype} values "
-                         f"from {labels.min(initial=0)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"part_labels must be integer region indices, got {labels.dtype}")
+    if labels.min(initial=0) < 0:
+        raise ValueError(f"part_labels must be region indices >= 0, got values from "
+                         f"{labels.min(initial=0)}")
     if int(min_pixels) < 1:
         raise ValueError(f"min_pixels must be >= 1, got {min_pixels}")
     occluded, owners = [], []
@@ -520,7 +532,7 @@ def counterfactual_localisation_cases(pair_maps: Any, top_attribute: Any, change
                                       tolerance: float = DEFAULT_TOLERANCE,
                                       attributes: Sequence[str] = ATTRIBUTE_NAMES) -> Cases:
     """Per-case counterfactual localisation (see :func:`counterfactual_localisation`)."""
-    pair_maps = _as_array("pair_maps", pair_maps, 3, "[P, H, W] pair maps")
+    pair_maps = _as_maps("pair_maps", pair_maps, 3, "[P, H, W] pair maps")
     p, h, w = pair_maps.shape
     top = _as_array("top_attribute", top_attribute, 1, "int [P]")
     region = _as_array("changed_region", changed_region, 3, "bool [P, H, W]").astype(bool)
@@ -672,7 +684,7 @@ def deletion_evidence_cases(model: AGW, weights: Any, images: Any, maps: Any, *,
     """Per-case deletion test of evidence maps (see :func:`deletion_evidence`)."""
     images = _as_array("images", images, 4, "[B, H, W, 3] model-input images").astype(
         np.float32)
-    maps = _as_array("maps", maps, 4, "[B, A, H, W] evidence maps")
+    maps = _as_maps("maps", maps, 4, "[B, A, H, W] evidence maps")
     weights = _as_array("weights", weights, 2, "[N, A]").astype(np.float32)
     b, h, w, _ = images.shape
     if maps.shape != (b, weights.shape[1], h, w) or len(attributes) != weights.shape[1]:

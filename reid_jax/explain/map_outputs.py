@@ -158,6 +158,10 @@ def read_query_maps(path: str | os.PathLike) -> dict[str, np.ndarray]:
     missing = [k for k in FIELDS if k not in arrays]
     if missing:
         raise ValueError(f"attribute maps {path} lack {missing}")
+    if arrays["attributes"].ndim != 1 or arrays["gallery_evidence"].ndim != 4:
+        raise ValueError(f"attribute maps {path}: attributes must be [A] and gallery_evidence "
+                         f"[k, A, H, W], got shapes {arrays['attributes'].shape} and "
+                         f"{arrays['gallery_evidence'].shape}")
     a = len(arrays["attributes"])
     k, _, h, w = arrays["gallery_evidence"].shape
     expected = {"query_evidence": (a, h, w), "gallery_evidence": (k, a, h, w),

@@ -64,6 +64,10 @@ from reid_jax.models.agw import AGW, AGWOutputs
 Array = jax.Array
 
 DEFAULT_STEPS = 32
+# Integrated gradients' quadrature nodes at most: the error of 32 is already far below the
+# completeness bound, and each node is a pass through the network (docs/attribute_maps.md,
+# 'Completeness').
+MAX_STEPS = 1024
 # How a map spreads the number it explains over the cells (docs/attribute_maps.md, 'The map
 # method'): integrated gradients along the straight path, or DeepLIFT's multipliers (one
 # backward pass, exact; reid_jax.explain.deeplift).
@@ -133,8 +137,10 @@ def _check_weights(model: AGW, weights) -> int:
 
 
 def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
+            or not 1 <= steps <= MAX_STEPS):
+        raise ValueError(f"steps must be an integer in 1..{MAX_STEPS} (quadrature nodes), got "
+                         f"{steps!r}")
     return int(steps)
 
 

@@ -390,10 +390,17 @@ def measure(
         map_steps=map_steps, map_layer=map_layer, map_reference_images=map_reference_images,
         map_method=map_method)
     k = opts.k
-    output_dir = os.path.abspath(os.fspath(output_dir))
+    # What would fail at the end, after minutes of work, is checked first: the output folder
+    # and the part masks the maps section reads.
+    output_dir = atomic_io.check_output_folder(output_dir)
     data = sources.load_dataset(root, config, need_queries=True)
     if k > len(data.gallery):
         raise ValueError(f"k={k} exceeds the {len(data.gallery)} gallery images of {root}")
+    synthetic_root = os.path.isfile(os.path.join(root, synthetic.META_FILE))
+    with_masks = synthetic_root and read_regions(data.query.paths[0]) is not None
+    if opts.measure_maps and with_masks:
+        for path in data.query.paths:  # named errors: a missing, unreadable or odd-sized mask
+            synthetic.read_part_mask(path)
     head = checkpoints.restore_attribute_head(checkpoint)
     weights = np.asarray(head.kernel[...], np.float32)
     calibration = checkpoints.restore_calibration(checkpoint)
@@ -432,7 +439,6 @@ def measure(
 
     # The evaluation transform and CPU workers of config.data, for the re-renders and the maps.
     loader_config = embeddings.eval_loader_config(config)
-    synthetic_root = os.path.isfile(os.path.join(root, synthetic.META_FILE))
     if not synthetic_root:
         reason = (f"{root} is not a synthetic data root (no {synthetic.META_FILE}); "
                   "counterfactual images can only be rendered for synthetic persons")
@@ -462,7 +468,7 @@ def measure(
 
     if not opts.measure_maps:
         maps_section: dict[str, Any] = {"skipped": "measure_maps=False"}
-    elif not synthetic_root or read_regions(data.query.paths[0]) is None:
+    elif not with_masks:
         maps_section = {"skipped": f"{root} is not a synthetic data root with part masks "
                                    f"({synthetic.META_FILE} and masks/regions.json): the maps "
                                    "cannot be measured"}

@@ -480,9 +480,18 @@ def _quality_view(metrics: dict[str, Any], summary: dict[str, Any],
         attribute_tables.append((title + (" (counts; rates in %)" if counts else " (in %)"),
                                  columns))
     maps = metrics.get("maps")
+    maps_skipped = maps.get("skipped") if isinstance(maps, dict) else None
+    maps_error = None
+    try:
+        maps_view = quality_table.maps_table(metrics)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        # A maps section this version cannot read: the rest of the table still shows.
+        maps_view = None
+        reason = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
+        maps_error = f"the file's maps section cannot be read ({reason})"
     view.update(table=table, rows=rows, facts=facts, subsets=subsets, subset_keys=subset_keys,
-                attribute_tables=attribute_tables, maps_table=quality_table.maps_table(metrics),
-                maps_skipped=maps.get("skipped") if isinstance(maps, dict) else None)
+                attribute_tables=attribute_tables, maps_table=maps_view,
+                maps_skipped=maps_skipped, maps_error=maps_error)
     return view
 
 

@@ -187,9 +187,11 @@ def parse_threshold(value: Any, num_attributes: int = NUM_ATTRIBUTES) -> float |
     return float(t) if t.ndim == 0 else t
 
 
-def _int(name: str, value: Any, minimum: int) -> int:
+def _int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"config.explain.{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"config.explain.{name} must be at most {maximum}, got {value!r}")
     return int(value)
 
 
@@ -221,6 +223,8 @@ def _map_layer(value: Any) -> int:
 # How the attribute maps are computed (as reid_jax.explain.maps.MAP_METHODS, which imports
 # the model; the settings stay light).
 MAP_METHODS = ("integrated_gradients", "deeplift")
+# Quadrature nodes at most (as reid_jax.explain.maps.MAX_STEPS).
+MAX_MAP_STEPS = 1024
 
 
 def _map_method(value: Any) -> str:
@@ -287,7 +291,7 @@ def explain_settings(config: Any = None, **overrides: Any) -> ExplainSettings:
         attribute_maps=_bool("attribute_maps", values["attribute_maps"]),
         map_queries=_all_or_count("map_queries", values["map_queries"]),
         map_method=_map_method(values["map_method"]),
-        map_steps=_int("map_steps", values["map_steps"], 1),
+        map_steps=_int("map_steps", values["map_steps"], 1, MAX_MAP_STEPS),
         map_layer=_map_layer(values["map_layer"]),
         map_reference_images=_count("map_reference_images", values["map_reference_images"]),
         measure_maps=_bool("measure_maps", values["measure_maps"]),

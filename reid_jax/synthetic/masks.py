@@ -114,22 +114,44 @@ def encode_png(labels: np.ndarray) -> bytes:
 @functools.lru_cache(maxsize=8)
 def _read_regions_cached(path: str, mtime_ns: int, size: int
                          ) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    with open(path) as f:
-        doc = json.load(f)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a {MASKS_FORMAT} file (a JSON object), got "
+                         f"{type(doc).__name__}")
     if doc.get("format") != MASKS_FORMAT or doc.get("version") != MASKS_VERSION:
         raise ValueError(f"{path}: not a {MASKS_FORMAT} v{MASKS_VERSION} file (format "
                          f"{doc.get('format')!r}, version {doc.get('version')!r})")
     index = doc.get("regions")
-    if not isinstance(index, dict) or sorted(index, key=int) != [str(i) for i in
-                                                                 range(len(index))]:
-        raise ValueError(f"{path}: 'regions' must map '0'..'n-1' to names, got {index!r}")
+    numbered = isinstance(index, dict) and sorted(index) == sorted(
+        str(i) for i in range(len(index)))
+    if not numbered or not all(isinstance(n, str) for n in index.values()):
+        raise ValueError(f"{path}: 'regions' must map '0'..'n-1' to region names, got {index!r}")
     regions = tuple(index[str(i)] for i in range(len(index)))
+    table = doc.get("attributes")
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: 'attributes' must map each attribute to the list of region "
+                         f"names that show it ([] for none), got {table!r}")
     attributes = {}
-    for name, names in doc.get("attributes", {}).items():
+    for name, names in table.items():
+        if not isinstance(names, list) or not all(isinstance(r, str) for r in names):
+            raise ValueError(f"{path}: attribute {name!r} must list region names ([] for "
+                             f"none), got {names!r}")
         unknown = [r for r in names if r not in regions]
         if unknown:
             raise ValueError(f"{path}: attribute {name!r} names unknown regions {unknown}")
         attributes[name] = tuple(names)
+    # Every attribute is listed, [] where no region shows it: one left out would silently drop
+    # out of the map measurements.
+    missing = [a for a in ATTRIBUTE_NAMES if a not in attributes]
+    if missing:
+        raise ValueError(f"{path}: 'attributes' lacks {missing} (list [] for an attribute no "
+                         "region shows)")
     return regions, attributes
 
 
@@ -149,7 +171,8 @@ def read_part_mask(image_path: str | os.PathLike) -> PartMask | None:
 
     Raises:
       FileNotFoundError: the dataset has ``masks/regions.json`` but no mask for this image.
-      ValueError: the mask is not an 8-bit grey image or holds labels beyond the regions.
+      ValueError: ``masks/regions.json`` is malformed, or the mask cannot be read, is not an
+        8-bit grey image of the image's size, or holds labels beyond the regions.
     """
     info = read_regions(image_path)
     if info is None:
@@ -159,10 +182,20 @@ def read_part_mask(image_path: str | os.PathLike) -> PartMask | None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no part mask {path} for {image_path}, although the dataset "
                                 f"has {regions_path(image_path)}")
-    with Image.open(path) as im:
-        if im.mode != "L":
-            raise ValueError(f"{path}: a part mask must be 8-bit grey (mode L), got {im.mode}")
-        labels = np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            if im.mode != "L":
+                raise ValueError(f"{path}: a part mask must be 8-bit grey (mode L), got "
+                                 f"{im.mode}")
+            labels = np.asarray(im)
+        with Image.open(image_path) as im:  # the header only
+            width, height = im.size
+    except OSError as e:  # unreadable, truncated, not an image
+        raise ValueError(f"{path} cannot be read as the part mask of {image_path}: {e}") from e
+    if labels.shape != (height, width):
+        raise ValueError(f"{path}: a part mask must have its image's size: it is "
+                         f"{labels.shape[1]}x{labels.shape[0]} (width x height), {image_path} "
+                         f"is {width}x{height}")
     if labels.max(initial=0) >= len(regions):
         raise ValueError(f"{path}: label {int(labels.max())} but only {len(regions)} regions")
     return PartMask(labels, regions, attributes)
