@@ -393,6 +393,32 @@ def test_ctrl_c_in_a_garbage_collection_callback_is_the_one_line_too(tmp_path):
     assert "KeyboardInterrupt" not in proc.stderr
 
 
+def test_workers_started_for_a_tool_leave_ctrl_c_to_it():
+    """Spawned workers (figures, renders) ignore SIGINT for life, so a terminal's Ctrl-C, sent
+    to the whole process group, leaves the one line of the tool and no worker tracebacks; the
+    tool's own handler is back after the start."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from reid_jax import interrupts
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        with interrupts.workers_ignore_ctrl_c():
+            started_inside = pool.submit(signal.getsignal, signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert started_inside.result(timeout=120) == signal.SIG_IGN
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:  # without: Python's Ctrl-C handler
+        assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=120) is (
+            signal.default_int_handler)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(  # not the main thread: no change
+        interrupts.workers_ignore_ctrl_c().__enter__()))
+    thread.start()
+    thread.join(10)
+    assert done == [None] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_analyze_keeps_one_set_of_figures_and_names_num_selective(tmp_path):
     from reid_jax import analysis
     from reid_jax.data.attributes import ATTRIBUTE_NAMES

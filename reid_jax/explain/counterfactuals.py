@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reid_jax import explain, retrieval, synthetic
+from reid_jax import explain, interrupts, retrieval, synthetic
 from reid_jax.data.attributes import ATTRIBUTE_NAMES, NUM_ATTRIBUTES
 from reid_jax.explain import bootstrap
 from reid_jax.explain import metrics as em
@@ -215,7 +215,8 @@ class _Renders:
         key = (g, attribute, value)
         if self._pool is not None and key not in self._pending:
             fn, args = self._call(g, attribute, value)
-            self._pending[key] = self._pool.submit(fn, *args)
+            with interrupts.workers_ignore_ctrl_c():  # workers start on submission
+                self._pending[key] = self._pool.submit(fn, *args)
 
     def get(self, g: int, attribute: str | None, value: Any = None) -> tuple[Any, ...]:
         """The render, started ahead or made now: ``(image, masks)`` of the original,

@@ -47,6 +47,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from reid_jax import interrupts
 from reid_jax.data.attributes import ATTRIBUTE_NAMES
 from reid_jax.data.market1501 import SPLIT_FOLDERS
 from reid_jax.explain import learned, map_outputs
@@ -252,7 +253,8 @@ class _ErrorFigures:
         future = None
         if self._pool is not None:
             try:  # workers start on submission: a failure to start one shows here
-                future = self._pool.submit(write_error_figure, path, **kwargs)
+                with interrupts.workers_ignore_ctrl_c():  # Ctrl-C is this process's to handle
+                    future = self._pool.submit(write_error_figure, path, **kwargs)
             except (BrokenProcessPool, OSError, RuntimeError) as e:
                 logging.warning("report: drawing the figures in this process (%s)", e)
                 self._pool.shutdown(wait=False, cancel_futures=True)
@@ -570,27 +572,29 @@ def _write_pages(report_dir: str, summary: dict[str, Any], records: Sequence[dic
     tick = progress if callable(progress) else (bar.update if bar else None)
     pages = max(1, -(-len(records) // PAGE_SIZE)) if records else 0
     page_template = _ENV.get_template("queries.html")
-    for page in range(pages):
-        chunk = records[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
-        first, last = chunk[0]["position"] + 1, chunk[-1]["position"] + 1
-        views = []
-        for record in chunk:
-            arrays, overlay = maps_of(record)
-            views.append(_query_view(record, thumbs=thumbs, figures=figures,
-                                     error_ranks=error_ranks, mode=mode, maps=arrays,
-                                     overlay=overlay,
-                                     head=summary.get("head_accuracy")))
-            if tick is not None:
-                tick(1)
-        html = page_template.render(
-            title=f"Explained rankings, queries {first}–{last}",
-            heading=f"Queries {first}–{last} of {summary['num_queries']}", k=summary["k"],
-            mode=mode, order=summary["order"], page=page, pages=pages,
-            rule_texts=_rules(mode), queries=views)
-        with open(os.path.join(report_dir, _page_name(page)), "w", encoding="utf-8") as f:
-            f.write(html)
-    if bar is not None:
-        bar.close()
+    try:  # the bar ends before an error line (Ctrl-C: the tool's last line)
+        for page in range(pages):
+            chunk = records[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+            first, last = chunk[0]["position"] + 1, chunk[-1]["position"] + 1
+            views = []
+            for record in chunk:
+                arrays, overlay = maps_of(record)
+                views.append(_query_view(record, thumbs=thumbs, figures=figures,
+                                         error_ranks=error_ranks, mode=mode, maps=arrays,
+                                         overlay=overlay,
+                                         head=summary.get("head_accuracy")))
+                if tick is not None:
+                    tick(1)
+            html = page_template.render(
+                title=f"Explained rankings, queries {first}–{last}",
+                heading=f"Queries {first}–{last} of {summary['num_queries']}", k=summary["k"],
+                mode=mode, order=summary["order"], page=page, pages=pages,
+                rule_texts=_rules(mode), queries=views)
+            with open(os.path.join(report_dir, _page_name(page)), "w", encoding="utf-8") as f:
+                f.write(html)
+    finally:
+        if bar is not None:
+            bar.close()
     return pages
 
 

@@ -44,6 +44,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from reid_jax import interrupts
 from reid_jax.atomic_io import public_mode, remove_stale
 from reid_jax.data import attributes as attributes_lib
 from reid_jax.synthetic import masks as masks_lib
@@ -618,7 +619,9 @@ def generate_dataset(output_dir: str | os.PathLike, config: DatasetConfig, *,
                 _render_chunk(c)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(num_workers, initializer=_init_worker, initargs=init_args) as pool:
+            with interrupts.workers_ignore_ctrl_c():  # Ctrl-C is this process's to handle
+                pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=init_args)
+            with pool:
                 for _ in pool.imap_unordered(_render_chunk, chunks):
                     pass
         persons = {k: Person.from_dict(v) for k, v in meta["persons"].items()}
