@@ -194,17 +194,8 @@ def test_without_masks_the_dataset_reads_as_before_and_maps_are_unavailable(tmp_
         masks_lib.encode_png(np.zeros((4, 4), np.int32))
 
 
-@pytest.fixture(scope="module")
-def masked_root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("masked") / "data"
-    synthetic.generate_dataset(root, synthetic.DatasetConfig(
-        num_train_ids=1, num_test_ids=1, images_per_id=4, num_distractors=0, num_junk=0,
-        seed=2))
-    return str(root)
-
-
 def _broken_copy(root: str, tmp_path) -> tuple[str, str, str]:
-    """(image, its mask path, regions.json path) in a copy of ``root``."""
+    """(image, its mask path, regions.json path) in a copy of ``root`` (a shared fixture)."""
     copy = shutil.copytree(root, tmp_path / "copy")
     image = market1501.load_market1501(copy).query.paths[0]
     return image, masks_lib.mask_path(image), masks_lib.regions_path(image)
@@ -218,8 +209,8 @@ def _broken_copy(root: str, tmp_path) -> tuple[str, str, str]:
     (lambda p: Image.open(p).transpose(Image.Transpose.ROTATE_90).save(p),
      r"it is 128x64 \(width x height\), .* is 64x128"),
 ])
-def test_a_broken_mask_is_named_with_what_is_wrong(masked_root, tmp_path, damage, message):
-    image, mask, _ = _broken_copy(masked_root, tmp_path)
+def test_a_broken_mask_is_named_with_what_is_wrong(tiny_dataset, tmp_path, damage, message):
+    image, mask, _ = _broken_copy(tiny_dataset, tmp_path)
     damage(mask)
     with pytest.raises(ValueError, match=message) as e:
         synthetic.read_part_mask(image)
@@ -246,9 +237,9 @@ def test_a_broken_mask_is_named_with_what_is_wrong(masked_root, tmp_path, damage
                                     if k not in ("hat", "gender")}},
      r"'attributes' lacks \['hat', 'gender'\] \(list \[\] for an attribute no region shows\)"),
 ])
-def test_a_broken_regions_file_is_named_with_the_field_at_fault(masked_root, tmp_path, edit,
+def test_a_broken_regions_file_is_named_with_the_field_at_fault(tiny_dataset, tmp_path, edit,
                                                                  message):
-    image, _, regions = _broken_copy(masked_root, tmp_path)
+    image, _, regions = _broken_copy(tiny_dataset, tmp_path)
     with open(regions) as f:
         doc = json.load(f)
     new = edit(doc)

@@ -64,8 +64,8 @@ from reid_jax.models.agw import AGW, AGWOutputs
 Array = jax.Array
 
 DEFAULT_STEPS = 32
-# Integrated gradients' quadrature nodes at most: the error of 32 is already far below the
-# completeness bound, and each node is a pass through the network (docs/attribute_maps.md,
+# Integrated gradients' quadrature nodes at most: each node is a pass through the network,
+# and 32 to 64 already bring the maps' sum within the completeness bound (docs/attribute_maps.md,
 # 'Completeness').
 MAX_STEPS = 1024
 # How a map spreads the number it explains over the cells (docs/attribute_maps.md, 'The map
